@@ -1,1 +1,3 @@
-//! Filled in by its issue.
+//! The self-play engine: agent protocol, episodes, consistency validation, evaluation, rewards.
+
+pub mod policy;
