@@ -21,9 +21,22 @@ use crate::run::ProgressSnapshot;
     derive = "PartialEq",
     printcolumn(name = "Run", type_ = "string", json_path = ".spec.runName"),
     printcolumn(name = "Step", type_ = "integer", json_path = ".spec.step"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Location", type_ = "string", json_path = ".spec.location", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Location",
+        type_ = "string",
+        json_path = ".spec.location",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new("self == oldSelf").message("a Checkpoint's spec is immutable"))]
 #[serde(rename_all = "camelCase")]

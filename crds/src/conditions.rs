@@ -105,13 +105,37 @@ mod tests {
     #[test]
     fn transition_time_moves_only_on_status_change() {
         let mut cs = Vec::new();
-        set_condition(&mut cs, ConditionType::Ready, ConditionStatus::False, "A", "", Some(1), t(10));
-        set_condition(&mut cs, ConditionType::Ready, ConditionStatus::False, "B", "m", Some(2), t(20));
+        set_condition(
+            &mut cs,
+            ConditionType::Ready,
+            ConditionStatus::False,
+            "A",
+            "",
+            Some(1),
+            t(10),
+        );
+        set_condition(
+            &mut cs,
+            ConditionType::Ready,
+            ConditionStatus::False,
+            "B",
+            "m",
+            Some(2),
+            t(20),
+        );
         assert_eq!(cs.len(), 1);
         assert_eq!(cs[0].last_transition_time, t(10));
         assert_eq!(cs[0].reason, "B");
         assert_eq!(cs[0].observed_generation, Some(2));
-        set_condition(&mut cs, ConditionType::Ready, ConditionStatus::True, "C", "", Some(2), t(30));
+        set_condition(
+            &mut cs,
+            ConditionType::Ready,
+            ConditionStatus::True,
+            "C",
+            "",
+            Some(2),
+            t(30),
+        );
         assert_eq!(cs[0].last_transition_time, t(30));
         assert!(is_true(&cs, ConditionType::Ready));
         assert!(!is_true(&cs, ConditionType::Degraded));

@@ -31,7 +31,11 @@ use crate::conditions::Condition;
     printcolumn(name = "Max", type_ = "integer", json_path = ".spec.max"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Claimed", type_ = "integer", json_path = ".status.claimed"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new("self.warm <= self.max").message("warm must not exceed max").field_path(".warm"))]
 #[serde(rename_all = "camelCase")]

@@ -27,10 +27,26 @@ use crate::conditions::Condition;
     derive = "PartialEq",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Step", type_ = "integer", json_path = ".status.progress.step"),
-    printcolumn(name = "Solve", type_ = "number", json_path = ".status.progress.solveRate"),
-    printcolumn(name = "Valid", type_ = "number", json_path = ".status.progress.injectorValidityRate"),
-    printcolumn(name = "Checkpoint", type_ = "string", json_path = ".status.latestCheckpoint"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Solve",
+        type_ = "number",
+        json_path = ".status.progress.solveRate"
+    ),
+    printcolumn(
+        name = "Valid",
+        type_ = "number",
+        json_path = ".status.progress.injectorValidityRate"
+    ),
+    printcolumn(
+        name = "Checkpoint",
+        type_ = "string",
+        json_path = ".status.latestCheckpoint"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SelfPlayRunSpec {
@@ -110,7 +126,9 @@ pub struct ModelSource {
 }
 
 /// Weight dtype.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelDtype {
     F32,
@@ -137,7 +155,11 @@ pub struct TinyModel {
 
 impl Default for TinyModel {
     fn default() -> Self {
-        Self { seed: 0, hidden_size: default_tiny_hidden(), num_layers: default_tiny_layers() }
+        Self {
+            seed: 0,
+            hidden_size: default_tiny_hidden(),
+            num_layers: default_tiny_layers(),
+        }
     }
 }
 
@@ -155,7 +177,9 @@ pub struct PoolRef {
 }
 
 /// What the engine does with a tool call it cannot parse.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum FormatErrorPolicy {
     /// Reply with an error observation and go on (the turn still counts).
     #[default]
@@ -260,7 +284,9 @@ impl Default for SelfPlaySettings {
 }
 
 /// Learning-rate schedule after warmup.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LrSchedule {
     #[default]
@@ -269,7 +295,9 @@ pub enum LrSchedule {
 }
 
 /// What happens to an episode that ran out of turns or tokens.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum TruncationMode {
     /// Masked out of the loss (DeepSWE compact filtering).
     #[default]
@@ -293,7 +321,10 @@ pub struct TruncationPolicy {
 
 impl Default for TruncationPolicy {
     fn default() -> Self {
-        Self { mode: TruncationMode::Mask, discount: 0.5 }
+        Self {
+            mode: TruncationMode::Mask,
+            discount: 0.5,
+        }
     }
 }
 
@@ -485,7 +516,11 @@ pub struct CheckpointPolicy {
 
 impl Default for CheckpointPolicy {
     fn default() -> Self {
-        Self { every_steps: default_every(), keep_last: default_keep(), storage: CheckpointStorage::default() }
+        Self {
+            every_steps: default_every(),
+            keep_last: default_keep(),
+            storage: CheckpointStorage::default(),
+        }
     }
 }
 
@@ -505,7 +540,10 @@ pub struct CheckpointStorage {
 
 impl Default for CheckpointStorage {
     fn default() -> Self {
-        Self { pvc: None, path: default_ckpt_path() }
+        Self {
+            pvc: None,
+            path: default_ckpt_path(),
+        }
     }
 }
 
