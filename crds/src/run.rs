@@ -627,6 +627,10 @@ pub struct SelfPlayRunStatus {
     /// When the trainer may be restarted next (backoff).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_restart_time: Option<Time>,
+    /// Seconds spent suspended since the trainer first started; not counted against
+    /// `activeDeadlineSeconds`.
+    #[serde(default)]
+    pub suspended_seconds: i64,
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

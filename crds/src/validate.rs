@@ -175,13 +175,13 @@ pub fn validate_value(object: &Value, old: Option<&Value>) -> Result<Kind, Valid
     }
     errors.extend(structural_errors(kind, &schema, object)?);
     // CEL rules assume a structurally valid object, as in the API server.
-    if errors.is_empty() {
-        if let Err(cel) = CelValidator::new().validate(&schema, object, old) {
-            errors.extend(cel.into_vec().into_iter().map(|e| FieldError {
-                field: e.field_path.trim_start_matches('.').to_string(),
-                message: format!("Invalid value: {} (rule: {})", e.message, e.rule),
-            }));
-        }
+    if errors.is_empty()
+        && let Err(cel) = CelValidator::new().validate(&schema, object, old)
+    {
+        errors.extend(cel.into_vec().into_iter().map(|e| FieldError {
+            field: e.field_path.trim_start_matches('.').to_string(),
+            message: format!("Invalid value: {} (rule: {})", e.message, e.rule),
+        }));
     }
     if errors.is_empty() {
         Ok(kind)
