@@ -1,0 +1,167 @@
+//! What the broker needs from the API server, behind a trait so that its claim logic can be
+//! tested with many concurrent callers against an in-memory store with the same
+//! optimistic-lock semantics ([`crate::broker::memory`]).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use selfplay_crds::{Checkpoint, ProgressSnapshot};
+
+use crate::names::{ANNOTATION_CLAIM, BROKER_MANAGER, LABEL_CLAIMED_BY, TOKEN_KEY};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The outcome of a conditional claim.
+#[derive(Debug, Clone)]
+pub enum ClaimOutcome {
+    /// The pod is ours; the claimed pod as the API server returned it.
+    Claimed(Box<Pod>),
+    /// The pod changed since it was read (someone else claimed it, or it was deleted).
+    Lost,
+}
+
+/// Who claims a sandbox, written on the pod.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub run_namespace: String,
+    pub run_name: String,
+    pub at: k8s_openapi::jiff::Timestamp,
+}
+
+pub trait Backend: Send + Sync + 'static {
+    /// Marks `pod` as claimed, on condition that it is still at the resourceVersion it was read at.
+    fn claim(&self, pod: &Pod, claim: &Claim) -> impl Future<Output = Result<ClaimOutcome, BackendError>> + Send;
+    /// Deletes a released sandbox (gone already is fine).
+    fn delete_sandbox(&self, namespace: &str, name: &str) -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// The `token` key of a Secret, `None` when the Secret does not exist.
+    fn secret_token(&self, namespace: &str, name: &str) -> impl Future<Output = Result<Option<String>, BackendError>> + Send;
+    /// Writes a run's `status.progress`.
+    fn write_progress(
+        &self,
+        namespace: &str,
+        run: &str,
+        progress: &ProgressSnapshot,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// Creates a Checkpoint; `Ok(false)` when one of that name exists already.
+    fn create_checkpoint(&self, ckpt: &Checkpoint) -> impl Future<Output = Result<bool, BackendError>> + Send;
+}
+
+/// The body of the claim patch: a JSON merge patch that carries the resourceVersion the pod
+/// was read at. The API server applies it only if the pod is still at that version and
+/// answers 409 Conflict otherwise, so of two brokers racing for one pod exactly one wins.
+pub fn claim_patch(pod: &Pod, claim: &Claim) -> Result<serde_json::Value, BackendError> {
+    let rv = pod
+        .resource_version()
+        .ok_or_else(|| BackendError::Other(format!("pod {} has no resourceVersion", pod.name_any())))?;
+    Ok(serde_json::json!({
+        "metadata": {
+            "resourceVersion": rv,
+            "labels": { LABEL_CLAIMED_BY: claim.run_name },
+            "annotations": {
+                ANNOTATION_CLAIM: format!("{}/{} at {}", claim.run_namespace, claim.run_name, claim.at),
+            },
+        }
+    }))
+}
+
+/// A token as last read, and when.
+type CachedToken = (Option<String>, Instant);
+
+/// The backend on the real API server.
+pub struct KubeBackend {
+    client: Client,
+    /// Token Secrets by (namespace, name): read once, re-read at most every few seconds on a
+    /// mismatch, so a wrong token cannot make the broker hammer the API server.
+    tokens: Mutex<HashMap<(String, String), CachedToken>>,
+}
+
+const TOKEN_REFRESH: Duration = Duration::from_secs(5);
+
+impl KubeBackend {
+    pub fn new(client: Client) -> Self {
+        Self { client, tokens: Mutex::new(HashMap::new()) }
+    }
+}
+
+impl Backend for KubeBackend {
+    async fn claim(&self, pod: &Pod, claim: &Claim) -> Result<ClaimOutcome, BackendError> {
+        let ns = pod.namespace().unwrap_or_default();
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+        let patch = claim_patch(pod, claim)?;
+        match api.patch(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(p) => Ok(ClaimOutcome::Claimed(Box::new(p))),
+            Err(kube::Error::Api(s)) if s.is_conflict() || s.is_not_found() => Ok(ClaimOutcome::Lost),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn delete_sandbox(&self, namespace: &str, name: &str) -> Result<(), BackendError> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let dp = DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
+        match api.delete(name, &dp).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn secret_token(&self, namespace: &str, name: &str) -> Result<Option<String>, BackendError> {
+        let key = (namespace.to_string(), name.to_string());
+        if let Ok(cache) = self.tokens.lock()
+            && let Some((tok, at)) = cache.get(&key)
+            && (tok.is_some() || at.elapsed() < TOKEN_REFRESH)
+        {
+            return Ok(tok.clone());
+        }
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let tok = api.get_opt(name).await?.and_then(|s| {
+            let bytes = s.data.as_ref()?.get(TOKEN_KEY)?.0.clone();
+            String::from_utf8(bytes).ok()
+        });
+        if let Ok(mut cache) = self.tokens.lock() {
+            cache.insert(key, (tok.clone(), Instant::now()));
+        }
+        Ok(tok)
+    }
+
+    async fn write_progress(&self, namespace: &str, run: &str, progress: &ProgressSnapshot) -> Result<(), BackendError> {
+        let api: Api<selfplay_crds::SelfPlayRun> = Api::namespaced(self.client.clone(), namespace);
+        let body = serde_json::json!({
+            "apiVersion": selfplay_crds::API_VERSION,
+            "kind": "SelfPlayRun",
+            "status": { "progress": progress },
+        });
+        api.patch_status(run, &PatchParams::apply(BROKER_MANAGER).force(), &Patch::Apply(&body)).await?;
+        Ok(())
+    }
+
+    async fn create_checkpoint(&self, ckpt: &Checkpoint) -> Result<bool, BackendError> {
+        let api: Api<Checkpoint> = Api::namespaced(self.client.clone(), &ckpt.namespace().unwrap_or_default());
+        match api.create(&PostParams::default(), ckpt).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl KubeBackend {
+    /// Forgets a cached token (when a run or pool is deleted).
+    pub fn forget_token(&self, namespace: &str, name: &str) {
+        if let Ok(mut cache) = self.tokens.lock() {
+            cache.remove(&(namespace.to_string(), name.to_string()));
+        }
+    }
+}
+

@@ -1,0 +1,159 @@
+//! The SandboxPool controller.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+use selfplay_crds::SandboxPool;
+
+use crate::build::{generate_token, pool_token_secret, sandbox_network_policy, sandbox_pod};
+use crate::controller::apply::{apply, apply_status, create, delete, ensure_secret};
+use crate::controller::{Context, Error, ReconcileTimer};
+use crate::decide::pool::{DeleteReason, Sandbox, decide_pool, invalid_pool_status, pool_status};
+use crate::decide::seconds_between;
+use crate::names::{FINALIZER, MANAGER, sandbox_selector_labels, selector_string};
+use crate::validate::validate_pool;
+
+pub const KIND: &str = "SandboxPool";
+
+pub async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ReconcileTimer::start(&ctx.metrics, KIND);
+    let ns = pool.namespace().ok_or_else(|| Error::MissingNamespace(pool.name_any()))?;
+    let api: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, pool, |event| async {
+        match event {
+            Finalizer::Apply(pool) => apply_pool(&pool, &ctx, Timestamp::now()).await,
+            Finalizer::Cleanup(pool) => cleanup_pool(&pool, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// Names of the runs in `namespace` that use pool `pool`, from the run reflector.
+pub fn runs_using_pool(ctx: &Context, namespace: &str, pool: &str) -> Vec<String> {
+    ctx.runs
+        .state()
+        .iter()
+        .filter(|r| r.namespace().as_deref() == Some(namespace) && r.spec.pools.iter().any(|p| p.name == pool))
+        .map(|r| r.name_any())
+        .collect()
+}
+
+fn status_body(status: &selfplay_crds::SandboxPoolStatus) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": selfplay_crds::API_VERSION,
+        "kind": KIND,
+        "status": status,
+    })
+}
+
+pub async fn apply_pool(pool: &SandboxPool, ctx: &Context, now: Timestamp) -> Result<Action, Error> {
+    let name = pool.name_any();
+    let ns = pool.namespace().ok_or_else(|| Error::MissingNamespace(name.clone()))?;
+    let generation = pool.meta().generation;
+    let pools: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
+
+    // Validate.
+    let valid = match validate_pool(pool, &ctx.config) {
+        Ok(v) => v,
+        Err(invalid) => {
+            let msg = invalid.to_string();
+            let st = invalid_pool_status(pool.status.as_ref(), &msg, generation, now);
+            apply_status(&pools, &name, MANAGER, &status_body(&st)).await?;
+            if pool.status.as_ref().and_then(|s| s.observed_generation) != generation {
+                ctx.event(pool, true, "InvalidSpec", "Validate", msg).await;
+            }
+            return Ok(Action::await_change());
+        }
+    };
+
+    // Build and apply the pool's fixed children.
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    if ensure_secret(&secrets, &pool_token_secret(&name, &ns, &valid.owner, &generate_token())).await? {
+        ctx.event(pool, false, "TokenCreated", "CreateSecret", "sandbox token Secret created".into()).await;
+    }
+    let users = runs_using_pool(ctx, &ns, &name);
+    let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+    apply(&policies, &sandbox_network_policy(&valid, &users)).await?;
+
+    // Observe the sandboxes (a list, not the cache: decisions must not count stale pods) and decide.
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let selector = selector_string(&sandbox_selector_labels(&name));
+    let list = pods.list(&ListParams::default().labels(&selector)).await?;
+    let sandboxes: Vec<Sandbox> = list.items.iter().filter_map(Sandbox::from_pod).collect();
+    let plan = decide_pool(valid.spec, &valid.template_hash, &sandboxes, now);
+
+    // Apply the decision.
+    let mut deleted = 0;
+    for (pod, reason) in &plan.delete {
+        // Failed and expired sandboxes go whatever happened to them; the others only if unchanged.
+        let rv = match reason {
+            DeleteReason::Failed | DeleteReason::Expired => None,
+            DeleteReason::Outdated | DeleteReason::ScaleDown => plan.versions.get(pod).cloned(),
+        };
+        if delete(&pods, pod, rv).await? {
+            deleted += 1;
+            tracing::info!(pool = %name, namespace = %ns, pod = %pod, reason = reason.as_str(), "sandbox deleted");
+        }
+    }
+    for _ in 0..plan.create {
+        create(&pods, &sandbox_pod(&valid, &ctx.config)).await?;
+    }
+
+    // Status.
+    let st = pool_status(&name, valid.spec, &valid.template_hash, &plan, pool.status.as_ref(), generation, now);
+    apply_status(&pools, &name, MANAGER, &status_body(&st)).await?;
+    let c = plan.counts;
+    ctx.metrics.set_pool_counts(&ns, &name, c.ready, c.claimed, c.pending);
+
+    // Events for state changes.
+    if plan.create > 0 {
+        ctx.event(pool, false, "SandboxesCreated", "Scale", format!("created {} sandbox pod(s)", plan.create)).await;
+    }
+    let failed = plan.deleted(DeleteReason::Failed);
+    if failed > 0 {
+        ctx.event(pool, true, "SandboxFailed", "Replace", format!("{failed} sandbox pod(s) failed; replacing them")).await;
+    }
+    if deleted > failed {
+        let summary: Vec<String> = [DeleteReason::Expired, DeleteReason::Outdated, DeleteReason::ScaleDown]
+            .iter()
+            .filter_map(|r| {
+                let n = plan.deleted(*r);
+                (n > 0).then(|| format!("{n} {}", r.as_str().to_lowercase()))
+            })
+            .collect();
+        ctx.event(pool, false, "SandboxesDeleted", "Scale", format!("deleted sandbox pod(s): {}", summary.join(", "))).await;
+    }
+
+    // Come back when the next sandbox expires, or soon while the pool is changing.
+    let next_expiry = sandboxes
+        .iter()
+        .filter(|s| !s.terminating)
+        .map(|s| valid.spec.sandbox_ttl_seconds - seconds_between(s.created, now))
+        .filter(|left| *left > 0)
+        .min();
+    let mut wait = Duration::from_secs(300);
+    if let Some(left) = next_expiry {
+        wait = wait.min(Duration::from_secs(left as u64 + 1));
+    }
+    if !plan.is_steady() {
+        wait = wait.min(Duration::from_secs(15));
+    }
+    Ok(Action::requeue(wait))
+}
+
+/// On deletion: owned sandboxes, the policy and the Secret go by garbage collection; the
+/// operator drops the pool's metric series.
+pub async fn cleanup_pool(pool: &SandboxPool, ctx: &Context) -> Result<Action, Error> {
+    let ns = pool.namespace().unwrap_or_default();
+    ctx.metrics.forget_pool(&ns, &pool.name_any());
+    ctx.event(pool, false, "Deleted", "Cleanup", "pool deleted; its sandboxes are garbage-collected".into()).await;
+    Ok(Action::await_change())
+}

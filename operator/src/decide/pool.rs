@@ -1,0 +1,255 @@
+//! SandboxPool decisions: keep `warm` Ready unclaimed sandboxes, never more than `max` in
+//! all; delete failed, expired and outdated ones; report counts and conditions.
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use selfplay_crds::conditions::{ConditionStatus, ConditionType, set_condition};
+use selfplay_crds::{SandboxPoolSpec, SandboxPoolStatus};
+
+use crate::decide::{seconds_between, time};
+use crate::names::{LABEL_CLAIMED_BY, LABEL_TEMPLATE_HASH};
+
+/// What the pool controller needs to know about one sandbox pod.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sandbox {
+    pub name: String,
+    /// The version the decision was made on; deletions for scale-down and rolling are
+    /// conditional on it, so a sandbox the broker claimed meanwhile is not deleted.
+    pub resource_version: Option<String>,
+    pub created: Timestamp,
+    pub ready: bool,
+    /// Phase Failed or Succeeded: the sidecar is gone (crashed, evicted, deadline).
+    pub finished: bool,
+    pub claimed_by: Option<String>,
+    pub template_hash: Option<String>,
+    /// Has a deletionTimestamp: already on its way out, counted nowhere.
+    pub terminating: bool,
+}
+
+impl Sandbox {
+    /// Reads a pod; `None` for a pod without name or creation time (never sent by the API server).
+    pub fn from_pod(pod: &Pod) -> Option<Self> {
+        let meta = &pod.metadata;
+        let labels = meta.labels.as_ref();
+        let status = pod.status.as_ref();
+        let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+        let ready = phase == "Running"
+            && status
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        Some(Self {
+            name: meta.name.clone()?,
+            resource_version: meta.resource_version.clone(),
+            created: meta.creation_timestamp.as_ref()?.0,
+            ready,
+            finished: matches!(phase, "Failed" | "Succeeded"),
+            claimed_by: labels.and_then(|l| l.get(LABEL_CLAIMED_BY)).cloned(),
+            template_hash: labels.and_then(|l| l.get(LABEL_TEMPLATE_HASH)).cloned(),
+            terminating: meta.deletion_timestamp.is_some(),
+        })
+    }
+}
+
+/// Why a sandbox is deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeleteReason {
+    /// Its pod failed or exited.
+    Failed,
+    /// Older than `sandboxTtlSeconds` (claimed or not).
+    Expired,
+    /// Unclaimed and made from an older template.
+    Outdated,
+    /// More unclaimed sandboxes than `warm`.
+    ScaleDown,
+}
+
+impl DeleteReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Failed => "Failed",
+            Self::Expired => "Expired",
+            Self::Outdated => "Outdated",
+            Self::ScaleDown => "ScaleDown",
+        }
+    }
+}
+
+/// Sandboxes per state after the plan is carried out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolCounts {
+    /// Sandboxes that exist and are not being deleted, the ones about to be created included.
+    pub replicas: i32,
+    /// Ready and unclaimed.
+    pub ready: i32,
+    pub claimed: i32,
+    /// Unclaimed and not Ready yet, the ones about to be created included.
+    pub pending: i32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PoolPlan {
+    /// Sandbox pods to create.
+    pub create: i32,
+    /// Sandbox pods to delete, with the resource version they were seen at.
+    pub delete: Vec<(String, DeleteReason)>,
+    /// Resource versions of the sandboxes in `delete`, by name.
+    pub versions: std::collections::BTreeMap<String, String>,
+    pub counts: PoolCounts,
+    /// Unclaimed sandboxes from an older template remain (kept for availability) or were deleted.
+    pub rolling: bool,
+}
+
+impl PoolPlan {
+    pub fn deleted(&self, reason: DeleteReason) -> usize {
+        self.delete.iter().filter(|(_, r)| *r == reason).count()
+    }
+    pub fn is_steady(&self) -> bool {
+        self.create == 0 && self.delete.is_empty() && !self.rolling
+    }
+}
+
+/// Decides the pool's next step.
+pub fn decide_pool(spec: &SandboxPoolSpec, template_hash: &str, sandboxes: &[Sandbox], now: Timestamp) -> PoolPlan {
+    let mut plan = PoolPlan::default();
+    let mut claimed = 0i32;
+    let mut current_ready: Vec<&Sandbox> = Vec::new();
+    let mut current_pending: Vec<&Sandbox> = Vec::new();
+    let mut outdated_ready: Vec<&Sandbox> = Vec::new();
+
+    for s in sandboxes.iter().filter(|s| !s.terminating) {
+        if let Some(rv) = &s.resource_version {
+            plan.versions.insert(s.name.clone(), rv.clone());
+        }
+        if s.finished {
+            plan.delete.push((s.name.clone(), DeleteReason::Failed));
+        } else if seconds_between(s.created, now) >= spec.sandbox_ttl_seconds {
+            plan.delete.push((s.name.clone(), DeleteReason::Expired));
+        } else if s.claimed_by.is_some() {
+            // A claimed sandbox belongs to a trainer until released or expired, whatever its template.
+            claimed += 1;
+        } else if s.template_hash.as_deref() != Some(template_hash) {
+            if s.ready {
+                outdated_ready.push(s);
+            } else {
+                plan.delete.push((s.name.clone(), DeleteReason::Outdated));
+            }
+        } else if s.ready {
+            current_ready.push(s);
+        } else {
+            current_pending.push(s);
+        }
+    }
+
+    let warm = spec.warm.max(0);
+    let max = spec.max.max(0);
+
+    // Scale down: pending ones first (they serve nobody yet), then the oldest Ready ones.
+    let mut unclaimed_current = current_ready.len() as i32 + current_pending.len() as i32;
+    if unclaimed_current > warm {
+        let mut excess = (unclaimed_current - warm) as usize;
+        let mut victims: Vec<&Sandbox> = Vec::new();
+        current_pending.sort_by_key(|s| std::cmp::Reverse(s.created));
+        while excess > 0 && !current_pending.is_empty() {
+            victims.push(current_pending.remove(0));
+            excess -= 1;
+        }
+        current_ready.sort_by_key(|s| s.created);
+        while excess > 0 && !current_ready.is_empty() {
+            victims.push(current_ready.remove(0));
+            excess -= 1;
+        }
+        for v in victims {
+            plan.delete.push((v.name.clone(), DeleteReason::ScaleDown));
+        }
+        unclaimed_current = warm;
+    }
+
+    // Rolling: keep outdated Ready sandboxes only while they stand in for missing current ones.
+    let ready_current = current_ready.len() as i32;
+    outdated_ready.sort_by_key(|s| std::cmp::Reverse(s.created));
+    let mut keep_outdated = (warm - ready_current).clamp(0, outdated_ready.len() as i32);
+    let wanted = (warm - unclaimed_current).max(0);
+    let room = max - claimed - unclaimed_current - keep_outdated;
+    if room < wanted {
+        // At `max`, an outdated sandbox makes room for a current one, or the roll never ends.
+        keep_outdated = (keep_outdated - (wanted - room)).max(0);
+    }
+    for s in outdated_ready.iter().skip(keep_outdated as usize) {
+        plan.delete.push((s.name.clone(), DeleteReason::Outdated));
+    }
+    plan.create = wanted.min((max - claimed - unclaimed_current - keep_outdated).max(0));
+    plan.rolling = !outdated_ready.is_empty() || plan.deleted(DeleteReason::Outdated) > 0;
+
+    plan.counts = PoolCounts {
+        replicas: claimed + unclaimed_current + keep_outdated + plan.create,
+        ready: ready_current.min(warm) + keep_outdated,
+        claimed,
+        pending: (unclaimed_current - ready_current.min(warm)) + plan.create,
+    };
+    plan
+}
+
+/// The pool's status after `plan`; `conditions` carried over from `previous`.
+pub fn pool_status(
+    pool_name: &str,
+    spec: &SandboxPoolSpec,
+    template_hash: &str,
+    plan: &PoolPlan,
+    previous: Option<&SandboxPoolStatus>,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> SandboxPoolStatus {
+    let mut conditions = previous.map(|p| p.conditions.clone()).unwrap_or_default();
+    let c = plan.counts;
+    let usable = c.ready >= spec.warm.min(1);
+    let (status, reason) = if usable {
+        (ConditionStatus::True, "SandboxesReady")
+    } else {
+        (ConditionStatus::False, "WarmingUp")
+    };
+    let msg = format!("{} of {} warm sandboxes Ready, {} claimed", c.ready, spec.warm, c.claimed);
+    set_condition(&mut conditions, ConditionType::Ready, status, reason, &msg, generation, time(now));
+
+    let (status, reason, msg) = if plan.rolling {
+        (ConditionStatus::True, "Rolling", format!("replacing sandboxes with template {template_hash}"))
+    } else if plan.create > 0 || !plan.delete.is_empty() {
+        (ConditionStatus::True, "Scaling", format!("creating {}, deleting {}", plan.create, plan.delete.len()))
+    } else {
+        (ConditionStatus::False, "Stable", "the pool matches its spec".to_string())
+    };
+    set_condition(&mut conditions, ConditionType::Progressing, status, reason, &msg, generation, time(now));
+
+    let failed = plan.deleted(DeleteReason::Failed);
+    let (status, reason, msg) = if failed > 0 {
+        (ConditionStatus::True, "SandboxFailed", format!("{failed} sandbox pod(s) failed and are replaced"))
+    } else {
+        (ConditionStatus::False, "Healthy", String::new())
+    };
+    set_condition(&mut conditions, ConditionType::Degraded, status, reason, &msg, generation, time(now));
+
+    SandboxPoolStatus {
+        replicas: c.replicas,
+        ready_replicas: c.ready,
+        claimed: c.claimed,
+        selector: crate::names::selector_string(&crate::names::sandbox_selector_labels(pool_name)),
+        template_hash: Some(template_hash.to_string()),
+        observed_generation: generation,
+        conditions,
+    }
+}
+
+/// Status of a pool whose spec is invalid: Degraded, not Ready, and no sandboxes made.
+pub fn invalid_pool_status(
+    previous: Option<&SandboxPoolStatus>,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> SandboxPoolStatus {
+    let mut st = previous.cloned().unwrap_or_default();
+    let t = time(now);
+    set_condition(&mut st.conditions, ConditionType::Ready, ConditionStatus::False, "InvalidSpec", message, generation, t.clone());
+    set_condition(&mut st.conditions, ConditionType::Progressing, ConditionStatus::False, "InvalidSpec", message, generation, t.clone());
+    set_condition(&mut st.conditions, ConditionType::Degraded, ConditionStatus::True, "InvalidSpec", message, generation, t);
+    st.observed_generation = generation;
+    st
+}

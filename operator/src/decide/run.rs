@@ -1,0 +1,353 @@
+//! SelfPlayRun decisions: the run's lifecycle.
+//!
+//! Pending → Running → Succeeded, with Suspended in between when `spec.suspend` is set and
+//! Failed when the trainer fails more than `backoffLimit` times or `activeDeadlineSeconds`
+//! (suspended time excluded) runs out. Succeeded and Failed are sticky: a finished run never
+//! gets a trainer again. Every new trainer resumes from the latest Ready checkpoint.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use selfplay_crds::conditions::{ConditionStatus, ConditionType, find_condition, set_condition};
+use selfplay_crds::{RunPhase, SelfPlayRunSpec, SelfPlayRunStatus};
+
+use crate::build::ResumePoint;
+use crate::decide::{seconds_between, time};
+use crate::names::LABEL_ATTEMPT;
+
+/// Backoff before restart number `restart` (1-based): 10 s doubling, at most 5 minutes.
+pub fn restart_backoff(restart: i32) -> Duration {
+    let exp = (restart.max(1) - 1).min(5) as u32;
+    Duration::from_secs((10u64 << exp).min(300))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrainerPhase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// What the run controller needs to know about one trainer pod.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Trainer {
+    pub name: String,
+    pub attempt: i32,
+    pub phase: TrainerPhase,
+    pub terminating: bool,
+    /// Why it failed, from the container's termination state or the pod's status.
+    pub message: Option<String>,
+}
+
+impl Trainer {
+    pub fn from_pod(pod: &Pod) -> Option<Self> {
+        let name = pod.metadata.name.clone()?;
+        let attempt = pod.metadata.labels.as_ref()?.get(LABEL_ATTEMPT)?.parse().ok()?;
+        let status = pod.status.as_ref();
+        let phase = match status.and_then(|s| s.phase.as_deref()) {
+            Some("Running") => TrainerPhase::Running,
+            Some("Succeeded") => TrainerPhase::Succeeded,
+            Some("Failed") => TrainerPhase::Failed,
+            _ => TrainerPhase::Pending,
+        };
+        let terminated = status
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|cs| cs.iter().find_map(|c| c.state.as_ref()?.terminated.as_ref()));
+        let message = terminated
+            .map(|t| {
+                format!(
+                    "exit code {}{}",
+                    t.exit_code,
+                    t.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+                )
+            })
+            .or_else(|| status.and_then(|s| s.message.clone().or(s.reason.clone())));
+        Some(Self { name, attempt, phase, terminating: pod.metadata.deletion_timestamp.is_some(), message })
+    }
+
+    fn active(&self) -> bool {
+        !self.terminating && matches!(self.phase, TrainerPhase::Pending | TrainerPhase::Running)
+    }
+}
+
+/// What became of `spec.resumeFrom`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ResumeFrom {
+    /// Not set.
+    None,
+    Ready(ResumePoint),
+    /// The Checkpoint does not exist or is not Ready yet.
+    NotReady(String),
+    /// The Checkpoint is on a volume the trainer does not mount.
+    OtherVolume { checkpoint: String, pvc: String },
+}
+
+/// Everything observed for one reconcile of a run.
+#[derive(Clone, Debug)]
+pub struct RunObservation {
+    pub generation: Option<i64>,
+    pub trainers: Vec<Trainer>,
+    /// The run's own latest Ready checkpoint.
+    pub latest_checkpoint: Option<ResumePoint>,
+    pub resume_from: ResumeFrom,
+    /// Pools in `spec.pools` that do not exist.
+    pub missing_pools: Vec<String>,
+    /// Problems that do not stop the run (from validation).
+    pub warnings: Vec<String>,
+    pub now: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunAction {
+    CreateTrainer { attempt: i32, resume: Option<ResumePoint> },
+    DeleteTrainer { name: String, reason: &'static str },
+}
+
+/// A Kubernetes Event to record on the run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunEvent {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunPlan {
+    pub actions: Vec<RunAction>,
+    /// The new status; `progress` is the broker's and is left as it was.
+    pub status: SelfPlayRunStatus,
+    pub requeue_after: Option<Duration>,
+    pub events: Vec<RunEvent>,
+}
+
+struct Conds<'a> {
+    st: &'a mut SelfPlayRunStatus,
+    generation: Option<i64>,
+    now: Timestamp,
+}
+
+impl Conds<'_> {
+    fn set(&mut self, t: ConditionType, on: bool, reason: &str, msg: &str) {
+        let s = if on { ConditionStatus::True } else { ConditionStatus::False };
+        set_condition(&mut self.st.conditions, t, s, reason, msg, self.generation, time(self.now));
+    }
+}
+
+fn shorter(a: Option<Duration>, b: Duration) -> Option<Duration> {
+    Some(a.map_or(b, |a| a.min(b)))
+}
+
+/// Decides the run's next step.
+pub fn decide_run(spec: &SelfPlayRunSpec, previous: Option<&SelfPlayRunStatus>, obs: &RunObservation) -> RunPlan {
+    let now = obs.now;
+    let mut st = previous.cloned().unwrap_or_default();
+    st.observed_generation = obs.generation;
+    if let Some(latest) = &obs.latest_checkpoint {
+        st.latest_checkpoint = Some(latest.checkpoint.clone());
+    }
+    let mut plan = RunPlan { actions: Vec::new(), status: SelfPlayRunStatus::default(), requeue_after: None, events: Vec::new() };
+
+    // Trainers of earlier attempts must not run beside the current one.
+    for t in obs.trainers.iter().filter(|t| t.attempt != st.restarts && t.active()) {
+        plan.actions.push(RunAction::DeleteTrainer { name: t.name.clone(), reason: "Superseded" });
+    }
+
+    // Terminal states are sticky: stop anything still running and never create anything.
+    if st.phase.is_some_and(RunPhase::is_terminal) {
+        for t in obs.trainers.iter().filter(|t| t.attempt == st.restarts && t.active()) {
+            plan.actions.push(RunAction::DeleteTrainer { name: t.name.clone(), reason: "RunFinished" });
+        }
+        plan.status = st;
+        return plan;
+    }
+
+    let current = obs.trainers.iter().find(|t| t.attempt == st.restarts);
+    let was_suspended = find_condition(&st.conditions, ConditionType::Suspended).is_some_and(|c| c.status == "True");
+    let suspended_since = find_condition(&st.conditions, ConditionType::Suspended)
+        .filter(|c| c.status == "True")
+        .map(|c| c.last_transition_time.0);
+
+    // A trainer that finished wins over everything else: its work is done.
+    if let Some(t) = current.filter(|t| t.phase == TrainerPhase::Succeeded && !t.terminating) {
+        finish(&mut st, &mut plan, obs, true, "TrainerSucceeded", &format!("trainer {} completed", t.name));
+        plan.status = st;
+        return plan;
+    }
+
+    // activeDeadlineSeconds, suspended time excluded, counted from the trainer's first start.
+    if let (Some(deadline), Some(start)) = (spec.active_deadline_seconds, st.start_time.as_ref()) {
+        let suspended_now = suspended_since.map_or(0, |since| seconds_between(since, now).max(0));
+        let active = seconds_between(start.0, now) - st.suspended_seconds - suspended_now;
+        if active >= deadline {
+            if let Some(t) = current.filter(|t| t.active()) {
+                plan.actions.push(RunAction::DeleteTrainer { name: t.name.clone(), reason: "DeadlineExceeded" });
+            }
+            let msg = format!("the run was active for {active}s, past activeDeadlineSeconds ({deadline}s)");
+            finish(&mut st, &mut plan, obs, false, "DeadlineExceeded", &msg);
+            plan.status = st;
+            return plan;
+        }
+        if suspended_since.is_none() {
+            plan.requeue_after = shorter(plan.requeue_after, Duration::from_secs((deadline - active) as u64));
+        }
+    }
+
+    let warnings = obs.warnings.join("; ");
+    let mut c = Conds { st: &mut st, generation: obs.generation, now };
+    c.set(ConditionType::Succeeded, false, "NotFinished", "");
+    c.set(ConditionType::Failed, false, "NotFinished", "");
+
+    if spec.suspend {
+        if let Some(t) = current.filter(|t| t.active()) {
+            plan.actions.push(RunAction::DeleteTrainer { name: t.name.clone(), reason: "Suspended" });
+        }
+        if !was_suspended {
+            plan.events.push(RunEvent { warning: false, reason: "Suspended", note: "trainer removed".into() });
+        }
+        c.set(ConditionType::Suspended, true, "Suspended", "spec.suspend is true; the trainer is removed");
+        c.set(ConditionType::Progressing, false, "Suspended", "");
+        c.set(ConditionType::Degraded, !warnings.is_empty(), if warnings.is_empty() { "Healthy" } else { "Unsupported" }, &warnings);
+        st.phase = Some(RunPhase::Suspended);
+        plan.status = st;
+        return plan;
+    }
+    if was_suspended {
+        if let (Some(since), Some(_)) = (suspended_since, c.st.start_time.as_ref()) {
+            c.st.suspended_seconds += seconds_between(since, now).max(0);
+        }
+        c.set(ConditionType::Suspended, false, "Resumed", "");
+        plan.events.push(RunEvent { warning: false, reason: "Resumed", note: "spec.suspend is false".into() });
+    } else {
+        c.set(ConditionType::Suspended, false, "NotSuspended", "");
+    }
+
+    match current {
+        Some(t) if t.terminating => {
+            // An old trainer (suspend, restart) is still shutting down; its name is taken until it is gone.
+            c.set(ConditionType::Progressing, true, "WaitingForTrainerExit", &format!("{} is terminating", t.name));
+            if matches!(c.st.phase, None | Some(RunPhase::Suspended)) {
+                c.st.phase = Some(RunPhase::Pending);
+            }
+            plan.requeue_after = shorter(plan.requeue_after, Duration::from_secs(5));
+        }
+        Some(t) if t.phase == TrainerPhase::Failed => {
+            let why = t.message.clone().unwrap_or_else(|| "the trainer pod failed".into());
+            if c.st.restarts < spec.backoff_limit {
+                c.st.restarts += 1;
+                let wait = restart_backoff(c.st.restarts);
+                c.st.next_restart_time = Some(time(Timestamp::from_second(now.as_second() + wait.as_secs() as i64).unwrap_or(now)));
+                let msg = format!("trainer {} failed ({why}); restart {} of {} in {}s", t.name, c.st.restarts, spec.backoff_limit, wait.as_secs());
+                c.set(ConditionType::Degraded, true, "TrainerFailed", &msg);
+                c.set(ConditionType::Progressing, true, "RestartBackoff", &msg);
+                c.st.phase = Some(RunPhase::Pending);
+                plan.events.push(RunEvent { warning: true, reason: "TrainerFailed", note: msg });
+                plan.requeue_after = shorter(plan.requeue_after, wait);
+            } else {
+                let msg = format!("trainer {} failed ({why}) and backoffLimit ({}) is reached", t.name, spec.backoff_limit);
+                finish(&mut st, &mut plan, obs, false, "BackoffLimitExceeded", &msg);
+            }
+        }
+        Some(t) => {
+            let running = t.phase == TrainerPhase::Running;
+            if running {
+                c.st.start_time.get_or_insert_with(|| time(now));
+                c.st.phase = Some(RunPhase::Running);
+                c.set(ConditionType::Progressing, true, "Training", &format!("trainer {} is running", t.name));
+            } else {
+                c.st.phase = Some(RunPhase::Pending);
+                c.set(ConditionType::Progressing, true, "TrainerStarting", &format!("trainer {} is starting", t.name));
+            }
+            c.set(ConditionType::Degraded, !warnings.is_empty(), if warnings.is_empty() { "Healthy" } else { "Unsupported" }, &warnings);
+        }
+        None => {
+            let restart_at = c.st.next_restart_time.as_ref().map(|t| t.0);
+            if let Some(at) = restart_at.filter(|at| *at > now) {
+                let wait = seconds_between(now, at).max(1) as u64;
+                c.st.phase = Some(RunPhase::Pending);
+                c.set(ConditionType::Progressing, true, "RestartBackoff", &format!("restarting the trainer in {wait}s"));
+                plan.requeue_after = shorter(plan.requeue_after, Duration::from_secs(wait));
+            } else if !obs.missing_pools.is_empty() {
+                let msg = format!("SandboxPool(s) not found: {}", obs.missing_pools.join(", "));
+                c.st.phase = Some(RunPhase::Pending);
+                c.set(ConditionType::Progressing, false, "PoolsNotFound", &msg);
+                c.set(ConditionType::Degraded, true, "PoolsNotFound", &msg);
+                plan.requeue_after = shorter(plan.requeue_after, Duration::from_secs(30));
+            } else {
+                let resume = match (&obs.latest_checkpoint, &obs.resume_from) {
+                    (Some(own), _) => Ok(Some(own.clone())),
+                    (None, ResumeFrom::None) => Ok(None),
+                    (None, ResumeFrom::Ready(p)) => Ok(Some(p.clone())),
+                    (None, ResumeFrom::NotReady(name)) => {
+                        Err(("CheckpointNotReady", format!("resumeFrom checkpoint {name} does not exist or is not Ready")))
+                    }
+                    (None, ResumeFrom::OtherVolume { checkpoint, pvc }) => Err((
+                        "CheckpointOnOtherVolume",
+                        format!(
+                            "resumeFrom checkpoint {checkpoint} is on PVC {pvc}, which is not this run's checkpoint storage; copy it there"
+                        ),
+                    )),
+                };
+                match resume {
+                    Ok(resume) => {
+                        let attempt = c.st.restarts;
+                        let note = match &resume {
+                            Some(r) => format!("attempt {attempt}, resuming from {} (step {})", r.checkpoint, r.step),
+                            None => format!("attempt {attempt}, from the initial model"),
+                        };
+                        c.st.next_restart_time = None;
+                        c.st.phase = Some(RunPhase::Pending);
+                        c.set(ConditionType::Progressing, true, "TrainerCreated", &note);
+                        if c.st.restarts == 0 {
+                            c.set(ConditionType::Degraded, !warnings.is_empty(), if warnings.is_empty() { "Healthy" } else { "Unsupported" }, &warnings);
+                        }
+                        plan.events.push(RunEvent { warning: false, reason: "TrainerCreated", note });
+                        plan.actions.push(RunAction::CreateTrainer { attempt, resume });
+                    }
+                    Err((reason, msg)) => {
+                        c.st.phase = Some(RunPhase::Pending);
+                        c.set(ConditionType::Progressing, false, reason, &msg);
+                        c.set(ConditionType::Degraded, true, reason, &msg);
+                        plan.requeue_after = shorter(plan.requeue_after, Duration::from_secs(30));
+                    }
+                }
+            }
+        }
+    }
+    plan.status = st;
+    plan
+}
+
+/// Moves the run to Succeeded or Failed.
+fn finish(st: &mut SelfPlayRunStatus, plan: &mut RunPlan, obs: &RunObservation, success: bool, reason: &'static str, msg: &str) {
+    let mut c = Conds { st, generation: obs.generation, now: obs.now };
+    c.set(ConditionType::Succeeded, success, reason, if success { msg } else { "" });
+    c.set(ConditionType::Failed, !success, reason, if success { "" } else { msg });
+    c.set(ConditionType::Progressing, false, reason, "");
+    c.set(ConditionType::Suspended, false, reason, "");
+    if success {
+        c.set(ConditionType::Degraded, false, reason, "");
+    } else {
+        c.set(ConditionType::Degraded, true, reason, msg);
+    }
+    st.phase = Some(if success { RunPhase::Succeeded } else { RunPhase::Failed });
+    st.completion_time = Some(time(obs.now));
+    st.next_restart_time = None;
+    plan.events.push(RunEvent { warning: !success, reason, note: msg.to_string() });
+}
+
+/// Status of a run whose spec is invalid: Pending and Degraded, no trainer. Not terminal, so
+/// fixing the mutable fields lets it start.
+pub fn invalid_run_status(previous: Option<&SelfPlayRunStatus>, message: &str, generation: Option<i64>, now: Timestamp) -> SelfPlayRunStatus {
+    let mut st = previous.cloned().unwrap_or_default();
+    if st.phase.is_some_and(RunPhase::is_terminal) {
+        return st;
+    }
+    st.observed_generation = generation;
+    st.phase = Some(RunPhase::Pending);
+    let mut c = Conds { st: &mut st, generation, now };
+    c.set(ConditionType::Progressing, false, "InvalidSpec", message);
+    c.set(ConditionType::Degraded, true, "InvalidSpec", message);
+    st
+}
