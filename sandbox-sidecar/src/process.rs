@@ -1,0 +1,440 @@
+//! Spawning commands with limits, and killing everything a command started.
+//!
+//! Every child starts in a new session (`setsid`), so its session id is its pid. On timeout
+//! the whole process group is killed, then any process still in that session (background
+//! jobs that moved to their own process group) is found in `/proc` and killed too.
+
+use std::io;
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::resource::{Resource, setrlimit};
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+use crate::output::CappedOutput;
+
+/// Resource limits set in the child before `exec`; `None` leaves the inherited limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rlimits {
+    pub memory_bytes: Option<u64>,
+    pub max_processes: Option<u64>,
+    pub max_file_size_bytes: Option<u64>,
+}
+
+/// How long to keep reading a command's pipes after it exited and its group was killed;
+/// only a process that escaped into its own session can hold them open that long.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
+const READ_CHUNK: usize = 64 * 1024;
+const STREAM_SEND_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Puts the child in its own session, makes it die with the sidecar, and sets rlimits.
+pub fn prepare(cmd: &mut Command, rlimits: Rlimits) {
+    // SAFETY: the closure runs between fork and exec and only makes raw system calls
+    // (setsid, prctl, setrlimit), which are async-signal-safe; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid().map_err(io::Error::from)?;
+            nix::sys::prctl::set_pdeathsig(Some(Signal::SIGKILL)).map_err(io::Error::from)?;
+            if let Some(v) = rlimits.memory_bytes {
+                setrlimit(Resource::RLIMIT_AS, v, v).map_err(io::Error::from)?;
+            }
+            if let Some(v) = rlimits.max_processes {
+                setrlimit(Resource::RLIMIT_NPROC, v, v).map_err(io::Error::from)?;
+            }
+            if let Some(v) = rlimits.max_file_size_bytes {
+                setrlimit(Resource::RLIMIT_FSIZE, v, v).map_err(io::Error::from)?;
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Direct children the sidecar spawned and has not reaped yet (their pid is also their
+/// session id). Spawning holds the lock, so the init-mode reaper never takes a child that
+/// tokio is about to wait for.
+static TRACKED: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+fn tracked() -> std::sync::MutexGuard<'static, Vec<u32>> {
+    TRACKED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Spawns `cmd` and remembers its pid until [`untrack`].
+pub fn spawn_tracked(cmd: &mut Command) -> io::Result<tokio::process::Child> {
+    let mut t = tracked();
+    let child = cmd.spawn()?;
+    if let Some(pid) = child.id() {
+        t.push(pid);
+    }
+    Ok(child)
+}
+
+pub fn untrack(pid: u32) {
+    tracked().retain(|p| *p != pid);
+}
+
+/// Kills every command and session still running (shutdown).
+pub fn kill_all_tracked() {
+    let pids: Vec<u32> = tracked().clone();
+    for pid in pids {
+        kill_session(pid);
+    }
+}
+
+/// When the sidecar is PID 1 (a container's entrypoint), orphaned processes are re-parented
+/// to it and must be reaped, or they stay zombies. Reaps zombie children that are not ours.
+pub fn spawn_init_reaper() {
+    if std::process::id() != 1 {
+        return;
+    }
+    tokio::spawn(async {
+        let Ok(mut sigchld) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = sigchld.recv() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            reap_orphans();
+            // At most a few scans a second, however many children exit.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+}
+
+fn reap_orphans() {
+    use nix::sys::wait::{WaitPidFlag, waitpid};
+    let t = tracked();
+    let me = std::process::id() as i32;
+    let Ok(dir) = std::fs::read_dir("/proc") else { return };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Some(st) = read_stat(pid)
+            && st.ppid == me
+            && st.state == 'Z'
+            && !t.contains(&(pid as u32))
+        {
+            let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+        }
+    }
+}
+
+/// Kills the process group `pgid` (cheap: one system call).
+pub fn kill_group(pgid: u32) {
+    if let Ok(raw) = i32::try_from(pgid)
+        && raw > 1
+    {
+        let _ = killpg(Pid::from_raw(raw), Signal::SIGKILL);
+    }
+}
+
+/// Kills the process group `sid` and every other process still in session `sid` (reads
+/// `/proc`, so a millisecond or two; used on timeouts and cancellation).
+pub fn kill_session(sid: u32) {
+    let Ok(raw) = i32::try_from(sid) else { return };
+    if raw <= 1 {
+        return;
+    }
+    let _ = killpg(Pid::from_raw(raw), Signal::SIGKILL);
+    // Two passes: a process caught mid-fork in the first may have a child in the second.
+    for _ in 0..2 {
+        for pid in pids_in_session(raw) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Processes whose session id is `sid`, read from `/proc/<pid>/stat`.
+pub fn pids_in_session(sid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Some(stat) = read_stat(pid)
+            && stat.session == sid
+            && stat.state != 'Z'
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ProcStat {
+    pub state: char,
+    pub ppid: i32,
+    pub pgrp: i32,
+    pub session: i32,
+}
+
+pub fn read_stat(pid: i32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may itself contain spaces or ')'.
+    let after = &text[text.rfind(')')? + 1..];
+    let mut f = after.split_ascii_whitespace();
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    let pgrp = f.next()?.parse().ok()?;
+    let session = f.next()?.parse().ok()?;
+    Some(ProcStat {
+        state,
+        ppid,
+        pgrp,
+        session,
+    })
+}
+
+/// Finds bash: the usual places first, then `PATH`.
+pub fn find_bash() -> Option<PathBuf> {
+    for p in ["/bin/bash", "/usr/bin/bash", "/usr/local/bin/bash"] {
+        if is_executable(Path::new(p)) {
+            return Some(PathBuf::from(p));
+        }
+    }
+    find_in_path("bash")
+}
+
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// Where a chunk of streamed output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// What a finished command left.
+#[derive(Debug)]
+pub struct Outcome {
+    pub status: Option<ExitStatus>,
+    pub stdout: CappedOutput,
+    pub stderr: CappedOutput,
+    pub timed_out: bool,
+    pub duration: Duration,
+}
+
+impl Outcome {
+    /// The exit code, or -1 when the command was killed by a signal or never reported.
+    pub fn exit_code(&self) -> i32 {
+        self.status.and_then(|s| s.code()).unwrap_or(-1)
+    }
+
+    pub fn signal(&self) -> i32 {
+        self.status.and_then(|s| s.signal()).unwrap_or(0)
+    }
+}
+
+/// Live output for streaming callers: chunks go to `tx` until `cap` bytes per stream were
+/// sent; the rest is kept (head and tail) in the outcome.
+pub struct Streaming {
+    pub tx: mpsc::Sender<(Stream, Vec<u8>)>,
+    pub cap: usize,
+}
+
+struct Sink {
+    kept: CappedOutput,
+    streamed: usize,
+}
+
+impl Sink {
+    fn new(cap: usize, streaming: bool) -> Self {
+        // When streaming, what is not sent live is capped at half the cap again.
+        let kept_cap = if streaming { cap / 2 } else { cap };
+        Self {
+            kept: CappedOutput::new(kept_cap),
+            streamed: 0,
+        }
+    }
+
+    async fn push(&mut self, which: Stream, data: &[u8], live: Option<&Streaming>) {
+        let Some(live) = live else {
+            self.kept.push(data);
+            return;
+        };
+        let room = live.cap.saturating_sub(self.streamed);
+        let send = room.min(data.len());
+        if send > 0 {
+            self.streamed += send;
+            // A client that stops reading must not stall the command (and its timeout):
+            // after a while its chunks are kept instead, and nothing more is streamed.
+            let sent = tokio::time::timeout(STREAM_SEND_PATIENCE, live.tx.send((which, data[..send].to_vec())))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            if !sent {
+                self.streamed = live.cap;
+                self.kept.push(&data[..send]);
+            }
+        }
+        if send < data.len() {
+            self.kept.push(&data[send..]);
+        }
+    }
+}
+
+/// Runs `cmd` to completion: feeds `stdin`, captures both streams under `cap`, and kills the
+/// whole session of the command when `timeout` passes or when it exits (leftover
+/// background jobs of a one-off command do not outlive it).
+pub async fn run(
+    mut cmd: Command,
+    stdin: Option<Vec<u8>>,
+    timeout: Duration,
+    cap: usize,
+    rlimits: Rlimits,
+    streaming: Option<Streaming>,
+) -> io::Result<Outcome> {
+    prepare(&mut cmd, rlimits);
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
+    let start = Instant::now();
+    let deadline = tokio::time::Instant::from_std(start + timeout);
+    let mut child = spawn_tracked(&mut cmd)?;
+    let sid = child.id().unwrap_or(0);
+    let mut guard = SessionGuard(sid);
+
+    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        tokio::spawn(async move {
+            // The command may exit without reading its input; that is not our error.
+            let _ = pipe.write_all(&data).await;
+            let _ = pipe.shutdown().await;
+        });
+    }
+    let mut out_pipe = child.stdout.take();
+    let mut err_pipe = child.stderr.take();
+    let mut out = Sink::new(cap, streaming.is_some());
+    let mut err = Sink::new(cap, streaming.is_some());
+    let mut out_buf = vec![0u8; READ_CHUNK];
+    let mut err_buf = vec![0u8; READ_CHUNK];
+    let mut status: Option<ExitStatus> = None;
+    let mut timed_out = false;
+    let mut drain_until: Option<tokio::time::Instant> = None;
+
+    loop {
+        if status.is_some() && out_pipe.is_none() && err_pipe.is_none() {
+            break;
+        }
+        let stop_at = drain_until.unwrap_or(deadline);
+        tokio::select! {
+            r = read_opt(&mut out_pipe, &mut out_buf) => match r {
+                Ok(0) | Err(_) => out_pipe = None,
+                Ok(n) => out.push(Stream::Stdout, &out_buf[..n], streaming.as_ref()).await,
+            },
+            r = read_opt(&mut err_pipe, &mut err_buf) => match r {
+                Ok(0) | Err(_) => err_pipe = None,
+                Ok(n) => err.push(Stream::Stderr, &err_buf[..n], streaming.as_ref()).await,
+            },
+            s = child.wait(), if status.is_none() => {
+                status = Some(s?);
+                untrack(sid);
+                // Background jobs left in the command's group do not outlive it.
+                kill_group(sid);
+                guard.0 = 0;
+                drain_until = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
+            }
+            _ = tokio::time::sleep_until(stop_at) => {
+                if drain_until.is_none() {
+                    timed_out = true;
+                    kill_session(sid);
+                    guard.0 = 0;
+                    status = Some(child.wait().await?);
+                    untrack(sid);
+                    drain_until = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
+                } else {
+                    break;
+                }
+            }
+        }
+    }
+    drop(guard);
+    Ok(Outcome {
+        status,
+        stdout: out.kept,
+        stderr: err.kept,
+        timed_out,
+        duration: start.elapsed(),
+    })
+}
+
+async fn read_opt<R: AsyncRead + Unpin>(pipe: &mut Option<R>, buf: &mut [u8]) -> io::Result<usize> {
+    match pipe {
+        Some(p) => p.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Kills the command's session if the future running it is dropped (client gone). Disarmed
+/// (0) once the command was reaped, so a recycled pid is never hit.
+struct SessionGuard(u32);
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if self.0 != 0 {
+            kill_session(self.0);
+            // tokio reaps the killed child (kill_on_drop); it is no longer ours to track.
+            untrack(self.0);
+        }
+    }
+}
+
+/// Turns a spawn failure of an argv command into what a shell would report.
+pub fn spawn_failure_outcome(program: &str, e: &io::Error) -> Outcome {
+    let code = if e.kind() == io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    };
+    let mut stderr = CappedOutput::new(4096);
+    stderr.push(format!("sandbox-sidecar: cannot run {program:?}: {e}\n").as_bytes());
+    Outcome {
+        status: Some(ExitStatus::from_raw(code << 8)),
+        stdout: CappedOutput::new(0),
+        stderr,
+        timed_out: false,
+        duration: Duration::ZERO,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_of_self() {
+        let me = std::process::id() as i32;
+        let st = read_stat(me).unwrap();
+        assert!(st.ppid > 0);
+        assert!(st.session > 0);
+        assert_eq!(st.state, 'R');
+    }
+}

@@ -1,0 +1,412 @@
+//! Persistent bash sessions.
+//!
+//! Each session is one `bash --noprofile --norc` reading commands on its stdin. A command is
+//! written to a file and sourced (so syntax errors cannot eat the protocol), with stdin from
+//! `/dev/null`; then the shell prints a sentinel line carrying `$?` on stdout and another
+//! on stderr. The sentinel holds a random nonce, so output cannot fake it.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+use tokio::sync::Mutex;
+
+use crate::error::{Result, SidecarError};
+use crate::output::CappedOutput;
+use crate::process::{self, Rlimits};
+
+/// How a session is started.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    pub cwd: PathBuf,
+    pub env: HashMap<String, String>,
+    pub rlimits: Rlimits,
+}
+
+/// The result of one session command.
+#[derive(Debug)]
+pub struct SessionOutcome {
+    pub exit_code: i32,
+    pub stdout: CappedOutput,
+    pub stderr: CappedOutput,
+    pub timed_out: bool,
+    pub duration: Duration,
+    pub restarted: bool,
+    pub notice: String,
+}
+
+struct Shell {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: PipeReader<ChildStdout>,
+    stderr: PipeReader<ChildStderr>,
+    sid: u32,
+    out_marker: Vec<u8>,
+    err_marker: Vec<u8>,
+    run_line: Vec<u8>,
+    cmd_file: PathBuf,
+}
+
+struct Slot {
+    options: SessionOptions,
+    shell: Option<Shell>,
+    /// Why the shell went away; reported with the next command, which starts a new one.
+    pending_restart: Option<String>,
+    started_once: bool,
+}
+
+/// All sessions of one sidecar.
+pub struct Sessions {
+    bash: Option<PathBuf>,
+    state_dir: PathBuf,
+    slots: std::sync::Mutex<HashMap<String, Arc<Mutex<Slot>>>>,
+    active: Arc<std::sync::atomic::AtomicI64>,
+    on_active_change: Box<dyn Fn(i64) + Send + Sync>,
+}
+
+impl Sessions {
+    pub fn new(
+        bash: Option<PathBuf>,
+        state_dir: PathBuf,
+        on_active_change: Box<dyn Fn(i64) + Send + Sync>,
+    ) -> Self {
+        Self {
+            bash,
+            state_dir,
+            slots: std::sync::Mutex::new(HashMap::new()),
+            active: Arc::new(std::sync::atomic::AtomicI64::new(0)),
+            on_active_change,
+        }
+    }
+
+    pub fn active(&self) -> i64 {
+        self.active.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn add_active(&self, delta: i64) {
+        let now = self
+            .active
+            .fetch_add(delta, std::sync::atomic::Ordering::Relaxed)
+            + delta;
+        (self.on_active_change)(now);
+    }
+
+    fn slot(&self, id: &str, options: Option<SessionOptions>, default_cwd: &PathBuf) -> (Arc<Mutex<Slot>>, bool) {
+        let mut map = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = map.get(id) {
+            return (s.clone(), false);
+        }
+        let slot = Arc::new(Mutex::new(Slot {
+            options: options.unwrap_or_else(|| SessionOptions {
+                cwd: default_cwd.clone(),
+                ..Default::default()
+            }),
+            shell: None,
+            pending_restart: None,
+            started_once: false,
+        }));
+        map.insert(id.to_string(), slot.clone());
+        (slot, true)
+    }
+
+    /// Creates a session with explicit options; false when it already existed.
+    pub async fn open(&self, id: &str, options: SessionOptions) -> Result<bool> {
+        validate_id(id)?;
+        let cwd = options.cwd.clone();
+        let (slot, created) = self.slot(id, Some(options), &cwd);
+        if created {
+            let mut slot = slot.lock().await;
+            self.ensure_shell(id, &mut slot).await?;
+        }
+        Ok(created)
+    }
+
+    pub async fn close(&self, id: &str) -> bool {
+        let slot = {
+            let mut map = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            map.remove(id)
+        };
+        let Some(slot) = slot else { return false };
+        let mut slot = slot.lock().await;
+        if let Some(shell) = slot.shell.take() {
+            self.kill_shell(shell).await;
+        }
+        true
+    }
+
+    /// Kills every session (shutdown).
+    pub async fn close_all(&self) {
+        let ids: Vec<String> = {
+            let map = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            map.keys().cloned().collect()
+        };
+        for id in ids {
+            self.close(&id).await;
+        }
+    }
+
+    async fn kill_shell(&self, mut shell: Shell) {
+        process::kill_session(shell.sid);
+        let _ = shell.child.wait().await;
+        process::untrack(shell.sid);
+        let _ = std::fs::remove_file(&shell.cmd_file);
+        self.add_active(-1);
+    }
+
+    async fn ensure_shell(&self, id: &str, slot: &mut Slot) -> Result<()> {
+        if slot.shell.is_some() {
+            return Ok(());
+        }
+        let Some(bash) = &self.bash else {
+            return Err(SidecarError::NoShell(
+                "bash is not installed in this image; sessions need bash (Exec with argv still works)"
+                    .into(),
+            ));
+        };
+        let shell = spawn_shell(bash, &self.state_dir, id, &slot.options)
+            .map_err(|e| SidecarError::io("starting bash", e))?;
+        slot.shell = Some(shell);
+        slot.started_once = true;
+        self.add_active(1);
+        Ok(())
+    }
+
+    /// Runs `command` in session `id`, creating the session on first use.
+    pub async fn run(
+        &self,
+        id: &str,
+        command: &str,
+        timeout: Duration,
+        cap: usize,
+        default_cwd: &PathBuf,
+    ) -> Result<SessionOutcome> {
+        validate_id(id)?;
+        let (slot, _) = self.slot(id, None, default_cwd);
+        let mut slot = slot.lock().await;
+        let restarted_notice = slot.pending_restart.take();
+        self.ensure_shell(id, &mut slot).await?;
+        let start = Instant::now();
+        let mut stdout = CappedOutput::new(cap);
+        let mut stderr = CappedOutput::new(cap);
+        let Some(shell) = slot.shell.as_mut() else {
+            return Err(SidecarError::NoShell("session shell missing".into()));
+        };
+        let result = tokio::time::timeout(
+            timeout,
+            run_in_shell(shell, command, &mut stdout, &mut stderr),
+        )
+        .await;
+        let mut notice = String::new();
+        let restarted = restarted_notice.is_some();
+        if let Some(n) = &restarted_notice {
+            notice.push_str(n);
+        }
+        let (exit_code, timed_out) = match result {
+            Ok(Ok(Some(code))) => (code, false),
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                // The shell ended (`exit`, `set -e`, killed): report its status, restart
+                // on the next command.
+                let Some(mut shell) = slot.shell.take() else {
+                    return Err(SidecarError::NoShell("session shell missing".into()));
+                };
+                process::kill_session(shell.sid);
+                let status = shell.child.wait().await.ok();
+                process::untrack(shell.sid);
+                let _ = std::fs::remove_file(&shell.cmd_file);
+                self.add_active(-1);
+                let code = status
+                    .and_then(|s| s.code())
+                    .unwrap_or(-1);
+                slot.pending_restart = Some(format!(
+                    "the shell of session {id:?} exited (status {code}) during the previous command; \
+                     a new shell was started: working directory and environment are back to their initial values"
+                ));
+                push_notice(&mut notice, &format!("the shell exited with status {code}; the next command starts a new one"));
+                (code, false)
+            }
+            Err(_elapsed) => {
+                let Some(shell) = slot.shell.take() else {
+                    return Err(SidecarError::NoShell("session shell missing".into()));
+                };
+                self.kill_shell(shell).await;
+                slot.pending_restart = Some(format!(
+                    "the previous command timed out and session {id:?} was restarted: \
+                     working directory and environment are back to their initial values"
+                ));
+                push_notice(
+                    &mut notice,
+                    &format!(
+                        "command timed out after {} ms; all its processes were killed and the session will be restarted",
+                        timeout.as_millis()
+                    ),
+                );
+                (-1, true)
+            }
+        };
+        Ok(SessionOutcome {
+            exit_code,
+            stdout,
+            stderr,
+            timed_out,
+            duration: start.elapsed(),
+            restarted,
+            notice,
+        })
+    }
+}
+
+fn push_notice(notice: &mut String, s: &str) {
+    if !notice.is_empty() {
+        notice.push_str("; ");
+    }
+    notice.push_str(s);
+}
+
+fn validate_id(id: &str) -> Result<()> {
+    if id.is_empty() || id.len() > 128 {
+        return Err(SidecarError::InvalidArgument(
+            "session_id must be 1 to 128 characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn spawn_shell(
+    bash: &PathBuf,
+    state_dir: &std::path::Path,
+    id: &str,
+    options: &SessionOptions,
+) -> io::Result<Shell> {
+    let nonce = hex::encode(rand::random::<[u8; 12]>());
+    let cmd_file = state_dir.join(format!("session-{nonce}.sh"));
+    std::fs::write(&cmd_file, b"")?;
+    let mut cmd = Command::new(bash);
+    cmd.arg("--noprofile")
+        .arg("--norc")
+        .current_dir(&options.cwd)
+        .env("PAGER", "cat")
+        .env("GIT_PAGER", "cat")
+        .env("SANDBOX_SESSION", id)
+        .envs(&options.env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    process::prepare(&mut cmd, options.rlimits);
+    let mut child = process::spawn_tracked(&mut cmd)?;
+    let sid = child.id().unwrap_or(0);
+    let (Some(stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err(io::Error::other("bash pipes missing"));
+    };
+    let quoted = shell_quote(&cmd_file.to_string_lossy());
+    let run_line = format!(
+        ". {quoted} </dev/null; __sc_rc=$?; printf '\\n__SC_{nonce}_%d\\n' \"$__sc_rc\"; printf '\\n__SC_{nonce}_\\n' >&2\n"
+    );
+    Ok(Shell {
+        child,
+        stdin,
+        stdout: PipeReader::new(stdout),
+        stderr: PipeReader::new(stderr),
+        sid,
+        out_marker: format!("\n__SC_{nonce}_").into_bytes(),
+        err_marker: format!("\n__SC_{nonce}_").into_bytes(),
+        run_line: run_line.into_bytes(),
+        cmd_file,
+    })
+}
+
+/// Single-quotes `s` for bash.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Runs one command; `Ok(None)` when the shell ended before printing its sentinel.
+async fn run_in_shell(
+    shell: &mut Shell,
+    command: &str,
+    stdout: &mut CappedOutput,
+    stderr: &mut CappedOutput,
+) -> io::Result<Option<i32>> {
+    tokio::fs::write(&shell.cmd_file, command.as_bytes()).await?;
+    shell.stdin.write_all(&shell.run_line).await?;
+    shell.stdin.flush().await?;
+    let (rc, err_done) = tokio::join!(
+        shell.stdout.read_until_marker(&shell.out_marker, stdout),
+        shell.stderr.read_until_marker(&shell.err_marker, stderr),
+    );
+    let (Some(rc), Some(_)) = (rc?, err_done?) else {
+        return Ok(None);
+    };
+    let code = std::str::from_utf8(&rc)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .unwrap_or(-1);
+    Ok(Some(code))
+}
+
+/// A pipe read up to sentinel lines; bytes after a sentinel stay for the next command.
+struct PipeReader<R> {
+    pipe: R,
+    pending: Vec<u8>,
+    eof: bool,
+}
+
+impl<R: AsyncRead + Unpin> PipeReader<R> {
+    fn new(pipe: R) -> Self {
+        Self {
+            pipe,
+            pending: Vec::new(),
+            eof: false,
+        }
+    }
+
+    /// Moves output into `out` up to `marker`, and returns the rest of the marker's line;
+    /// `None` at end of file.
+    async fn read_until_marker(
+        &mut self,
+        marker: &[u8],
+        out: &mut CappedOutput,
+    ) -> io::Result<Option<Vec<u8>>> {
+        let finder = memchr::memmem::Finder::new(marker);
+        let mut searched_from = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if let Some(pos) = finder.find(&self.pending[searched_from..]).map(|p| p + searched_from) {
+                let after = pos + marker.len();
+                if let Some(nl) = memchr::memchr(b'\n', &self.pending[after..]) {
+                    out.push(&self.pending[..pos]);
+                    let tail = self.pending[after..after + nl].to_vec();
+                    self.pending.drain(..after + nl + 1);
+                    return Ok(Some(tail));
+                }
+            } else {
+                // Flush everything that cannot be the start of a marker.
+                let keep = marker.len().saturating_sub(1);
+                if self.pending.len() > keep {
+                    let cut = self.pending.len() - keep;
+                    out.push(&self.pending[..cut]);
+                    self.pending.drain(..cut);
+                }
+                searched_from = 0;
+            }
+            if self.eof {
+                out.push(&self.pending);
+                self.pending.clear();
+                return Ok(None);
+            }
+            let n = self.pipe.read(&mut buf).await?;
+            if n == 0 {
+                self.eof = true;
+            } else {
+                self.pending.extend_from_slice(&buf[..n]);
+            }
+        }
+    }
+}
