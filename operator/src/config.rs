@@ -34,13 +34,20 @@ impl Default for OperatorConfig {
 }
 
 fn quantities(pairs: &[(&str, &str)]) -> BTreeMap<String, Quantity> {
-    pairs.iter().map(|(k, v)| (k.to_string(), Quantity(v.to_string()))).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
+        .collect()
 }
 
 /// Sandbox container resources when the pool sets none: 1 CPU and 2Gi, limits included.
 pub fn default_sandbox_resources() -> ResourceRequirements {
     let q = quantities(&[("cpu", "1"), ("memory", "2Gi")]);
-    ResourceRequirements { requests: Some(q.clone()), limits: Some(q), ..Default::default() }
+    ResourceRequirements {
+        requests: Some(q.clone()),
+        limits: Some(q),
+        ..Default::default()
+    }
 }
 
 /// Trainer container CPU and memory when the run sets none (GPUs come from `trainer.gpus`).
@@ -55,5 +62,9 @@ pub fn default_trainer_resources() -> ResourceRequirements {
 /// The sidecar-install init container's resources: copying one file.
 pub fn init_container_resources() -> ResourceRequirements {
     let q = quantities(&[("cpu", "100m"), ("memory", "64Mi")]);
-    ResourceRequirements { requests: Some(q.clone()), limits: Some(q), ..Default::default() }
+    ResourceRequirements {
+        requests: Some(q.clone()),
+        limits: Some(q),
+        ..Default::default()
+    }
 }

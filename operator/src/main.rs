@@ -1,1 +1,377 @@
-fn main() {}
+//! `operator`: runs the selfplay controllers and broker (`operator run`), or prints the
+//! objects it would create for a pool or run file (`operator render -f FILE`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource};
+use selfplay_crds::{Checkpoint, SandboxPool, SelfPlayRun};
+use selfplay_operator::broker::{Broker, BrokerSettings, KubeBackend};
+use selfplay_operator::config::OperatorConfig;
+use selfplay_operator::controller::{self, Context, http::Health, leader};
+use selfplay_operator::metrics::Metrics;
+use selfplay_operator::names::{COMPONENT_SANDBOX, COMPONENT_TRAINER, LABEL_COMPONENT, MANAGER};
+use tokio::sync::{Notify, watch};
+
+#[derive(Parser)]
+#[command(name = "operator", version, about = "The selfplay Kubernetes operator")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the controllers and the broker (in a cluster, or with a kubeconfig).
+    Run(RunArgs),
+    /// Print the objects the operator would create for the SandboxPools and SelfPlayRuns of a YAML file.
+    Render(RenderArgs),
+}
+
+#[derive(Args, Clone)]
+struct Images {
+    /// Image holding the static sandbox-sidecar binary (the sandbox pods' init container).
+    #[arg(long, env = "SELFPLAY_SIDECAR_IMAGE", default_value_t = OperatorConfig::default().sidecar_image)]
+    sidecar_image: String,
+    /// Path of the sidecar binary inside the sidecar image.
+    #[arg(long, env = "SELFPLAY_SIDECAR_BINARY", default_value_t = OperatorConfig::default().sidecar_binary_path)]
+    sidecar_binary_path: String,
+    /// Trainer image, for runs that do not name one.
+    #[arg(long, env = "SELFPLAY_TRAINER_IMAGE", default_value_t = OperatorConfig::default().trainer_image)]
+    trainer_image: String,
+    /// Address trainer pods dial to reach the broker (the operator's Service).
+    #[arg(long, env = "SELFPLAY_BROKER_ADDRESS", default_value_t = OperatorConfig::default().broker_address)]
+    broker_address: String,
+    /// Pull policy of the sidecar and trainer images (cluster default when unset).
+    #[arg(long, env = "SELFPLAY_IMAGE_PULL_POLICY")]
+    image_pull_policy: Option<String>,
+}
+
+impl Images {
+    fn config(&self) -> OperatorConfig {
+        OperatorConfig {
+            sidecar_image: self.sidecar_image.clone(),
+            sidecar_binary_path: self.sidecar_binary_path.clone(),
+            trainer_image: self.trainer_image.clone(),
+            broker_address: self.broker_address.clone(),
+            image_pull_policy: self.image_pull_policy.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct RenderArgs {
+    /// YAML file with SandboxPools and/or SelfPlayRuns (`-` for standard input).
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Namespace of objects that name none.
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
+    #[command(flatten)]
+    images: Images,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "SELFPLAY_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
+    metrics_listen: SocketAddr,
+    /// Address of the broker's gRPC service.
+    #[arg(long, env = "SELFPLAY_BROKER_LISTEN", default_value = "0.0.0.0:7443")]
+    broker_listen: SocketAddr,
+    /// Watch only this namespace (all namespaces when unset).
+    #[arg(long, env = "SELFPLAY_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Namespace of the leader-election Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    #[arg(long, default_value = "selfplay-operator-leader")]
+    lease_name: String,
+    /// This replica's identity in the Lease and in Events (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long, env = "SELFPLAY_LOG_JSON")]
+    log_json: bool,
+    #[command(flatten)]
+    images: Images,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Render(args) => match render(&args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("operator render: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+        Cmd::Run(args) => {
+            init_logs(args.log_json);
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("operator: cannot start the runtime: {e}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(run(args)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "operator stopped");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logs(json: bool) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn render(args: &RenderArgs) -> anyhow::Result<()> {
+    let text = if args.file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+    } else {
+        std::fs::read_to_string(&args.file)
+            .with_context(|| format!("reading {}", args.file.display()))?
+    };
+    let out = selfplay_operator::render::render(&text, &args.namespace, &args.images.config())?;
+    for note in &out.notes {
+        eprintln!("note: {note}");
+    }
+    print!("{}", selfplay_operator::render::to_yaml(&out.objects)?);
+    Ok(())
+}
+
+fn scoped<K>(client: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("no Kubernetes configuration (in-cluster or kubeconfig)")?;
+    let metrics = Metrics::new();
+    let health = Health::default();
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        format!(
+            "operator-{}",
+            &selfplay_operator::build::generate_token()[..8]
+        )
+    });
+
+    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .context("binding --metrics-listen")?;
+    tokio::spawn(controller::http::serve(
+        listener,
+        metrics.clone(),
+        health.clone(),
+    ));
+
+    // Leader election: a standby is healthy and ready, and waits.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &args.lease_namespace);
+    let lease = leader::LeaseSettings {
+        name: args.lease_name.clone(),
+        identity: identity.clone(),
+        duration: Duration::from_secs(15),
+        renew_every: Duration::from_secs(5),
+    };
+    let (leader_tx, mut leader_rx) = watch::channel(false);
+    tokio::spawn(leader::run(leases.clone(), lease.clone(), leader_tx));
+    health.ready.store(true, Ordering::Relaxed);
+    tracing::info!(%identity, "waiting for leadership");
+    leader_rx
+        .wait_for(|l| *l)
+        .await
+        .context("leader election stopped")?;
+    health.ready.store(false, Ordering::Relaxed);
+
+    let ns = args.watch_namespace.as_deref();
+    let cfg = args.images.config();
+
+    // The sandbox pod reflector: shared by the pool controller (as its owned stream) and the broker.
+    let changed = Arc::new(Notify::new());
+    let (sandboxes, sandbox_writer) = reflector::store::<Pod>();
+    let notify = changed.clone();
+    let sandbox_stream = watcher(
+        scoped::<Pod>(&client, ns),
+        watcher::Config::default().labels(&format!("{LABEL_COMPONENT}={COMPONENT_SANDBOX}")),
+    )
+    .default_backoff()
+    .reflect(sandbox_writer)
+    .touched_objects()
+    .inspect(move |_| notify.notify_waiters());
+
+    let pool_ctrl = Controller::new(
+        scoped::<SandboxPool>(&client, ns),
+        watcher::Config::default(),
+    )
+    .owns_stream(sandbox_stream)
+    .watches(
+        scoped::<SelfPlayRun>(&client, ns),
+        watcher::Config::default(),
+        |run: SelfPlayRun| {
+            let ns = run.metadata.namespace.clone().unwrap_or_default();
+            run.spec
+                .pools
+                .iter()
+                .map(|p| ObjectRef::new(&p.name).within(&ns))
+                .collect::<Vec<_>>()
+        },
+    )
+    .with_config(ControllerConfig::default().concurrency(4));
+    let run_ctrl = Controller::new(
+        scoped::<SelfPlayRun>(&client, ns),
+        watcher::Config::default(),
+    )
+    .owns(
+        scoped::<Pod>(&client, ns),
+        watcher::Config::default().labels(&format!("{LABEL_COMPONENT}={COMPONENT_TRAINER}")),
+    )
+    .owns(
+        scoped::<Checkpoint>(&client, ns),
+        watcher::Config::default(),
+    )
+    .with_config(ControllerConfig::default().concurrency(4));
+    let ckpt_ctrl = Controller::new(
+        scoped::<Checkpoint>(&client, ns),
+        watcher::Config::default(),
+    );
+
+    let reporter = Reporter {
+        controller: MANAGER.to_string(),
+        instance: Some(identity.clone()),
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        cfg,
+        metrics.clone(),
+        reporter,
+        sandboxes.clone(),
+        pool_ctrl.store(),
+        run_ctrl.store(),
+        changed.clone(),
+    ));
+
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let m = metrics.clone();
+    let pools_done = pool_ctrl
+        .graceful_shutdown_on(stopped())
+        .run(
+            controller::pool::reconcile,
+            move |_, e, _| controller::on_error("SandboxPool", e, &m),
+            ctx.clone(),
+        )
+        .for_each(|_| futures::future::ready(()));
+    let m = metrics.clone();
+    let runs_done = run_ctrl
+        .graceful_shutdown_on(stopped())
+        .run(
+            controller::run::reconcile,
+            move |_, e, _| controller::on_error("SelfPlayRun", e, &m),
+            ctx.clone(),
+        )
+        .for_each(|_| futures::future::ready(()));
+    let m = metrics.clone();
+    let ckpts_done = ckpt_ctrl
+        .graceful_shutdown_on(stopped())
+        .run(
+            controller::checkpoint::reconcile,
+            move |_, e, _| controller::on_error("Checkpoint", e, &m),
+            ctx.clone(),
+        )
+        .for_each(|_| futures::future::ready(()));
+
+    // The broker serves once the caches it hands sandboxes out of are synced.
+    let broker = Arc::new(Broker::new(
+        Arc::new(KubeBackend::new(client.clone())),
+        sandboxes.clone(),
+        ctx.pools.clone(),
+        ctx.runs.clone(),
+        changed,
+        metrics.clone(),
+        BrokerSettings::default(),
+    ));
+    let broker_addr = args.broker_listen;
+    let (pools_store, runs_store, health2) = (ctx.pools.clone(), ctx.runs.clone(), health.clone());
+    let broker_stop = stopped();
+    let broker_done = async move {
+        let synced = async {
+            sandboxes.wait_until_ready().await?;
+            pools_store.wait_until_ready().await?;
+            runs_store.wait_until_ready().await
+        };
+        if let Err(e) = synced.await {
+            return Err(anyhow::anyhow!("caches never synced: {e}"));
+        }
+        health2.ready.store(true, Ordering::Relaxed);
+        tracing::info!(%broker_addr, "caches synced; broker serving");
+        tonic::transport::Server::builder()
+            .add_service(selfplay_operator::broker::service::service(broker))
+            .serve_with_shutdown(broker_addr, broker_stop)
+            .await
+            .context("broker server")
+    };
+
+    let work = async { tokio::join!(pools_done, runs_done, ckpts_done) };
+    tokio::pin!(work);
+    tokio::pin!(broker_done);
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        _ = &mut shutdown => {
+            tracing::info!("shutting down");
+            stop_tx.send_replace(true);
+            let _ = tokio::time::timeout(Duration::from_secs(20), &mut work).await;
+            Ok(())
+        }
+        lost = leader_rx.wait_for(|l| !*l) => {
+            let _ = lost;
+            // Another replica may be leading now: stop at once rather than act twice.
+            Err(anyhow::anyhow!("lost leadership"))
+        }
+        r = &mut broker_done => r.and(Err(anyhow::anyhow!("broker stopped"))),
+        _ = &mut work => Err(anyhow::anyhow!("controllers stopped")),
+    };
+    leader::release(&leases, &lease).await;
+    result
+}

@@ -95,7 +95,11 @@ pub fn trainer_selector_labels(run: &str) -> BTreeMap<String, String> {
 
 /// `k=v,k=v` for list calls and `/scale`.
 pub fn selector_string(labels: &BTreeMap<String, String>) -> String {
-    labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Labels every object the operator creates carries.

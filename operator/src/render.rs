@@ -2,10 +2,13 @@
 //! YAML file, so that users can review them and tests can validate them against the
 //! Kubernetes schemas. It runs the same validation and builders as the controllers.
 
-use serde::Deserialize;
 use selfplay_crds::{Checkpoint, SandboxPool, SelfPlayRun};
+use serde::Deserialize;
 
-use crate::build::{ResumePoint, pool_token_secret, run_token_secret, sandbox_network_policy, sandbox_pod, trainer_config_map, trainer_pod};
+use crate::build::{
+    ResumePoint, pool_token_secret, run_token_secret, sandbox_network_policy, sandbox_pod,
+    trainer_config_map, trainer_pod,
+};
 use crate::config::OperatorConfig;
 use crate::decide::checkpoint::CheckpointInfo;
 use crate::validate::{InvalidSpec, validate_pool, validate_run};
@@ -18,9 +21,17 @@ pub const PLACEHOLDER_TOKEN: &str = "generated-by-the-operator";
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
     #[error("document {index}: not YAML the operator understands: {source}")]
-    Parse { index: usize, source: serde_yaml::Error },
+    Parse {
+        index: usize,
+        source: serde_yaml::Error,
+    },
     #[error("document {index} ({kind} {name}): {source}")]
-    Invalid { index: usize, kind: String, name: String, source: InvalidSpec },
+    Invalid {
+        index: usize,
+        kind: String,
+        name: String,
+        source: InvalidSpec,
+    },
     #[error("cannot serialise a rendered object: {0}")]
     Serialize(#[from] serde_json::Error),
     #[error("cannot write YAML: {0}")]
@@ -60,15 +71,21 @@ fn fill_meta(meta: &mut kube::api::ObjectMeta, default_namespace: &str) {
 /// Renders every SandboxPool and SelfPlayRun of a (multi-document) YAML text. Objects without
 /// a namespace are put in `default_namespace`. Checkpoints in the same text are used to
 /// resolve `resumeFrom`; other kinds are skipped with a note.
-pub fn render(yaml: &str, default_namespace: &str, cfg: &OperatorConfig) -> Result<Rendered, RenderError> {
+pub fn render(
+    yaml: &str,
+    default_namespace: &str,
+    cfg: &OperatorConfig,
+) -> Result<Rendered, RenderError> {
     let mut docs = Vec::new();
     let mut out = Rendered::default();
     for (index, de) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
-        let value = serde_yaml::Value::deserialize(de).map_err(|source| RenderError::Parse { index, source })?;
+        let value = serde_yaml::Value::deserialize(de)
+            .map_err(|source| RenderError::Parse { index, source })?;
         if value.is_null() {
             continue;
         }
-        let tm: TypeMeta = serde_yaml::from_value(value.clone()).map_err(|source| RenderError::Parse { index, source })?;
+        let tm: TypeMeta = serde_yaml::from_value(value.clone())
+            .map_err(|source| RenderError::Parse { index, source })?;
         let parse_err = |source| RenderError::Parse { index, source };
         match tm.kind.as_str() {
             "SandboxPool" => {
@@ -86,13 +103,32 @@ pub fn render(yaml: &str, default_namespace: &str, cfg: &OperatorConfig) -> Resu
                 fill_meta(&mut c.metadata, default_namespace);
                 docs.push((index, Doc::Checkpoint(Box::new(c))));
             }
-            other => out.notes.push(format!("document {index}: kind {other:?} skipped")),
+            other => out
+                .notes
+                .push(format!("document {index}: kind {other:?} skipped")),
         }
     }
 
-    let runs: Vec<&SelfPlayRun> = docs.iter().filter_map(|(_, d)| if let Doc::Run(r) = d { Some(r.as_ref()) } else { None }).collect();
-    let checkpoints: Vec<&Checkpoint> =
-        docs.iter().filter_map(|(_, d)| if let Doc::Checkpoint(c) = d { Some(c.as_ref()) } else { None }).collect();
+    let runs: Vec<&SelfPlayRun> = docs
+        .iter()
+        .filter_map(|(_, d)| {
+            if let Doc::Run(r) = d {
+                Some(r.as_ref())
+            } else {
+                None
+            }
+        })
+        .collect();
+    let checkpoints: Vec<&Checkpoint> = docs
+        .iter()
+        .filter_map(|(_, d)| {
+            if let Doc::Checkpoint(c) = d {
+                Some(c.as_ref())
+            } else {
+                None
+            }
+        })
+        .collect();
 
     for (index, doc) in &docs {
         match doc {
@@ -109,10 +145,17 @@ pub fn render(yaml: &str, default_namespace: &str, cfg: &OperatorConfig) -> Resu
                     .filter(|r| r.spec.pools.iter().any(|p| p.name == v.name))
                     .filter_map(|r| r.metadata.name.clone())
                     .collect();
-                out.objects.push(serde_json::to_value(pool_token_secret(&v.name, &v.namespace, &v.owner, PLACEHOLDER_TOKEN))?);
-                out.objects.push(serde_json::to_value(sandbox_network_policy(&v, &users))?);
+                out.objects.push(serde_json::to_value(pool_token_secret(
+                    &v.name,
+                    &v.namespace,
+                    &v.owner,
+                    PLACEHOLDER_TOKEN,
+                ))?);
+                out.objects
+                    .push(serde_json::to_value(sandbox_network_policy(&v, &users))?);
                 for _ in 0..v.spec.warm {
-                    out.objects.push(serde_json::to_value(sandbox_pod(&v, cfg))?);
+                    out.objects
+                        .push(serde_json::to_value(sandbox_pod(&v, cfg))?);
                 }
             }
             Doc::Run(run) => {
@@ -138,14 +181,28 @@ pub fn render(yaml: &str, default_namespace: &str, cfg: &OperatorConfig) -> Resu
                     }
                     found
                 });
-                out.objects.push(serde_json::to_value(run_token_secret(&v.name, &v.namespace, &v.owner, PLACEHOLDER_TOKEN))?);
-                out.objects.push(serde_json::to_value(trainer_config_map(&v)?)?);
-                out.objects.push(serde_json::to_value(trainer_pod(&v, 0, resume.as_ref(), cfg))?);
+                out.objects.push(serde_json::to_value(run_token_secret(
+                    &v.name,
+                    &v.namespace,
+                    &v.owner,
+                    PLACEHOLDER_TOKEN,
+                ))?);
+                out.objects
+                    .push(serde_json::to_value(trainer_config_map(&v)?)?);
+                out.objects.push(serde_json::to_value(trainer_pod(
+                    &v,
+                    0,
+                    resume.as_ref(),
+                    cfg,
+                ))?);
             }
             Doc::Checkpoint(_) => {}
         }
     }
-    if !docs.iter().any(|(_, d)| matches!(d, Doc::Pool(_) | Doc::Run(_))) {
+    if !docs
+        .iter()
+        .any(|(_, d)| matches!(d, Doc::Pool(_) | Doc::Run(_)))
+    {
         return Err(RenderError::Empty);
     }
     Ok(out)

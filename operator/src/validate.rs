@@ -68,7 +68,10 @@ fn check_label_value(kind: &str, name: &str, problems: &mut Vec<String>) {
 }
 
 /// Fills missing CPU and memory limits from the requests, or from the defaults.
-fn with_limits(user: Option<&ResourceRequirements>, defaults: ResourceRequirements) -> ResourceRequirements {
+fn with_limits(
+    user: Option<&ResourceRequirements>,
+    defaults: ResourceRequirements,
+) -> ResourceRequirements {
     let Some(user) = user else { return defaults };
     let mut out = user.clone();
     let requests = out.requests.clone().unwrap_or_default();
@@ -97,7 +100,10 @@ pub fn template_hash(spec: &SandboxPoolSpec, cfg: &OperatorConfig) -> String {
     hex::encode(&digest[..5])
 }
 
-pub fn validate_pool<'a>(pool: &'a SandboxPool, cfg: &OperatorConfig) -> Result<ValidPool<'a>, InvalidSpec> {
+pub fn validate_pool<'a>(
+    pool: &'a SandboxPool,
+    cfg: &OperatorConfig,
+) -> Result<ValidPool<'a>, InvalidSpec> {
     let spec = &pool.spec;
     let name = pool.name_any();
     let mut problems = Vec::new();
@@ -106,7 +112,10 @@ pub fn validate_pool<'a>(pool: &'a SandboxPool, cfg: &OperatorConfig) -> Result<
         problems.push("template.image is empty".to_string());
     }
     if !spec.template.workdir.starts_with('/') {
-        problems.push(format!("template.workdir {:?} is not an absolute path", spec.template.workdir));
+        problems.push(format!(
+            "template.workdir {:?} is not an absolute path",
+            spec.template.workdir
+        ));
     }
     if spec.warm < 0 {
         problems.push(format!("warm is {}; it must be at least 0", spec.warm));
@@ -118,10 +127,16 @@ pub fn validate_pool<'a>(pool: &'a SandboxPool, cfg: &OperatorConfig) -> Result<
         problems.push(format!("warm ({}) exceeds max ({})", spec.warm, spec.max));
     }
     if spec.sandbox_ttl_seconds < 60 {
-        problems.push(format!("sandboxTtlSeconds is {}; it must be at least 60", spec.sandbox_ttl_seconds));
+        problems.push(format!(
+            "sandboxTtlSeconds is {}; it must be at least 60",
+            spec.sandbox_ttl_seconds
+        ));
     }
     if !(1024..=65535).contains(&spec.sidecar_port) {
-        problems.push(format!("sidecarPort {} is outside 1024..=65535", spec.sidecar_port));
+        problems.push(format!(
+            "sidecarPort {} is outside 1024..=65535",
+            spec.sidecar_port
+        ));
     }
     if spec.template.run_as_user < 1 {
         problems.push("template.runAsUser must be a non-root user (>= 1)".to_string());
@@ -133,7 +148,10 @@ pub fn validate_pool<'a>(pool: &'a SandboxPool, cfg: &OperatorConfig) -> Result<
         namespace: pool.namespace().unwrap_or_else(|| "default".to_string()),
         owner: owner_reference(pool),
         template_hash: template_hash(spec, cfg),
-        resources: with_limits(spec.template.resources.as_ref(), default_sandbox_resources()),
+        resources: with_limits(
+            spec.template.resources.as_ref(),
+            default_sandbox_resources(),
+        ),
         spec,
         name,
     })
@@ -161,12 +179,18 @@ pub fn validate_run(run: &SelfPlayRun) -> Result<ValidRun<'_>, InvalidSpec> {
         problems.push("model.pvc is set but model.path is not".to_string());
     }
     if !spec.checkpoint.storage.path.starts_with('/') {
-        problems.push(format!("checkpoint.storage.path {:?} is not an absolute path", spec.checkpoint.storage.path));
+        problems.push(format!(
+            "checkpoint.storage.path {:?} is not an absolute path",
+            spec.checkpoint.storage.path
+        ));
     }
     if spec.checkpoint.storage.path == crate::names::MODEL_DIR
         || spec.checkpoint.storage.path == crate::names::TRAINER_CONFIG_DIR
     {
-        problems.push(format!("checkpoint.storage.path {:?} is reserved", spec.checkpoint.storage.path));
+        problems.push(format!(
+            "checkpoint.storage.path {:?} is reserved",
+            spec.checkpoint.storage.path
+        ));
     }
     if spec.trainer.gpus < 0 {
         problems.push("trainer.gpus must be at least 0".to_string());
@@ -185,10 +209,17 @@ pub fn validate_run(run: &SelfPlayRun) -> Result<ValidRun<'_>, InvalidSpec> {
     }
     let mut resources = with_limits(spec.trainer.resources.as_ref(), default_trainer_resources());
     if spec.trainer.gpus > 0 {
-        let gpus = k8s_openapi::apimachinery::pkg::api::resource::Quantity(spec.trainer.gpus.to_string());
+        let gpus =
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity(spec.trainer.gpus.to_string());
         // Extended resources must have requests equal to limits.
-        resources.requests.get_or_insert_with(Default::default).insert("nvidia.com/gpu".into(), gpus.clone());
-        resources.limits.get_or_insert_with(Default::default).insert("nvidia.com/gpu".into(), gpus);
+        resources
+            .requests
+            .get_or_insert_with(Default::default)
+            .insert("nvidia.com/gpu".into(), gpus.clone());
+        resources
+            .limits
+            .get_or_insert_with(Default::default)
+            .insert("nvidia.com/gpu".into(), gpus);
     }
     Ok(ValidRun {
         namespace: run.namespace().unwrap_or_else(|| "default".to_string()),

@@ -41,11 +41,23 @@ pub struct Claim {
 
 pub trait Backend: Send + Sync + 'static {
     /// Marks `pod` as claimed, on condition that it is still at the resourceVersion it was read at.
-    fn claim(&self, pod: &Pod, claim: &Claim) -> impl Future<Output = Result<ClaimOutcome, BackendError>> + Send;
+    fn claim(
+        &self,
+        pod: &Pod,
+        claim: &Claim,
+    ) -> impl Future<Output = Result<ClaimOutcome, BackendError>> + Send;
     /// Deletes a released sandbox (gone already is fine).
-    fn delete_sandbox(&self, namespace: &str, name: &str) -> impl Future<Output = Result<(), BackendError>> + Send;
+    fn delete_sandbox(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
     /// The `token` key of a Secret, `None` when the Secret does not exist.
-    fn secret_token(&self, namespace: &str, name: &str) -> impl Future<Output = Result<Option<String>, BackendError>> + Send;
+    fn secret_token(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<String>, BackendError>> + Send;
     /// Writes a run's `status.progress`.
     fn write_progress(
         &self,
@@ -54,16 +66,19 @@ pub trait Backend: Send + Sync + 'static {
         progress: &ProgressSnapshot,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
     /// Creates a Checkpoint; `Ok(false)` when one of that name exists already.
-    fn create_checkpoint(&self, ckpt: &Checkpoint) -> impl Future<Output = Result<bool, BackendError>> + Send;
+    fn create_checkpoint(
+        &self,
+        ckpt: &Checkpoint,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
 }
 
 /// The body of the claim patch: a JSON merge patch that carries the resourceVersion the pod
 /// was read at. The API server applies it only if the pod is still at that version and
 /// answers 409 Conflict otherwise, so of two brokers racing for one pod exactly one wins.
 pub fn claim_patch(pod: &Pod, claim: &Claim) -> Result<serde_json::Value, BackendError> {
-    let rv = pod
-        .resource_version()
-        .ok_or_else(|| BackendError::Other(format!("pod {} has no resourceVersion", pod.name_any())))?;
+    let rv = pod.resource_version().ok_or_else(|| {
+        BackendError::Other(format!("pod {} has no resourceVersion", pod.name_any()))
+    })?;
     Ok(serde_json::json!({
         "metadata": {
             "resourceVersion": rv,
@@ -90,7 +105,10 @@ const TOKEN_REFRESH: Duration = Duration::from_secs(5);
 
 impl KubeBackend {
     pub fn new(client: Client) -> Self {
-        Self { client, tokens: Mutex::new(HashMap::new()) }
+        Self {
+            client,
+            tokens: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -99,16 +117,28 @@ impl Backend for KubeBackend {
         let ns = pod.namespace().unwrap_or_default();
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
         let patch = claim_patch(pod, claim)?;
-        match api.patch(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+        match api
+            .patch(
+                &pod.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
             Ok(p) => Ok(ClaimOutcome::Claimed(Box::new(p))),
-            Err(kube::Error::Api(s)) if s.is_conflict() || s.is_not_found() => Ok(ClaimOutcome::Lost),
+            Err(kube::Error::Api(s)) if s.is_conflict() || s.is_not_found() => {
+                Ok(ClaimOutcome::Lost)
+            }
             Err(e) => Err(e.into()),
         }
     }
 
     async fn delete_sandbox(&self, namespace: &str, name: &str) -> Result<(), BackendError> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        let dp = DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        };
         match api.delete(name, &dp).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
@@ -116,7 +146,11 @@ impl Backend for KubeBackend {
         }
     }
 
-    async fn secret_token(&self, namespace: &str, name: &str) -> Result<Option<String>, BackendError> {
+    async fn secret_token(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<String>, BackendError> {
         let key = (namespace.to_string(), name.to_string());
         if let Ok(cache) = self.tokens.lock()
             && let Some((tok, at)) = cache.get(&key)
@@ -135,19 +169,30 @@ impl Backend for KubeBackend {
         Ok(tok)
     }
 
-    async fn write_progress(&self, namespace: &str, run: &str, progress: &ProgressSnapshot) -> Result<(), BackendError> {
+    async fn write_progress(
+        &self,
+        namespace: &str,
+        run: &str,
+        progress: &ProgressSnapshot,
+    ) -> Result<(), BackendError> {
         let api: Api<selfplay_crds::SelfPlayRun> = Api::namespaced(self.client.clone(), namespace);
         let body = serde_json::json!({
             "apiVersion": selfplay_crds::API_VERSION,
             "kind": "SelfPlayRun",
             "status": { "progress": progress },
         });
-        api.patch_status(run, &PatchParams::apply(BROKER_MANAGER).force(), &Patch::Apply(&body)).await?;
+        api.patch_status(
+            run,
+            &PatchParams::apply(BROKER_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
         Ok(())
     }
 
     async fn create_checkpoint(&self, ckpt: &Checkpoint) -> Result<bool, BackendError> {
-        let api: Api<Checkpoint> = Api::namespaced(self.client.clone(), &ckpt.namespace().unwrap_or_default());
+        let api: Api<Checkpoint> =
+            Api::namespaced(self.client.clone(), &ckpt.namespace().unwrap_or_default());
         match api.create(&PostParams::default(), ckpt).await {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(false),
@@ -164,4 +209,3 @@ impl KubeBackend {
         }
     }
 }
-

@@ -13,7 +13,10 @@ pub enum ClientError {
     #[error("environment variable {0} is not set")]
     MissingEnv(&'static str),
     #[error("invalid broker address {addr:?}: {source}")]
-    Address { addr: String, source: tonic::transport::Error },
+    Address {
+        addr: String,
+        source: tonic::transport::Error,
+    },
     #[error("the token is not valid in a gRPC header")]
     BadToken,
     #[error("broker: {0}")]
@@ -68,13 +71,21 @@ impl BrokerClient {
     /// A client for `addr` (`http://host:port`). Connects lazily, on the first call.
     pub fn new(addr: &str, namespace: &str, run: &str, token: &str) -> Result<Self, ClientError> {
         let endpoint = Endpoint::from_shared(addr.to_string())
-            .map_err(|source| ClientError::Address { addr: addr.to_string(), source })?
+            .map_err(|source| ClientError::Address {
+                addr: addr.to_string(),
+                source,
+            })?
             .connect_timeout(Duration::from_secs(10))
             .tcp_keepalive(Some(Duration::from_secs(30)));
-        let auth = format!("Bearer {token}").parse().map_err(|_| ClientError::BadToken)?;
+        let auth = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::BadToken)?;
         Ok(Self {
             inner: pb::broker_client::BrokerClient::new(endpoint.connect_lazy()),
-            run: pb::RunRef { namespace: namespace.to_string(), name: run.to_string() },
+            run: pb::RunRef {
+                namespace: namespace.to_string(),
+                name: run.to_string(),
+            },
             auth,
         })
     }
@@ -82,12 +93,18 @@ impl BrokerClient {
     /// A client configured from the trainer pod's environment.
     pub fn from_env() -> Result<Self, ClientError> {
         let var = |k: &'static str| std::env::var(k).map_err(|_| ClientError::MissingEnv(k));
-        Self::new(&var(ENV_ADDR)?, &var(ENV_RUN_NAMESPACE)?, &var(ENV_RUN_NAME)?, &var(ENV_TOKEN)?)
+        Self::new(
+            &var(ENV_ADDR)?,
+            &var(ENV_RUN_NAMESPACE)?,
+            &var(ENV_RUN_NAME)?,
+            &var(ENV_TOKEN)?,
+        )
     }
 
     fn request<T>(&self, body: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(body);
-        req.metadata_mut().insert("authorization", self.auth.clone());
+        req.metadata_mut()
+            .insert("authorization", self.auth.clone());
         req
     }
 
@@ -113,7 +130,10 @@ impl BrokerClient {
 
     /// Gives a sandbox back; the broker deletes it.
     pub async fn release(&self, sandbox: &str) -> Result<(), ClientError> {
-        let req = self.request(pb::ReleaseRequest { run: Some(self.run.clone()), sandbox: sandbox.to_string() });
+        let req = self.request(pb::ReleaseRequest {
+            run: Some(self.run.clone()),
+            sandbox: sandbox.to_string(),
+        });
         self.inner.clone().release(req).await?;
         Ok(())
     }
@@ -145,6 +165,12 @@ impl BrokerClient {
             size_bytes,
             metrics: metrics.map(proto_progress),
         });
-        Ok(self.inner.clone().register_checkpoint(req).await?.into_inner().checkpoint)
+        Ok(self
+            .inner
+            .clone()
+            .register_checkpoint(req)
+            .await?
+            .into_inner()
+            .checkpoint)
     }
 }

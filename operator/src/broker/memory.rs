@@ -30,12 +30,16 @@ fn key(ns: &str, name: &str) -> (String, String) {
 
 impl MemoryBackend {
     pub fn new() -> Self {
-        Self { version: AtomicU64::new(100), ..Default::default() }
+        Self {
+            version: AtomicU64::new(100),
+            ..Default::default()
+        }
     }
 
     /// Stores a pod with a fresh resourceVersion and returns it as stored.
     pub fn put_pod(&self, mut pod: Pod) -> Pod {
-        pod.metadata.resource_version = Some(self.version.fetch_add(1, Ordering::SeqCst).to_string());
+        pod.metadata.resource_version =
+            Some(self.version.fetch_add(1, Ordering::SeqCst).to_string());
         let k = key(&pod.namespace().unwrap_or_default(), &pod.name_any());
         if let Ok(mut pods) = self.pods.lock() {
             pods.insert(k, pod.clone());
@@ -57,13 +61,21 @@ impl MemoryBackend {
 impl Backend for MemoryBackend {
     async fn claim(&self, pod: &Pod, claim: &Claim) -> Result<ClaimOutcome, BackendError> {
         let k = key(&pod.namespace().unwrap_or_default(), &pod.name_any());
-        let mut pods = self.pods.lock().map_err(|_| BackendError::Other("poisoned".into()))?;
-        let Some(current) = pods.get_mut(&k) else { return Ok(ClaimOutcome::Lost) };
+        let mut pods = self
+            .pods
+            .lock()
+            .map_err(|_| BackendError::Other("poisoned".into()))?;
+        let Some(current) = pods.get_mut(&k) else {
+            return Ok(ClaimOutcome::Lost);
+        };
         if current.metadata.resource_version != pod.metadata.resource_version {
             return Ok(ClaimOutcome::Lost);
         }
-        current.labels_mut().insert(LABEL_CLAIMED_BY.to_string(), claim.run_name.clone());
-        current.metadata.resource_version = Some(self.version.fetch_add(1, Ordering::SeqCst).to_string());
+        current
+            .labels_mut()
+            .insert(LABEL_CLAIMED_BY.to_string(), claim.run_name.clone());
+        current.metadata.resource_version =
+            Some(self.version.fetch_add(1, Ordering::SeqCst).to_string());
         Ok(ClaimOutcome::Claimed(Box::new(current.clone())))
     }
 
@@ -77,11 +89,24 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
-    async fn secret_token(&self, namespace: &str, name: &str) -> Result<Option<String>, BackendError> {
-        Ok(self.secrets.lock().ok().and_then(|s| s.get(&key(namespace, name)).cloned()))
+    async fn secret_token(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<String>, BackendError> {
+        Ok(self
+            .secrets
+            .lock()
+            .ok()
+            .and_then(|s| s.get(&key(namespace, name)).cloned()))
     }
 
-    async fn write_progress(&self, namespace: &str, run: &str, progress: &ProgressSnapshot) -> Result<(), BackendError> {
+    async fn write_progress(
+        &self,
+        namespace: &str,
+        run: &str,
+        progress: &ProgressSnapshot,
+    ) -> Result<(), BackendError> {
         if let Ok(mut p) = self.progress.lock() {
             p.insert(key(namespace, run), progress.clone());
         }
@@ -89,7 +114,10 @@ impl Backend for MemoryBackend {
     }
 
     async fn create_checkpoint(&self, ckpt: &Checkpoint) -> Result<bool, BackendError> {
-        let mut c = self.checkpoints.lock().map_err(|_| BackendError::Other("poisoned".into()))?;
+        let mut c = self
+            .checkpoints
+            .lock()
+            .map_err(|_| BackendError::Other("poisoned".into()))?;
         let k = key(&ckpt.namespace().unwrap_or_default(), &ckpt.name_any());
         if c.contains_key(&k) {
             return Ok(false);

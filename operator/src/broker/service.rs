@@ -19,8 +19,8 @@ use crate::decide::pool::Sandbox;
 use crate::decide::seconds_between;
 use crate::metrics::Metrics;
 use crate::names::{
-    ANNOTATION_REGISTERED_AT, ANNOTATION_SIZE_BYTES, COMPONENT_SANDBOX, LABEL_COMPONENT, LABEL_POOL, LABEL_RUN,
-    checkpoint_name, common_labels, pool_token_secret, run_token_secret,
+    ANNOTATION_REGISTERED_AT, ANNOTATION_SIZE_BYTES, COMPONENT_SANDBOX, LABEL_COMPONENT,
+    LABEL_POOL, LABEL_RUN, checkpoint_name, common_labels, pool_token_secret, run_token_secret,
 };
 
 #[derive(Clone, Debug)]
@@ -64,12 +64,18 @@ fn grpc_err(e: impl std::fmt::Display) -> Status {
 
 /// Equal-time comparison of two tokens.
 fn same_token(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 fn finite(x: Option<f64>, field: &str) -> Result<Option<f64>, Status> {
     match x {
-        Some(v) if !v.is_finite() => Err(Status::invalid_argument(format!("{field} is not finite"))),
+        Some(v) if !v.is_finite() => {
+            Err(Status::invalid_argument(format!("{field} is not finite")))
+        }
         other => Ok(other),
     }
 }
@@ -77,17 +83,23 @@ fn finite(x: Option<f64>, field: &str) -> Result<Option<f64>, Status> {
 /// Converts the wire progress into the bounded snapshot kept in status.
 pub fn snapshot_from_proto(p: &pb::Progress, now: Timestamp) -> Result<ProgressSnapshot, Status> {
     if p.step < 0 || p.policy_version < 0 || p.sandbox_errors < 0 {
-        return Err(Status::invalid_argument("step, policy_version and sandbox_errors must not be negative"));
+        return Err(Status::invalid_argument(
+            "step, policy_version and sandbox_errors must not be negative",
+        ));
     }
     let rate = |x: Option<f64>, f: &str| -> Result<Option<f64>, Status> {
         match finite(x, f)? {
-            Some(v) if !(0.0..=1.0).contains(&v) => Err(Status::invalid_argument(format!("{f} must be within [0, 1]"))),
+            Some(v) if !(0.0..=1.0).contains(&v) => Err(Status::invalid_argument(format!(
+                "{f} must be within [0, 1]"
+            ))),
             other => Ok(other),
         }
     };
     let check = p.top_failed_check.clone();
     if check.as_ref().is_some_and(|c| c.len() > 128) {
-        return Err(Status::invalid_argument("top_failed_check is longer than 128 bytes"));
+        return Err(Status::invalid_argument(
+            "top_failed_check is longer than 128 bytes",
+        ));
     }
     Ok(ProgressSnapshot {
         step: p.step,
@@ -108,7 +120,10 @@ pub fn snapshot_from_proto(p: &pb::Progress, now: Timestamp) -> Result<ProgressS
 struct Waiting<'a>(&'a Metrics, [String; 2]);
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.acquire_waiting.with_label_values(&[&self.1[0], &self.1[1]]).dec();
+        self.0
+            .acquire_waiting
+            .with_label_values(&[&self.1[0], &self.1[1]])
+            .dec();
     }
 }
 
@@ -137,14 +152,24 @@ impl<B: Backend> Broker<B> {
 
     /// The latest progress a run reported to this broker.
     pub fn latest_progress(&self, namespace: &str, run: &str) -> Option<ProgressSnapshot> {
-        self.progress.lock().ok()?.get(&(namespace.to_string(), run.to_string())).cloned()
+        self.progress
+            .lock()
+            .ok()?
+            .get(&(namespace.to_string(), run.to_string()))
+            .cloned()
     }
 
     /// Checks the caller's token against the run's Secret and returns the run.
-    async fn authenticate<T>(&self, req: &Request<T>, run: Option<&pb::RunRef>) -> Result<Arc<SelfPlayRun>, Status> {
+    async fn authenticate<T>(
+        &self,
+        req: &Request<T>,
+        run: Option<&pb::RunRef>,
+    ) -> Result<Arc<SelfPlayRun>, Status> {
         let run = run.ok_or_else(|| Status::invalid_argument("run is required"))?;
         if run.namespace.is_empty() || run.name.is_empty() {
-            return Err(Status::invalid_argument("run.namespace and run.name are required"));
+            return Err(Status::invalid_argument(
+                "run.namespace and run.name are required",
+            ));
         }
         let given = req
             .metadata()
@@ -163,7 +188,12 @@ impl<B: Backend> Broker<B> {
         }
         self.runs
             .get(&ObjectRef::new(&run.name).within(&run.namespace))
-            .ok_or_else(|| Status::not_found(format!("run {}/{} is not known (yet)", run.namespace, run.name)))
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "run {}/{} is not known (yet)",
+                    run.namespace, run.name
+                ))
+            })
     }
 
     fn recently_claimed_by(&self, uid: &str) -> Option<String> {
@@ -198,28 +228,49 @@ impl<B: Backend> Broker<B> {
                 (usable && self.recently_claimed_by(&uid).is_none()).then_some((s.created, p))
             })
             .collect();
-        pods.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name_any().cmp(&b.1.name_any())));
+        pods.sort_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then_with(|| a.1.name_any().cmp(&b.1.name_any()))
+        });
         pods.into_iter().map(|(_, p)| p).collect()
     }
 
-    pub async fn acquire(&self, req: Request<pb::AcquireRequest>) -> Result<Response<pb::AcquireResponse>, Status> {
+    pub async fn acquire(
+        &self,
+        req: Request<pb::AcquireRequest>,
+    ) -> Result<Response<pb::AcquireResponse>, Status> {
         let start = Instant::now();
         let run = self.authenticate(&req, req.get_ref().run.as_ref()).await?;
         let body = req.get_ref();
         let ns = run.namespace().unwrap_or_default();
         let labels = [ns.clone(), body.pool.clone()];
-        let outcome = |o: &str| self.metrics.acquire_total.with_label_values(&[&labels[0], &labels[1], o]).inc();
+        let outcome = |o: &str| {
+            self.metrics
+                .acquire_total
+                .with_label_values(&[&labels[0], &labels[1], o])
+                .inc()
+        };
 
-        if run.status.as_ref().and_then(|s| s.phase).is_some_and(selfplay_crds::RunPhase::is_terminal) {
+        if run
+            .status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_some_and(selfplay_crds::RunPhase::is_terminal)
+        {
             return Err(Status::failed_precondition("the run has finished"));
         }
         if !run.spec.pools.iter().any(|p| p.name == body.pool) {
-            return Err(Status::permission_denied(format!("pool {:?} is not in the run's spec.pools", body.pool)));
+            return Err(Status::permission_denied(format!(
+                "pool {:?} is not in the run's spec.pools",
+                body.pool
+            )));
         }
         let pool = self
             .pools
             .get(&ObjectRef::new(&body.pool).within(&ns))
-            .ok_or_else(|| Status::not_found(format!("SandboxPool {ns}/{} not found", body.pool)))?;
+            .ok_or_else(|| {
+                Status::not_found(format!("SandboxPool {ns}/{} not found", body.pool))
+            })?;
         let token = self
             .backend
             .secret_token(&ns, &pool_token_secret(&body.pool))
@@ -232,9 +283,16 @@ impl<B: Backend> Broker<B> {
             ms => Duration::from_millis(ms).min(self.settings.max_wait),
         };
         let deadline = start + wait;
-        self.metrics.acquire_waiting.with_label_values(&[&labels[0], &labels[1]]).inc();
+        self.metrics
+            .acquire_waiting
+            .with_label_values(&[&labels[0], &labels[1]])
+            .inc();
         let _waiting = Waiting(&self.metrics, labels.clone());
-        let claim = Claim { run_namespace: ns.clone(), run_name: run.name_any(), at: Timestamp::now() };
+        let claim = Claim {
+            run_namespace: ns.clone(),
+            run_name: run.name_any(),
+            at: Timestamp::now(),
+        };
 
         loop {
             let notified = self.changed.notified();
@@ -248,9 +306,11 @@ impl<B: Backend> Broker<B> {
                         if let Ok(mut m) = self.recently_claimed.lock() {
                             m.insert(uid, (claim.run_name.clone(), Instant::now()));
                         }
-                        let ip = claimed.status.as_ref().and_then(|s| s.pod_ip.clone()).or_else(|| {
-                            pod.status.as_ref().and_then(|s| s.pod_ip.clone())
-                        });
+                        let ip = claimed
+                            .status
+                            .as_ref()
+                            .and_then(|s| s.pod_ip.clone())
+                            .or_else(|| pod.status.as_ref().and_then(|s| s.pod_ip.clone()));
                         let Some(ip) = ip else { continue };
                         outcome("ok");
                         self.metrics
@@ -263,7 +323,8 @@ impl<B: Backend> Broker<B> {
                             address: format!("{ip}:{}", pool.spec.sidecar_port),
                             token,
                             workdir: pool.spec.template.workdir.clone(),
-                            command_timeout_seconds: pool.spec.command_timeout_seconds.max(0) as u32,
+                            command_timeout_seconds: pool.spec.command_timeout_seconds.max(0)
+                                as u32,
                             test_timeout_seconds: pool.spec.test_timeout_seconds.max(0) as u32,
                             pool: body.pool.clone(),
                         }));
@@ -293,7 +354,10 @@ impl<B: Backend> Broker<B> {
         }
     }
 
-    pub async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+    pub async fn release(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let run = self.authenticate(&req, req.get_ref().run.as_ref()).await?;
         let ns = run.namespace().unwrap_or_default();
         let name = &req.get_ref().sandbox;
@@ -307,10 +371,15 @@ impl<B: Backend> Broker<B> {
                 .cloned()
                 .or_else(|| self.recently_claimed_by(&pod.uid().unwrap_or_default()));
             if holder.as_deref() != Some(run.name_any().as_str()) {
-                return Err(Status::permission_denied(format!("sandbox {name} is not held by this run")));
+                return Err(Status::permission_denied(format!(
+                    "sandbox {name} is not held by this run"
+                )));
             }
         }
-        self.backend.delete_sandbox(&ns, name).await.map_err(grpc_err)?;
+        self.backend
+            .delete_sandbox(&ns, name)
+            .await
+            .map_err(grpc_err)?;
         tracing::info!(run = %run.name_any(), namespace = %ns, sandbox = %name, "sandbox released");
         Ok(Response::new(pb::ReleaseResponse {}))
     }
@@ -321,10 +390,20 @@ impl<B: Backend> Broker<B> {
     ) -> Result<Response<pb::ReportProgressResponse>, Status> {
         let run = self.authenticate(&req, req.get_ref().run.as_ref()).await?;
         let ns = run.namespace().unwrap_or_default();
-        let p = req.get_ref().progress.as_ref().ok_or_else(|| Status::invalid_argument("progress is required"))?;
+        let p = req
+            .get_ref()
+            .progress
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("progress is required"))?;
         let snapshot = snapshot_from_proto(p, Timestamp::now())?;
-        self.backend.write_progress(&ns, &run.name_any(), &snapshot).await.map_err(grpc_err)?;
-        self.metrics.run_step.with_label_values(&[&ns, &run.name_any()]).set(snapshot.step);
+        self.backend
+            .write_progress(&ns, &run.name_any(), &snapshot)
+            .await
+            .map_err(grpc_err)?;
+        self.metrics
+            .run_step
+            .with_label_values(&[&ns, &run.name_any()])
+            .set(snapshot.step);
         if let Ok(mut m) = self.progress.lock() {
             m.insert((ns, run.name_any()), snapshot);
         }
@@ -338,16 +417,35 @@ impl<B: Backend> Broker<B> {
         let run = self.authenticate(&req, req.get_ref().run.as_ref()).await?;
         let body = req.get_ref();
         if body.step < 0 || body.policy_version < 0 {
-            return Err(Status::invalid_argument("step and policy_version must not be negative"));
+            return Err(Status::invalid_argument(
+                "step and policy_version must not be negative",
+            ));
         }
         if body.location.is_empty() {
             return Err(Status::invalid_argument("location is required"));
         }
         let now = Timestamp::now();
-        let metrics = body.metrics.as_ref().map(|m| snapshot_from_proto(m, now)).transpose()?;
-        let ckpt = checkpoint_object(&run, body.step, body.policy_version, &body.location, body.size_bytes, metrics, now);
-        self.backend.create_checkpoint(&ckpt).await.map_err(grpc_err)?;
-        Ok(Response::new(pb::RegisterCheckpointResponse { checkpoint: ckpt.name_any() }))
+        let metrics = body
+            .metrics
+            .as_ref()
+            .map(|m| snapshot_from_proto(m, now))
+            .transpose()?;
+        let ckpt = checkpoint_object(
+            &run,
+            body.step,
+            body.policy_version,
+            &body.location,
+            body.size_bytes,
+            metrics,
+            now,
+        );
+        self.backend
+            .create_checkpoint(&ckpt)
+            .await
+            .map_err(grpc_err)?;
+        Ok(Response::new(pb::RegisterCheckpointResponse {
+            checkpoint: ckpt.name_any(),
+        }))
     }
 }
 
@@ -391,10 +489,16 @@ pub fn checkpoint_object(
 
 #[tonic::async_trait]
 impl<B: Backend> pb::broker_server::Broker for Arc<Broker<B>> {
-    async fn acquire(&self, req: Request<pb::AcquireRequest>) -> Result<Response<pb::AcquireResponse>, Status> {
+    async fn acquire(
+        &self,
+        req: Request<pb::AcquireRequest>,
+    ) -> Result<Response<pb::AcquireResponse>, Status> {
         Broker::acquire(self, req).await
     }
-    async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+    async fn release(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
         Broker::release(self, req).await
     }
     async fn report_progress(
@@ -412,6 +516,8 @@ impl<B: Backend> pb::broker_server::Broker for Arc<Broker<B>> {
 }
 
 /// The tonic service of a broker, ready for `tonic::transport::Server::add_service`.
-pub fn service<B: Backend>(broker: Arc<Broker<B>>) -> pb::broker_server::BrokerServer<Arc<Broker<B>>> {
+pub fn service<B: Backend>(
+    broker: Arc<Broker<B>>,
+) -> pb::broker_server::BrokerServer<Arc<Broker<B>>> {
     pb::broker_server::BrokerServer::new(broker)
 }

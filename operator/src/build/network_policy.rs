@@ -4,9 +4,12 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::networking::v1::{
-    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta,
+};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::names::{
@@ -27,7 +30,10 @@ pub fn sandbox_network_policy(pool: &ValidPool<'_>, runs: &[String]) -> NetworkP
         vec![NetworkPolicyIngressRule {
             from: Some(vec![NetworkPolicyPeer {
                 pod_selector: Some(LabelSelector {
-                    match_labels: Some(BTreeMap::from([(LABEL_COMPONENT.to_string(), COMPONENT_TRAINER.to_string())])),
+                    match_labels: Some(BTreeMap::from([(
+                        LABEL_COMPONENT.to_string(),
+                        COMPONENT_TRAINER.to_string(),
+                    )])),
                     match_expressions: Some(vec![LabelSelectorRequirement {
                         key: LABEL_RUN.to_string(),
                         operator: "In".to_string(),

@@ -9,8 +9,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, Pod, PodSpec, Probe, SecretVolumeSource, TCPSocketAction,
-    Volume, VolumeMount,
+    Container, ContainerPort, EmptyDirVolumeSource, Pod, PodSpec, Probe, SecretVolumeSource,
+    TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -19,8 +19,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use crate::build::security::{container_security, pod_security};
 use crate::config::{OperatorConfig, init_container_resources};
 use crate::names::{
-    LABEL_TEMPLATE_HASH, SANDBOX_TOKEN_DIR, SANDBOX_TOKEN_FILE, SIDECAR_BIN, SIDECAR_BIN_DIR, SIDECAR_PORT_NAME,
-    TOKEN_KEY, common_labels, pool_token_secret, sandbox_pod_prefix, sandbox_selector_labels,
+    LABEL_TEMPLATE_HASH, SANDBOX_TOKEN_DIR, SANDBOX_TOKEN_FILE, SIDECAR_BIN, SIDECAR_BIN_DIR,
+    SIDECAR_PORT_NAME, TOKEN_KEY, common_labels, pool_token_secret, sandbox_pod_prefix,
+    sandbox_selector_labels,
 };
 use crate::validate::ValidPool;
 
@@ -42,7 +43,11 @@ pub fn sandbox_pod(pool: &ValidPool<'_>, cfg: &OperatorConfig) -> Pod {
         name: "install-sidecar".to_string(),
         image: Some(cfg.sidecar_image.clone()),
         image_pull_policy: cfg.image_pull_policy.clone(),
-        command: Some(vec!["cp".to_string(), cfg.sidecar_binary_path.clone(), SIDECAR_BIN.to_string()]),
+        command: Some(vec![
+            "cp".to_string(),
+            cfg.sidecar_binary_path.clone(),
+            SIDECAR_BIN.to_string(),
+        ]),
         resources: Some(init_container_resources()),
         security_context: Some(container_security()),
         volume_mounts: Some(vec![VolumeMount {
@@ -77,7 +82,10 @@ pub fn sandbox_pod(pool: &ValidPool<'_>, cfg: &OperatorConfig) -> Pod {
         }]),
         // TCP rather than gRPC health: the sidecar is Ready as soon as it accepts connections.
         readiness_probe: Some(Probe {
-            tcp_socket: Some(TCPSocketAction { port: IntOrString::Int(port), host: None }),
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(port),
+                host: None,
+            }),
             period_seconds: Some(2),
             failure_threshold: Some(3),
             ..Default::default()
@@ -122,7 +130,8 @@ pub fn sandbox_pod(pool: &ValidPool<'_>, cfg: &OperatorConfig) -> Pod {
             runtime_class_name: t.runtime_class_name.clone(),
             node_selector: (!t.node_selector.is_empty()).then(|| t.node_selector.clone()),
             tolerations: (!t.tolerations.is_empty()).then(|| t.tolerations.clone()),
-            image_pull_secrets: (!t.image_pull_secrets.is_empty()).then(|| t.image_pull_secrets.clone()),
+            image_pull_secrets: (!t.image_pull_secrets.is_empty())
+                .then(|| t.image_pull_secrets.clone()),
             volumes: Some(vec![
                 Volume {
                     name: BIN_VOLUME.to_string(),

@@ -8,8 +8,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use rand::RngCore;
 
 use crate::names::{
-    LABEL_COMPONENT, LABEL_POOL, LABEL_RUN, TOKEN_KEY, common_labels, pool_token_secret as pool_secret_name,
-    run_token_secret as run_secret_name,
+    LABEL_COMPONENT, LABEL_POOL, LABEL_RUN, TOKEN_KEY, common_labels,
+    pool_token_secret as pool_secret_name, run_token_secret as run_secret_name,
 };
 
 /// 32 random bytes, hex: a fresh token. Only ever generated when a Secret is first created.
@@ -41,7 +41,12 @@ fn token_secret(
     }
 }
 
-pub fn pool_token_secret(pool: &str, namespace: &str, owner: &OwnerReference, token: &str) -> Secret {
+pub fn pool_token_secret(
+    pool: &str,
+    namespace: &str,
+    owner: &OwnerReference,
+    token: &str,
+) -> Secret {
     let mut labels = common_labels("selfplay-sandbox");
     labels.insert(LABEL_COMPONENT.into(), "pool-token".into());
     labels.insert(LABEL_POOL.into(), pool.into());

@@ -7,16 +7,18 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodSpec, SecretKeySelector, Volume, VolumeMount,
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodSpec,
+    SecretKeySelector, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::build::security::{container_security, pod_security};
 use crate::config::OperatorConfig;
 use crate::names::{
-    LABEL_ATTEMPT, MODEL_DIR, TOKEN_KEY, TRAINER_CONFIG_DIR, TRAINER_METRICS_PORT, TRAINER_RUN_FILE, common_labels,
-    run_token_secret, trainer_config_map as config_map_name, trainer_pod as pod_name, trainer_selector_labels,
+    LABEL_ATTEMPT, MODEL_DIR, TOKEN_KEY, TRAINER_CONFIG_DIR, TRAINER_METRICS_PORT,
+    TRAINER_RUN_FILE, common_labels, run_token_secret, trainer_config_map as config_map_name,
+    trainer_pod as pod_name, trainer_selector_labels,
 };
 use crate::validate::ValidRun;
 
@@ -44,7 +46,11 @@ pub fn model_dir(run: &ValidRun<'_>) -> Option<String> {
 
 /// Directory the run's checkpoints are written to (`<storage.path>/<run>`).
 pub fn checkpoint_dir(run: &ValidRun<'_>) -> String {
-    format!("{}/{}", run.spec.checkpoint.storage.path.trim_end_matches('/'), run.name)
+    format!(
+        "{}/{}",
+        run.spec.checkpoint.storage.path.trim_end_matches('/'),
+        run.name
+    )
 }
 
 fn labels(run: &ValidRun<'_>) -> BTreeMap<String, String> {
@@ -76,11 +82,20 @@ pub fn trainer_config_map(run: &ValidRun<'_>) -> Result<ConfigMap, serde_yaml::E
 }
 
 fn env(name: &str, value: &str) -> EnvVar {
-    EnvVar { name: name.to_string(), value: Some(value.to_string()), value_from: None }
+    EnvVar {
+        name: name.to_string(),
+        value: Some(value.to_string()),
+        value_from: None,
+    }
 }
 
 /// The trainer pod of attempt `attempt` (the run's restart count).
-pub fn trainer_pod(run: &ValidRun<'_>, attempt: i32, resume: Option<&ResumePoint>, cfg: &OperatorConfig) -> Pod {
+pub fn trainer_pod(
+    run: &ValidRun<'_>,
+    attempt: i32,
+    resume: Option<&ResumePoint>,
+    cfg: &OperatorConfig,
+) -> Pod {
     let spec = run.spec;
     let ckpt_path = spec.checkpoint.storage.path.clone();
 
@@ -107,7 +122,11 @@ pub fn trainer_pod(run: &ValidRun<'_>, attempt: i32, resume: Option<&ResumePoint
             read_only: Some(true),
             ..Default::default()
         },
-        VolumeMount { name: "checkpoints".into(), mount_path: ckpt_path, ..Default::default() },
+        VolumeMount {
+            name: "checkpoints".into(),
+            mount_path: ckpt_path,
+            ..Default::default()
+        },
     ];
     let mut volumes = vec![
         Volume {
@@ -170,7 +189,10 @@ pub fn trainer_pod(run: &ValidRun<'_>, attempt: i32, resume: Option<&ResumePoint
             name: "SELFPLAY_RUN_NAMESPACE".into(),
             value: None,
             value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector { field_path: "metadata.namespace".into(), api_version: None }),
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.namespace".into(),
+                    api_version: None,
+                }),
                 ..Default::default()
             }),
         },
@@ -179,7 +201,12 @@ pub fn trainer_pod(run: &ValidRun<'_>, attempt: i32, resume: Option<&ResumePoint
 
     let container = Container {
         name: "trainer".into(),
-        image: Some(spec.trainer.image.clone().unwrap_or_else(|| cfg.trainer_image.clone())),
+        image: Some(
+            spec.trainer
+                .image
+                .clone()
+                .unwrap_or_else(|| cfg.trainer_image.clone()),
+        ),
         image_pull_policy: cfg.image_pull_policy.clone(),
         command: Some(vec!["trainer".into()]),
         args: Some(args),
@@ -216,8 +243,10 @@ pub fn trainer_pod(run: &ValidRun<'_>, attempt: i32, resume: Option<&ResumePoint
             // Time for the trainer to finish writing a checkpoint on SIGTERM.
             termination_grace_period_seconds: Some(120),
             security_context: Some(pod_security(TRAINER_USER)),
-            node_selector: (!spec.trainer.node_selector.is_empty()).then(|| spec.trainer.node_selector.clone()),
-            tolerations: (!spec.trainer.tolerations.is_empty()).then(|| spec.trainer.tolerations.clone()),
+            node_selector: (!spec.trainer.node_selector.is_empty())
+                .then(|| spec.trainer.node_selector.clone()),
+            tolerations: (!spec.trainer.tolerations.is_empty())
+                .then(|| spec.trainer.tolerations.clone()),
             volumes: Some(volumes),
             ..Default::default()
         }),

@@ -32,7 +32,10 @@ pub fn ready_status(ckpt: &Checkpoint, now: Timestamp) -> CheckpointStatus {
         .get(ANNOTATION_REGISTERED_AT)
         .and_then(|s| s.parse::<Timestamp>().ok())
         .unwrap_or(now);
-    let size = annotations.get(ANNOTATION_SIZE_BYTES).and_then(|s| s.parse::<i64>().ok()).filter(|n| *n > 0);
+    let size = annotations
+        .get(ANNOTATION_SIZE_BYTES)
+        .and_then(|s| s.parse::<i64>().ok())
+        .filter(|n| *n > 0);
     let generation = ckpt.meta().generation;
     let mut st = ckpt.status.clone().unwrap_or_default();
     st.size_bytes = size.or(st.size_bytes);
@@ -50,20 +53,36 @@ pub fn ready_status(ckpt: &Checkpoint, now: Timestamp) -> CheckpointStatus {
     st
 }
 
-pub async fn reconcile_checkpoint(ckpt: &Checkpoint, ctx: &Context, now: Timestamp) -> Result<Action, Error> {
+pub async fn reconcile_checkpoint(
+    ckpt: &Checkpoint,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<Action, Error> {
     let name = ckpt.name_any();
-    let ns = ckpt.namespace().ok_or_else(|| Error::MissingNamespace(name.clone()))?;
+    let ns = ckpt
+        .namespace()
+        .ok_or_else(|| Error::MissingNamespace(name.clone()))?;
     let api: Api<Checkpoint> = Api::namespaced(ctx.client.clone(), &ns);
     if ckpt.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
 
-    let ready = ckpt.status.as_ref().is_some_and(|s| is_true(&s.conditions, ConditionType::Ready));
+    let ready = ckpt
+        .status
+        .as_ref()
+        .is_some_and(|s| is_true(&s.conditions, ConditionType::Ready));
     if !ready {
         let st = ready_status(ckpt, now);
         let body = serde_json::json!({ "apiVersion": selfplay_crds::API_VERSION, "kind": KIND, "status": st });
         apply_status(&api, &name, MANAGER, &body).await?;
-        ctx.event(ckpt, false, "Ready", "MarkReady", format!("checkpoint of step {} is Ready", ckpt.spec.step)).await;
+        ctx.event(
+            ckpt,
+            false,
+            "Ready",
+            "MarkReady",
+            format!("checkpoint of step {} is Ready", ckpt.spec.step),
+        )
+        .await;
     }
 
     // Retention over the run's checkpoints, this one counted as Ready.
@@ -85,8 +104,13 @@ pub async fn reconcile_checkpoint(ckpt: &Checkpoint, ctx: &Context, now: Timesta
         delete(&api, old, None).await?;
     }
     if !doomed.is_empty() {
-        let note = format!("deleted {} (keepLast {})", doomed.join(", "), run.spec.checkpoint.keep_last);
-        ctx.event(run.as_ref(), false, "CheckpointsPruned", "Retention", note).await;
+        let note = format!(
+            "deleted {} (keepLast {})",
+            doomed.join(", "),
+            run.spec.checkpoint.keep_last
+        );
+        ctx.event(run.as_ref(), false, "CheckpointsPruned", "Retention", note)
+            .await;
     }
     Ok(Action::await_change())
 }

@@ -38,11 +38,23 @@ async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
     }
 }
 
-async fn metrics_text(State(s): State<AppState>) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.encode())
+async fn metrics_text(
+    State(s): State<AppState>,
+) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        s.metrics.encode(),
+    )
 }
 
 /// Serves until the listener fails.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics, health: Health) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    health: Health,
+) -> std::io::Result<()> {
     axum::serve(listener, router(metrics, health)).await
 }

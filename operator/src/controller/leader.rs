@@ -34,8 +34,15 @@ pub enum LeaseDecision {
     Follow { holder: String },
 }
 
-pub fn decide_lease(lease: Option<&Lease>, identity: &str, now: Timestamp, default_duration: Duration) -> LeaseDecision {
-    let Some(lease) = lease else { return LeaseDecision::Create };
+pub fn decide_lease(
+    lease: Option<&Lease>,
+    identity: &str,
+    now: Timestamp,
+    default_duration: Duration,
+) -> LeaseDecision {
+    let Some(lease) = lease else {
+        return LeaseDecision::Create;
+    };
     let spec = lease.spec.clone().unwrap_or_default();
     let holder = spec.holder_identity.unwrap_or_default();
     if holder == identity {
@@ -44,7 +51,9 @@ pub fn decide_lease(lease: Option<&Lease>, identity: &str, now: Timestamp, defau
     if holder.is_empty() {
         return LeaseDecision::TakeOver;
     }
-    let duration = spec.lease_duration_seconds.map_or(default_duration.as_secs() as i64, i64::from);
+    let duration = spec
+        .lease_duration_seconds
+        .map_or(default_duration.as_secs() as i64, i64::from);
     let renewed = spec.renew_time.or(spec.acquire_time).map(|t| t.0);
     match renewed {
         Some(t) if now.as_second() - t.as_second() < duration => LeaseDecision::Follow { holder },
@@ -52,12 +61,21 @@ pub fn decide_lease(lease: Option<&Lease>, identity: &str, now: Timestamp, defau
     }
 }
 
-fn held_spec(prev: Option<&LeaseSpec>, s: &LeaseSettings, now: Timestamp, take_over: bool) -> LeaseSpec {
+fn held_spec(
+    prev: Option<&LeaseSpec>,
+    s: &LeaseSettings,
+    now: Timestamp,
+    take_over: bool,
+) -> LeaseSpec {
     let prev = prev.cloned().unwrap_or_default();
     LeaseSpec {
         holder_identity: Some(s.identity.clone()),
         lease_duration_seconds: Some(s.duration.as_secs() as i32),
-        acquire_time: if take_over { Some(MicroTime(now)) } else { prev.acquire_time.or(Some(MicroTime(now))) },
+        acquire_time: if take_over {
+            Some(MicroTime(now))
+        } else {
+            prev.acquire_time.or(Some(MicroTime(now)))
+        },
         renew_time: Some(MicroTime(now)),
         lease_transitions: Some(prev.lease_transitions.unwrap_or(0) + i32::from(take_over)),
         ..prev
@@ -65,22 +83,36 @@ fn held_spec(prev: Option<&LeaseSpec>, s: &LeaseSettings, now: Timestamp, take_o
 }
 
 /// One round: observe the lease and act. Returns whether we hold it afterwards.
-pub async fn try_acquire_or_renew(api: &Api<Lease>, s: &LeaseSettings, now: Timestamp) -> Result<bool, kube::Error> {
+pub async fn try_acquire_or_renew(
+    api: &Api<Lease>,
+    s: &LeaseSettings,
+    now: Timestamp,
+) -> Result<bool, kube::Error> {
     let current = api.get_opt(&s.name).await?;
     let decision = decide_lease(current.as_ref(), &s.identity, now, s.duration);
     let result = match (&decision, current) {
         (LeaseDecision::Follow { .. }, _) => return Ok(false),
         (LeaseDecision::Create, _) => {
             let lease = Lease {
-                metadata: ObjectMeta { name: Some(s.name.clone()), ..Default::default() },
+                metadata: ObjectMeta {
+                    name: Some(s.name.clone()),
+                    ..Default::default()
+                },
                 spec: Some(held_spec(None, s, now, true)),
             };
             api.create(&PostParams::default(), &lease).await.map(|_| ())
         }
         (_, Some(mut lease)) => {
             // `lease` carries the resourceVersion we read: the replace is conditional on it.
-            lease.spec = Some(held_spec(lease.spec.as_ref(), s, now, decision == LeaseDecision::TakeOver));
-            api.replace(&s.name, &PostParams::default(), &lease).await.map(|_| ())
+            lease.spec = Some(held_spec(
+                lease.spec.as_ref(),
+                s,
+                now,
+                decision == LeaseDecision::TakeOver,
+            ));
+            api.replace(&s.name, &PostParams::default(), &lease)
+                .await
+                .map(|_| ())
         }
         (_, None) => return Ok(false),
     };
@@ -124,7 +156,11 @@ pub async fn run(api: Api<Lease>, s: LeaseSettings, leader: watch::Sender<bool>)
 /// Gives the lease up on shutdown so that a standby takes over without waiting for expiry.
 pub async fn release(api: &Api<Lease>, s: &LeaseSettings) {
     if let Ok(Some(mut lease)) = api.get_opt(&s.name).await {
-        let ours = lease.spec.as_ref().and_then(|l| l.holder_identity.as_deref()) == Some(s.identity.as_str());
+        let ours = lease
+            .spec
+            .as_ref()
+            .and_then(|l| l.holder_identity.as_deref())
+            == Some(s.identity.as_str());
         if ours {
             if let Some(spec) = lease.spec.as_mut() {
                 spec.holder_identity = None;

@@ -40,6 +40,7 @@ pub struct Context {
 }
 
 impl Context {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: Client,
         config: OperatorConfig,
@@ -48,6 +49,7 @@ impl Context {
         sandboxes: Store<Pod>,
         pools: Store<SandboxPool>,
         runs: Store<SelfPlayRun>,
+        sandboxes_changed: Arc<Notify>,
     ) -> Self {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
@@ -57,14 +59,25 @@ impl Context {
             sandboxes,
             pools,
             runs,
-            sandboxes_changed: Arc::new(Notify::new()),
+            sandboxes_changed,
         }
     }
 
     /// Publishes an Event on `obj`. Failing to record an event never fails a reconcile.
-    pub async fn event<K: Resource<DynamicType = ()>>(&self, obj: &K, warning: bool, reason: &str, action: &str, note: String) {
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        warning: bool,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         let ev = Event {
-            type_: if warning { EventType::Warning } else { EventType::Normal },
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
             reason: reason.to_string(),
             note: Some(note),
             action: action.to_string(),
@@ -101,9 +114,8 @@ impl Error {
             Self::Kube(kube::Error::Api(_)) => "api_error",
             Self::Kube(_) => "api_transport",
             Self::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
-                    e.metric_label()
-                }
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
                 _ => "finalizer",
             },
             Self::Serialize(_) | Self::Yaml(_) => "serialize",
@@ -122,19 +134,33 @@ pub(crate) struct ReconcileTimer<'a> {
 impl<'a> ReconcileTimer<'a> {
     pub(crate) fn start(metrics: &'a Metrics, kind: &'static str) -> Self {
         metrics.reconciliations.with_label_values(&[kind]).inc();
-        Self { metrics, kind, start: Instant::now() }
+        Self {
+            metrics,
+            kind,
+            start: Instant::now(),
+        }
     }
 }
 
 impl Drop for ReconcileTimer<'_> {
     fn drop(&mut self) {
-        self.metrics.reconcile_duration.with_label_values(&[self.kind]).observe(self.start.elapsed().as_secs_f64());
+        self.metrics
+            .reconcile_duration
+            .with_label_values(&[self.kind])
+            .observe(self.start.elapsed().as_secs_f64());
     }
 }
 
 /// The `error_policy` of every controller: count the error by label and retry soon.
-pub fn on_error(kind: &'static str, err: &Error, metrics: &Metrics) -> kube::runtime::controller::Action {
+pub fn on_error(
+    kind: &'static str,
+    err: &Error,
+    metrics: &Metrics,
+) -> kube::runtime::controller::Action {
     tracing::warn!(kind, error = %err, "reconcile failed");
-    metrics.reconcile_errors.with_label_values(&[kind, err.metric_label()]).inc();
+    metrics
+        .reconcile_errors
+        .with_label_values(&[kind, err.metric_label()])
+        .inc();
     kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(10))
 }

@@ -24,7 +24,9 @@ pub const KIND: &str = "SandboxPool";
 
 pub async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ReconcileTimer::start(&ctx.metrics, KIND);
-    let ns = pool.namespace().ok_or_else(|| Error::MissingNamespace(pool.name_any()))?;
+    let ns = pool
+        .namespace()
+        .ok_or_else(|| Error::MissingNamespace(pool.name_any()))?;
     let api: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&api, FINALIZER, pool, |event| async {
         match event {
@@ -41,7 +43,10 @@ pub fn runs_using_pool(ctx: &Context, namespace: &str, pool: &str) -> Vec<String
     ctx.runs
         .state()
         .iter()
-        .filter(|r| r.namespace().as_deref() == Some(namespace) && r.spec.pools.iter().any(|p| p.name == pool))
+        .filter(|r| {
+            r.namespace().as_deref() == Some(namespace)
+                && r.spec.pools.iter().any(|p| p.name == pool)
+        })
         .map(|r| r.name_any())
         .collect()
 }
@@ -54,9 +59,15 @@ fn status_body(status: &selfplay_crds::SandboxPoolStatus) -> serde_json::Value {
     })
 }
 
-pub async fn apply_pool(pool: &SandboxPool, ctx: &Context, now: Timestamp) -> Result<Action, Error> {
+pub async fn apply_pool(
+    pool: &SandboxPool,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<Action, Error> {
     let name = pool.name_any();
-    let ns = pool.namespace().ok_or_else(|| Error::MissingNamespace(name.clone()))?;
+    let ns = pool
+        .namespace()
+        .ok_or_else(|| Error::MissingNamespace(name.clone()))?;
     let generation = pool.meta().generation;
     let pools: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
 
@@ -76,8 +87,20 @@ pub async fn apply_pool(pool: &SandboxPool, ctx: &Context, now: Timestamp) -> Re
 
     // Build and apply the pool's fixed children.
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    if ensure_secret(&secrets, &pool_token_secret(&name, &ns, &valid.owner, &generate_token())).await? {
-        ctx.event(pool, false, "TokenCreated", "CreateSecret", "sandbox token Secret created".into()).await;
+    if ensure_secret(
+        &secrets,
+        &pool_token_secret(&name, &ns, &valid.owner, &generate_token()),
+    )
+    .await?
+    {
+        ctx.event(
+            pool,
+            false,
+            "TokenCreated",
+            "CreateSecret",
+            "sandbox token Secret created".into(),
+        )
+        .await;
     }
     let users = runs_using_pool(ctx, &ns, &name);
     let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &ns);
@@ -108,28 +131,62 @@ pub async fn apply_pool(pool: &SandboxPool, ctx: &Context, now: Timestamp) -> Re
     }
 
     // Status.
-    let st = pool_status(&name, valid.spec, &valid.template_hash, &plan, pool.status.as_ref(), generation, now);
+    let st = pool_status(
+        &name,
+        valid.spec,
+        &valid.template_hash,
+        &plan,
+        pool.status.as_ref(),
+        generation,
+        now,
+    );
     apply_status(&pools, &name, MANAGER, &status_body(&st)).await?;
     let c = plan.counts;
-    ctx.metrics.set_pool_counts(&ns, &name, c.ready, c.claimed, c.pending);
+    ctx.metrics
+        .set_pool_counts(&ns, &name, c.ready, c.claimed, c.pending);
 
     // Events for state changes.
     if plan.create > 0 {
-        ctx.event(pool, false, "SandboxesCreated", "Scale", format!("created {} sandbox pod(s)", plan.create)).await;
+        ctx.event(
+            pool,
+            false,
+            "SandboxesCreated",
+            "Scale",
+            format!("created {} sandbox pod(s)", plan.create),
+        )
+        .await;
     }
     let failed = plan.deleted(DeleteReason::Failed);
     if failed > 0 {
-        ctx.event(pool, true, "SandboxFailed", "Replace", format!("{failed} sandbox pod(s) failed; replacing them")).await;
+        ctx.event(
+            pool,
+            true,
+            "SandboxFailed",
+            "Replace",
+            format!("{failed} sandbox pod(s) failed; replacing them"),
+        )
+        .await;
     }
     if deleted > failed {
-        let summary: Vec<String> = [DeleteReason::Expired, DeleteReason::Outdated, DeleteReason::ScaleDown]
-            .iter()
-            .filter_map(|r| {
-                let n = plan.deleted(*r);
-                (n > 0).then(|| format!("{n} {}", r.as_str().to_lowercase()))
-            })
-            .collect();
-        ctx.event(pool, false, "SandboxesDeleted", "Scale", format!("deleted sandbox pod(s): {}", summary.join(", "))).await;
+        let summary: Vec<String> = [
+            DeleteReason::Expired,
+            DeleteReason::Outdated,
+            DeleteReason::ScaleDown,
+        ]
+        .iter()
+        .filter_map(|r| {
+            let n = plan.deleted(*r);
+            (n > 0).then(|| format!("{n} {}", r.as_str().to_lowercase()))
+        })
+        .collect();
+        ctx.event(
+            pool,
+            false,
+            "SandboxesDeleted",
+            "Scale",
+            format!("deleted sandbox pod(s): {}", summary.join(", ")),
+        )
+        .await;
     }
 
     // Come back when the next sandbox expires, or soon while the pool is changing.
@@ -154,6 +211,13 @@ pub async fn apply_pool(pool: &SandboxPool, ctx: &Context, now: Timestamp) -> Re
 pub async fn cleanup_pool(pool: &SandboxPool, ctx: &Context) -> Result<Action, Error> {
     let ns = pool.namespace().unwrap_or_default();
     ctx.metrics.forget_pool(&ns, &pool.name_any());
-    ctx.event(pool, false, "Deleted", "Cleanup", "pool deleted; its sandboxes are garbage-collected".into()).await;
+    ctx.event(
+        pool,
+        false,
+        "Deleted",
+        "Cleanup",
+        "pool deleted; its sandboxes are garbage-collected".into(),
+    )
+    .await;
     Ok(Action::await_change())
 }

@@ -16,7 +16,9 @@ use crate::build::{generate_token, run_token_secret, trainer_config_map, trainer
 use crate::controller::apply::{apply, apply_status, create, delete, ensure_secret};
 use crate::controller::{Context, Error, ReconcileTimer};
 use crate::decide::checkpoint::{CheckpointInfo, latest_ready};
-use crate::decide::run::{ResumeFrom, RunAction, RunObservation, Trainer, decide_run, invalid_run_status};
+use crate::decide::run::{
+    ResumeFrom, RunAction, RunObservation, Trainer, decide_run, invalid_run_status,
+};
 use crate::names::{LABEL_RUN, MANAGER, selector_string, trainer_selector_labels};
 use crate::validate::validate_run;
 
@@ -24,7 +26,9 @@ pub const KIND: &str = "SelfPlayRun";
 
 pub async fn reconcile(run: Arc<SelfPlayRun>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ReconcileTimer::start(&ctx.metrics, KIND);
-    let ns = run.namespace().ok_or_else(|| Error::MissingNamespace(run.name_any()))?;
+    let ns = run
+        .namespace()
+        .ok_or_else(|| Error::MissingNamespace(run.name_any()))?;
     let api: Api<SelfPlayRun> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&api, crate::names::FINALIZER, run, |event| async {
         match event {
@@ -44,9 +48,15 @@ fn status_body(status: &selfplay_crds::SelfPlayRunStatus) -> serde_json::Value {
 }
 
 /// Checkpoints of a run (label `selfplay.dev/run`), as the retention and resume logic sees them.
-pub async fn run_checkpoints(client: &kube::Client, ns: &str, run: &str) -> Result<Vec<(CheckpointInfo, Checkpoint)>, kube::Error> {
+pub async fn run_checkpoints(
+    client: &kube::Client,
+    ns: &str,
+    run: &str,
+) -> Result<Vec<(CheckpointInfo, Checkpoint)>, kube::Error> {
     let api: Api<Checkpoint> = Api::namespaced(client.clone(), ns);
-    let list = api.list(&ListParams::default().labels(&format!("{LABEL_RUN}={run}"))).await?;
+    let list = api
+        .list(&ListParams::default().labels(&format!("{LABEL_RUN}={run}")))
+        .await?;
     Ok(list
         .items
         .into_iter()
@@ -57,7 +67,9 @@ pub async fn run_checkpoints(client: &kube::Client, ns: &str, run: &str) -> Resu
 
 pub async fn apply_run(run: &SelfPlayRun, ctx: &Context, now: Timestamp) -> Result<Action, Error> {
     let name = run.name_any();
-    let ns = run.namespace().ok_or_else(|| Error::MissingNamespace(name.clone()))?;
+    let ns = run
+        .namespace()
+        .ok_or_else(|| Error::MissingNamespace(name.clone()))?;
     let generation = run.meta().generation;
     let runs: Api<SelfPlayRun> = Api::namespaced(ctx.client.clone(), &ns);
 
@@ -78,8 +90,13 @@ pub async fn apply_run(run: &SelfPlayRun, ctx: &Context, now: Timestamp) -> Resu
     // Observe.
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let selector = selector_string(&trainer_selector_labels(&name));
-    let trainers: Vec<Trainer> =
-        pods.list(&ListParams::default().labels(&selector)).await?.items.iter().filter_map(Trainer::from_pod).collect();
+    let trainers: Vec<Trainer> = pods
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+        .iter()
+        .filter_map(Trainer::from_pod)
+        .collect();
     let checkpoints = run_checkpoints(&ctx.client, &ns, &name).await?;
     let infos: Vec<CheckpointInfo> = checkpoints.iter().map(|(i, _)| i.clone()).collect();
     let latest = latest_ready(&infos);
@@ -92,7 +109,10 @@ pub async fn apply_run(run: &SelfPlayRun, ctx: &Context, now: Timestamp) -> Resu
                     match (&info.pvc, &run.spec.checkpoint.storage.pvc) {
                         _ if !info.ready => ResumeFrom::NotReady(ckpt.clone()),
                         (Some(theirs), ours) if Some(theirs) != ours.as_ref() => {
-                            ResumeFrom::OtherVolume { checkpoint: ckpt.clone(), pvc: theirs.clone() }
+                            ResumeFrom::OtherVolume {
+                                checkpoint: ckpt.clone(),
+                                pvc: theirs.clone(),
+                            }
                         }
                         _ => ResumeFrom::Ready(info.resume_point()),
                     }
@@ -106,7 +126,11 @@ pub async fn apply_run(run: &SelfPlayRun, ctx: &Context, now: Timestamp) -> Resu
         .spec
         .pools
         .iter()
-        .filter(|p| ctx.pools.get(&ObjectRef::<SandboxPool>::new(&p.name).within(&ns)).is_none())
+        .filter(|p| {
+            ctx.pools
+                .get(&ObjectRef::<SandboxPool>::new(&p.name).within(&ns))
+                .is_none()
+        })
         .map(|p| p.name.clone())
         .collect();
     let obs = RunObservation {
@@ -129,10 +153,18 @@ pub async fn apply_run(run: &SelfPlayRun, ctx: &Context, now: Timestamp) -> Resu
             }
             RunAction::CreateTrainer { attempt, resume } => {
                 let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-                ensure_secret(&secrets, &run_token_secret(&name, &ns, &valid.owner, &generate_token())).await?;
+                ensure_secret(
+                    &secrets,
+                    &run_token_secret(&name, &ns, &valid.owner, &generate_token()),
+                )
+                .await?;
                 let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
                 apply(&cms, &trainer_config_map(&valid)?).await?;
-                create(&pods, &trainer_pod(&valid, *attempt, resume.as_ref(), &ctx.config)).await?;
+                create(
+                    &pods,
+                    &trainer_pod(&valid, *attempt, resume.as_ref(), &ctx.config),
+                )
+                .await?;
                 tracing::info!(run = %name, namespace = %ns, attempt, "trainer created");
             }
         }
@@ -144,10 +176,14 @@ pub async fn apply_run(run: &SelfPlayRun, ctx: &Context, now: Timestamp) -> Resu
     if let Some((_, c)) = latest.and_then(|l| checkpoints.iter().find(|(i, _)| i.name == l.name))
         && let Some(t) = c.status.as_ref().and_then(|s| s.completion_time.as_ref())
     {
-        ctx.metrics.run_last_checkpoint.with_label_values(&[&ns, &name]).set(t.0.as_second() as f64);
+        ctx.metrics
+            .run_last_checkpoint
+            .with_label_values(&[&ns, &name])
+            .set(t.0.as_second() as f64);
     }
     for ev in &plan.events {
-        ctx.event(run, ev.warning, ev.reason, "Reconcile", ev.note.clone()).await;
+        ctx.event(run, ev.warning, ev.reason, "Reconcile", ev.note.clone())
+            .await;
     }
     Ok(match plan.requeue_after {
         Some(d) => Action::requeue(d),
@@ -162,7 +198,11 @@ pub async fn cleanup_run(run: &SelfPlayRun, ctx: &Context) -> Result<Action, Err
     let ns = run.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let selector = selector_string(&trainer_selector_labels(&name));
-    for p in pods.list(&ListParams::default().labels(&selector)).await?.items {
+    for p in pods
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+    {
         if p.metadata.deletion_timestamp.is_none() {
             delete(&pods, &p.name_any(), None).await?;
         }

@@ -24,13 +24,20 @@ impl CheckpointInfo {
             step: c.spec.step,
             location: c.spec.location.clone(),
             pvc: c.spec.pvc.clone(),
-            ready: c.status.as_ref().is_some_and(|s| is_true(&s.conditions, ConditionType::Ready)),
+            ready: c
+                .status
+                .as_ref()
+                .is_some_and(|s| is_true(&s.conditions, ConditionType::Ready)),
             terminating: c.metadata.deletion_timestamp.is_some(),
         }
     }
 
     pub fn resume_point(&self) -> ResumePoint {
-        ResumePoint { checkpoint: self.name.clone(), location: self.location.clone(), step: self.step }
+        ResumePoint {
+            checkpoint: self.name.clone(),
+            location: self.location.clone(),
+            step: self.step,
+        }
     }
 }
 
@@ -45,8 +52,15 @@ pub fn latest_ready(checkpoints: &[CheckpointInfo]) -> Option<&CheckpointInfo> {
 /// Names of the checkpoints to delete so that the `keep_last` newest Ready ones remain.
 /// Checkpoints that are not Ready yet are never deleted, and neither is any in `protected`
 /// (a run's `resumeFrom`).
-pub fn retention(checkpoints: &[CheckpointInfo], keep_last: i32, protected: &[&str]) -> Vec<String> {
-    let mut ready: Vec<&CheckpointInfo> = checkpoints.iter().filter(|c| c.ready && !c.terminating).collect();
+pub fn retention(
+    checkpoints: &[CheckpointInfo],
+    keep_last: i32,
+    protected: &[&str],
+) -> Vec<String> {
+    let mut ready: Vec<&CheckpointInfo> = checkpoints
+        .iter()
+        .filter(|c| c.ready && !c.terminating)
+        .collect();
     ready.sort_by(|a, b| b.step.cmp(&a.step).then_with(|| b.name.cmp(&a.name)));
     ready
         .into_iter()

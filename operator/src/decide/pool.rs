@@ -109,7 +109,12 @@ impl PoolPlan {
 }
 
 /// Decides the pool's next step.
-pub fn decide_pool(spec: &SandboxPoolSpec, template_hash: &str, sandboxes: &[Sandbox], now: Timestamp) -> PoolPlan {
+pub fn decide_pool(
+    spec: &SandboxPoolSpec,
+    template_hash: &str,
+    sandboxes: &[Sandbox],
+    now: Timestamp,
+) -> PoolPlan {
     let mut plan = PoolPlan::default();
     let mut claimed = 0i32;
     let mut current_ready: Vec<&Sandbox> = Vec::new();
@@ -207,25 +212,68 @@ pub fn pool_status(
     } else {
         (ConditionStatus::False, "WarmingUp")
     };
-    let msg = format!("{} of {} warm sandboxes Ready, {} claimed", c.ready, spec.warm, c.claimed);
-    set_condition(&mut conditions, ConditionType::Ready, status, reason, &msg, generation, time(now));
+    let msg = format!(
+        "{} of {} warm sandboxes Ready, {} claimed",
+        c.ready, spec.warm, c.claimed
+    );
+    set_condition(
+        &mut conditions,
+        ConditionType::Ready,
+        status,
+        reason,
+        &msg,
+        generation,
+        time(now),
+    );
 
     let (status, reason, msg) = if plan.rolling {
-        (ConditionStatus::True, "Rolling", format!("replacing sandboxes with template {template_hash}"))
+        (
+            ConditionStatus::True,
+            "Rolling",
+            format!("replacing sandboxes with template {template_hash}"),
+        )
     } else if plan.create > 0 || !plan.delete.is_empty() {
-        (ConditionStatus::True, "Scaling", format!("creating {}, deleting {}", plan.create, plan.delete.len()))
+        (
+            ConditionStatus::True,
+            "Scaling",
+            format!("creating {}, deleting {}", plan.create, plan.delete.len()),
+        )
     } else {
-        (ConditionStatus::False, "Stable", "the pool matches its spec".to_string())
+        (
+            ConditionStatus::False,
+            "Stable",
+            "the pool matches its spec".to_string(),
+        )
     };
-    set_condition(&mut conditions, ConditionType::Progressing, status, reason, &msg, generation, time(now));
+    set_condition(
+        &mut conditions,
+        ConditionType::Progressing,
+        status,
+        reason,
+        &msg,
+        generation,
+        time(now),
+    );
 
     let failed = plan.deleted(DeleteReason::Failed);
     let (status, reason, msg) = if failed > 0 {
-        (ConditionStatus::True, "SandboxFailed", format!("{failed} sandbox pod(s) failed and are replaced"))
+        (
+            ConditionStatus::True,
+            "SandboxFailed",
+            format!("{failed} sandbox pod(s) failed and are replaced"),
+        )
     } else {
         (ConditionStatus::False, "Healthy", String::new())
     };
-    set_condition(&mut conditions, ConditionType::Degraded, status, reason, &msg, generation, time(now));
+    set_condition(
+        &mut conditions,
+        ConditionType::Degraded,
+        status,
+        reason,
+        &msg,
+        generation,
+        time(now),
+    );
 
     SandboxPoolStatus {
         replicas: c.replicas,
@@ -247,9 +295,33 @@ pub fn invalid_pool_status(
 ) -> SandboxPoolStatus {
     let mut st = previous.cloned().unwrap_or_default();
     let t = time(now);
-    set_condition(&mut st.conditions, ConditionType::Ready, ConditionStatus::False, "InvalidSpec", message, generation, t.clone());
-    set_condition(&mut st.conditions, ConditionType::Progressing, ConditionStatus::False, "InvalidSpec", message, generation, t.clone());
-    set_condition(&mut st.conditions, ConditionType::Degraded, ConditionStatus::True, "InvalidSpec", message, generation, t);
+    set_condition(
+        &mut st.conditions,
+        ConditionType::Ready,
+        ConditionStatus::False,
+        "InvalidSpec",
+        message,
+        generation,
+        t.clone(),
+    );
+    set_condition(
+        &mut st.conditions,
+        ConditionType::Progressing,
+        ConditionStatus::False,
+        "InvalidSpec",
+        message,
+        generation,
+        t.clone(),
+    );
+    set_condition(
+        &mut st.conditions,
+        ConditionType::Degraded,
+        ConditionStatus::True,
+        "InvalidSpec",
+        message,
+        generation,
+        t,
+    );
     st.observed_generation = generation;
     st
 }

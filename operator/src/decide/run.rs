@@ -44,7 +44,13 @@ pub struct Trainer {
 impl Trainer {
     pub fn from_pod(pod: &Pod) -> Option<Self> {
         let name = pod.metadata.name.clone()?;
-        let attempt = pod.metadata.labels.as_ref()?.get(LABEL_ATTEMPT)?.parse().ok()?;
+        let attempt = pod
+            .metadata
+            .labels
+            .as_ref()?
+            .get(LABEL_ATTEMPT)?
+            .parse()
+            .ok()?;
         let status = pod.status.as_ref();
         let phase = match status.and_then(|s| s.phase.as_deref()) {
             Some("Running") => TrainerPhase::Running,
@@ -54,17 +60,29 @@ impl Trainer {
         };
         let terminated = status
             .and_then(|s| s.container_statuses.as_ref())
-            .and_then(|cs| cs.iter().find_map(|c| c.state.as_ref()?.terminated.as_ref()));
+            .and_then(|cs| {
+                cs.iter()
+                    .find_map(|c| c.state.as_ref()?.terminated.as_ref())
+            });
         let message = terminated
             .map(|t| {
                 format!(
                     "exit code {}{}",
                     t.exit_code,
-                    t.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+                    t.reason
+                        .as_deref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
                 )
             })
             .or_else(|| status.and_then(|s| s.message.clone().or(s.reason.clone())));
-        Some(Self { name, attempt, phase, terminating: pod.metadata.deletion_timestamp.is_some(), message })
+        Some(Self {
+            name,
+            attempt,
+            phase,
+            terminating: pod.metadata.deletion_timestamp.is_some(),
+            message,
+        })
     }
 
     fn active(&self) -> bool {
@@ -81,7 +99,10 @@ pub enum ResumeFrom {
     /// The Checkpoint does not exist or is not Ready yet.
     NotReady(String),
     /// The Checkpoint is on a volume the trainer does not mount.
-    OtherVolume { checkpoint: String, pvc: String },
+    OtherVolume {
+        checkpoint: String,
+        pvc: String,
+    },
 }
 
 /// Everything observed for one reconcile of a run.
@@ -101,8 +122,14 @@ pub struct RunObservation {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum RunAction {
-    CreateTrainer { attempt: i32, resume: Option<ResumePoint> },
-    DeleteTrainer { name: String, reason: &'static str },
+    CreateTrainer {
+        attempt: i32,
+        resume: Option<ResumePoint>,
+    },
+    DeleteTrainer {
+        name: String,
+        reason: &'static str,
+    },
 }
 
 /// A Kubernetes Event to record on the run.
@@ -130,8 +157,20 @@ struct Conds<'a> {
 
 impl Conds<'_> {
     fn set(&mut self, t: ConditionType, on: bool, reason: &str, msg: &str) {
-        let s = if on { ConditionStatus::True } else { ConditionStatus::False };
-        set_condition(&mut self.st.conditions, t, s, reason, msg, self.generation, time(self.now));
+        let s = if on {
+            ConditionStatus::True
+        } else {
+            ConditionStatus::False
+        };
+        set_condition(
+            &mut self.st.conditions,
+            t,
+            s,
+            reason,
+            msg,
+            self.generation,
+            time(self.now),
+        );
     }
 }
 
@@ -140,38 +179,69 @@ fn shorter(a: Option<Duration>, b: Duration) -> Option<Duration> {
 }
 
 /// Decides the run's next step.
-pub fn decide_run(spec: &SelfPlayRunSpec, previous: Option<&SelfPlayRunStatus>, obs: &RunObservation) -> RunPlan {
+pub fn decide_run(
+    spec: &SelfPlayRunSpec,
+    previous: Option<&SelfPlayRunStatus>,
+    obs: &RunObservation,
+) -> RunPlan {
     let now = obs.now;
     let mut st = previous.cloned().unwrap_or_default();
     st.observed_generation = obs.generation;
     if let Some(latest) = &obs.latest_checkpoint {
         st.latest_checkpoint = Some(latest.checkpoint.clone());
     }
-    let mut plan = RunPlan { actions: Vec::new(), status: SelfPlayRunStatus::default(), requeue_after: None, events: Vec::new() };
+    let mut plan = RunPlan {
+        actions: Vec::new(),
+        status: SelfPlayRunStatus::default(),
+        requeue_after: None,
+        events: Vec::new(),
+    };
 
     // Trainers of earlier attempts must not run beside the current one.
-    for t in obs.trainers.iter().filter(|t| t.attempt != st.restarts && t.active()) {
-        plan.actions.push(RunAction::DeleteTrainer { name: t.name.clone(), reason: "Superseded" });
+    for t in obs
+        .trainers
+        .iter()
+        .filter(|t| t.attempt != st.restarts && t.active())
+    {
+        plan.actions.push(RunAction::DeleteTrainer {
+            name: t.name.clone(),
+            reason: "Superseded",
+        });
     }
 
     // Terminal states are sticky: stop anything still running and never create anything.
     if st.phase.is_some_and(RunPhase::is_terminal) {
-        for t in obs.trainers.iter().filter(|t| t.attempt == st.restarts && t.active()) {
-            plan.actions.push(RunAction::DeleteTrainer { name: t.name.clone(), reason: "RunFinished" });
+        for t in obs
+            .trainers
+            .iter()
+            .filter(|t| t.attempt == st.restarts && t.active())
+        {
+            plan.actions.push(RunAction::DeleteTrainer {
+                name: t.name.clone(),
+                reason: "RunFinished",
+            });
         }
         plan.status = st;
         return plan;
     }
 
     let current = obs.trainers.iter().find(|t| t.attempt == st.restarts);
-    let was_suspended = find_condition(&st.conditions, ConditionType::Suspended).is_some_and(|c| c.status == "True");
+    let was_suspended = find_condition(&st.conditions, ConditionType::Suspended)
+        .is_some_and(|c| c.status == "True");
     let suspended_since = find_condition(&st.conditions, ConditionType::Suspended)
         .filter(|c| c.status == "True")
         .map(|c| c.last_transition_time.0);
 
     // A trainer that finished wins over everything else: its work is done.
     if let Some(t) = current.filter(|t| t.phase == TrainerPhase::Succeeded && !t.terminating) {
-        finish(&mut st, &mut plan, obs, true, "TrainerSucceeded", &format!("trainer {} completed", t.name));
+        finish(
+            &mut st,
+            &mut plan,
+            obs,
+            true,
+            "TrainerSucceeded",
+            &format!("trainer {} completed", t.name),
+        );
         plan.status = st;
         return plan;
     }
@@ -182,33 +252,60 @@ pub fn decide_run(spec: &SelfPlayRunSpec, previous: Option<&SelfPlayRunStatus>, 
         let active = seconds_between(start.0, now) - st.suspended_seconds - suspended_now;
         if active >= deadline {
             if let Some(t) = current.filter(|t| t.active()) {
-                plan.actions.push(RunAction::DeleteTrainer { name: t.name.clone(), reason: "DeadlineExceeded" });
+                plan.actions.push(RunAction::DeleteTrainer {
+                    name: t.name.clone(),
+                    reason: "DeadlineExceeded",
+                });
             }
-            let msg = format!("the run was active for {active}s, past activeDeadlineSeconds ({deadline}s)");
+            let msg = format!(
+                "the run was active for {active}s, past activeDeadlineSeconds ({deadline}s)"
+            );
             finish(&mut st, &mut plan, obs, false, "DeadlineExceeded", &msg);
             plan.status = st;
             return plan;
         }
-        if suspended_since.is_none() {
-            plan.requeue_after = shorter(plan.requeue_after, Duration::from_secs((deadline - active) as u64));
-        }
     }
 
     let warnings = obs.warnings.join("; ");
-    let mut c = Conds { st: &mut st, generation: obs.generation, now };
+    let mut c = Conds {
+        st: &mut st,
+        generation: obs.generation,
+        now,
+    };
     c.set(ConditionType::Succeeded, false, "NotFinished", "");
     c.set(ConditionType::Failed, false, "NotFinished", "");
 
     if spec.suspend {
         if let Some(t) = current.filter(|t| t.active()) {
-            plan.actions.push(RunAction::DeleteTrainer { name: t.name.clone(), reason: "Suspended" });
+            plan.actions.push(RunAction::DeleteTrainer {
+                name: t.name.clone(),
+                reason: "Suspended",
+            });
         }
         if !was_suspended {
-            plan.events.push(RunEvent { warning: false, reason: "Suspended", note: "trainer removed".into() });
+            plan.events.push(RunEvent {
+                warning: false,
+                reason: "Suspended",
+                note: "trainer removed".into(),
+            });
         }
-        c.set(ConditionType::Suspended, true, "Suspended", "spec.suspend is true; the trainer is removed");
+        c.set(
+            ConditionType::Suspended,
+            true,
+            "Suspended",
+            "spec.suspend is true; the trainer is removed",
+        );
         c.set(ConditionType::Progressing, false, "Suspended", "");
-        c.set(ConditionType::Degraded, !warnings.is_empty(), if warnings.is_empty() { "Healthy" } else { "Unsupported" }, &warnings);
+        c.set(
+            ConditionType::Degraded,
+            !warnings.is_empty(),
+            if warnings.is_empty() {
+                "Healthy"
+            } else {
+                "Unsupported"
+            },
+            &warnings,
+        );
         st.phase = Some(RunPhase::Suspended);
         plan.status = st;
         return plan;
@@ -218,7 +315,11 @@ pub fn decide_run(spec: &SelfPlayRunSpec, previous: Option<&SelfPlayRunStatus>, 
             c.st.suspended_seconds += seconds_between(since, now).max(0);
         }
         c.set(ConditionType::Suspended, false, "Resumed", "");
-        plan.events.push(RunEvent { warning: false, reason: "Resumed", note: "spec.suspend is false".into() });
+        plan.events.push(RunEvent {
+            warning: false,
+            reason: "Resumed",
+            note: "spec.suspend is false".into(),
+        });
     } else {
         c.set(ConditionType::Suspended, false, "NotSuspended", "");
     }
@@ -226,26 +327,49 @@ pub fn decide_run(spec: &SelfPlayRunSpec, previous: Option<&SelfPlayRunStatus>, 
     match current {
         Some(t) if t.terminating => {
             // An old trainer (suspend, restart) is still shutting down; its name is taken until it is gone.
-            c.set(ConditionType::Progressing, true, "WaitingForTrainerExit", &format!("{} is terminating", t.name));
+            c.set(
+                ConditionType::Progressing,
+                true,
+                "WaitingForTrainerExit",
+                &format!("{} is terminating", t.name),
+            );
             if matches!(c.st.phase, None | Some(RunPhase::Suspended)) {
                 c.st.phase = Some(RunPhase::Pending);
             }
             plan.requeue_after = shorter(plan.requeue_after, Duration::from_secs(5));
         }
         Some(t) if t.phase == TrainerPhase::Failed => {
-            let why = t.message.clone().unwrap_or_else(|| "the trainer pod failed".into());
+            let why = t
+                .message
+                .clone()
+                .unwrap_or_else(|| "the trainer pod failed".into());
             if c.st.restarts < spec.backoff_limit {
                 c.st.restarts += 1;
                 let wait = restart_backoff(c.st.restarts);
-                c.st.next_restart_time = Some(time(Timestamp::from_second(now.as_second() + wait.as_secs() as i64).unwrap_or(now)));
-                let msg = format!("trainer {} failed ({why}); restart {} of {} in {}s", t.name, c.st.restarts, spec.backoff_limit, wait.as_secs());
+                c.st.next_restart_time = Some(time(
+                    Timestamp::from_second(now.as_second() + wait.as_secs() as i64).unwrap_or(now),
+                ));
+                let msg = format!(
+                    "trainer {} failed ({why}); restart {} of {} in {}s",
+                    t.name,
+                    c.st.restarts,
+                    spec.backoff_limit,
+                    wait.as_secs()
+                );
                 c.set(ConditionType::Degraded, true, "TrainerFailed", &msg);
                 c.set(ConditionType::Progressing, true, "RestartBackoff", &msg);
                 c.st.phase = Some(RunPhase::Pending);
-                plan.events.push(RunEvent { warning: true, reason: "TrainerFailed", note: msg });
+                plan.events.push(RunEvent {
+                    warning: true,
+                    reason: "TrainerFailed",
+                    note: msg,
+                });
                 plan.requeue_after = shorter(plan.requeue_after, wait);
             } else {
-                let msg = format!("trainer {} failed ({why}) and backoffLimit ({}) is reached", t.name, spec.backoff_limit);
+                let msg = format!(
+                    "trainer {} failed ({why}) and backoffLimit ({}) is reached",
+                    t.name, spec.backoff_limit
+                );
                 finish(&mut st, &mut plan, obs, false, "BackoffLimitExceeded", &msg);
             }
         }
@@ -254,19 +378,43 @@ pub fn decide_run(spec: &SelfPlayRunSpec, previous: Option<&SelfPlayRunStatus>, 
             if running {
                 c.st.start_time.get_or_insert_with(|| time(now));
                 c.st.phase = Some(RunPhase::Running);
-                c.set(ConditionType::Progressing, true, "Training", &format!("trainer {} is running", t.name));
+                c.set(
+                    ConditionType::Progressing,
+                    true,
+                    "Training",
+                    &format!("trainer {} is running", t.name),
+                );
             } else {
                 c.st.phase = Some(RunPhase::Pending);
-                c.set(ConditionType::Progressing, true, "TrainerStarting", &format!("trainer {} is starting", t.name));
+                c.set(
+                    ConditionType::Progressing,
+                    true,
+                    "TrainerStarting",
+                    &format!("trainer {} is starting", t.name),
+                );
             }
-            c.set(ConditionType::Degraded, !warnings.is_empty(), if warnings.is_empty() { "Healthy" } else { "Unsupported" }, &warnings);
+            c.set(
+                ConditionType::Degraded,
+                !warnings.is_empty(),
+                if warnings.is_empty() {
+                    "Healthy"
+                } else {
+                    "Unsupported"
+                },
+                &warnings,
+            );
         }
         None => {
             let restart_at = c.st.next_restart_time.as_ref().map(|t| t.0);
             if let Some(at) = restart_at.filter(|at| *at > now) {
                 let wait = seconds_between(now, at).max(1) as u64;
                 c.st.phase = Some(RunPhase::Pending);
-                c.set(ConditionType::Progressing, true, "RestartBackoff", &format!("restarting the trainer in {wait}s"));
+                c.set(
+                    ConditionType::Progressing,
+                    true,
+                    "RestartBackoff",
+                    &format!("restarting the trainer in {wait}s"),
+                );
                 plan.requeue_after = shorter(plan.requeue_after, Duration::from_secs(wait));
             } else if !obs.missing_pools.is_empty() {
                 let msg = format!("SandboxPool(s) not found: {}", obs.missing_pools.join(", "));
@@ -279,9 +427,10 @@ pub fn decide_run(spec: &SelfPlayRunSpec, previous: Option<&SelfPlayRunStatus>, 
                     (Some(own), _) => Ok(Some(own.clone())),
                     (None, ResumeFrom::None) => Ok(None),
                     (None, ResumeFrom::Ready(p)) => Ok(Some(p.clone())),
-                    (None, ResumeFrom::NotReady(name)) => {
-                        Err(("CheckpointNotReady", format!("resumeFrom checkpoint {name} does not exist or is not Ready")))
-                    }
+                    (None, ResumeFrom::NotReady(name)) => Err((
+                        "CheckpointNotReady",
+                        format!("resumeFrom checkpoint {name} does not exist or is not Ready"),
+                    )),
                     (None, ResumeFrom::OtherVolume { checkpoint, pvc }) => Err((
                         "CheckpointOnOtherVolume",
                         format!(
@@ -293,17 +442,34 @@ pub fn decide_run(spec: &SelfPlayRunSpec, previous: Option<&SelfPlayRunStatus>, 
                     Ok(resume) => {
                         let attempt = c.st.restarts;
                         let note = match &resume {
-                            Some(r) => format!("attempt {attempt}, resuming from {} (step {})", r.checkpoint, r.step),
+                            Some(r) => format!(
+                                "attempt {attempt}, resuming from {} (step {})",
+                                r.checkpoint, r.step
+                            ),
                             None => format!("attempt {attempt}, from the initial model"),
                         };
                         c.st.next_restart_time = None;
                         c.st.phase = Some(RunPhase::Pending);
                         c.set(ConditionType::Progressing, true, "TrainerCreated", &note);
                         if c.st.restarts == 0 {
-                            c.set(ConditionType::Degraded, !warnings.is_empty(), if warnings.is_empty() { "Healthy" } else { "Unsupported" }, &warnings);
+                            c.set(
+                                ConditionType::Degraded,
+                                !warnings.is_empty(),
+                                if warnings.is_empty() {
+                                    "Healthy"
+                                } else {
+                                    "Unsupported"
+                                },
+                                &warnings,
+                            );
                         }
-                        plan.events.push(RunEvent { warning: false, reason: "TrainerCreated", note });
-                        plan.actions.push(RunAction::CreateTrainer { attempt, resume });
+                        plan.events.push(RunEvent {
+                            warning: false,
+                            reason: "TrainerCreated",
+                            note,
+                        });
+                        plan.actions
+                            .push(RunAction::CreateTrainer { attempt, resume });
                     }
                     Err((reason, msg)) => {
                         c.st.phase = Some(RunPhase::Pending);
@@ -315,15 +481,49 @@ pub fn decide_run(spec: &SelfPlayRunSpec, previous: Option<&SelfPlayRunStatus>, 
             }
         }
     }
+    // Wake up when the deadline runs out (the clock may have started in this very reconcile).
+    if let (Some(deadline), Some(start), false) = (
+        spec.active_deadline_seconds,
+        st.start_time.as_ref(),
+        spec.suspend,
+    ) && !st.phase.is_some_and(RunPhase::is_terminal)
+    {
+        let active = seconds_between(start.0, now) - st.suspended_seconds;
+        plan.requeue_after = shorter(
+            plan.requeue_after,
+            Duration::from_secs((deadline - active).max(1) as u64),
+        );
+    }
     plan.status = st;
     plan
 }
 
 /// Moves the run to Succeeded or Failed.
-fn finish(st: &mut SelfPlayRunStatus, plan: &mut RunPlan, obs: &RunObservation, success: bool, reason: &'static str, msg: &str) {
-    let mut c = Conds { st, generation: obs.generation, now: obs.now };
-    c.set(ConditionType::Succeeded, success, reason, if success { msg } else { "" });
-    c.set(ConditionType::Failed, !success, reason, if success { "" } else { msg });
+fn finish(
+    st: &mut SelfPlayRunStatus,
+    plan: &mut RunPlan,
+    obs: &RunObservation,
+    success: bool,
+    reason: &'static str,
+    msg: &str,
+) {
+    let mut c = Conds {
+        st,
+        generation: obs.generation,
+        now: obs.now,
+    };
+    c.set(
+        ConditionType::Succeeded,
+        success,
+        reason,
+        if success { msg } else { "" },
+    );
+    c.set(
+        ConditionType::Failed,
+        !success,
+        reason,
+        if success { "" } else { msg },
+    );
     c.set(ConditionType::Progressing, false, reason, "");
     c.set(ConditionType::Suspended, false, reason, "");
     if success {
@@ -331,22 +531,39 @@ fn finish(st: &mut SelfPlayRunStatus, plan: &mut RunPlan, obs: &RunObservation, 
     } else {
         c.set(ConditionType::Degraded, true, reason, msg);
     }
-    st.phase = Some(if success { RunPhase::Succeeded } else { RunPhase::Failed });
+    st.phase = Some(if success {
+        RunPhase::Succeeded
+    } else {
+        RunPhase::Failed
+    });
     st.completion_time = Some(time(obs.now));
     st.next_restart_time = None;
-    plan.events.push(RunEvent { warning: !success, reason, note: msg.to_string() });
+    plan.events.push(RunEvent {
+        warning: !success,
+        reason,
+        note: msg.to_string(),
+    });
 }
 
 /// Status of a run whose spec is invalid: Pending and Degraded, no trainer. Not terminal, so
 /// fixing the mutable fields lets it start.
-pub fn invalid_run_status(previous: Option<&SelfPlayRunStatus>, message: &str, generation: Option<i64>, now: Timestamp) -> SelfPlayRunStatus {
+pub fn invalid_run_status(
+    previous: Option<&SelfPlayRunStatus>,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> SelfPlayRunStatus {
     let mut st = previous.cloned().unwrap_or_default();
     if st.phase.is_some_and(RunPhase::is_terminal) {
         return st;
     }
     st.observed_generation = generation;
     st.phase = Some(RunPhase::Pending);
-    let mut c = Conds { st: &mut st, generation, now };
+    let mut c = Conds {
+        st: &mut st,
+        generation,
+        now,
+    };
     c.set(ConditionType::Progressing, false, "InvalidSpec", message);
     c.set(ConditionType::Degraded, true, "InvalidSpec", message);
     st

@@ -1,0 +1,476 @@
+//! The builders, from the YAML fixtures: what a sandbox pod, the pool's NetworkPolicy and
+//! Secret, and a trainer pod look like.
+
+mod common;
+
+use common::one;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use selfplay_crds::{SandboxPool, SelfPlayRun};
+use selfplay_operator::build::{
+    ResumePoint, pool_token_secret, sandbox_network_policy, sandbox_pod, trainer_config_map,
+    trainer_pod,
+};
+use selfplay_operator::config::OperatorConfig;
+use selfplay_operator::validate::{template_hash, validate_pool, validate_run};
+
+fn cfg() -> OperatorConfig {
+    OperatorConfig {
+        sidecar_image: "registry.example.com/selfplay/sidecar:1".into(),
+        sidecar_binary_path: "/sandbox-sidecar".into(),
+        trainer_image: "registry.example.com/selfplay/trainer:1".into(),
+        broker_address: "http://selfplay-operator.selfplay.svc:7443".into(),
+        image_pull_policy: None,
+    }
+}
+
+fn only_container(pod: &Pod) -> &Container {
+    let spec = pod.spec.as_ref().expect("spec");
+    assert_eq!(spec.containers.len(), 1);
+    &spec.containers[0]
+}
+
+fn q(c: &Container, which: &str, key: &str) -> Option<String> {
+    let r = c.resources.as_ref()?;
+    let m = if which == "limits" {
+        r.limits.as_ref()?
+    } else {
+        r.requests.as_ref()?
+    };
+    m.get(key).map(|q| q.0.clone())
+}
+
+fn assert_restricted(c: &Container) {
+    let sc = c.security_context.as_ref().expect("securityContext");
+    assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
+    assert_eq!(sc.run_as_non_root, Some(true), "{}", c.name);
+    assert_eq!(
+        sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+        Some(vec!["ALL".to_string()]),
+        "{}",
+        c.name
+    );
+    assert!(
+        sc.capabilities
+            .as_ref()
+            .and_then(|c| c.add.as_ref())
+            .is_none()
+    );
+    assert_eq!(
+        sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+        Some("RuntimeDefault")
+    );
+}
+
+#[test]
+fn sandbox_pod_runs_the_sidecar_from_the_repository_image_restricted() {
+    let pool: SandboxPool = one("pool-full.yaml");
+    let v = validate_pool(&pool, &cfg()).expect("valid");
+    let pod = sandbox_pod(&v, &cfg());
+    let spec = pod.spec.as_ref().expect("spec");
+
+    // The init container copies the static sidecar from the sidecar image into the emptyDir.
+    let init = &spec.init_containers.as_ref().expect("init")[0];
+    assert_eq!(
+        init.image.as_deref(),
+        Some("registry.example.com/selfplay/sidecar:1")
+    );
+    assert_eq!(
+        init.command.clone().expect("cmd"),
+        ["cp", "/sandbox-sidecar", "/selfplay/bin/sandbox-sidecar"]
+    );
+    assert_eq!(
+        init.volume_mounts.as_ref().expect("mounts")[0].mount_path,
+        "/selfplay/bin"
+    );
+    assert_restricted(init);
+    assert!(q(init, "limits", "memory").is_some());
+
+    // The repository image runs the sidecar as its entrypoint.
+    let c = only_container(&pod);
+    assert_eq!(
+        c.image.as_deref(),
+        Some("registry.example.com/envs/rustrepo:0.9")
+    );
+    assert_eq!(c.image_pull_policy.as_deref(), Some("IfNotPresent"));
+    assert_eq!(
+        c.command.clone().expect("command"),
+        [
+            "/selfplay/bin/sandbox-sidecar",
+            "serve",
+            "--listen",
+            "0.0.0.0:7443",
+            "--workspace",
+            "/src/repo",
+            "--token-file",
+            "/var/run/selfplay/token"
+        ]
+    );
+    assert_eq!(c.working_dir.as_deref(), Some("/src/repo"));
+    assert_eq!(c.env.as_ref().expect("env")[0].name, "CARGO_NET_OFFLINE");
+    assert_restricted(c);
+    let probe = c
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.tcp_socket.as_ref())
+        .expect("tcp readiness probe");
+    assert_eq!(probe.port, IntOrString::Int(7443));
+    assert_eq!(c.ports.as_ref().expect("ports")[0].container_port, 7443);
+    // Requests given, limits filled from them.
+    assert_eq!(q(c, "requests", "cpu").as_deref(), Some("2"));
+    assert_eq!(q(c, "limits", "cpu").as_deref(), Some("2"));
+    assert_eq!(q(c, "limits", "memory").as_deref(), Some("4Gi"));
+    let mounts: Vec<(&str, Option<bool>)> = c
+        .volume_mounts
+        .as_ref()
+        .expect("mounts")
+        .iter()
+        .map(|m| (m.mount_path.as_str(), m.read_only))
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            ("/selfplay/bin", Some(true)),
+            ("/var/run/selfplay", Some(true))
+        ]
+    );
+
+    // Pod level.
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    assert_eq!(spec.active_deadline_seconds, Some(900));
+    assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    assert_eq!(spec.runtime_class_name.as_deref(), Some("gvisor"));
+    let psc = spec.security_context.as_ref().expect("pod securityContext");
+    assert_eq!(psc.run_as_user, Some(1001));
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_eq!(
+        psc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+        Some("RuntimeDefault")
+    );
+    assert_eq!(
+        spec.node_selector
+            .as_ref()
+            .and_then(|n| n.get("pool"))
+            .map(String::as_str),
+        Some("sandboxes")
+    );
+    assert_eq!(spec.tolerations.as_ref().map(Vec::len), Some(1));
+    assert_eq!(
+        spec.image_pull_secrets.as_ref().map(|s| s[0].name.as_str()),
+        Some("regcred")
+    );
+    let volumes = spec.volumes.as_ref().expect("volumes");
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v.name == "selfplay-bin" && v.empty_dir.is_some())
+    );
+    let secret = volumes
+        .iter()
+        .find_map(|v| v.secret.as_ref())
+        .expect("token volume");
+    assert_eq!(
+        secret.secret_name.as_deref(),
+        Some("rustrepo-sandbox-token")
+    );
+
+    // Metadata: generated name, owner, labels (the operator's win over the template's).
+    let meta = &pod.metadata;
+    assert_eq!(meta.generate_name.as_deref(), Some("rustrepo-"));
+    assert_eq!(meta.namespace.as_deref(), Some("team-a"));
+    let owner = &meta.owner_references.as_ref().expect("owner")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("SandboxPool", "rustrepo", Some(true))
+    );
+    assert_eq!(owner.uid, "6f1c2a3e-0000-4000-8000-000000000002");
+    let labels = meta.labels.as_ref().expect("labels");
+    assert_eq!(labels["selfplay.dev/pool"], "rustrepo");
+    assert_eq!(labels["selfplay.dev/component"], "sandbox");
+    assert_eq!(labels["selfplay.dev/template-hash"], v.template_hash);
+    assert_eq!(labels["team"], "a");
+    assert_eq!(
+        meta.annotations.as_ref().expect("annotations")["example.com/note"],
+        "sandbox"
+    );
+}
+
+#[test]
+fn sandbox_resources_default_to_one_cpu_two_gi_with_limits() {
+    let pool: SandboxPool = one("pool-basic.yaml");
+    let v = validate_pool(&pool, &cfg()).expect("valid");
+    let pod = sandbox_pod(&v, &cfg());
+    let c = only_container(&pod);
+    for which in ["requests", "limits"] {
+        assert_eq!(q(c, which, "cpu").as_deref(), Some("1"));
+        assert_eq!(q(c, which, "memory").as_deref(), Some("2Gi"));
+    }
+    assert_eq!(c.working_dir.as_deref(), Some("/workspace"));
+    assert_eq!(
+        pod.spec.as_ref().and_then(|s| s.active_deadline_seconds),
+        Some(3600)
+    );
+    assert_eq!(
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.security_context.as_ref())
+            .and_then(|s| s.run_as_user),
+        Some(65532)
+    );
+}
+
+#[test]
+fn template_hash_follows_the_template_and_the_sidecar_image_only() {
+    let pool: SandboxPool = one("pool-basic.yaml");
+    let base = template_hash(&pool.spec, &cfg());
+    let mut warmer = pool.spec.clone();
+    warmer.warm = 9;
+    assert_eq!(
+        template_hash(&warmer, &cfg()),
+        base,
+        "scaling is not a template change"
+    );
+    let mut new_image = pool.spec.clone();
+    new_image.template.image = "registry.example.com/envs/pyrepo:1.3".into();
+    assert_ne!(template_hash(&new_image, &cfg()), base);
+    let mut c2 = cfg();
+    c2.sidecar_image = "registry.example.com/selfplay/sidecar:2".into();
+    assert_ne!(
+        template_hash(&pool.spec, &c2),
+        base,
+        "a new sidecar rolls the pool"
+    );
+    assert_eq!(base.len(), 10);
+}
+
+#[test]
+fn network_policy_denies_egress_and_admits_only_the_pools_trainers() {
+    let pool: SandboxPool = one("pool-basic.yaml");
+    let v = validate_pool(&pool, &cfg()).expect("valid");
+    let np = sandbox_network_policy(&v, &["qwen-ssr".into(), "smoke".into(), "qwen-ssr".into()]);
+    let spec = np.spec.as_ref().expect("spec");
+    assert_eq!(
+        spec.policy_types.clone().expect("types"),
+        ["Ingress", "Egress"]
+    );
+    assert_eq!(
+        spec.egress.as_ref().map(Vec::len),
+        Some(0),
+        "no egress at all"
+    );
+    let sel = spec
+        .pod_selector
+        .as_ref()
+        .and_then(|s| s.match_labels.as_ref())
+        .expect("selector");
+    assert_eq!(sel["selfplay.dev/pool"], "pyrepo");
+    assert_eq!(sel["selfplay.dev/component"], "sandbox");
+    let rules = spec.ingress.as_ref().expect("ingress");
+    assert_eq!(rules.len(), 1);
+    let peer = &rules[0].from.as_ref().expect("from")[0];
+    assert!(
+        peer.namespace_selector.is_none() && peer.ip_block.is_none(),
+        "same namespace pods only"
+    );
+    let ps = peer.pod_selector.as_ref().expect("podSelector");
+    assert_eq!(
+        ps.match_labels.as_ref().expect("labels")["selfplay.dev/component"],
+        "trainer"
+    );
+    let expr = &ps.match_expressions.as_ref().expect("expressions")[0];
+    assert_eq!(
+        (expr.key.as_str(), expr.operator.as_str()),
+        ("selfplay.dev/run", "In")
+    );
+    assert_eq!(expr.values.clone().expect("values"), ["qwen-ssr", "smoke"]);
+    let port = &rules[0].ports.as_ref().expect("ports")[0];
+    assert_eq!(
+        (port.port.clone(), port.protocol.as_deref()),
+        (Some(IntOrString::Int(7070)), Some("TCP"))
+    );
+
+    let closed = sandbox_network_policy(&v, &[]);
+    assert_eq!(
+        closed
+            .spec
+            .as_ref()
+            .and_then(|s| s.ingress.as_ref())
+            .map(Vec::len),
+        Some(0),
+        "no runs: no ingress"
+    );
+}
+
+#[test]
+fn pool_token_secret_is_owned_and_immutable() {
+    let pool: SandboxPool = one("pool-basic.yaml");
+    let v = validate_pool(&pool, &cfg()).expect("valid");
+    let s = pool_token_secret(&v.name, &v.namespace, &v.owner, "t0k3n");
+    assert_eq!(s.metadata.name.as_deref(), Some("pyrepo-sandbox-token"));
+    assert_eq!(s.immutable, Some(true));
+    assert_eq!(s.string_data.as_ref().expect("data")["token"], "t0k3n");
+    assert_eq!(
+        s.metadata.owner_references.as_ref().expect("owner")[0].name,
+        "pyrepo"
+    );
+    let a = selfplay_operator::build::generate_token();
+    let b = selfplay_operator::build::generate_token();
+    assert_eq!(a.len(), 64);
+    assert_ne!(a, b);
+}
+
+#[test]
+fn trainer_pod_has_gpus_volumes_broker_credentials_and_resumes() {
+    let run: SelfPlayRun = one("run-gpu.yaml");
+    let v = validate_run(&run).expect("valid");
+    let resume = ResumePoint {
+        checkpoint: "qwen-ssr-step-30".into(),
+        location: "/checkpoints/qwen-ssr/step-30".into(),
+        step: 30,
+    };
+    let pod = trainer_pod(&v, 1, Some(&resume), &cfg());
+    assert_eq!(pod.metadata.name.as_deref(), Some("qwen-ssr-trainer-1"));
+    let labels = pod.metadata.labels.as_ref().expect("labels");
+    assert_eq!(
+        (
+            labels["selfplay.dev/run"].as_str(),
+            labels["selfplay.dev/attempt"].as_str()
+        ),
+        ("qwen-ssr", "1")
+    );
+    assert_eq!(labels["selfplay.dev/component"], "trainer");
+    let spec = pod.spec.as_ref().expect("spec");
+    assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    let c = only_container(&pod);
+    assert_restricted(c);
+    assert_eq!(
+        c.image.as_deref(),
+        Some("registry.example.com/selfplay/trainer:1")
+    );
+    assert_eq!(c.command.clone().expect("command"), ["trainer"]);
+    let args = c.args.clone().expect("args");
+    assert_eq!(args[0], "cluster");
+    let arg = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .map(|i| args[i + 1].clone())
+    };
+    assert_eq!(arg("--run-file").as_deref(), Some("/etc/selfplay/run.yaml"));
+    assert_eq!(
+        arg("--checkpoint-dir").as_deref(),
+        Some("/checkpoints/qwen-ssr")
+    );
+    assert_eq!(
+        arg("--model-dir").as_deref(),
+        Some("/model/models/qwen2.5-0.5b")
+    );
+    assert_eq!(
+        arg("--resume-from").as_deref(),
+        Some("/checkpoints/qwen-ssr/step-30")
+    );
+    // GPUs: requests equal limits; CPU and memory from the spec, memory limit filled in.
+    assert_eq!(q(c, "limits", "nvidia.com/gpu").as_deref(), Some("2"));
+    assert_eq!(q(c, "requests", "nvidia.com/gpu").as_deref(), Some("2"));
+    assert_eq!(q(c, "requests", "cpu").as_deref(), Some("8"));
+    assert_eq!(q(c, "limits", "memory").as_deref(), Some("32Gi"));
+    // Broker address and credentials.
+    let env = c.env.as_ref().expect("env");
+    let find = |n: &str| env.iter().find(|e| e.name == n).expect(n);
+    assert_eq!(
+        find("SELFPLAY_BROKER_ADDR").value.as_deref(),
+        Some("http://selfplay-operator.selfplay.svc:7443")
+    );
+    let token = find("SELFPLAY_BROKER_TOKEN")
+        .value_from
+        .as_ref()
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .expect("secret ref");
+    assert_eq!(
+        (token.name.as_str(), token.key.as_str()),
+        ("qwen-ssr-trainer-token", "token")
+    );
+    assert_eq!(find("SELFPLAY_RUN_NAME").value.as_deref(), Some("qwen-ssr"));
+    // Volumes: checkpoints on the PVC (rw), the model PVC read-only at /model, the run file.
+    let mounts = c.volume_mounts.as_ref().expect("mounts");
+    let mount = |p: &str| mounts.iter().find(|m| m.mount_path == p).expect(p);
+    assert_eq!(mount("/model").read_only, Some(true));
+    assert_eq!(mount("/checkpoints").read_only, None);
+    assert_eq!(mount("/etc/selfplay").read_only, Some(true));
+    let volumes = spec.volumes.as_ref().expect("volumes");
+    let pvc = |n: &str| {
+        volumes
+            .iter()
+            .find(|v| v.name == n)
+            .and_then(|v| v.persistent_volume_claim.clone())
+            .expect(n)
+    };
+    assert_eq!(
+        (pvc("model").claim_name.as_str(), pvc("model").read_only),
+        ("models", Some(true))
+    );
+    assert_eq!(pvc("checkpoints").claim_name, "ckpts");
+    assert_eq!(
+        spec.node_selector.as_ref().expect("nodeSelector")["nvidia.com/gpu.product"],
+        "H100"
+    );
+    assert_eq!(
+        pod.metadata.owner_references.as_ref().expect("owner")[0].kind,
+        "SelfPlayRun"
+    );
+
+    // The run file holds the spec as written.
+    let cm = trainer_config_map(&v).expect("configmap");
+    let text = &cm.data.as_ref().expect("data")["run.yaml"];
+    let back: SelfPlayRun = serde_yaml::from_str(text).expect("run file parses as a SelfPlayRun");
+    assert_eq!(back.spec, run.spec);
+}
+
+#[test]
+fn tiny_run_without_gpu_uses_an_empty_dir_and_no_model_volume() {
+    let run: SelfPlayRun = one("run-tiny.yaml");
+    let v = validate_run(&run).expect("valid");
+    let pod = trainer_pod(&v, 0, None, &cfg());
+    let c = only_container(&pod);
+    assert_eq!(q(c, "limits", "nvidia.com/gpu"), None);
+    let args = c.args.clone().expect("args");
+    assert!(
+        !args.contains(&"--resume-from".to_string()) && !args.contains(&"--model-dir".to_string())
+    );
+    let volumes = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.clone())
+        .expect("volumes");
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v.name == "checkpoints" && v.empty_dir.is_some())
+    );
+    assert!(!volumes.iter().any(|v| v.name == "model"));
+}
+
+#[test]
+fn invalid_specs_are_refused_with_every_problem_named() {
+    let pool: SandboxPool = one("pool-invalid.yaml");
+    let err = validate_pool(&pool, &cfg()).expect_err("invalid");
+    let text = err.to_string();
+    assert!(text.contains("workdir"), "{text}");
+    assert!(text.contains("exceeds max"), "{text}");
+    assert!(text.contains("sandboxTtlSeconds"), "{text}");
+    assert_eq!(err.problems.len(), 3, "{text}");
+
+    let mut run: SelfPlayRun = one("run-tiny.yaml");
+    run.spec.model.path = Some("/m".into());
+    run.metadata.name = Some("x".repeat(64));
+    let err = validate_run(&run).expect_err("invalid");
+    assert!(
+        err.to_string()
+            .contains("exactly one of model.path and model.tiny")
+    );
+    assert!(err.to_string().contains("longer than 63"));
+
+    let mut run: SelfPlayRun = one("run-tiny.yaml");
+    run.spec.trainer.nodes = 4;
+    assert_eq!(validate_run(&run).expect("still valid").warnings.len(), 1);
+}
