@@ -1,0 +1,333 @@
+//! One GRPO update: select the samples, accumulate the objective's gradient over
+//! micro-batches, check it, clip it, apply AdamW, bump the policy version.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use candle_core::{D, DType, Tensor};
+
+use crate::engine::policy::Policy;
+use crate::policy::CandlePolicy;
+
+use super::objective::token_terms;
+use super::optimizer::{AdamW, clip_factor, global_grad_norm};
+use super::sample::Sample;
+use super::schedule::learning_rate;
+use super::{GrpoError, GrpoSettings};
+
+/// What one update did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepStats {
+    /// Updates applied so far, this one included.
+    pub step: u64,
+    /// The policy version after the update.
+    pub policy_version: u64,
+    /// Σ token losses / policy tokens of the global batch.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub learning_rate: f64,
+    pub samples: usize,
+    pub tokens: usize,
+    /// Groups whose advantages were all zero, dropped.
+    pub dropped_zero_advantage_groups: usize,
+    /// Samples more than `max_staleness` versions old, not trained on.
+    pub stale_samples: usize,
+    /// Fraction of policy tokens whose gradient the clip (or dual clip) removed.
+    pub clip_fraction: f64,
+    /// Mean entropy of the policy's distribution over the trained tokens.
+    pub entropy: f64,
+    /// Mean k3 KL to the reference (0 without a KL term).
+    pub kl: f64,
+    pub ratio_mean: f64,
+    pub staleness_mean: f64,
+    pub staleness_max: u64,
+}
+
+/// The samples of one update after filtering, and the global token count the loss divides by.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub samples: Vec<Sample>,
+    pub global_tokens: usize,
+    pub dropped_zero_advantage_groups: usize,
+    pub stale_samples: usize,
+    pub staleness_mean: f64,
+    pub staleness_max: u64,
+}
+
+/// Gradients and statistics summed over the micro-batches of one update.
+#[derive(Default)]
+pub struct Accumulator {
+    grads: Option<Vec<Tensor>>,
+    loss: f64,
+    tokens: usize,
+    clipped: usize,
+    entropy: f64,
+    kl: f64,
+    ratio: f64,
+}
+
+/// The learner: owns the optimiser state and updates the shared policy in place.
+pub struct GrpoTrainer {
+    policy: Arc<CandlePolicy>,
+    settings: GrpoSettings,
+    opt: AdamW,
+    step: u64,
+    nonfinite_steps: u64,
+}
+
+impl GrpoTrainer {
+    pub fn new(policy: Arc<CandlePolicy>, settings: GrpoSettings) -> Result<Self, GrpoError> {
+        let opt = AdamW::new(
+            policy.model().parameters(),
+            settings.adam_beta1,
+            settings.adam_beta2,
+            settings.adam_eps,
+            settings.weight_decay,
+        )?;
+        Ok(Self {
+            policy,
+            settings,
+            opt,
+            step: 0,
+            nonfinite_steps: 0,
+        })
+    }
+
+    pub fn policy(&self) -> &Arc<CandlePolicy> {
+        &self.policy
+    }
+
+    pub fn settings(&self) -> &GrpoSettings {
+        &self.settings
+    }
+
+    /// Updates applied so far.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Updates refused because the loss or a gradient was NaN or infinite.
+    pub fn nonfinite_steps(&self) -> u64 {
+        self.nonfinite_steps
+    }
+
+    pub(crate) fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+
+    pub(crate) fn restore(
+        &mut self,
+        step: u64,
+        adam_t: u64,
+        m: Vec<Tensor>,
+        v: Vec<Tensor>,
+    ) -> Result<(), GrpoError> {
+        if m.len() != self.opt.m.len() || v.len() != self.opt.v.len() {
+            return Err(GrpoError::Checkpoint(
+                "optimizer state does not match the model's parameters".into(),
+            ));
+        }
+        for (dst, src) in self.opt.m.iter().zip(&m).chain(self.opt.v.iter().zip(&v)) {
+            if dst.shape() != src.shape() {
+                return Err(GrpoError::Checkpoint(format!(
+                    "optimizer state of shape {:?}, expected {:?}",
+                    src.dims(),
+                    dst.dims()
+                )));
+            }
+            dst.set(&src.to_device(dst.device())?.to_dtype(dst.dtype())?)?;
+        }
+        self.opt.t = adam_t;
+        self.step = step;
+        Ok(())
+    }
+
+    /// A full update over `samples` (micro-batches of `micro_batch_size` sequences).
+    pub fn train_step(&mut self, samples: &[Sample]) -> Result<StepStats, GrpoError> {
+        let batch = self.select(samples)?;
+        let mut acc = Accumulator::default();
+        for mb in batch.samples.chunks(self.settings.micro_batch_size) {
+            self.accumulate(&mut acc, mb, batch.global_tokens)?;
+        }
+        self.apply(acc, &batch)
+    }
+
+    /// Validates `samples`, drops stale ones and groups whose advantages are all zero.
+    pub fn select(&self, samples: &[Sample]) -> Result<Batch, GrpoError> {
+        for (i, s) in samples.iter().enumerate() {
+            s.validate()
+                .map_err(|e| GrpoError::Input(format!("sample {i}: {e}")))?;
+        }
+        let version = self.policy.version();
+        let mut by_group: BTreeMap<u64, Vec<&Sample>> = BTreeMap::new();
+        let (mut stale, mut st_sum, mut st_max) = (0, 0u64, 0u64);
+        for s in samples {
+            let age = version.saturating_sub(s.policy_version);
+            if age > self.settings.max_staleness {
+                stale += 1;
+                continue;
+            }
+            st_sum += age;
+            st_max = st_max.max(age);
+            by_group.entry(s.group).or_default().push(s);
+        }
+        let kept_before = by_group.values().map(Vec::len).sum::<usize>();
+        let mut dropped_groups = 0;
+        let mut kept = Vec::new();
+        // Samples keep their input order within the batch.
+        let keep: std::collections::HashSet<u64> = by_group
+            .iter()
+            .filter_map(|(g, members)| {
+                if members.iter().all(|s| s.advantage == 0.0) {
+                    dropped_groups += 1;
+                    None
+                } else {
+                    Some(*g)
+                }
+            })
+            .collect();
+        for s in samples {
+            if keep.contains(&s.group)
+                && version.saturating_sub(s.policy_version) <= self.settings.max_staleness
+            {
+                kept.push(s.clone());
+            }
+        }
+        let global_tokens = kept.iter().map(Sample::policy_tokens).sum();
+        Ok(Batch {
+            samples: kept,
+            global_tokens,
+            dropped_zero_advantage_groups: dropped_groups,
+            stale_samples: stale,
+            staleness_mean: if kept_before > 0 {
+                st_sum as f64 / kept_before as f64
+            } else {
+                0.0
+            },
+            staleness_max: st_max,
+        })
+    }
+
+    /// Adds one micro-batch's share of the loss (Σ token losses / `global_tokens`) and of its
+    /// gradient to `acc`.
+    pub fn accumulate(
+        &self,
+        acc: &mut Accumulator,
+        micro_batch: &[Sample],
+        global_tokens: usize,
+    ) -> Result<(), GrpoError> {
+        let picks: Vec<(usize, usize)> = micro_batch
+            .iter()
+            .enumerate()
+            .flat_map(|(s, smp)| {
+                smp.policy_mask
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, m)| **m)
+                    .map(move |(i, _)| (s, i))
+            })
+            .collect();
+        if picks.is_empty() || global_tokens == 0 {
+            return Ok(());
+        }
+        let seqs: Vec<Vec<u32>> = micro_batch.iter().map(|s| s.tokens.clone()).collect();
+        let model = self.policy.model();
+        let scores = model.score_positions(&seqs, &picks, true)?;
+        let logp = scores.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?;
+        let values = scores.detach().to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        let norm = global_tokens as f64;
+        let mut coef = Vec::with_capacity(picks.len());
+        for (k, &(s, i)) in picks.iter().enumerate() {
+            let smp = &micro_batch[s];
+            let t = token_terms(
+                values[k][0],
+                smp.old_logprobs[i] as f64,
+                smp.advantage,
+                smp.ref_logprobs.as_ref().map(|r| r[i] as f64),
+                &self.settings,
+            );
+            acc.loss += t.loss / norm;
+            acc.clipped += usize::from(t.clipped);
+            acc.entropy += values[k][1];
+            acc.kl += t.kl;
+            acc.ratio += t.ratio;
+            coef.push(t.dloss_dlogp / norm);
+        }
+        acc.tokens += picks.len();
+        // Σ coef·logp has the objective's gradient; its value is reported from `acc.loss`.
+        let coef = Tensor::from_vec(coef, picks.len(), model.device())?.to_dtype(logp.dtype())?;
+        let surrogate = (logp * coef)?.sum_all()?;
+        let grads = surrogate.backward()?;
+        let params = model.parameters();
+        let mut mb_grads = Vec::with_capacity(params.len());
+        for (name, p) in params {
+            match grads.get(p.as_tensor()) {
+                Some(g) => mb_grads.push(g.clone()),
+                None => {
+                    return Err(GrpoError::Input(format!(
+                        "parameter `{name}` got no gradient"
+                    )));
+                }
+            }
+        }
+        acc.grads = Some(match acc.grads.take() {
+            None => mb_grads,
+            Some(sum) => sum
+                .iter()
+                .zip(&mb_grads)
+                .map(|(a, b)| a + b)
+                .collect::<candle_core::Result<_>>()?,
+        });
+        Ok(())
+    }
+
+    /// Checks the accumulated loss and gradient, clips, applies AdamW and bumps the version.
+    /// A NaN or infinite loss or gradient refuses the update (counted) and leaves the weights
+    /// and the optimiser state untouched.
+    pub fn apply(&mut self, acc: Accumulator, batch: &Batch) -> Result<StepStats, GrpoError> {
+        let n = acc.tokens.max(1) as f64;
+        let mut stats = StepStats {
+            loss: acc.loss,
+            samples: batch.samples.len(),
+            tokens: acc.tokens,
+            dropped_zero_advantage_groups: batch.dropped_zero_advantage_groups,
+            stale_samples: batch.stale_samples,
+            clip_fraction: acc.clipped as f64 / n,
+            entropy: acc.entropy / n,
+            kl: acc.kl / n,
+            ratio_mean: acc.ratio / n,
+            staleness_mean: batch.staleness_mean,
+            staleness_max: batch.staleness_max,
+            step: self.step,
+            policy_version: self.policy.version(),
+            ..StepStats::default()
+        };
+        let Some(grads) = acc.grads else {
+            tracing::warn!("GRPO step with no policy tokens to train on; no update");
+            return Ok(stats);
+        };
+        let norm = global_grad_norm(&grads)?;
+        stats.grad_norm = norm;
+        if !acc.loss.is_finite() || !norm.is_finite() {
+            self.nonfinite_steps += 1;
+            return Err(GrpoError::NonFinite {
+                step: self.step + 1,
+                loss: acc.loss,
+                grad_norm: norm,
+            });
+        }
+        let lr = learning_rate(&self.settings, self.step);
+        let scale = clip_factor(norm, self.settings.max_grad_norm);
+        let params = self.policy.model().parameters();
+        let opt = &mut self.opt;
+        self.policy
+            .with_weights_locked(|| opt.step(params, &grads, lr, scale))?;
+        self.step += 1;
+        self.policy.set_version(self.policy.version() + 1);
+        stats.step = self.step;
+        stats.policy_version = self.policy.version();
+        stats.learning_rate = lr;
+        Ok(stats)
+    }
+}

@@ -1,0 +1,370 @@
+//! The Qwen2 / Qwen2.5 decoder: grouped-query attention with RoPE, RMSNorm, SwiGLU MLP,
+//! q/k/v biases, tied or untied embeddings. Built from differentiable ops (see `ops`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::ModelError;
+use super::config::Qwen2Config;
+use super::kv_cache::KvCache;
+use super::ops::{self, AttentionMask, OpsMode, RopeTables};
+use super::rng::Rng;
+
+/// One layer's weights (transformers names in comments).
+#[derive(Clone, Debug)]
+struct Layer {
+    q_w: Tensor, // self_attn.q_proj.weight (heads·hd, d)
+    q_b: Tensor,
+    k_w: Tensor,
+    k_b: Tensor,
+    v_w: Tensor,
+    v_b: Tensor,
+    o_w: Tensor,
+    gate_w: Tensor, // mlp.gate_proj.weight (i, d)
+    up_w: Tensor,
+    down_w: Tensor,
+    in_norm: Tensor,   // input_layernorm.weight
+    post_norm: Tensor, // post_attention_layernorm.weight
+}
+
+/// All weights, either the trainable variables or detached views of the same storage.
+#[derive(Clone, Debug)]
+struct Weights {
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+}
+
+impl Weights {
+    fn build(cfg: &Qwen2Config, get: &dyn Fn(&str) -> Tensor) -> Self {
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let p = |s: &str| get(&format!("model.layers.{i}.{s}"));
+                Layer {
+                    q_w: p("self_attn.q_proj.weight"),
+                    q_b: p("self_attn.q_proj.bias"),
+                    k_w: p("self_attn.k_proj.weight"),
+                    k_b: p("self_attn.k_proj.bias"),
+                    v_w: p("self_attn.v_proj.weight"),
+                    v_b: p("self_attn.v_proj.bias"),
+                    o_w: p("self_attn.o_proj.weight"),
+                    gate_w: p("mlp.gate_proj.weight"),
+                    up_w: p("mlp.up_proj.weight"),
+                    down_w: p("mlp.down_proj.weight"),
+                    in_norm: p("input_layernorm.weight"),
+                    post_norm: p("post_attention_layernorm.weight"),
+                }
+            })
+            .collect();
+        Self {
+            embed: get("model.embed_tokens.weight"),
+            layers,
+            norm: get("model.norm.weight"),
+            lm_head: (!cfg.tie_word_embeddings).then(|| get("lm_head.weight")),
+        }
+    }
+}
+
+/// The names and shapes of every parameter, in transformers' order.
+pub fn parameter_shapes(cfg: &Qwen2Config) -> Vec<(String, Vec<usize>)> {
+    let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let q = cfg.num_attention_heads * cfg.head_dim;
+    let kv = cfg.num_key_value_heads * cfg.head_dim;
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, d],
+    )];
+    for l in 0..cfg.num_hidden_layers {
+        let p = |s: &str| format!("model.layers.{l}.{s}");
+        out.extend([
+            (p("self_attn.q_proj.weight"), vec![q, d]),
+            (p("self_attn.q_proj.bias"), vec![q]),
+            (p("self_attn.k_proj.weight"), vec![kv, d]),
+            (p("self_attn.k_proj.bias"), vec![kv]),
+            (p("self_attn.v_proj.weight"), vec![kv, d]),
+            (p("self_attn.v_proj.bias"), vec![kv]),
+            (p("self_attn.o_proj.weight"), vec![d, q]),
+            (p("mlp.gate_proj.weight"), vec![i, d]),
+            (p("mlp.up_proj.weight"), vec![i, d]),
+            (p("mlp.down_proj.weight"), vec![d, i]),
+            (p("input_layernorm.weight"), vec![d]),
+            (p("post_attention_layernorm.weight"), vec![d]),
+        ]);
+    }
+    out.push(("model.norm.weight".to_string(), vec![d]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, d]));
+    }
+    out
+}
+
+/// A Qwen2 causal language model.
+pub struct Qwen2Model {
+    cfg: Qwen2Config,
+    dtype: DType,
+    device: Device,
+    params: Vec<(String, Var)>,
+    train: Weights,
+    infer: Weights,
+    rope: Arc<RopeTables>,
+    ops: OpsMode,
+}
+
+impl std::fmt::Debug for Qwen2Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qwen2Model")
+            .field("dtype", &self.dtype)
+            .field("params", &self.params.len())
+            .finish()
+    }
+}
+
+/// Rows of a batch run through the decoder.
+pub(crate) struct BatchInput<'a> {
+    /// `(b, t)` token ids.
+    pub ids: &'a Tensor,
+    /// Position of every token (`b·t`, row-major).
+    pub positions: Arc<Vec<u32>>,
+    pub mask: AttentionMask,
+}
+
+impl Qwen2Model {
+    /// Wraps named weights (transformers names) into a model. Every parameter of the
+    /// architecture must be present with its shape; a tied `lm_head.weight` is ignored.
+    pub fn from_tensors(
+        cfg: Qwen2Config,
+        mut tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let mut params = Vec::new();
+        for (name, shape) in parameter_shapes(&cfg) {
+            let t = tensors
+                .remove(&name)
+                .ok_or_else(|| ModelError::Weights(format!("tensor `{name}` is missing")))?;
+            if t.dims() != shape.as_slice() {
+                return Err(ModelError::Weights(format!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?}",
+                    t.dims()
+                )));
+            }
+            let t = t.to_device(device)?.to_dtype(dtype)?.contiguous()?;
+            params.push((name, Var::from_tensor(&t)?));
+        }
+        if cfg.tie_word_embeddings {
+            tensors.remove("lm_head.weight");
+        }
+        if let Some(extra) = tensors.keys().next() {
+            return Err(ModelError::Weights(format!(
+                "unexpected tensor `{extra}` ({} unexpected in all) for a qwen2 model",
+                tensors.len()
+            )));
+        }
+        let by_name: HashMap<&str, &Var> = params.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let train = Weights::build(&cfg, &|n| by_name[n].as_tensor().clone());
+        let infer = Weights::build(&cfg, &|n| by_name[n].as_detached_tensor());
+        let max_pos = cfg.max_position_embeddings;
+        let rope = Arc::new(RopeTables::new(
+            cfg.head_dim,
+            cfg.rope_theta,
+            max_pos,
+            dtype,
+            device,
+        )?);
+        Ok(Self {
+            cfg,
+            dtype,
+            device: device.clone(),
+            params,
+            train,
+            infer,
+            rope,
+            ops: OpsMode::Auto,
+        })
+    }
+
+    /// A randomly initialised model (transformers' Qwen2 init: weights N(0, 0.02), biases 0,
+    /// norms 1), deterministic in `seed`.
+    pub fn random(
+        cfg: Qwen2Config,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let mut rng = Rng::seed(seed);
+        let mut tensors = HashMap::new();
+        for (name, shape) in parameter_shapes(&cfg) {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if name.ends_with("norm.weight") {
+                vec![1.0; n]
+            } else if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else {
+                (0..n).map(|_| (0.02 * rng.normal()) as f32).collect()
+            };
+            tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+        }
+        Self::from_tensors(cfg, tensors, dtype, device)
+    }
+
+    pub fn config(&self) -> &Qwen2Config {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The trainable parameters with their transformers names.
+    pub fn parameters(&self) -> &[(String, Var)] {
+        &self.params
+    }
+
+    /// Chooses fused CPU kernels (`Auto`, the default) or composite ops.
+    pub fn set_ops_mode(&mut self, mode: OpsMode) {
+        self.ops = mode;
+    }
+
+    pub fn ops_mode(&self) -> OpsMode {
+        self.ops
+    }
+
+    pub(crate) fn rope(&self) -> &RopeTables {
+        &self.rope
+    }
+
+    fn weights(&self, grad: bool) -> &Weights {
+        if grad { &self.train } else { &self.infer }
+    }
+
+    /// Final hidden states `(b·t, d)` of a batch; with `cache`, keys and values are appended
+    /// to it and attention sees everything cached before. `grad` builds the backward graph.
+    pub(crate) fn hidden(
+        &self,
+        input: &BatchInput<'_>,
+        mut cache: Option<&mut KvCache>,
+        grad: bool,
+    ) -> Result<Tensor, ModelError> {
+        let w = self.weights(grad);
+        let cfg = &self.cfg;
+        let (b, t) = input.ids.dims2()?;
+        let (h, kvh, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let groups = h / kvh;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let ids = input.ids.flatten_all()?;
+        let mut x = w.embed.index_select(&ids, 0)?; // (b·t, d)
+        for (li, l) in w.layers.iter().enumerate() {
+            let hn = ops::rms_norm(&x, &l.in_norm, cfg.rms_norm_eps, self.ops)?;
+            let q = linear(&hn, &l.q_w, Some(&l.q_b))?.reshape((b, t, h, hd))?;
+            let k = linear(&hn, &l.k_w, Some(&l.k_b))?.reshape((b, t, kvh, hd))?;
+            let v = linear(&hn, &l.v_w, Some(&l.v_b))?
+                .reshape((b, t, kvh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let q = ops::rope_to_heads(&q, &self.rope, &input.positions, self.ops)?; // (b, h, t, hd)
+            let k = ops::rope_to_heads(&k, &self.rope, &input.positions, self.ops)?; // (b, kvh, t, hd)
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => c.append(li, &k, &v)?,
+                None => (k, v),
+            };
+            // Query heads sharing a key/value head are stacked along the rows: no repeat_kv copy.
+            let qg = q.reshape((b, kvh, groups * t, hd))?;
+            let scores = qg.matmul(&k.t()?)?;
+            let p = ops::masked_softmax(&scores, scale, &input.mask, self.ops)?;
+            let o = p
+                .matmul(&v)?
+                .reshape((b, h, t, hd))?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * t, h * hd))?;
+            x = (x + linear(&o, &l.o_w, None)?)?;
+            let hn = ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps, self.ops)?;
+            let a = ops::swiglu(
+                &linear(&hn, &l.gate_w, None)?,
+                &linear(&hn, &l.up_w, None)?,
+                self.ops,
+            )?;
+            x = (x + linear(&a, &l.down_w, None)?)?;
+        }
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        Ok(ops::rms_norm(&x, &w.norm, cfg.rms_norm_eps, self.ops)?)
+    }
+
+    /// Logits `(n, vocab)` of hidden-state rows `(n, d)`.
+    pub(crate) fn logits(&self, hidden: &Tensor, grad: bool) -> Result<Tensor, ModelError> {
+        let w = self.weights(grad);
+        Ok(linear(
+            hidden,
+            w.lm_head.as_ref().unwrap_or(&w.embed),
+            None,
+        )?)
+    }
+
+    /// Logits for every position of right-padded sequences: `(b, t_max, vocab)`. Positions
+    /// past a sequence's end hold values for padding and mean nothing.
+    pub fn forward_logits(&self, seqs: &[Vec<u32>]) -> Result<Tensor, ModelError> {
+        let (ids, t) = self.pad_batch(seqs)?;
+        let b = seqs.len();
+        let input = BatchInput {
+            ids: &ids,
+            positions: Arc::new(train_positions(b, t)),
+            mask: AttentionMask::causal(b, t),
+        };
+        let h = self.hidden(&input, None, false)?;
+        Ok(self
+            .logits(&h, false)?
+            .reshape((b, t, self.cfg.vocab_size))?)
+    }
+
+    /// Right-pads `seqs` into a `(b, t_max)` id tensor, checking ids and lengths.
+    pub(crate) fn pad_batch(&self, seqs: &[Vec<u32>]) -> Result<(Tensor, usize), ModelError> {
+        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        if seqs.is_empty() || t == 0 {
+            return Err(ModelError::Input("empty batch or empty sequence".into()));
+        }
+        if t > self.rope.max_positions() {
+            return Err(ModelError::Input(format!(
+                "sequence of {t} tokens exceeds the model's {} positions",
+                self.rope.max_positions()
+            )));
+        }
+        let vocab = self.cfg.vocab_size as u32;
+        let mut ids = vec![0u32; seqs.len() * t];
+        for (row, s) in seqs.iter().enumerate() {
+            if let Some(bad) = s.iter().find(|&&id| id >= vocab) {
+                return Err(ModelError::Input(format!(
+                    "token id {bad} is outside the vocabulary of {vocab}"
+                )));
+            }
+            ids[row * t..row * t + s.len()].copy_from_slice(s);
+        }
+        Ok((Tensor::from_vec(ids, (seqs.len(), t), &self.device)?, t))
+    }
+}
+
+/// Positions 0..t for each of `b` rows.
+pub(crate) fn train_positions(b: usize, t: usize) -> Vec<u32> {
+    (0..b).flat_map(|_| 0..t as u32).collect()
+}
+
+/// `x · wᵀ (+ bias)` for `x: (n, in)` and `w: (out, in)`, as one 2-D GEMM.
+fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let y = x.matmul(&w.t()?)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}

@@ -1,0 +1,41 @@
+//! The model's fused operations, each with a backward pass.
+//!
+//! candle-nn's fused ops (`rms_norm`, `rope`, `softmax_last_dim`, …) have no backward: a
+//! model built from them trains only its embedding, silently. Every op here therefore comes
+//! in two forms with the same maths:
+//! * on the CPU, a custom op whose forward and backward are plain Rust loops spread over
+//!   rayon (candle's own element-wise CPU ops run on one thread, which made the backward the
+//!   bottleneck of a training step);
+//! * elsewhere (CUDA), a composition of differentiable candle primitives.
+//!
+//! Tests check both forms against each other and against PyTorch (`tests/policy_*`).
+
+pub(crate) mod cpu;
+mod logprob;
+mod rms_norm;
+mod rope;
+mod softmax;
+mod swiglu;
+
+pub use logprob::token_logprobs_entropy;
+pub use rms_norm::rms_norm;
+pub use rope::{RopeTables, rope_to_heads};
+pub use softmax::{AttentionMask, masked_softmax};
+pub use swiglu::swiglu;
+
+/// Which implementation the ops use. `Auto` picks the fused CPU kernels on the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OpsMode {
+    #[default]
+    Auto,
+    /// Differentiable candle primitives only (the CUDA path; also a cross-check on the CPU).
+    Composite,
+}
+
+impl OpsMode {
+    pub(crate) fn fused(self, t: &candle_core::Tensor) -> bool {
+        self == OpsMode::Auto
+            && t.device().is_cpu()
+            && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+    }
+}
