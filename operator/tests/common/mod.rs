@@ -1,5 +1,7 @@
-//! Loading the YAML fixtures under `tests/fixtures/`.
+//! Loading the YAML fixtures under `tests/fixtures/`, and the mocked API server.
 #![allow(dead_code)]
+
+pub mod mock;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,687 @@
+//! Controller scenarios against a mocked API server (tower-test): the exact requests each
+//! reconcile makes, in order, and what it writes. Nothing here talks to a real cluster.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::mock::{self, Reply, list, step};
+use common::{docs, one, ts};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use kube::api::Api;
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
+use selfplay_crds::{Checkpoint, RunPhase, SandboxPool, SelfPlayRun, SelfPlayRunStatus};
+use selfplay_operator::broker::{Backend, Claim, ClaimOutcome, KubeBackend};
+use selfplay_operator::config::OperatorConfig;
+use selfplay_operator::controller::{self, Context, Error, leader};
+use selfplay_operator::metrics::Metrics;
+use selfplay_operator::validate::template_hash;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+const NS: &str = "team-a";
+
+struct Fixture {
+    ctx: Arc<Context>,
+    _writers: (Writer<Pod>, Writer<SandboxPool>, Writer<SelfPlayRun>),
+}
+
+fn context(client: Client, pools: Vec<SandboxPool>, runs: Vec<SelfPlayRun>) -> Fixture {
+    let (sandboxes, sw) = reflector::store::<Pod>();
+    let (pool_store, mut pw) = reflector::store::<SandboxPool>();
+    let (run_store, mut rw) = reflector::store::<SelfPlayRun>();
+    for p in pools {
+        pw.apply_watcher_event(&watcher::Event::Apply(p));
+    }
+    for r in runs {
+        rw.apply_watcher_event(&watcher::Event::Apply(r));
+    }
+    let reporter = Reporter {
+        controller: "selfplay-operator".into(),
+        instance: Some("test".into()),
+    };
+    let ctx = Context::new(
+        client,
+        OperatorConfig::default(),
+        Metrics::new(),
+        reporter,
+        sandboxes,
+        pool_store,
+        run_store,
+        Arc::new(Notify::new()),
+    );
+    Fixture {
+        ctx: Arc::new(ctx),
+        _writers: (sw, pw, rw),
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).expect("json")
+}
+
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/team-a/events?";
+
+async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), f)
+        .await
+        .expect("finished in time")
+}
+
+#[tokio::test]
+async fn pool_reconcile_creates_token_and_policy_replaces_failed_and_writes_status() {
+    let (client, handle) = mock::client();
+    let mut pool: SandboxPool = one("pool-basic.yaml");
+    pool.metadata.finalizers = Some(vec!["selfplay.dev/cleanup".into()]);
+    let run: SelfPlayRun = one("run-gpu.yaml");
+    let f = context(client, vec![pool.clone()], vec![run]);
+    let hash = template_hash(&pool.spec, &OperatorConfig::default());
+    let pods: Vec<Value> = docs::<Value>("sandboxes-mixed.yaml", &hash);
+    let pod = |name: &str| {
+        pods.iter()
+            .find(|p| p["metadata"]["name"] == name)
+            .cloned()
+            .expect("pod")
+    };
+
+    let server = mock::serve(
+        handle,
+        vec![
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/secrets/pyrepo-sandbox-token",
+                Reply::Error(404, "NotFound"),
+            ),
+            step("POST", "/api/v1/namespaces/team-a/secrets?", Reply::Echo),
+            step("POST", EVENTS, Reply::Echo),
+            step(
+                "PATCH",
+                "/apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies/pyrepo-sandbox?",
+                Reply::Echo,
+            ),
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/pods?",
+                list("Pod", pods.clone()),
+            ),
+            step(
+                "DELETE",
+                "/api/v1/namespaces/team-a/pods/pyrepo-crashed?",
+                Reply::Json(200, pod("pyrepo-crashed")),
+            ),
+            step(
+                "DELETE",
+                "/api/v1/namespaces/team-a/pods/pyrepo-expired?",
+                Reply::Json(200, pod("pyrepo-expired")),
+            ),
+            step(
+                "PATCH",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/sandboxpools/pyrepo/status?",
+                Reply::Json(200, to_json(&pool)),
+            ),
+            step("POST", EVENTS, Reply::Echo),
+            step("POST", EVENTS, Reply::Echo),
+        ],
+    );
+    let action = within(controller::pool::apply_pool(
+        &pool,
+        &f.ctx,
+        ts("2025-06-01T12:00:00Z"),
+    ))
+    .await;
+    assert!(action.is_ok(), "{action:?}");
+    let seen = server.await.expect("server");
+
+    let secret = &seen[1].body;
+    assert_eq!(secret["metadata"]["name"], "pyrepo-sandbox-token");
+    assert_eq!(
+        secret["stringData"]["token"].as_str().map(str::len),
+        Some(64)
+    );
+    assert_eq!(
+        secret["metadata"]["ownerReferences"][0]["uid"],
+        "6f1c2a3e-0000-4000-8000-000000000001"
+    );
+    assert_eq!(seen[2].body["reason"], "TokenCreated");
+    assert!(
+        seen[3].uri.contains("fieldManager=selfplay-operator")
+            && seen[3].uri.contains("force=true"),
+        "{}",
+        seen[3].uri
+    );
+    assert_eq!(
+        seen[3].body["spec"]["ingress"][0]["from"][0]["podSelector"]["matchExpressions"][0]["values"],
+        json!(["qwen-ssr"])
+    );
+    assert!(
+        seen[4].uri.contains(
+            "labelSelector=selfplay.dev%2Fcomponent%3Dsandbox%2Cselfplay.dev%2Fpool%3Dpyrepo"
+        ),
+        "{}",
+        seen[4].uri
+    );
+    // Failed and expired sandboxes are deleted unconditionally.
+    assert_eq!(seen[5].body.pointer("/preconditions"), None);
+    let status = &seen[7].body["status"];
+    assert_eq!(
+        (
+            status["replicas"].as_i64(),
+            status["readyReplicas"].as_i64(),
+            status["claimed"].as_i64()
+        ),
+        (Some(3), Some(2), Some(1))
+    );
+    assert_eq!(status["templateHash"], hash);
+    assert_eq!(seen[7].body["kind"], "SandboxPool");
+    assert_eq!(seen[8].body["reason"], "SandboxFailed");
+    assert_eq!(seen[8].body["type"], "Warning");
+    assert_eq!(seen[9].body["reason"], "SandboxesDeleted");
+    // The pool gauges follow.
+    let text = f.ctx.metrics.encode();
+    assert!(
+        text.contains(
+            r#"selfplay_pool_sandboxes{namespace="team-a",pool="pyrepo",state="ready"} 2"#
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn scale_down_never_deletes_a_sandbox_claimed_meanwhile() {
+    let (client, handle) = mock::client();
+    let mut pool: SandboxPool = one("pool-basic.yaml");
+    pool.spec.warm = 0;
+    let f = context(client, vec![pool.clone()], vec![]);
+    let hash = template_hash(&pool.spec, &OperatorConfig::default());
+    let pods: Vec<Value> = docs::<Value>("sandboxes-mixed.yaml", &hash)
+        .into_iter()
+        .filter(|p| p["metadata"]["name"] == "pyrepo-ready-new")
+        .collect();
+    let server = mock::serve(
+        handle,
+        vec![
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/secrets/pyrepo-sandbox-token",
+                Reply::Json(
+                    200,
+                    json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "pyrepo-sandbox-token"}}),
+                ),
+            ),
+            step(
+                "PATCH",
+                "/apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies/pyrepo-sandbox?",
+                Reply::Echo,
+            ),
+            step("GET", "/api/v1/namespaces/team-a/pods?", list("Pod", pods)),
+            // The broker claimed it between list and delete: the precondition fails.
+            step(
+                "DELETE",
+                "/api/v1/namespaces/team-a/pods/pyrepo-ready-new?",
+                Reply::Error(409, "Conflict"),
+            ),
+            step(
+                "PATCH",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/sandboxpools/pyrepo/status?",
+                Reply::Json(200, to_json(&pool)),
+            ),
+        ],
+    );
+    let action = within(controller::pool::apply_pool(
+        &pool,
+        &f.ctx,
+        ts("2025-06-01T12:00:00Z"),
+    ))
+    .await;
+    assert!(action.is_ok(), "{action:?}");
+    let seen = server.await.expect("server");
+    assert_eq!(
+        seen[3].body["preconditions"]["resourceVersion"], "12",
+        "conditional on the version decided on"
+    );
+}
+
+#[tokio::test]
+async fn new_finalizer_is_added_before_anything_else() {
+    let (client, handle) = mock::client();
+    let pool: SandboxPool = one("pool-basic.yaml");
+    let f = context(client, vec![pool.clone()], vec![]);
+    let server = mock::serve(
+        handle,
+        vec![step(
+            "PATCH",
+            "/apis/selfplay.dev/v1alpha1/namespaces/team-a/sandboxpools/pyrepo?",
+            Reply::Json(200, to_json(&pool)),
+        )],
+    );
+    within(controller::pool::reconcile(Arc::new(pool), f.ctx.clone()))
+        .await
+        .expect("reconcile");
+    let seen = server.await.expect("server");
+    assert!(
+        seen[0].body.to_string().contains("selfplay.dev/cleanup"),
+        "{}",
+        seen[0].body
+    );
+    assert!(
+        f.ctx
+            .metrics
+            .encode()
+            .contains(r#"selfplay_operator_reconciliations_total{kind="SandboxPool"} 1"#)
+    );
+}
+
+#[tokio::test]
+async fn run_reconcile_starts_the_trainer_from_the_latest_ready_checkpoint() {
+    let (client, handle) = mock::client();
+    let mut run: SelfPlayRun = one("run-gpu.yaml");
+    run.metadata.finalizers = Some(vec!["selfplay.dev/cleanup".into()]);
+    let pools: Vec<SandboxPool> = vec![one("pool-basic.yaml"), one("pool-full.yaml")];
+    let f = context(client, pools, vec![run.clone()]);
+    let ckpts: Vec<Value> = docs::<Value>("checkpoints.yaml", "");
+    let server = mock::serve(
+        handle,
+        vec![
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/pods?",
+                list("Pod", vec![]),
+            ),
+            step(
+                "GET",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/checkpoints?",
+                list("Checkpoint", ckpts),
+            ),
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/secrets/qwen-ssr-trainer-token",
+                Reply::Error(404, "NotFound"),
+            ),
+            step("POST", "/api/v1/namespaces/team-a/secrets?", Reply::Echo),
+            step(
+                "PATCH",
+                "/api/v1/namespaces/team-a/configmaps/qwen-ssr-trainer?",
+                Reply::Echo,
+            ),
+            step("POST", "/api/v1/namespaces/team-a/pods?", Reply::Echo),
+            step(
+                "PATCH",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/selfplayruns/qwen-ssr/status?",
+                Reply::Json(200, to_json(&run)),
+            ),
+            step("POST", EVENTS, Reply::Echo),
+        ],
+    );
+    let action = within(controller::run::apply_run(
+        &run,
+        &f.ctx,
+        ts("2025-06-01T12:00:00Z"),
+    ))
+    .await;
+    assert!(action.is_ok(), "{action:?}");
+    let seen = server.await.expect("server");
+    assert!(seen[0].uri.contains(
+        "labelSelector=selfplay.dev%2Fcomponent%3Dtrainer%2Cselfplay.dev%2Frun%3Dqwen-ssr"
+    ));
+    assert!(
+        seen[1]
+            .uri
+            .contains("labelSelector=selfplay.dev%2Frun%3Dqwen-ssr")
+    );
+    assert_eq!(seen[3].body["metadata"]["name"], "qwen-ssr-trainer-token");
+    let pod = &seen[5].body;
+    assert_eq!(pod["metadata"]["name"], "qwen-ssr-trainer-0");
+    let args: Vec<String> =
+        serde_json::from_value(pod["spec"]["containers"][0]["args"].clone()).expect("args");
+    let at = args
+        .iter()
+        .position(|a| a == "--resume-from")
+        .expect("resumes");
+    assert_eq!(
+        args[at + 1],
+        "/checkpoints/qwen-ssr/step-30",
+        "step 40 is not Ready; 30 is the latest Ready"
+    );
+    let status = &seen[6].body["status"];
+    assert_eq!(status["phase"], "Pending");
+    assert_eq!(status["latestCheckpoint"], "qwen-ssr-step-30");
+    assert!(
+        status.get("progress").is_none(),
+        "progress belongs to the broker's field manager"
+    );
+    assert!(seen[6].uri.contains("fieldManager=selfplay-operator"));
+    assert_eq!(seen[7].body["reason"], "TrainerCreated");
+    let text = f.ctx.metrics.encode();
+    assert!(
+        text.contains(r#"selfplay_run_phase{namespace="team-a",phase="Pending",run="qwen-ssr"} 1"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn finished_run_only_stops_a_leftover_trainer() {
+    let (client, handle) = mock::client();
+    let mut run: SelfPlayRun = one("run-gpu.yaml");
+    run.status = Some(SelfPlayRunStatus {
+        phase: Some(RunPhase::Succeeded),
+        ..Default::default()
+    });
+    let f = context(
+        client,
+        vec![one("pool-basic.yaml"), one("pool-full.yaml")],
+        vec![run.clone()],
+    );
+    let trainer = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "qwen-ssr-trainer-0", "namespace": NS, "labels": {"selfplay.dev/component": "trainer", "selfplay.dev/run": "qwen-ssr", "selfplay.dev/attempt": "0"}},
+        "status": {"phase": "Running"}});
+    let server = mock::serve(
+        handle,
+        vec![
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/pods?",
+                list("Pod", vec![trainer.clone()]),
+            ),
+            step(
+                "GET",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/checkpoints?",
+                list("Checkpoint", vec![]),
+            ),
+            step(
+                "DELETE",
+                "/api/v1/namespaces/team-a/pods/qwen-ssr-trainer-0?",
+                Reply::Json(200, trainer),
+            ),
+            step(
+                "PATCH",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/selfplayruns/qwen-ssr/status?",
+                Reply::Json(200, to_json(&run)),
+            ),
+        ],
+    );
+    within(controller::run::apply_run(
+        &run,
+        &f.ctx,
+        ts("2025-06-01T12:00:00Z"),
+    ))
+    .await
+    .expect("reconcile");
+    let seen = server.await.expect("server");
+    assert!(
+        seen.iter().all(|s| s.method != "POST"),
+        "nothing is created for a finished run"
+    );
+    assert_eq!(seen[3].body["status"]["phase"], "Succeeded");
+}
+
+#[tokio::test]
+async fn deleting_a_run_stops_its_trainer_then_releases_the_finalizer() {
+    let (client, handle) = mock::client();
+    let mut run: SelfPlayRun = one("run-gpu.yaml");
+    run.metadata.finalizers = Some(vec!["selfplay.dev/cleanup".into()]);
+    run.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        ts("2025-06-01T12:00:00Z"),
+    ));
+    let f = context(client, vec![], vec![run.clone()]);
+    let trainer = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "qwen-ssr-trainer-0", "namespace": NS}});
+    let server = mock::serve(
+        handle,
+        vec![
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/pods?",
+                list("Pod", vec![trainer.clone()]),
+            ),
+            step(
+                "DELETE",
+                "/api/v1/namespaces/team-a/pods/qwen-ssr-trainer-0?",
+                Reply::Json(200, trainer),
+            ),
+            step(
+                "PATCH",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/selfplayruns/qwen-ssr?",
+                Reply::Json(200, to_json(&run)),
+            ),
+        ],
+    );
+    within(controller::run::reconcile(Arc::new(run), f.ctx.clone()))
+        .await
+        .expect("reconcile");
+    let seen = server.await.expect("server");
+    assert!(
+        seen[2].body.to_string().contains("/metadata/finalizers/0"),
+        "{}",
+        seen[2].body
+    );
+}
+
+#[tokio::test]
+async fn registered_checkpoint_becomes_ready_and_retention_prunes_old_ones() {
+    let (client, handle) = mock::client();
+    let run: SelfPlayRun = one("run-gpu.yaml"); // keepLast 2
+    let f = context(client, vec![], vec![run]);
+    let ckpts: Vec<Checkpoint> = docs("checkpoints.yaml", "");
+    let mut fresh = ckpts
+        .iter()
+        .find(|c| c.metadata.name.as_deref() == Some("qwen-ssr-step-40"))
+        .cloned()
+        .expect("step 40");
+    fresh.metadata.annotations = Some(
+        [
+            ("selfplay.dev/size-bytes".to_string(), "123456".to_string()),
+            (
+                "selfplay.dev/registered-at".to_string(),
+                "2025-06-01T11:59:00Z".to_string(),
+            ),
+        ]
+        .into(),
+    );
+    let server = mock::serve(
+        handle,
+        vec![
+            step(
+                "PATCH",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/checkpoints/qwen-ssr-step-40/status?",
+                Reply::Json(200, to_json(&fresh)),
+            ),
+            step("POST", EVENTS, Reply::Echo),
+            step(
+                "GET",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/checkpoints?",
+                list("Checkpoint", ckpts.iter().map(to_json).collect()),
+            ),
+            step(
+                "DELETE",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/checkpoints/qwen-ssr-step-20?",
+                Reply::Json(200, to_json(&ckpts[2])),
+            ),
+            step(
+                "DELETE",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/checkpoints/qwen-ssr-step-10?",
+                Reply::Json(200, to_json(&ckpts[1])),
+            ),
+            step(
+                "DELETE",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/checkpoints/qwen-ssr-step-5?",
+                Reply::Json(200, to_json(&ckpts[0])),
+            ),
+            step("POST", EVENTS, Reply::Echo),
+        ],
+    );
+    within(controller::checkpoint::reconcile_checkpoint(
+        &fresh,
+        &f.ctx,
+        ts("2025-06-01T12:00:00Z"),
+    ))
+    .await
+    .expect("reconcile");
+    let seen = server.await.expect("server");
+    let st = &seen[0].body["status"];
+    assert_eq!(st["conditions"][0]["type"], "Ready");
+    assert_eq!(st["conditions"][0]["status"], "True");
+    assert_eq!(st["sizeBytes"], 123456);
+    assert_eq!(st["completionTime"], "2025-06-01T11:59:00Z");
+    assert_eq!(seen[6].body["reason"], "CheckpointsPruned");
+    assert_eq!(seen[6].body["regarding"]["kind"], "SelfPlayRun");
+}
+
+#[tokio::test]
+async fn leader_election_creates_takes_over_expired_and_respects_live_leases() {
+    let settings = leader::LeaseSettings {
+        name: "selfplay-operator-leader".into(),
+        identity: "me".into(),
+        duration: Duration::from_secs(15),
+        renew_every: Duration::from_secs(5),
+    };
+    let path = "/apis/coordination.k8s.io/v1/namespaces/ops/leases";
+    let lease = |holder: &str, renewed: &str| {
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+               "metadata": {"name": "selfplay-operator-leader", "namespace": "ops", "resourceVersion": "7"},
+               "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15, "renewTime": renewed, "leaseTransitions": 2}})
+    };
+
+    // No lease: create it.
+    let (client, handle) = mock::client();
+    let api: Api<Lease> = Api::namespaced(client, "ops");
+    let server = mock::serve(
+        handle,
+        vec![
+            step(
+                "GET",
+                format!("{path}/selfplay-operator-leader"),
+                Reply::Error(404, "NotFound"),
+            ),
+            step("POST", format!("{path}?"), Reply::Echo),
+        ],
+    );
+    assert!(
+        within(leader::try_acquire_or_renew(
+            &api,
+            &settings,
+            ts("2025-06-01T12:00:00Z")
+        ))
+        .await
+        .expect("ok")
+    );
+    let seen = server.await.expect("server");
+    assert_eq!(seen[1].body["spec"]["holderIdentity"], "me");
+
+    // Someone else's live lease: follow, write nothing.
+    let (client, handle) = mock::client();
+    let api: Api<Lease> = Api::namespaced(client, "ops");
+    let server = mock::serve(
+        handle,
+        vec![step(
+            "GET",
+            format!("{path}/selfplay-operator-leader"),
+            Reply::Json(200, lease("other", "2025-06-01T11:59:55.000000Z")),
+        )],
+    );
+    assert!(
+        !within(leader::try_acquire_or_renew(
+            &api,
+            &settings,
+            ts("2025-06-01T12:00:00Z")
+        ))
+        .await
+        .expect("ok")
+    );
+    server.await.expect("server");
+
+    // Expired: take over with a replace conditional on the version read; losing the race is a 409.
+    let (client, handle) = mock::client();
+    let api: Api<Lease> = Api::namespaced(client, "ops");
+    let server = mock::serve(
+        handle,
+        vec![
+            step(
+                "GET",
+                format!("{path}/selfplay-operator-leader"),
+                Reply::Json(200, lease("other", "2025-06-01T11:50:00.000000Z")),
+            ),
+            step(
+                "PUT",
+                format!("{path}/selfplay-operator-leader?"),
+                Reply::Error(409, "Conflict"),
+            ),
+        ],
+    );
+    assert!(
+        !within(leader::try_acquire_or_renew(
+            &api,
+            &settings,
+            ts("2025-06-01T12:00:00Z")
+        ))
+        .await
+        .expect("ok")
+    );
+    let seen = server.await.expect("server");
+    let put = &seen[1].body;
+    assert_eq!(put["metadata"]["resourceVersion"], "7");
+    assert_eq!(put["spec"]["holderIdentity"], "me");
+    assert_eq!(put["spec"]["leaseTransitions"], 3);
+}
+
+#[tokio::test]
+async fn broker_claim_is_a_patch_conditional_on_the_pods_resource_version() {
+    let pods: Vec<Pod> = docs("sandboxes-mixed.yaml", "h");
+    let pod = pods
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some("pyrepo-ready-old"))
+        .cloned()
+        .expect("pod");
+    let claim = Claim {
+        run_namespace: NS.into(),
+        run_name: "qwen-ssr".into(),
+        at: ts("2025-06-01T12:00:00Z"),
+    };
+    let path = "/api/v1/namespaces/team-a/pods/pyrepo-ready-old?";
+
+    let (client, handle) = mock::client();
+    let backend = KubeBackend::new(client);
+    let server = mock::serve(
+        handle,
+        vec![step("PATCH", path, Reply::Error(409, "Conflict"))],
+    );
+    let lost = within(backend.claim(&pod, &claim)).await.expect("ok");
+    assert!(matches!(lost, ClaimOutcome::Lost));
+    let seen = server.await.expect("server");
+    assert_eq!(seen[0].body["metadata"]["resourceVersion"], "11");
+    assert_eq!(
+        seen[0].body["metadata"]["labels"]["selfplay.dev/claimed-by"],
+        "qwen-ssr"
+    );
+
+    let (client, handle) = mock::client();
+    let backend = KubeBackend::new(client);
+    let mut claimed = to_json(&pod);
+    claimed["metadata"]["labels"]["selfplay.dev/claimed-by"] = json!("qwen-ssr");
+    let server = mock::serve(handle, vec![step("PATCH", path, Reply::Json(200, claimed))]);
+    let won = within(backend.claim(&pod, &claim)).await.expect("ok");
+    assert!(matches!(won, ClaimOutcome::Claimed(_)));
+    server.await.expect("server");
+}
+
+#[test]
+fn errors_have_low_cardinality_metric_labels() {
+    let api = |code: u16, reason: &str| {
+        Error::Kube(kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            reason: reason.into(),
+            ..Default::default()
+        })))
+    };
+    assert_eq!(api(409, "Conflict").metric_label(), "api_conflict");
+    assert_eq!(api(404, "NotFound").metric_label(), "api_not_found");
+    assert_eq!(api(403, "Forbidden").metric_label(), "api_forbidden");
+    assert_eq!(api(500, "InternalError").metric_label(), "api_error");
+    assert_eq!(
+        Error::MissingNamespace("x".into()).metric_label(),
+        "missing_namespace"
+    );
+}
