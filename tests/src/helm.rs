@@ -22,7 +22,7 @@ crds:
 image:
   digest: "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 childImagePullPolicy: IfNotPresent
-extraArgs: ["--log-format=json"]
+extraArgs: ["--sidecar-binary-path=/usr/local/bin/sandbox-sidecar"]
 extraEnv:
   - name: NO_COLOR
     value: "1"

@@ -87,12 +87,9 @@ fn rendered_objects_are_valid_kubernetes_1_33_objects() {
         ("defaults", vec![], vec!["--include-crds"]),
         ("all-features", vec![&all], vec![]),
         (
-            "single-no-leader-election",
+            "one-namespace",
             vec![],
-            vec![
-                "--set",
-                "leaderElection.enabled=false,rbac.create=true,grafanaDashboard.enabled=false",
-            ],
+            vec!["--set", "watchNamespace=ml,grafanaDashboard.enabled=false"],
         ),
     ];
     let mut files = Vec::new();
@@ -251,14 +248,9 @@ fn values_schema_rejects_bad_values() {
             "--set {set}: error does not name {field}:\n{err}"
         );
     }
-    // Two operators without a leader would both reconcile: refused at render time.
-    let err = template(
-        &helm,
-        &[],
-        &["--set", "replicaCount=2,leaderElection.enabled=false"],
-    )
-    .expect_err("must fail");
-    assert!(err.contains("needs leaderElection.enabled=true"), "{err}");
+    let err =
+        lint(&helm, &[], &["--set", "watchNamespace=Not_A_Namespace"]).expect_err("must fail");
+    assert!(err.contains("/watchNamespace"), "{err}");
 }
 
 #[test]
@@ -299,15 +291,15 @@ fn deployment_is_hardened_probed_and_leader_elected() {
         .filter_map(|p| p["name"].as_str())
         .collect();
     assert_eq!(ports, BTreeSet::from(["metrics", "broker"]));
-    // Leader election on by default; the Lease is named and lives in the release namespace.
+    // The operator's `run` subcommand, its Lease named and in the release namespace.
     let args: Vec<&str> = c["args"]
         .as_array()
         .expect("args")
         .iter()
         .filter_map(Value::as_str)
         .collect();
+    assert_eq!(args.first(), Some(&"run"), "{args:?}");
     for want in [
-        "--leader-elect=true",
         "--lease-name=selfplay-operator",
         "--lease-namespace=selfplay-system",
         "--metrics-listen=0.0.0.0:8080",
@@ -315,9 +307,20 @@ fn deployment_is_hardened_probed_and_leader_elected() {
         "--broker-address=http://selfplay-operator.selfplay-system.svc:7443",
         "--sidecar-image=ghcr.io/selfplay-dev/sandbox-sidecar:0.1.0",
         "--trainer-image=ghcr.io/selfplay-dev/trainer:0.1.0",
+        "--log-json",
     ] {
         assert!(args.contains(&want), "operator args lack {want}: {args:?}");
     }
+    let env: Vec<&str> = c["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert!(
+        env.contains(&"POD_NAME"),
+        "the Lease identity comes from POD_NAME: {env:?}"
+    );
     assert_eq!(d["spec"]["replicas"], 1);
     assert_eq!(d["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
     assert_eq!(
@@ -334,14 +337,95 @@ fn deployment_is_hardened_probed_and_leader_elected() {
         1
     );
 
-    // Without leader election: Recreate, so that two operators never overlap.
-    let single = render(&helm, &[], &["--set", "leaderElection.enabled=false"]);
-    let d = find(&single, "Deployment", None);
-    assert_eq!(d["spec"]["strategy"]["type"], "Recreate");
+    // One watched namespace: the rules become a Role there; the Lease Role stays at home.
+    let one = render(&helm, &[], &["--set", "watchNamespace=ml"]);
     assert!(
-        !single.iter().any(|o| o["kind"] == "Role"),
-        "no Lease RBAC without leader election"
+        !one.iter()
+            .any(|o| o["kind"] == "ClusterRole" || o["kind"] == "ClusterRoleBinding")
     );
+    assert_eq!(
+        find(&one, "Role", Some("selfplay-operator"))["metadata"]["namespace"],
+        "ml"
+    );
+    assert_eq!(
+        find(&one, "RoleBinding", Some("selfplay-operator"))["metadata"]["namespace"],
+        "ml"
+    );
+    assert_eq!(
+        find(&one, "Role", Some("selfplay-operator-leader-election"))["metadata"]["namespace"],
+        "selfplay-system"
+    );
+    let args =
+        find(&one, "Deployment", None)["spec"]["template"]["spec"]["containers"][0]["args"].clone();
+    assert!(
+        args.as_array()
+            .expect("args")
+            .contains(&json!("--watch-namespace=ml")),
+        "{args}"
+    );
+}
+
+/// The operator binary accepts exactly the arguments the chart gives it: `operator run
+/// <args> --help` exits 0 only if every argument before `--help` parses (clap reports an
+/// unknown flag or a bad value first). Needs `target/debug/operator`, which `cargo test
+/// --workspace` builds.
+#[test]
+fn operator_accepts_the_rendered_arguments() {
+    let test = "operator_accepts_the_rendered_arguments";
+    let Some(helm) = available(helm(), test) else {
+        return;
+    };
+    let binary = selfplay_tests::paths::target_dir().join("debug/operator");
+    let tool = if binary.is_file() {
+        Ok(binary)
+    } else {
+        Err(format!(
+            "{} is not built (cargo build -p selfplay-operator)",
+            binary.display()
+        ))
+    };
+    let Some(operator) = available(&tool, test) else {
+        return;
+    };
+    let dir = scratch_dir("chart-operator-args");
+    let all = all_features_file(&dir);
+    for (name, values, extra) in [
+        ("defaults", vec![], vec![]),
+        ("all-features", vec![all.as_path()], vec![]),
+        (
+            "one-namespace",
+            vec![],
+            vec![
+                "--set",
+                "watchNamespace=ml,logFormat=text,sidecar.binaryPath=/bin/sidecar",
+            ],
+        ),
+    ] {
+        let objs = render(&helm, &values, &extra);
+        let c = &find(&objs, "Deployment", None)["spec"]["template"]["spec"]["containers"][0];
+        let args: Vec<String> = c["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .map(|a| a.as_str().expect("string arg").to_string())
+            .collect();
+        let out = selfplay_tests::tools::run(Command::new(&operator).args(&args).arg("--help"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            out.status.success(),
+            "{name}: operator rejects the chart's arguments {args:?}:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // And the check can fail: a flag the operator does not have is refused.
+    let out = selfplay_tests::tools::run(Command::new(&operator).args([
+        "run",
+        "--no-such-flag",
+        "--help",
+    ]))
+    .expect("run");
+    assert!(!out.status.success());
+    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]
