@@ -1,0 +1,303 @@
+//! The two roles end to end in one sandbox each: set up, play the episode, and score it
+//! (validation for the injector, evaluation for the solver).
+
+use std::sync::Arc;
+
+use sandbox_sidecar::SidecarClient;
+use selfplay_crds::run::SelfPlaySettings;
+use serde::Serialize;
+
+use super::artifacts::Artifacts;
+use super::episode::{AGENT_SESSION, Episode, EpisodeConfig, run_episode};
+use super::error::{InfraError, InfraKind, OpError};
+use super::ops::Ops;
+use super::policy::{Policy, TokenCodec};
+use super::prompts::{ARTIFACTS_DIR, ChatMarkup, InjectorPromptValues, PromptSet};
+use super::rewards;
+use super::solver::{
+    BugTask, Evaluation, SolverPatch, evaluate_workspace, prepare_solver_workspace, solver_patch,
+};
+use super::trajectory::{EndReason, Role, Trajectory};
+use super::validation::{ValidationConfig, ValidationReport, validate};
+
+/// Everything the engine needs besides a policy and sandboxes.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    pub episode: EpisodeConfig,
+    pub validation: ValidationConfig,
+    pub alpha: f64,
+    pub higher_order_bugs: bool,
+    pub prompts: Arc<PromptSet>,
+    pub markup: ChatMarkup,
+}
+
+impl EngineSettings {
+    pub fn from_settings(s: &SelfPlaySettings, markup: ChatMarkup) -> Self {
+        Self {
+            episode: EpisodeConfig::from_settings(s),
+            validation: ValidationConfig::from_settings(s),
+            alpha: s.alpha,
+            higher_order_bugs: s.higher_order_bugs,
+            prompts: Arc::new(PromptSet::default()),
+            markup,
+        }
+    }
+}
+
+/// The injector's workspace before the episode; validation starts from it.
+const INJECTOR_START: &str = "selfplay-injector-start";
+
+/// What an injector episode produced.
+#[derive(Clone, Debug, Serialize)]
+pub struct InjectorResult {
+    pub trajectory: Trajectory,
+    pub artifacts: Artifacts,
+    /// `None` when an infrastructure error stopped the episode or validation.
+    pub validation: Option<ValidationReport>,
+    /// The first failed check (a metric label); `None` when valid or not validated.
+    pub failed_check: Option<&'static str>,
+    pub infra_error: Option<InfraError>,
+}
+
+impl InjectorResult {
+    /// The bug for solvers, when valid.
+    pub fn bug(&self) -> Option<BugTask> {
+        self.validation
+            .as_ref()
+            .and_then(|v| BugTask::from_validated(&self.artifacts, v))
+    }
+
+    pub fn valid(&self) -> bool {
+        self.validation.as_ref().is_some_and(|v| v.valid)
+    }
+
+    /// The injector's reward given its solvers' results (`solved` of `attempts` graded);
+    /// `None` when it must be masked (infrastructure error, or no graded attempt).
+    pub fn reward(&self, solved: usize, attempts: usize, alpha: f64) -> Option<f64> {
+        if self.infra_error.is_some() || self.validation.is_none() {
+            return None;
+        }
+        rewards::injector_reward(self.valid(), solved, attempts, alpha)
+    }
+}
+
+/// The injector's episode for a sandbox of the original repository: snapshots the
+/// workspace so validation can start from the original code afterwards.
+pub async fn start_injector(
+    client: &SidecarClient,
+    codec: &dyn TokenCodec,
+    settings: &EngineSettings,
+) -> Result<Episode, InfraError> {
+    let task = settings
+        .prompts
+        .injector_task(&InjectorPromptValues {
+            min_passing_tests: settings.validation.min_passing_tests,
+            min_failing_tests: settings.validation.min_failing_tests,
+            min_changed_files: settings.validation.min_changed_files,
+        })
+        .map_err(|e| InfraError::new(InfraKind::Setup, e.to_string()))?;
+    Ops::new(client).snapshot(INJECTOR_START).await?;
+    Ok(Episode::new(
+        Role::Injector,
+        &task,
+        codec,
+        settings.episode.clone(),
+        settings.prompts.clone(),
+        settings.markup.clone(),
+    ))
+}
+
+/// After the episode: reads the artifacts, puts the workspace back to the original code and
+/// validates them. Any end reason but an infrastructure error is validated (the truncation
+/// policy decides later what a truncated episode's result is worth).
+pub async fn finish_injector(
+    client: &SidecarClient,
+    trajectory: Trajectory,
+    settings: &EngineSettings,
+) -> InjectorResult {
+    let mut result = InjectorResult {
+        trajectory,
+        artifacts: Artifacts::default(),
+        validation: None,
+        failed_check: None,
+        infra_error: None,
+    };
+    if result.trajectory.end_reason == EndReason::InfraError {
+        result.infra_error = result.trajectory.infra_error.clone();
+        return result;
+    }
+    match finish_injector_inner(client, settings).await {
+        Ok((artifacts, report)) => {
+            result.failed_check = report.failed_check_name();
+            result.artifacts = artifacts;
+            result.validation = Some(report);
+        }
+        Err(e) => result.infra_error = Some(e),
+    }
+    result
+}
+
+async fn finish_injector_inner(
+    client: &SidecarClient,
+    settings: &EngineSettings,
+) -> Result<(Artifacts, ValidationReport), InfraError> {
+    let ops = Ops::new(client);
+    // Background jobs of the agent must not run on during validation.
+    ops.session_close(AGENT_SESSION).await?;
+    let artifacts = Artifacts::from_workspace(ops, ARTIFACTS_DIR)
+        .await
+        .map_err(|e| match e {
+            OpError::Infra(i) => i,
+            OpError::Refused(m) => InfraError::new(InfraKind::Sidecar, m),
+        })?;
+    ops.reset(INJECTOR_START).await?;
+    let report = validate(client, &artifacts, &settings.validation).await?;
+    Ok((artifacts, report))
+}
+
+/// One injector episode from start to validation.
+pub async fn run_injector(
+    policy: Arc<dyn Policy>,
+    client: &SidecarClient,
+    settings: &EngineSettings,
+) -> InjectorResult {
+    let episode = match start_injector(client, policy.codec(), settings).await {
+        Ok(e) => e,
+        Err(e) => {
+            let mut ep = Episode::new(
+                Role::Injector,
+                "",
+                policy.codec(),
+                settings.episode.clone(),
+                settings.prompts.clone(),
+                settings.markup.clone(),
+            );
+            ep.fail_infra(&e);
+            return finish_injector(client, ep.into_trajectory(), settings).await;
+        }
+    };
+    let trajectory = run_episode(policy, episode, client).await;
+    finish_injector(client, trajectory, settings).await
+}
+
+/// What a solver episode produced.
+#[derive(Clone, Debug, Serialize)]
+pub struct SolverResult {
+    pub trajectory: Trajectory,
+    pub patch: SolverPatch,
+    /// `None` when an infrastructure error stopped the episode or the grading.
+    pub evaluation: Option<Evaluation>,
+    pub infra_error: Option<InfraError>,
+    /// The order of the bug it attempted.
+    pub order: u8,
+}
+
+impl SolverResult {
+    /// ±1, or `None` when masked by an infrastructure error.
+    pub fn reward(&self) -> Option<f64> {
+        if self.infra_error.is_some() {
+            return None;
+        }
+        self.evaluation.as_ref().map(Evaluation::reward)
+    }
+
+    pub fn solved(&self) -> bool {
+        self.evaluation.as_ref().is_some_and(|e| e.solved)
+    }
+
+    /// The higher-order bug this failed attempt makes (order 2 at most).
+    pub fn higher_order_bug(&self, task: &BugTask) -> Option<BugTask> {
+        match &self.evaluation {
+            Some(e) if !e.solved && self.infra_error.is_none() => {
+                task.higher_order(&self.patch.code)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Prepares a fresh sandbox of the original repository for `task` and builds the episode.
+pub async fn start_solver(
+    client: &SidecarClient,
+    task: &BugTask,
+    codec: &dyn TokenCodec,
+    settings: &EngineSettings,
+) -> Result<Episode, InfraError> {
+    let diff = task.task_diff().map_err(|e| {
+        InfraError::new(InfraKind::Setup, format!("reversing test_weaken.diff: {e}"))
+    })?;
+    let text = settings
+        .prompts
+        .solver_task(&diff)
+        .map_err(|e| InfraError::new(InfraKind::Setup, e.to_string()))?;
+    prepare_solver_workspace(client, task).await?;
+    Ok(Episode::new(
+        Role::Solver,
+        &text,
+        codec,
+        settings.episode.clone(),
+        settings.prompts.clone(),
+        settings.markup.clone(),
+    ))
+}
+
+/// After the episode: takes the solver's patch and grades the workspace. Truncated
+/// episodes are graded too (for forced submission); the trainer decides what they count.
+pub async fn finish_solver(
+    client: &SidecarClient,
+    task: &BugTask,
+    trajectory: Trajectory,
+    settings: &EngineSettings,
+) -> SolverResult {
+    let mut result = SolverResult {
+        trajectory,
+        patch: SolverPatch::default(),
+        evaluation: None,
+        infra_error: None,
+        order: task.order,
+    };
+    if result.trajectory.end_reason == EndReason::InfraError {
+        result.infra_error = result.trajectory.infra_error.clone();
+        return result;
+    }
+    let graded = async {
+        Ops::new(client).session_close(AGENT_SESSION).await?;
+        let patch = solver_patch(client, task).await?;
+        let eval = evaluate_workspace(client, task, settings.validation.test_timeout).await?;
+        Ok::<_, InfraError>((patch, eval))
+    };
+    match graded.await {
+        Ok((patch, eval)) => {
+            result.patch = patch;
+            result.evaluation = Some(eval);
+        }
+        Err(e) => result.infra_error = Some(e),
+    }
+    result
+}
+
+/// One solver episode from setup to grade.
+pub async fn run_solver(
+    policy: Arc<dyn Policy>,
+    client: &SidecarClient,
+    task: &BugTask,
+    settings: &EngineSettings,
+) -> SolverResult {
+    let episode = match start_solver(client, task, policy.codec(), settings).await {
+        Ok(e) => e,
+        Err(e) => {
+            let mut ep = Episode::new(
+                Role::Solver,
+                "",
+                policy.codec(),
+                settings.episode.clone(),
+                settings.prompts.clone(),
+                settings.markup.clone(),
+            );
+            ep.fail_infra(&e);
+            return finish_solver(client, task, ep.into_trajectory(), settings).await;
+        }
+    };
+    let trajectory = run_episode(policy, episode, client).await;
+    finish_solver(client, task, trajectory, settings).await
+}

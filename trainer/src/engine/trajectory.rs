@@ -1,0 +1,147 @@
+//! What an episode leaves behind: per turn the policy's exact tokens and log-probs and the
+//! observation's tokens, and why the episode ended. GRPO trains on [`Trajectory::sequence`].
+
+use serde::Serialize;
+
+use super::policy::FinishReason;
+
+/// The two roles one policy plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Injector,
+    Solver,
+}
+
+impl Role {
+    /// The `role` metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Role::Injector => "injector",
+            Role::Solver => "solver",
+        }
+    }
+}
+
+/// Why an episode ended (the `end_reason` metric label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// The policy called `submit`.
+    Submitted,
+    /// The turn budget ran out.
+    OutOfTurns,
+    /// The token budget (prompt, policy tokens and observations) ran out.
+    OutOfTokens,
+    /// The sandbox or the policy failed; the episode is masked, never punished.
+    InfraError,
+    /// A malformed tool call under `FormatErrorPolicy::EndEpisode`.
+    FormatError,
+}
+
+impl EndReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            EndReason::Submitted => "submitted",
+            EndReason::OutOfTurns => "out_of_turns",
+            EndReason::OutOfTokens => "out_of_tokens",
+            EndReason::InfraError => "infra_error",
+            EndReason::FormatError => "format_error",
+        }
+    }
+
+    /// Ran out of budget: the truncation policy decides what happens to it.
+    pub fn is_truncated(self) -> bool {
+        matches!(self, EndReason::OutOfTurns | EndReason::OutOfTokens)
+    }
+}
+
+/// One turn: what the policy wrote and what the engine answered.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Turn {
+    /// The exact sampled ids.
+    pub policy_tokens: Vec<u32>,
+    /// log π_old of each sampled id (same length as `policy_tokens`).
+    pub policy_logprobs: Vec<f32>,
+    #[serde(skip)]
+    pub finish: Option<FinishReason>,
+    /// The policy version that sampled this turn.
+    pub policy_version: u64,
+    /// The tool that ran (`bash`, `edit`, `create`, `submit`); `None` for a malformed call.
+    pub tool: Option<String>,
+    /// Why the call could not be parsed.
+    pub format_error: Option<String>,
+    /// The tool ran but refused (edit with no match, patch rejected, …).
+    pub tool_failed: bool,
+    /// The observation's tokens (tool result and chat markup); empty after the last turn.
+    pub observation_tokens: Vec<u32>,
+}
+
+/// A whole episode.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Trajectory {
+    pub role: Role,
+    /// The task prompt, chat markup included.
+    pub prompt_tokens: Vec<u32>,
+    pub turns: Vec<Turn>,
+    pub end_reason: EndReason,
+    /// What failed, when `end_reason` is `InfraError`.
+    pub infra_error: Option<super::error::InfraError>,
+}
+
+/// A trajectory flattened for training: the tokens, which of them the policy produced
+/// (the loss mask), and their old log-probs (0 where masked).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenSequence {
+    pub tokens: Vec<u32>,
+    pub policy_mask: Vec<bool>,
+    pub old_logprobs: Vec<f32>,
+}
+
+impl Trajectory {
+    /// All tokens of the episode, in order.
+    pub fn total_tokens(&self) -> usize {
+        self.prompt_tokens.len()
+            + self
+                .turns
+                .iter()
+                .map(|t| t.policy_tokens.len() + t.observation_tokens.len())
+                .sum::<usize>()
+    }
+
+    /// Tokens the policy sampled.
+    pub fn policy_tokens(&self) -> usize {
+        self.turns.iter().map(|t| t.policy_tokens.len()).sum()
+    }
+
+    /// The oldest policy version that sampled any turn (for the staleness limit).
+    pub fn min_policy_version(&self) -> Option<u64> {
+        self.turns.iter().map(|t| t.policy_version).min()
+    }
+
+    /// The context the policy saw at the last turn plus what it wrote: prompt, then per turn
+    /// its tokens and the observation. Each turn's context is a prefix of this sequence.
+    pub fn sequence(&self) -> TokenSequence {
+        let n = self.total_tokens();
+        let mut s = TokenSequence {
+            tokens: Vec::with_capacity(n),
+            policy_mask: Vec::with_capacity(n),
+            old_logprobs: Vec::with_capacity(n),
+        };
+        let mut push = |ids: &[u32], lps: Option<&[f32]>| {
+            s.tokens.extend_from_slice(ids);
+            s.policy_mask
+                .extend(std::iter::repeat_n(lps.is_some(), ids.len()));
+            match lps {
+                Some(l) => s.old_logprobs.extend_from_slice(l),
+                None => s.old_logprobs.extend(std::iter::repeat_n(0.0, ids.len())),
+            }
+        };
+        push(&self.prompt_tokens, None);
+        for t in &self.turns {
+            push(&t.policy_tokens, Some(&t.policy_logprobs));
+            push(&t.observation_tokens, None);
+        }
+        s
+    }
+}
