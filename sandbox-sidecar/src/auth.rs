@@ -37,7 +37,9 @@ impl TokenCheck {
         match given {
             Some(t) if self.matches(t) => Ok(req),
             Some(_) => Err(Status::unauthenticated("wrong token")),
-            None => Err(Status::unauthenticated("missing token: send 'authorization: Bearer <token>'")),
+            None => Err(Status::unauthenticated(
+                "missing token: send 'authorization: Bearer <token>'",
+            )),
         }
     }
 }
@@ -47,7 +49,10 @@ pub fn read_token_file(path: &std::path::Path) -> std::io::Result<String> {
     let t = std::fs::read_to_string(path)?;
     let t = t.trim().to_string();
     if t.is_empty() {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "token file is empty"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "token file is empty",
+        ));
     }
     Ok(t)
 }

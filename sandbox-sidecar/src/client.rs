@@ -78,7 +78,10 @@ impl Error {
     pub fn is_infrastructure(&self) -> bool {
         matches!(
             self,
-            Error::Connect { .. } | Error::Transport(_) | Error::Unauthenticated(_) | Error::InvalidAddress(_)
+            Error::Connect { .. }
+                | Error::Transport(_)
+                | Error::Unauthenticated(_)
+                | Error::InvalidAddress(_)
         )
     }
 
@@ -156,7 +159,10 @@ static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);
 pub fn new_request_id() -> String {
     static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let prefix = PREFIX.get_or_init(|| hex::encode(rand::random::<[u8; 8]>()));
-    format!("{prefix}-{}", REQUEST_COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}",
+        REQUEST_COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn fill_id(id: &mut String) {
@@ -202,10 +208,10 @@ impl SidecarClient {
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|source| Error::Connect { addr: addr.clone(), source })?;
+        let channel = endpoint.connect().await.map_err(|source| Error::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
         Self::from_channel(channel, addr, token)
     }
 
@@ -217,7 +223,11 @@ impl SidecarClient {
         let inner = RawClient::with_interceptor(channel, AuthInterceptor { header })
             .max_decoding_message_size(256 * 1024 * 1024)
             .max_encoding_message_size(256 * 1024 * 1024);
-        Ok(Self { inner, addr, retries: 2 })
+        Ok(Self {
+            inner,
+            addr,
+            retries: 2,
+        })
     }
 
     /// How often a call failing with `UNAVAILABLE` is retried (default 2).
@@ -247,7 +257,12 @@ impl SidecarClient {
     }
 
     /// Runs `command` in session `session_id` (created on first use).
-    pub async fn session_run(&self, session_id: &str, command: &str, limits: Option<Limits>) -> Result<CommandResult> {
+    pub async fn session_run(
+        &self,
+        session_id: &str,
+        command: &str,
+        limits: Option<Limits>,
+    ) -> Result<CommandResult> {
         self.session_run_request(SessionRunRequest {
             session_id: session_id.to_string(),
             command: command.to_string(),
@@ -282,7 +297,11 @@ impl SidecarClient {
     }
 
     /// Runs `argv` directly (no shell).
-    pub async fn exec_argv(&self, argv: &[&str], timeout: Option<Duration>) -> Result<CommandResult> {
+    pub async fn exec_argv(
+        &self,
+        argv: &[&str],
+        timeout: Option<Duration>,
+    ) -> Result<CommandResult> {
         self.exec(ExecRequest {
             argv: argv.iter().map(|s| s.to_string()).collect(),
             limits: timeout.map(limits_with_timeout),
@@ -292,7 +311,11 @@ impl SidecarClient {
     }
 
     /// Runs `command` with `bash -c`.
-    pub async fn exec_shell(&self, command: &str, timeout: Option<Duration>) -> Result<CommandResult> {
+    pub async fn exec_shell(
+        &self,
+        command: &str,
+        timeout: Option<Duration>,
+    ) -> Result<CommandResult> {
         self.exec(ExecRequest {
             shell: command.to_string(),
             limits: timeout.map(limits_with_timeout),
@@ -302,7 +325,10 @@ impl SidecarClient {
     }
 
     /// Runs a command and yields its output as it comes; the last item holds the result.
-    pub async fn exec_stream(&self, mut req: ExecRequest) -> Result<BoxStream<'static, Result<ExecEvent>>> {
+    pub async fn exec_stream(
+        &self,
+        mut req: ExecRequest,
+    ) -> Result<BoxStream<'static, Result<ExecEvent>>> {
         fill_id(&mut req.request_id);
         let s: tonic::Streaming<ExecEvent> = call!(self, exec_stream, req)?;
         Ok(s.map(|r| r.map_err(Error::from_status)).boxed())
@@ -312,7 +338,13 @@ impl SidecarClient {
 
     /// The whole file (up to 64 MiB).
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>> {
-        Ok(self.read_file_request(ReadFileRequest { path: path.into(), ..Default::default() }).await?.content)
+        Ok(self
+            .read_file_request(ReadFileRequest {
+                path: path.into(),
+                ..Default::default()
+            })
+            .await?
+            .content)
     }
 
     pub async fn read_file_request(&self, req: ReadFileRequest) -> Result<ReadFileResponse> {
@@ -320,7 +352,11 @@ impl SidecarClient {
     }
 
     /// Writes a file, creating missing parent directories.
-    pub async fn write_file(&self, path: &str, content: impl Into<Vec<u8>>) -> Result<WriteFileResponse> {
+    pub async fn write_file(
+        &self,
+        path: &str,
+        content: impl Into<Vec<u8>>,
+    ) -> Result<WriteFileResponse> {
         self.write_file_request(WriteFileRequest {
             path: path.into(),
             content: content.into(),
@@ -356,7 +392,12 @@ impl SidecarClient {
 
     /// Replaces the one occurrence of `old_str`; [`Error::NoMatch`] or
     /// [`Error::MultipleMatches`] otherwise, and the file is left as it was.
-    pub async fn str_replace(&self, path: &str, old_str: &str, new_str: &str) -> Result<EditResponse> {
+    pub async fn str_replace(
+        &self,
+        path: &str,
+        old_str: &str,
+        new_str: &str,
+    ) -> Result<EditResponse> {
         call!(
             self,
             str_replace,
@@ -369,7 +410,12 @@ impl SidecarClient {
         )
     }
 
-    pub async fn create_file(&self, path: &str, content: &str, overwrite: bool) -> Result<EditResponse> {
+    pub async fn create_file(
+        &self,
+        path: &str,
+        content: &str,
+        overwrite: bool,
+    ) -> Result<EditResponse> {
         call!(
             self,
             create_file,
@@ -385,7 +431,12 @@ impl SidecarClient {
     // --- patches and snapshots ---------------------------------------------------------
 
     /// Applies a unified diff, all or nothing ([`Error::PatchRejected`] changes nothing).
-    pub async fn apply_patch(&self, patch: impl Into<Vec<u8>>, reverse: bool, check_only: bool) -> Result<ApplyPatchResponse> {
+    pub async fn apply_patch(
+        &self,
+        patch: impl Into<Vec<u8>>,
+        reverse: bool,
+        check_only: bool,
+    ) -> Result<ApplyPatchResponse> {
         call!(
             self,
             apply_patch,
@@ -400,7 +451,12 @@ impl SidecarClient {
 
     /// The workspace's diff against `snapshot` (None: "baseline"), restricted to `include`
     /// (when not empty) and without `exclude`.
-    pub async fn diff(&self, snapshot: Option<&str>, include: &[&str], exclude: &[&str]) -> Result<DiffResponse> {
+    pub async fn diff(
+        &self,
+        snapshot: Option<&str>,
+        include: &[&str],
+        exclude: &[&str],
+    ) -> Result<DiffResponse> {
         call!(
             self,
             diff,
@@ -480,7 +536,9 @@ impl SidecarClient {
 /// Limits with only a timeout set (the rest: server defaults).
 pub fn limits_with_timeout(timeout: Duration) -> Limits {
     Limits {
-        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1),
+        timeout_ms: u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1),
         ..Default::default()
     }
 }
@@ -490,7 +548,12 @@ impl RunTestsResponse {
     pub fn statuses_typed(&self) -> std::collections::BTreeMap<String, TestStatus> {
         self.statuses
             .iter()
-            .map(|(k, v)| (k.clone(), TestStatus::try_from(*v).unwrap_or(TestStatus::Unspecified)))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    TestStatus::try_from(*v).unwrap_or(TestStatus::Unspecified),
+                )
+            })
             .collect()
     }
 }

@@ -35,7 +35,14 @@ pub fn view(ws: &Workspace, rel: &str, start: u32, end: u32) -> Result<(String, 
         let (entries, _) = files::list(ws, rel, false, false, 0)?;
         let listing = entries
             .iter()
-            .map(|e| e.path.clone() + if e.kind == crate::proto::FileKind::Dir as i32 { "/" } else { "" })
+            .map(|e| {
+                e.path.clone()
+                    + if e.kind == crate::proto::FileKind::Dir as i32 {
+                        "/"
+                    } else {
+                        ""
+                    }
+            })
             .collect::<Vec<_>>()
             .join("\n");
         return Ok((listing, entries.len() as u32));
@@ -59,7 +66,9 @@ pub fn view(ws: &Workspace, rel: &str, start: u32, end: u32) -> Result<(String, 
 
 pub fn str_replace(ws: &Workspace, rel: &str, old: &str, new: &str) -> Result<String> {
     if old.is_empty() {
-        return Err(SidecarError::InvalidArgument("old_str must not be empty".into()));
+        return Err(SidecarError::InvalidArgument(
+            "old_str must not be empty".into(),
+        ));
     }
     let (path, text) = read_text(ws, rel)?;
     let count = text.matches(old).count();
@@ -78,7 +87,9 @@ pub fn str_replace(ws: &Workspace, rel: &str, old: &str, new: &str) -> Result<St
         }
     }
     let Some(at) = text.find(old) else {
-        return Err(SidecarError::NoMatch { path: rel.to_string() });
+        return Err(SidecarError::NoMatch {
+            path: rel.to_string(),
+        });
     };
     let updated = format!("{}{}{}", &text[..at], new, &text[at + old.len()..]);
     let mode = {

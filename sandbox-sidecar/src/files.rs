@@ -28,7 +28,11 @@ pub fn read(ws: &Workspace, rel: &str, offset: u64, max_bytes: u64) -> Result<Re
         )));
     }
     let size = meta.len();
-    let limit = if max_bytes == 0 { READ_CAP } else { max_bytes.min(READ_CAP) };
+    let limit = if max_bytes == 0 {
+        READ_CAP
+    } else {
+        max_bytes.min(READ_CAP)
+    };
     let mut f = std::fs::File::open(&path).map_err(|e| not_found_or_io(rel, e))?;
     if offset > 0 {
         f.seek(SeekFrom::Start(offset))
@@ -49,13 +53,23 @@ pub fn read(ws: &Workspace, rel: &str, offset: u64, max_bytes: u64) -> Result<Re
 
 /// Writes `content` atomically (temporary file in the same directory, then rename).
 /// Returns whether the file was created.
-pub fn write(ws: &Workspace, rel: &str, content: &[u8], create_parents: bool, mode: u32) -> Result<bool> {
+pub fn write(
+    ws: &Workspace,
+    rel: &str,
+    content: &[u8],
+    create_parents: bool,
+    mode: u32,
+) -> Result<bool> {
     let path = ws.resolve(rel)?;
     if path == ws.root() {
-        return Err(SidecarError::InvalidArgument("cannot write the workspace root".into()));
+        return Err(SidecarError::InvalidArgument(
+            "cannot write the workspace root".into(),
+        ));
     }
     let Some(parent) = path.parent() else {
-        return Err(SidecarError::InvalidArgument(format!("{rel:?} has no parent directory")));
+        return Err(SidecarError::InvalidArgument(format!(
+            "{rel:?} has no parent directory"
+        )));
     };
     if !parent.exists() {
         if create_parents {
@@ -69,7 +83,9 @@ pub fn write(ws: &Workspace, rel: &str, content: &[u8], create_parents: bool, mo
     }
     let existing = std::fs::metadata(&path).ok();
     if existing.as_ref().is_some_and(|m| m.is_dir()) {
-        return Err(SidecarError::InvalidArgument(format!("{rel:?} is a directory")));
+        return Err(SidecarError::InvalidArgument(format!(
+            "{rel:?} is a directory"
+        )));
     }
     let mode = if mode != 0 {
         mode & 0o7777
@@ -79,7 +95,8 @@ pub fn write(ws: &Workspace, rel: &str, content: &[u8], create_parents: bool, mo
             .map(|m| m.permissions().mode() & 0o7777)
             .unwrap_or(0o644)
     };
-    write_atomic(&path, content, mode).map_err(|e| SidecarError::io(format!("writing {rel}"), e))?;
+    write_atomic(&path, content, mode)
+        .map_err(|e| SidecarError::io(format!("writing {rel}"), e))?;
     Ok(existing.is_none())
 }
 
@@ -89,7 +106,10 @@ pub fn write_atomic(path: &Path, content: &[u8], mode: u32) -> std::io::Result<(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.sidecar-{}", hex::encode(rand::random::<[u8; 6]>())));
+    let tmp = parent.join(format!(
+        ".{name}.sidecar-{}",
+        hex::encode(rand::random::<[u8; 6]>())
+    ));
     let result = (|| {
         std::fs::write(&tmp, content)?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
@@ -101,11 +121,19 @@ pub fn write_atomic(path: &Path, content: &[u8], mode: u32) -> std::io::Result<(
     result
 }
 
-pub fn list(ws: &Workspace, rel: &str, recursive: bool, include_hidden: bool, max: usize) -> Result<(Vec<FileEntry>, bool)> {
+pub fn list(
+    ws: &Workspace,
+    rel: &str,
+    recursive: bool,
+    include_hidden: bool,
+    max: usize,
+) -> Result<(Vec<FileEntry>, bool)> {
     let dir = ws.resolve(rel)?;
     let meta = std::fs::metadata(&dir).map_err(|e| not_found_or_io(rel, e))?;
     if !meta.is_dir() {
-        return Err(SidecarError::InvalidArgument(format!("{rel:?} is not a directory")));
+        return Err(SidecarError::InvalidArgument(format!(
+            "{rel:?} is not a directory"
+        )));
     }
     let max = if max == 0 { DEFAULT_LIST_MAX } else { max };
     let mut out = Vec::new();
@@ -127,7 +155,9 @@ pub fn list(ws: &Workspace, rel: &str, recursive: bool, include_hidden: bool, ma
                 truncated = true;
                 break;
             }
-            let Ok(m) = e.path().symlink_metadata() else { continue };
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
             let ft = m.file_type();
             let kind = if ft.is_symlink() {
                 FileKind::Symlink
@@ -138,7 +168,9 @@ pub fn list(ws: &Workspace, rel: &str, recursive: bool, include_hidden: bool, ma
             } else {
                 FileKind::Other
             };
-            let Some(path) = ws.relative(&e.path()) else { continue };
+            let Some(path) = ws.relative(&e.path()) else {
+                continue;
+            };
             if kind == FileKind::Dir && recursive {
                 subdirs.push(e.path());
             }

@@ -48,7 +48,8 @@ pub async fn reset_history(ws: &Workspace) -> Result<HistoryOutcome> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let child = crate::process::spawn_tracked(&mut cmd).map_err(|e| SidecarError::io("running git init", e))?;
+    let child = crate::process::spawn_tracked(&mut cmd)
+        .map_err(|e| SidecarError::io("running git init", e))?;
     let pid = child.id().unwrap_or(0);
     let out = child.wait_with_output().await;
     crate::process::untrack(pid);

@@ -41,7 +41,13 @@ impl IdempotencyCache {
     }
 
     /// Runs `work` once per `request_id` (an empty id always runs).
-    pub async fn run<Req, Resp, F>(&self, method: &str, request_id: &str, req: &Req, work: F) -> Result<Resp, Status>
+    pub async fn run<Req, Resp, F>(
+        &self,
+        method: &str,
+        request_id: &str,
+        req: &Req,
+        work: F,
+    ) -> Result<Resp, Status>
     where
         Req: Message,
         Resp: Message + Default + 'static,
@@ -96,7 +102,8 @@ impl IdempotencyCache {
             }
         };
         match shared.await {
-            Ok(bytes) => Resp::decode(bytes.as_slice()).map_err(|e| Status::internal(format!("cached response: {e}"))),
+            Ok(bytes) => Resp::decode(bytes.as_slice())
+                .map_err(|e| Status::internal(format!("cached response: {e}"))),
             Err(s) => Err(Status::with_metadata(s.code, s.message, s.metadata)),
         }
     }

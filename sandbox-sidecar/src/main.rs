@@ -17,7 +17,11 @@ use sandbox_sidecar::service::Defaults;
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(name = "sandbox-sidecar", version, about = "Execution server for agent sandboxes, and its client")]
+#[command(
+    name = "sandbox-sidecar",
+    version,
+    about = "Execution server for agent sandboxes, and its client"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Top,
@@ -207,7 +211,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
     // Other processes of the same user (the agent's commands) must not read our memory,
@@ -217,9 +222,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let token = sandbox_sidecar::auth::read_token_file(&args.token_file)
         .with_context(|| format!("reading the token file {}", args.token_file.display()))?;
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4));
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(4)
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
         .max_blocking_threads(64)
@@ -248,11 +256,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         let bound = server::bind(cfg).await?;
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{}{}", sandbox_sidecar::spawn::READY_PREFIX, bound.addr)?;
+        writeln!(
+            out,
+            "{}{}",
+            sandbox_sidecar::spawn::READY_PREFIX,
+            bound.addr
+        )?;
         out.flush()?;
         drop(out);
         if let Some(f) = ready_file {
-            std::fs::write(&f, bound.addr.to_string()).with_context(|| format!("writing {}", f.display()))?;
+            std::fs::write(&f, bound.addr.to_string())
+                .with_context(|| format!("writing {}", f.display()))?;
         }
         tracing::info!(addr = %bound.addr, metrics = ?bound.metrics_addr, "sandbox-sidecar ready");
         bound.serve(shutdown_signal()).await?;
@@ -262,7 +276,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };
@@ -274,7 +291,10 @@ async fn shutdown_signal() {
 }
 
 fn client_main(args: ClientArgs) -> i32 {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("sandbox-sidecar: cannot start the runtime: {e}");
@@ -341,7 +361,8 @@ async fn client_run(args: ClientArgs) -> anyhow::Result<serde_json::Value> {
             cwd,
             cmd,
         } => {
-            let limits = timeout_ms.map(|ms| client::limits_with_timeout(Duration::from_millis(ms)));
+            let limits =
+                timeout_ms.map(|ms| client::limits_with_timeout(Duration::from_millis(ms)));
             let r = if let Some(s) = session {
                 c.session_run(&s, &cmd.join(" "), limits).await?
             } else if shell {
@@ -372,13 +393,21 @@ async fn client_run(args: ClientArgs) -> anyhow::Result<serde_json::Value> {
                 .await?;
             json!({"path": path, "size": r.size, "truncated": r.truncated, "mode": r.mode, "content": text(&r.content)})
         }
-        ClientCommand::Write { path, content, from } => {
+        ClientCommand::Write {
+            path,
+            content,
+            from,
+        } => {
             let data = match (content, from) {
                 (Some(s), None) => s.into_bytes(),
-                (None, Some(f)) => std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?,
+                (None, Some(f)) => {
+                    std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?
+                }
                 (None, None) => {
                     let mut buf = Vec::new();
-                    std::io::stdin().read_to_end(&mut buf).context("reading stdin")?;
+                    std::io::stdin()
+                        .read_to_end(&mut buf)
+                        .context("reading stdin")?;
                     buf
                 }
                 (Some(_), Some(_)) => bail!("give --content or --from, not both"),
@@ -408,8 +437,13 @@ async fn client_run(args: ClientArgs) -> anyhow::Result<serde_json::Value> {
                 json!({"path": r.path, "snippet": r.snippet})
             }
         }
-        ClientCommand::Apply { patch, reverse, check } => {
-            let data = std::fs::read(&patch).with_context(|| format!("reading {}", patch.display()))?;
+        ClientCommand::Apply {
+            patch,
+            reverse,
+            check,
+        } => {
+            let data =
+                std::fs::read(&patch).with_context(|| format!("reading {}", patch.display()))?;
             let r = c.apply_patch(data, reverse, check).await?;
             json!({"files": change_json(&r.files), "checked_only": check})
         }
@@ -443,9 +477,11 @@ async fn client_run(args: ClientArgs) -> anyhow::Result<serde_json::Value> {
             builtin,
             timeout_ms,
         } => {
-            let script = std::fs::read_to_string(&script).with_context(|| format!("reading {}", script.display()))?;
+            let script = std::fs::read_to_string(&script)
+                .with_context(|| format!("reading {}", script.display()))?;
             let parser_script = match parser {
-                Some(p) => std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
+                Some(p) => std::fs::read_to_string(&p)
+                    .with_context(|| format!("reading {}", p.display()))?,
                 None => String::new(),
             };
             let builtin = match builtin {
@@ -463,14 +499,24 @@ async fn client_run(args: ClientArgs) -> anyhow::Result<serde_json::Value> {
                     script,
                     parser_script,
                     builtin: builtin as i32,
-                    limits: timeout_ms.map(|ms| client::limits_with_timeout(Duration::from_millis(ms))),
+                    limits: timeout_ms
+                        .map(|ms| client::limits_with_timeout(Duration::from_millis(ms))),
                     ..Default::default()
                 })
                 .await?;
             let statuses: serde_json::Map<String, serde_json::Value> = r
                 .statuses_typed()
                 .into_iter()
-                .map(|(k, v)| (k, json!(v.as_str_name().trim_start_matches("TEST_STATUS_").to_ascii_lowercase())))
+                .map(|(k, v)| {
+                    (
+                        k,
+                        json!(
+                            v.as_str_name()
+                                .trim_start_matches("TEST_STATUS_")
+                                .to_ascii_lowercase()
+                        ),
+                    )
+                })
                 .collect();
             json!({
                 "statuses": statuses,

@@ -1,7 +1,9 @@
 //! Prometheus metrics of the sidecar; names follow docs/metrics.md exactly.
 
 use prometheus::core::Collector;
-use prometheus::{Encoder as _, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder as _, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 
 pub struct Metrics {
     registry: Registry,
@@ -35,23 +37,39 @@ impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let commands_total = IntCounterVec::new(
-            Opts::new("selfplay_sidecar_commands_total", "Commands run, by kind and outcome"),
+            Opts::new(
+                "selfplay_sidecar_commands_total",
+                "Commands run, by kind and outcome",
+            ),
             &["kind", "outcome"],
         )?;
         let command_duration = HistogramVec::new(
-            HistogramOpts::new("selfplay_sidecar_command_duration_seconds", "Command wall time")
-                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+            HistogramOpts::new(
+                "selfplay_sidecar_command_duration_seconds",
+                "Command wall time",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0, 300.0,
+            ]),
             &["kind"],
         )?;
         let timeouts_total = IntCounterVec::new(
-            Opts::new("selfplay_sidecar_timeouts_total", "Commands killed by their timeout"),
+            Opts::new(
+                "selfplay_sidecar_timeouts_total",
+                "Commands killed by their timeout",
+            ),
             &["kind"],
         )?;
         let output_bytes_total = IntCounterVec::new(
-            Opts::new("selfplay_sidecar_output_bytes_total", "Bytes of output returned (after the cap)"),
+            Opts::new(
+                "selfplay_sidecar_output_bytes_total",
+                "Bytes of output returned (after the cap)",
+            ),
             &["kind"],
         )?;
-        let sessions_active = IntGauge::new("selfplay_sidecar_sessions_active", "Open bash sessions")?;
+        let sessions_active =
+            IntGauge::new("selfplay_sidecar_sessions_active", "Open bash sessions")?;
         let m = Self {
             registry,
             commands_total,
@@ -77,18 +95,27 @@ impl Metrics {
     }
 
     pub fn observe(&self, kind: &str, outcome: Outcome, seconds: f64, output_bytes: u64) {
-        self.commands_total.with_label_values(&[kind, outcome.label()]).inc();
-        self.command_duration.with_label_values(&[kind]).observe(seconds);
+        self.commands_total
+            .with_label_values(&[kind, outcome.label()])
+            .inc();
+        self.command_duration
+            .with_label_values(&[kind])
+            .observe(seconds);
         if matches!(outcome, Outcome::Timeout) {
             self.timeouts_total.with_label_values(&[kind]).inc();
         }
-        self.output_bytes_total.with_label_values(&[kind]).inc_by(output_bytes);
+        self.output_bytes_total
+            .with_label_values(&[kind])
+            .inc_by(output_bytes);
     }
 
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        if TextEncoder::new().encode(&self.registry.gather(), &mut buf).is_err() {
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .is_err()
+        {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()
@@ -97,7 +124,12 @@ impl Metrics {
     fn names(&self) -> Vec<String> {
         self.collectors()
             .iter()
-            .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()).collect::<Vec<_>>())
+            .flat_map(|c| {
+                c.desc()
+                    .into_iter()
+                    .map(|d| d.fq_name.clone())
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 }

@@ -20,7 +20,12 @@ pub struct Oracle {
 impl Oracle {
     /// Puts `paths` aside (replacing an earlier stash of the same paths). Returns the number
     /// stashed and the paths that did not exist.
-    pub fn stash(&mut self, ws: &Workspace, paths: &[String], remove: bool) -> Result<(u64, Vec<String>)> {
+    pub fn stash(
+        &mut self,
+        ws: &Workspace,
+        paths: &[String],
+        remove: bool,
+    ) -> Result<(u64, Vec<String>)> {
         let mut staged = Vec::new();
         let mut missing = Vec::new();
         for rel in paths {
@@ -28,11 +33,14 @@ impl Oracle {
             let key = ws.relative(&abs).unwrap_or_else(|| rel.clone());
             match std::fs::metadata(&abs) {
                 Ok(m) if m.is_file() => {
-                    let data = std::fs::read(&abs).map_err(|e| SidecarError::io(format!("reading {rel}"), e))?;
+                    let data = std::fs::read(&abs)
+                        .map_err(|e| SidecarError::io(format!("reading {rel}"), e))?;
                     staged.push((key, abs, Some((data, m.permissions().mode() & 0o7777))));
                 }
                 Ok(_) => {
-                    return Err(SidecarError::InvalidArgument(format!("{rel:?} is not a regular file")));
+                    return Err(SidecarError::InvalidArgument(format!(
+                        "{rel:?} is not a regular file"
+                    )));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     missing.push(rel.clone());
@@ -46,7 +54,8 @@ impl Oracle {
             if state.is_some() {
                 stashed += 1;
                 if remove {
-                    std::fs::remove_file(&abs).map_err(|e| SidecarError::io(format!("removing {key}"), e))?;
+                    std::fs::remove_file(&abs)
+                        .map_err(|e| SidecarError::io(format!("removing {key}"), e))?;
                 }
             }
             self.files.insert(key, state);
@@ -62,17 +71,21 @@ impl Oracle {
             match state {
                 Some((data, mode)) => {
                     if let Some(parent) = abs.parent() {
-                        std::fs::create_dir_all(parent).map_err(|e| SidecarError::io(format!("mkdir for {rel}"), e))?;
+                        std::fs::create_dir_all(parent)
+                            .map_err(|e| SidecarError::io(format!("mkdir for {rel}"), e))?;
                     }
                     if std::fs::symlink_metadata(&abs).is_ok_and(|m| m.is_dir()) {
-                        std::fs::remove_dir_all(&abs).map_err(|e| SidecarError::io(format!("removing {rel}"), e))?;
+                        std::fs::remove_dir_all(&abs)
+                            .map_err(|e| SidecarError::io(format!("removing {rel}"), e))?;
                     }
-                    write_atomic(&abs, data, *mode).map_err(|e| SidecarError::io(format!("restoring {rel}"), e))?;
+                    write_atomic(&abs, data, *mode)
+                        .map_err(|e| SidecarError::io(format!("restoring {rel}"), e))?;
                     restored += 1;
                 }
                 None => {
                     if std::fs::symlink_metadata(&abs).is_ok() {
-                        std::fs::remove_file(&abs).map_err(|e| SidecarError::io(format!("removing {rel}"), e))?;
+                        std::fs::remove_file(&abs)
+                            .map_err(|e| SidecarError::io(format!("removing {rel}"), e))?;
                         removed += 1;
                     }
                 }

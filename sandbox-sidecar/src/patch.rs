@@ -37,10 +37,13 @@ impl<'w> Plan<'w> {
                 )));
             }
             Ok(m) if m.is_dir() => {
-                return Err(SidecarError::PatchRejected(format!("{rel}: is a directory")));
+                return Err(SidecarError::PatchRejected(format!(
+                    "{rel}: is a directory"
+                )));
             }
             Ok(m) => {
-                let data = std::fs::read(&abs).map_err(|e| SidecarError::io(format!("reading {rel}"), e))?;
+                let data = std::fs::read(&abs)
+                    .map_err(|e| SidecarError::io(format!("reading {rel}"), e))?;
                 Some((data, m.permissions().mode() & 0o7777))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -76,8 +79,14 @@ fn mode_bits(mode: Option<&FileMode>, fallback: u32) -> Result<u32> {
 }
 
 /// Applies `patch` to the workspace (or only checks it). Returns the files it changes.
-pub fn apply(ws: &Workspace, patch: &[u8], reverse: bool, check_only: bool) -> Result<Vec<FileChange>> {
-    let git_style = patch.starts_with(b"diff --git ") || memchr::memmem::find(patch, b"\ndiff --git ").is_some();
+pub fn apply(
+    ws: &Workspace,
+    patch: &[u8],
+    reverse: bool,
+    check_only: bool,
+) -> Result<Vec<FileChange>> {
+    let git_style = patch.starts_with(b"diff --git ")
+        || memchr::memmem::find(patch, b"\ndiff --git ").is_some();
     let opts = if git_style {
         ParseOptions::gitdiff()
     } else {
@@ -89,7 +98,8 @@ pub fn apply(ws: &Workspace, patch: &[u8], reverse: bool, check_only: bool) -> R
     };
     let mut changes = Vec::new();
     for (index, fp) in PatchSet::parse_bytes(patch, opts).enumerate() {
-        let fp = fp.map_err(|e| SidecarError::PatchRejected(format!("cannot parse the patch: {e}")))?;
+        let fp =
+            fp.map_err(|e| SidecarError::PatchRejected(format!("cannot parse the patch: {e}")))?;
         let text = match fp.patch() {
             PatchKind::Text(p) => p,
             PatchKind::Binary(_) => {
@@ -101,9 +111,19 @@ pub fn apply(ws: &Workspace, patch: &[u8], reverse: bool, check_only: bool) -> R
         };
         let op = path_op(fp.operation(), git_style)?;
         let (op, hunks, old_mode, new_mode) = if reverse {
-            (op.reversed(), text.reverse(), fp.new_mode().copied(), fp.old_mode().copied())
+            (
+                op.reversed(),
+                text.reverse(),
+                fp.new_mode().copied(),
+                fp.old_mode().copied(),
+            )
         } else {
-            (op, text.clone(), fp.old_mode().copied(), fp.new_mode().copied())
+            (
+                op,
+                text.clone(),
+                fp.old_mode().copied(),
+                fp.new_mode().copied(),
+            )
         };
         let _ = old_mode;
         let apply_to = |base: &[u8], what: &str| -> Result<Vec<u8>> {
@@ -114,7 +134,9 @@ pub fn apply(ws: &Workspace, patch: &[u8], reverse: bool, check_only: bool) -> R
         match op {
             PathOp::Modify(path) => {
                 let Some((base, mode)) = plan.current(&path)? else {
-                    return Err(SidecarError::PatchRejected(format!("{path}: does not exist")));
+                    return Err(SidecarError::PatchRejected(format!(
+                        "{path}: does not exist"
+                    )));
                 };
                 let out = apply_to(&base, &path)?;
                 let mode = mode_bits(new_mode.as_ref(), mode)?;
@@ -123,7 +145,9 @@ pub fn apply(ws: &Workspace, patch: &[u8], reverse: bool, check_only: bool) -> R
             }
             PathOp::Create(path) => {
                 if plan.current(&path)?.is_some() {
-                    return Err(SidecarError::PatchRejected(format!("{path}: already exists")));
+                    return Err(SidecarError::PatchRejected(format!(
+                        "{path}: already exists"
+                    )));
                 }
                 let out = apply_to(b"", &path)?;
                 let mode = mode_bits(new_mode.as_ref(), 0o644)?;
@@ -132,7 +156,9 @@ pub fn apply(ws: &Workspace, patch: &[u8], reverse: bool, check_only: bool) -> R
             }
             PathOp::Delete(path) => {
                 let Some((base, _)) = plan.current(&path)? else {
-                    return Err(SidecarError::PatchRejected(format!("{path}: does not exist")));
+                    return Err(SidecarError::PatchRejected(format!(
+                        "{path}: does not exist"
+                    )));
                 };
                 let out = apply_to(&base, &path)?;
                 if !out.is_empty() {
@@ -143,14 +169,16 @@ pub fn apply(ws: &Workspace, patch: &[u8], reverse: bool, check_only: bool) -> R
                 plan.set(&path, None)?;
                 changes.push(change(&path, "deleted", ""));
             }
-            PathOp::Rename { from, to } | PathOp::Copy { from, to, .. }
-                if from == to =>
-            {
-                return Err(SidecarError::PatchRejected(format!("{from}: renamed onto itself")));
+            PathOp::Rename { from, to } | PathOp::Copy { from, to, .. } if from == to => {
+                return Err(SidecarError::PatchRejected(format!(
+                    "{from}: renamed onto itself"
+                )));
             }
             PathOp::Rename { from, to } => {
                 let Some((base, mode)) = plan.current(&from)? else {
-                    return Err(SidecarError::PatchRejected(format!("{from}: does not exist")));
+                    return Err(SidecarError::PatchRejected(format!(
+                        "{from}: does not exist"
+                    )));
                 };
                 if plan.current(&to)?.is_some() {
                     return Err(SidecarError::PatchRejected(format!("{to}: already exists")));
@@ -163,7 +191,9 @@ pub fn apply(ws: &Workspace, patch: &[u8], reverse: bool, check_only: bool) -> R
             }
             PathOp::Copy { from, to } => {
                 let Some((base, mode)) = plan.current(&from)? else {
-                    return Err(SidecarError::PatchRejected(format!("{from}: does not exist")));
+                    return Err(SidecarError::PatchRejected(format!(
+                        "{from}: does not exist"
+                    )));
                 };
                 if plan.current(&to)?.is_some() {
                     return Err(SidecarError::PatchRejected(format!("{to}: already exists")));
@@ -176,7 +206,9 @@ pub fn apply(ws: &Workspace, patch: &[u8], reverse: bool, check_only: bool) -> R
         }
     }
     if changes.is_empty() {
-        return Err(SidecarError::PatchRejected("the patch changes no file".into()));
+        return Err(SidecarError::PatchRejected(
+            "the patch changes no file".into(),
+        ));
     }
     if !check_only {
         commit(ws, &plan)?;

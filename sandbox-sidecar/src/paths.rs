@@ -28,7 +28,9 @@ impl Workspace {
     /// without following symlinks.
     pub fn join_lexical(&self, rel: &str) -> Result<PathBuf> {
         if rel.contains('\0') {
-            return Err(SidecarError::PathRefused(format!("{rel:?}: contains a NUL byte")));
+            return Err(SidecarError::PathRefused(format!(
+                "{rel:?}: contains a NUL byte"
+            )));
         }
         let p = Path::new(rel);
         let mut out = self.root.clone();
@@ -111,9 +113,18 @@ mod tests {
     fn refuses_parent_and_absolute() {
         let dir = tempfile::tempdir().unwrap();
         let ws = Workspace::new(dir.path()).unwrap();
-        assert!(matches!(ws.resolve("../x"), Err(SidecarError::PathRefused(_))));
-        assert!(matches!(ws.resolve("a/../../x"), Err(SidecarError::PathRefused(_))));
-        assert!(matches!(ws.resolve("/etc/passwd"), Err(SidecarError::PathRefused(_))));
+        assert!(matches!(
+            ws.resolve("../x"),
+            Err(SidecarError::PathRefused(_))
+        ));
+        assert!(matches!(
+            ws.resolve("a/../../x"),
+            Err(SidecarError::PathRefused(_))
+        ));
+        assert!(matches!(
+            ws.resolve("/etc/passwd"),
+            Err(SidecarError::PathRefused(_))
+        ));
         assert_eq!(ws.resolve("a/b.txt").unwrap(), ws.root().join("a/b.txt"));
         assert_eq!(ws.resolve("").unwrap(), ws.root());
     }
@@ -126,8 +137,14 @@ mod tests {
         std::os::unix::fs::symlink("inner", dir.path().join("in")).unwrap();
         std::fs::create_dir(dir.path().join("inner")).unwrap();
         let ws = Workspace::new(dir.path()).unwrap();
-        assert!(matches!(ws.resolve("out/x"), Err(SidecarError::PathRefused(_))));
-        assert!(matches!(ws.resolve("out"), Err(SidecarError::PathRefused(_))));
+        assert!(matches!(
+            ws.resolve("out/x"),
+            Err(SidecarError::PathRefused(_))
+        ));
+        assert!(matches!(
+            ws.resolve("out"),
+            Err(SidecarError::PathRefused(_))
+        ));
         assert_eq!(ws.resolve("in/x").unwrap(), ws.root().join("inner/x"));
     }
 }

@@ -95,10 +95,11 @@ pub async fn bind(cfg: ServeConfig) -> Result<Bound, ServeError> {
     })?;
     let metrics = Arc::new(Metrics::new()?);
     let gauge = metrics.sessions_active.clone();
-    let snapshots = Snapshots::new(ws.clone(), &state_dir).map_err(|source| ServeError::StateDir {
-        path: state_dir.clone(),
-        source,
-    })?;
+    let snapshots =
+        Snapshots::new(ws.clone(), &state_dir).map_err(|source| ServeError::StateDir {
+            path: state_dir.clone(),
+            source,
+        })?;
     let bash = process::find_bash();
     let state = Arc::new(State {
         ws,
@@ -114,12 +115,22 @@ pub async fn bind(cfg: ServeConfig) -> Result<Bound, ServeError> {
     });
     let listener = TcpListener::bind(cfg.listen)
         .await
-        .map_err(|source| ServeError::Bind { addr: cfg.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: cfg.listen, source })?;
+        .map_err(|source| ServeError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
     let (metrics_listener, metrics_addr) = match cfg.metrics_listen {
         Some(m) => {
-            let l = TcpListener::bind(m).await.map_err(|source| ServeError::Bind { addr: m, source })?;
-            let a = l.local_addr().map_err(|source| ServeError::Bind { addr: m, source })?;
+            let l = TcpListener::bind(m)
+                .await
+                .map_err(|source| ServeError::Bind { addr: m, source })?;
+            let a = l
+                .local_addr()
+                .map_err(|source| ServeError::Bind { addr: m, source })?;
             (Some(l), Some(a))
         }
         None => (None, None),
@@ -137,14 +148,20 @@ pub async fn bind(cfg: ServeConfig) -> Result<Bound, ServeError> {
 
 fn create_private_dir(p: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(p)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(p)?;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700))
 }
 
 impl Bound {
     /// Serves until `shutdown` resolves; then kills every session and running command and
     /// removes the state directory it created.
-    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
         let Bound {
             listener,
             metrics_listener,
@@ -166,7 +183,10 @@ impl Bound {
                                 let st = st.clone();
                                 async move {
                                     (
-                                        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                                        [(
+                                            axum::http::header::CONTENT_TYPE,
+                                            "text/plain; version=0.0.4",
+                                        )],
                                         st.metrics.render(),
                                     )
                                 }
@@ -180,10 +200,13 @@ impl Bound {
                 }
             });
         }
-        let svc = SidecarServer::new(SidecarService { state: state.clone() })
-            .max_decoding_message_size(256 * 1024 * 1024)
-            .max_encoding_message_size(256 * 1024 * 1024);
-        let svc = tonic::service::interceptor::InterceptedService::new(svc, move |req| token.check(req));
+        let svc = SidecarServer::new(SidecarService {
+            state: state.clone(),
+        })
+        .max_decoding_message_size(256 * 1024 * 1024)
+        .max_encoding_message_size(256 * 1024 * 1024);
+        let svc =
+            tonic::service::interceptor::InterceptedService::new(svc, move |req| token.check(req));
         // Nagle's algorithm plus delayed ACKs would add tens of milliseconds to small calls.
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
             if let Ok(s) = &s {

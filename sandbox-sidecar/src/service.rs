@@ -106,7 +106,9 @@ impl State {
     fn cwd(&self, rel: &str) -> Result<PathBuf, SidecarError> {
         let p = self.ws.resolve(rel)?;
         if !p.is_dir() {
-            return Err(SidecarError::InvalidArgument(format!("cwd {rel:?} is not a directory")));
+            return Err(SidecarError::InvalidArgument(format!(
+                "cwd {rel:?} is not a directory"
+            )));
         }
         Ok(p)
     }
@@ -131,14 +133,21 @@ impl State {
     fn exec_command(&self, req: &ExecRequest) -> Result<(Command, String), SidecarError> {
         let (program, args): (PathBuf, Vec<String>) = if !req.argv.is_empty() {
             if !req.shell.is_empty() {
-                return Err(SidecarError::InvalidArgument("give argv or shell, not both".into()));
+                return Err(SidecarError::InvalidArgument(
+                    "give argv or shell, not both".into(),
+                ));
             }
             (PathBuf::from(&req.argv[0]), req.argv[1..].to_vec())
         } else if !req.shell.is_empty() {
-            let sh = self.bash.clone().unwrap_or_else(|| PathBuf::from("/bin/sh"));
+            let sh = self
+                .bash
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/bin/sh"));
             (sh, vec!["-c".into(), req.shell.clone()])
         } else {
-            return Err(SidecarError::InvalidArgument("argv or shell is required".into()));
+            return Err(SidecarError::InvalidArgument(
+                "argv or shell is required".into(),
+            ));
         };
         let mut cmd = Command::new(&program);
         cmd.args(&args).current_dir(self.cwd(&req.cwd)?);
@@ -183,13 +192,21 @@ fn command_result(o: process::Outcome) -> CommandResult {
 type ExecStreamOut = Pin<Box<dyn Stream<Item = Result<ExecEvent, Status>> + Send>>;
 
 impl SidecarService {
-    async fn run_exec(state: Arc<State>, req: ExecRequest, streaming: Option<Streaming>) -> Result<CommandResult, Status> {
+    async fn run_exec(
+        state: Arc<State>,
+        req: ExecRequest,
+        streaming: Option<Streaming>,
+    ) -> Result<CommandResult, Status> {
         let limits = req.limits.as_ref();
         let timeout = state.timeout(limits);
         let cap = state.cap(limits);
         let rl = state.rlimits(limits);
         let (cmd, program) = state.exec_command(&req)?;
-        let stdin = if req.stdin.is_empty() { None } else { Some(req.stdin.clone()) };
+        let stdin = if req.stdin.is_empty() {
+            None
+        } else {
+            Some(req.stdin.clone())
+        };
         let outcome = match process::run(cmd, stdin, timeout, cap, rl, streaming).await {
             Ok(o) => o,
             Err(e) if !req.argv.is_empty() => process::spawn_failure_outcome(&program, &e),
@@ -201,7 +218,10 @@ impl SidecarService {
 
 #[tonic::async_trait]
 impl Sidecar for SidecarService {
-    async fn health(&self, _req: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+    async fn health(
+        &self,
+        _req: Request<HealthRequest>,
+    ) -> Result<Response<HealthResponse>, Status> {
         let s = &self.state;
         Ok(Response::new(HealthResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -209,12 +229,19 @@ impl Sidecar for SidecarService {
             workspace: s.ws.root().to_string_lossy().into_owned(),
             sessions_active: u32::try_from(s.sessions.active().max(0)).unwrap_or(0),
             git_available: history::git_available(),
-            bash_path: s.bash.as_ref().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default(),
+            bash_path: s
+                .bash
+                .as_ref()
+                .map(|b| b.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             pid: std::process::id(),
         }))
     }
 
-    async fn session_open(&self, req: Request<SessionOpenRequest>) -> Result<Response<SessionOpenResponse>, Status> {
+    async fn session_open(
+        &self,
+        req: Request<SessionOpenRequest>,
+    ) -> Result<Response<SessionOpenResponse>, Status> {
         let req = req.into_inner();
         let state = self.state.clone();
         let r = req.clone();
@@ -237,7 +264,10 @@ impl Sidecar for SidecarService {
         Ok(Response::new(resp))
     }
 
-    async fn session_run(&self, req: Request<SessionRunRequest>) -> Result<Response<CommandResult>, Status> {
+    async fn session_run(
+        &self,
+        req: Request<SessionRunRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
         let req = req.into_inner();
         let state = self.state.clone();
         let r = req.clone();
@@ -249,7 +279,13 @@ impl Sidecar for SidecarService {
                 let root = state.ws.root().to_path_buf();
                 let o = state
                     .sessions
-                    .run(&r.session_id, &r.command, state.timeout(limits), state.cap(limits), &root)
+                    .run(
+                        &r.session_id,
+                        &r.command,
+                        state.timeout(limits),
+                        state.cap(limits),
+                        &root,
+                    )
                     .await?;
                 let truncated = o.stdout.truncated() || o.stderr.truncated();
                 let mut notice = o.notice;
@@ -279,8 +315,15 @@ impl Sidecar for SidecarService {
         Ok(Response::new(resp))
     }
 
-    async fn session_close(&self, req: Request<SessionCloseRequest>) -> Result<Response<SessionCloseResponse>, Status> {
-        let existed = self.state.sessions.close(&req.into_inner().session_id).await;
+    async fn session_close(
+        &self,
+        req: Request<SessionCloseRequest>,
+    ) -> Result<Response<SessionCloseResponse>, Status> {
+        let existed = self
+            .state
+            .sessions
+            .close(&req.into_inner().session_id)
+            .await;
         Ok(Response::new(SessionCloseResponse { existed }))
     }
 
@@ -302,7 +345,10 @@ impl Sidecar for SidecarService {
 
     type ExecStreamStream = ExecStreamOut;
 
-    async fn exec_stream(&self, req: Request<ExecRequest>) -> Result<Response<Self::ExecStreamStream>, Status> {
+    async fn exec_stream(
+        &self,
+        req: Request<ExecRequest>,
+    ) -> Result<Response<Self::ExecStreamStream>, Status> {
         let req = req.into_inner();
         let state = self.state.clone();
         let cap = state.cap(req.limits.as_ref());
@@ -352,10 +398,15 @@ impl Sidecar for SidecarService {
             };
             let _ = event_tx.send(ev).await;
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(event_rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(event_rx),
+        )))
     }
 
-    async fn read_file(&self, req: Request<ReadFileRequest>) -> Result<Response<ReadFileResponse>, Status> {
+    async fn read_file(
+        &self,
+        req: Request<ReadFileRequest>,
+    ) -> Result<Response<ReadFileResponse>, Status> {
         let r = req.into_inner();
         let ws = self.state.ws.clone();
         let out = blocking(move || files::read(&ws, &r.path, r.offset, r.max_bytes)).await?;
@@ -367,7 +418,10 @@ impl Sidecar for SidecarService {
         }))
     }
 
-    async fn write_file(&self, req: Request<WriteFileRequest>) -> Result<Response<WriteFileResponse>, Status> {
+    async fn write_file(
+        &self,
+        req: Request<WriteFileRequest>,
+    ) -> Result<Response<WriteFileResponse>, Status> {
         let req = req.into_inner();
         let ws = self.state.ws.clone();
         let r = req.clone();
@@ -376,29 +430,53 @@ impl Sidecar for SidecarService {
             .idem
             .run("WriteFile", &req.request_id, &req, async move {
                 let n = r.content.len() as u64;
-                let created = blocking(move || files::write(&ws, &r.path, &r.content, r.create_parents, r.mode)).await?;
-                Ok(WriteFileResponse { bytes_written: n, created })
+                let created = blocking(move || {
+                    files::write(&ws, &r.path, &r.content, r.create_parents, r.mode)
+                })
+                .await?;
+                Ok(WriteFileResponse {
+                    bytes_written: n,
+                    created,
+                })
             })
             .await?;
         Ok(Response::new(resp))
     }
 
-    async fn list_files(&self, req: Request<ListFilesRequest>) -> Result<Response<ListFilesResponse>, Status> {
+    async fn list_files(
+        &self,
+        req: Request<ListFilesRequest>,
+    ) -> Result<Response<ListFilesResponse>, Status> {
         let r = req.into_inner();
         let ws = self.state.ws.clone();
-        let (entries, truncated) =
-            blocking(move || files::list(&ws, &r.path, r.recursive, r.include_hidden, r.max_entries as usize)).await?;
+        let (entries, truncated) = blocking(move || {
+            files::list(
+                &ws,
+                &r.path,
+                r.recursive,
+                r.include_hidden,
+                r.max_entries as usize,
+            )
+        })
+        .await?;
         Ok(Response::new(ListFilesResponse { entries, truncated }))
     }
 
     async fn view(&self, req: Request<ViewRequest>) -> Result<Response<ViewResponse>, Status> {
         let r = req.into_inner();
         let ws = self.state.ws.clone();
-        let (content, total_lines) = blocking(move || editor::view(&ws, &r.path, r.start_line, r.end_line)).await?;
-        Ok(Response::new(ViewResponse { content, total_lines }))
+        let (content, total_lines) =
+            blocking(move || editor::view(&ws, &r.path, r.start_line, r.end_line)).await?;
+        Ok(Response::new(ViewResponse {
+            content,
+            total_lines,
+        }))
     }
 
-    async fn str_replace(&self, req: Request<StrReplaceRequest>) -> Result<Response<EditResponse>, Status> {
+    async fn str_replace(
+        &self,
+        req: Request<StrReplaceRequest>,
+    ) -> Result<Response<EditResponse>, Status> {
         let req = req.into_inner();
         let ws = self.state.ws.clone();
         let r = req.clone();
@@ -407,14 +485,19 @@ impl Sidecar for SidecarService {
             .idem
             .run("StrReplace", &req.request_id, &req, async move {
                 let path = r.path.clone();
-                let snippet = blocking(move || editor::str_replace(&ws, &r.path, &r.old_str, &r.new_str)).await?;
+                let snippet =
+                    blocking(move || editor::str_replace(&ws, &r.path, &r.old_str, &r.new_str))
+                        .await?;
                 Ok(EditResponse { path, snippet })
             })
             .await?;
         Ok(Response::new(resp))
     }
 
-    async fn create_file(&self, req: Request<CreateFileRequest>) -> Result<Response<EditResponse>, Status> {
+    async fn create_file(
+        &self,
+        req: Request<CreateFileRequest>,
+    ) -> Result<Response<EditResponse>, Status> {
         let req = req.into_inner();
         let ws = self.state.ws.clone();
         let r = req.clone();
@@ -423,14 +506,18 @@ impl Sidecar for SidecarService {
             .idem
             .run("CreateFile", &req.request_id, &req, async move {
                 let path = r.path.clone();
-                let snippet = blocking(move || editor::create(&ws, &r.path, &r.content, r.overwrite)).await?;
+                let snippet =
+                    blocking(move || editor::create(&ws, &r.path, &r.content, r.overwrite)).await?;
                 Ok(EditResponse { path, snippet })
             })
             .await?;
         Ok(Response::new(resp))
     }
 
-    async fn apply_patch(&self, req: Request<ApplyPatchRequest>) -> Result<Response<ApplyPatchResponse>, Status> {
+    async fn apply_patch(
+        &self,
+        req: Request<ApplyPatchRequest>,
+    ) -> Result<Response<ApplyPatchResponse>, Status> {
         let req = req.into_inner();
         let ws = self.state.ws.clone();
         let r = req.clone();
@@ -438,7 +525,8 @@ impl Sidecar for SidecarService {
             .state
             .idem
             .run("ApplyPatch", &req.request_id, &req, async move {
-                let files = blocking(move || patch::apply(&ws, &r.patch, r.reverse, r.check_only)).await?;
+                let files =
+                    blocking(move || patch::apply(&ws, &r.patch, r.reverse, r.check_only)).await?;
                 Ok(ApplyPatchResponse { files })
             })
             .await?;
@@ -450,7 +538,11 @@ impl Sidecar for SidecarService {
         let state = self.state.clone();
         let d = blocking(move || {
             let snaps = state.snapshots.lock().unwrap_or_else(|p| p.into_inner());
-            snaps.diff(&snapshot_name(&r.snapshot), &r.include_paths, &r.exclude_paths)
+            snaps.diff(
+                &snapshot_name(&r.snapshot),
+                &r.include_paths,
+                &r.exclude_paths,
+            )
         })
         .await?;
         Ok(Response::new(DiffResponse {
@@ -460,7 +552,10 @@ impl Sidecar for SidecarService {
         }))
     }
 
-    async fn snapshot(&self, req: Request<SnapshotRequest>) -> Result<Response<SnapshotResponse>, Status> {
+    async fn snapshot(
+        &self,
+        req: Request<SnapshotRequest>,
+    ) -> Result<Response<SnapshotResponse>, Status> {
         let req = req.into_inner();
         let state = self.state.clone();
         let r = req.clone();
@@ -510,7 +605,10 @@ impl Sidecar for SidecarService {
         Ok(Response::new(resp))
     }
 
-    async fn oracle_stash(&self, req: Request<OracleStashRequest>) -> Result<Response<OracleStashResponse>, Status> {
+    async fn oracle_stash(
+        &self,
+        req: Request<OracleStashRequest>,
+    ) -> Result<Response<OracleStashResponse>, Status> {
         let req = req.into_inner();
         let state = self.state.clone();
         let r = req.clone();
@@ -529,7 +627,10 @@ impl Sidecar for SidecarService {
         Ok(Response::new(resp))
     }
 
-    async fn oracle_restore(&self, req: Request<OracleRestoreRequest>) -> Result<Response<OracleRestoreResponse>, Status> {
+    async fn oracle_restore(
+        &self,
+        req: Request<OracleRestoreRequest>,
+    ) -> Result<Response<OracleRestoreResponse>, Status> {
         let req = req.into_inner();
         let state = self.state.clone();
         let resp = self
@@ -547,7 +648,10 @@ impl Sidecar for SidecarService {
         Ok(Response::new(resp))
     }
 
-    async fn reset_history(&self, req: Request<ResetHistoryRequest>) -> Result<Response<ResetHistoryResponse>, Status> {
+    async fn reset_history(
+        &self,
+        req: Request<ResetHistoryRequest>,
+    ) -> Result<Response<ResetHistoryResponse>, Status> {
         let req = req.into_inner();
         let state = self.state.clone();
         let resp = self
@@ -575,14 +679,19 @@ impl Sidecar for SidecarService {
         Ok(Response::new(resp))
     }
 
-    async fn run_tests(&self, req: Request<RunTestsRequest>) -> Result<Response<RunTestsResponse>, Status> {
+    async fn run_tests(
+        &self,
+        req: Request<RunTestsRequest>,
+    ) -> Result<Response<RunTestsResponse>, Status> {
         let req = req.into_inner();
         let state = self.state.clone();
         let r = req.clone();
         let resp = self
             .state
             .idem
-            .run("RunTests", &req.request_id, &req, async move { run_tests(state, r).await })
+            .run("RunTests", &req.request_id, &req, async move {
+                run_tests(state, r).await
+            })
             .await?;
         Ok(Response::new(resp))
     }
@@ -593,9 +702,10 @@ struct TempFile(PathBuf);
 
 impl TempFile {
     fn new(state: &State, prefix: &str, content: &[u8]) -> Result<Self, SidecarError> {
-        let path = state
-            .state_dir
-            .join(format!("{prefix}-{}", hex::encode(rand::random::<[u8; 8]>())));
+        let path = state.state_dir.join(format!(
+            "{prefix}-{}",
+            hex::encode(rand::random::<[u8; 8]>())
+        ));
         std::fs::write(&path, content).map_err(|e| SidecarError::io("writing a script file", e))?;
         Ok(Self(path))
     }
@@ -613,7 +723,9 @@ async fn run_tests(state: Arc<State>, r: RunTestsRequest) -> Result<RunTestsResp
     }
     let builtin = BuiltinParser::try_from(r.builtin).unwrap_or(BuiltinParser::Unspecified);
     if r.parser_script.is_empty() && builtin == BuiltinParser::Unspecified {
-        return Err(SidecarError::InvalidArgument("give parser_script or a builtin parser".into()).into());
+        return Err(
+            SidecarError::InvalidArgument("give parser_script or a builtin parser".into()).into(),
+        );
     }
     let Some(bash) = state.bash.clone() else {
         return Err(SidecarError::NoShell("bash is needed to run test scripts".into()).into());
@@ -628,9 +740,16 @@ async fn run_tests(state: Arc<State>, r: RunTestsRequest) -> Result<RunTestsResp
         .arg(&script.0)
         .current_dir(state.ws.root())
         .envs(&r.env);
-    let outcome = process::run(cmd, None, state.timeout(limits), TEST_PARSE_CAP, state.rlimits(limits), None)
-        .await
-        .map_err(|e| SidecarError::io("running the test script", e))?;
+    let outcome = process::run(
+        cmd,
+        None,
+        state.timeout(limits),
+        TEST_PARSE_CAP,
+        state.rlimits(limits),
+        None,
+    )
+    .await
+    .map_err(|e| SidecarError::io("running the test script", e))?;
     let full = outcome.stdout.into_bytes();
     let full_text = String::from_utf8_lossy(&full).into_owned();
     let mut shown = CappedOutput::new(state.cap(limits));
@@ -666,9 +785,21 @@ async fn run_tests(state: Arc<State>, r: RunTestsRequest) -> Result<RunTestsResp
         };
         let mut pcmd = Command::new(&interp);
         pcmd.arg(&parser.0).current_dir(state.ws.root());
-        let po = process::run(pcmd, Some(full), state.timeout(limits), TEST_PARSE_CAP, state.rlimits(limits), None).await;
+        let po = process::run(
+            pcmd,
+            Some(full),
+            state.timeout(limits),
+            TEST_PARSE_CAP,
+            state.rlimits(limits),
+            None,
+        )
+        .await;
         match po {
-            Err(e) => (Default::default(), String::new(), format!("cannot run the parser with {interp:?}: {e}")),
+            Err(e) => (
+                Default::default(),
+                String::new(),
+                format!("cannot run the parser with {interp:?}: {e}"),
+            ),
             Ok(po) => {
                 let code = po.exit_code();
                 let timed_out = po.timed_out;
@@ -677,7 +808,11 @@ async fn run_tests(state: Arc<State>, r: RunTestsRequest) -> Result<RunTestsResp
                 if timed_out {
                     (Default::default(), perr, "the parser timed out".to_string())
                 } else if code != 0 {
-                    (Default::default(), perr, format!("the parser exited with status {code}"))
+                    (
+                        Default::default(),
+                        perr,
+                        format!("the parser exited with status {code}"),
+                    )
                 } else {
                     match testparse::parse_script_json(&pout) {
                         Ok(m) => (m, perr, String::new()),

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,7 +57,6 @@ struct Slot {
     shell: Option<Shell>,
     /// Why the shell went away; reported with the next command, which starts a new one.
     pending_restart: Option<String>,
-    started_once: bool,
 }
 
 /// All sessions of one sidecar.
@@ -96,19 +95,15 @@ impl Sessions {
         (self.on_active_change)(now);
     }
 
-    fn slot(&self, id: &str, options: Option<SessionOptions>, default_cwd: &PathBuf) -> (Arc<Mutex<Slot>>, bool) {
+    fn slot(&self, id: &str, options: impl FnOnce() -> SessionOptions) -> (Arc<Mutex<Slot>>, bool) {
         let mut map = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = map.get(id) {
             return (s.clone(), false);
         }
         let slot = Arc::new(Mutex::new(Slot {
-            options: options.unwrap_or_else(|| SessionOptions {
-                cwd: default_cwd.clone(),
-                ..Default::default()
-            }),
+            options: options(),
             shell: None,
             pending_restart: None,
-            started_once: false,
         }));
         map.insert(id.to_string(), slot.clone());
         (slot, true)
@@ -117,8 +112,7 @@ impl Sessions {
     /// Creates a session with explicit options; false when it already existed.
     pub async fn open(&self, id: &str, options: SessionOptions) -> Result<bool> {
         validate_id(id)?;
-        let cwd = options.cwd.clone();
-        let (slot, created) = self.slot(id, Some(options), &cwd);
+        let (slot, created) = self.slot(id, || options);
         if created {
             let mut slot = slot.lock().await;
             self.ensure_shell(id, &mut slot).await?;
@@ -171,7 +165,6 @@ impl Sessions {
         let shell = spawn_shell(bash, &self.state_dir, id, &slot.options)
             .map_err(|e| SidecarError::io("starting bash", e))?;
         slot.shell = Some(shell);
-        slot.started_once = true;
         self.add_active(1);
         Ok(())
     }
@@ -183,10 +176,13 @@ impl Sessions {
         command: &str,
         timeout: Duration,
         cap: usize,
-        default_cwd: &PathBuf,
+        default_cwd: &Path,
     ) -> Result<SessionOutcome> {
         validate_id(id)?;
-        let (slot, _) = self.slot(id, None, default_cwd);
+        let (slot, _) = self.slot(id, || SessionOptions {
+            cwd: default_cwd.to_path_buf(),
+            ..Default::default()
+        });
         let mut slot = slot.lock().await;
         let restarted_notice = slot.pending_restart.take();
         self.ensure_shell(id, &mut slot).await?;
@@ -219,14 +215,17 @@ impl Sessions {
                 process::untrack(shell.sid);
                 let _ = std::fs::remove_file(&shell.cmd_file);
                 self.add_active(-1);
-                let code = status
-                    .and_then(|s| s.code())
-                    .unwrap_or(-1);
+                let code = status.and_then(|s| s.code()).unwrap_or(-1);
                 slot.pending_restart = Some(format!(
                     "the shell of session {id:?} exited (status {code}) during the previous command; \
                      a new shell was started: working directory and environment are back to their initial values"
                 ));
-                push_notice(&mut notice, &format!("the shell exited with status {code}; the next command starts a new one"));
+                push_notice(
+                    &mut notice,
+                    &format!(
+                        "the shell exited with status {code}; the next command starts a new one"
+                    ),
+                );
                 (code, false)
             }
             Err(_elapsed) => {
@@ -375,10 +374,9 @@ impl<R: AsyncRead + Unpin> PipeReader<R> {
         out: &mut CappedOutput,
     ) -> io::Result<Option<Vec<u8>>> {
         let finder = memchr::memmem::Finder::new(marker);
-        let mut searched_from = 0usize;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            if let Some(pos) = finder.find(&self.pending[searched_from..]).map(|p| p + searched_from) {
+            if let Some(pos) = finder.find(&self.pending) {
                 let after = pos + marker.len();
                 if let Some(nl) = memchr::memchr(b'\n', &self.pending[after..]) {
                     out.push(&self.pending[..pos]);
@@ -394,7 +392,6 @@ impl<R: AsyncRead + Unpin> PipeReader<R> {
                     out.push(&self.pending[..cut]);
                     self.pending.drain(..cut);
                 }
-                searched_from = 0;
             }
             if self.eof {
                 out.push(&self.pending);

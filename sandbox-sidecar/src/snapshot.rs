@@ -89,11 +89,16 @@ pub struct Snapshots {
 /// Is `path` the same as `prefix` or under it (component-wise)?
 fn under(path: &str, prefix: &str) -> bool {
     let prefix = prefix.trim_end_matches('/');
-    prefix.is_empty() || path == prefix || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
+    prefix.is_empty()
+        || path == prefix
+        || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
 }
 
 fn is_git_path(path: &str) -> bool {
-    path == ".git" || path.starts_with(".git/") || path.contains("/.git/") || path.ends_with("/.git")
+    path == ".git"
+        || path.starts_with(".git/")
+        || path.contains("/.git/")
+        || path.ends_with("/.git")
 }
 
 fn norm_excludes(ws: &Workspace, excludes: &[String]) -> Result<Vec<String>> {
@@ -128,14 +133,21 @@ impl Snapshots {
 
     /// Walks the workspace (without following symlinks), skipping excluded paths, calling
     /// `f` with each relative path and its metadata, parents before children.
-    fn walk(&self, excludes: &[String], f: &mut dyn FnMut(&str, &Path, &std::fs::Metadata) -> Result<()>) -> Result<()> {
+    fn walk(
+        &self,
+        excludes: &[String],
+        f: &mut dyn FnMut(&str, &Path, &std::fs::Metadata) -> Result<()>,
+    ) -> Result<()> {
         let mut stack = vec![self.ws.root().to_path_buf()];
         while let Some(dir) = stack.pop() {
-            let rd = std::fs::read_dir(&dir).map_err(|e| SidecarError::io(format!("listing {}", dir.display()), e))?;
+            let rd = std::fs::read_dir(&dir)
+                .map_err(|e| SidecarError::io(format!("listing {}", dir.display()), e))?;
             let mut children: Vec<_> = rd.flatten().map(|e| e.path()).collect();
             children.sort();
             for path in children.into_iter().rev() {
-                let Some(rel) = self.ws.relative(&path) else { continue };
+                let Some(rel) = self.ws.relative(&path) else {
+                    continue;
+                };
                 if excludes.iter().any(|e| under(&rel, e)) {
                     continue;
                 }
@@ -180,7 +192,8 @@ impl Snapshots {
         self.walk(&excludes, &mut |rel, path, m| {
             let ft = m.file_type();
             let entry = if ft.is_symlink() {
-                let target = std::fs::read_link(path).map_err(|e| SidecarError::io(format!("readlink {rel}"), e))?;
+                let target = std::fs::read_link(path)
+                    .map_err(|e| SidecarError::io(format!("readlink {rel}"), e))?;
                 Entry::Symlink {
                     target: target.into_os_string(),
                 }
@@ -189,7 +202,8 @@ impl Snapshots {
                     mode: m.permissions().mode() & 0o7777,
                 }
             } else if ft.is_file() {
-                let data = std::fs::read(path).map_err(|e| SidecarError::io(format!("reading {rel}"), e))?;
+                let data = std::fs::read(path)
+                    .map_err(|e| SidecarError::io(format!("reading {rel}"), e))?;
                 bytes += data.len() as u64;
                 files += 1;
                 let hash = self
@@ -237,7 +251,8 @@ impl Snapshots {
         if m.size() != stat.size {
             return Ok(false);
         }
-        let data = std::fs::read(path).map_err(|e| SidecarError::io(format!("reading {}", path.display()), e))?;
+        let data = std::fs::read(path)
+            .map_err(|e| SidecarError::io(format!("reading {}", path.display()), e))?;
         Ok(hex::encode(Sha256::digest(&data)) == *hash)
     }
 
@@ -253,9 +268,12 @@ impl Snapshots {
         // 1. Remove what the snapshot does not have, or has as another kind.
         let mut present = BTreeSet::new();
         let mut to_remove: Vec<(PathBuf, bool)> = Vec::new();
-        let mut to_restore: Vec<String> = Vec::new();
+        let mut to_restore: BTreeSet<String> = BTreeSet::new();
         self.walk(&manifest.excludes, &mut |rel, path, m| {
-            if to_remove.iter().any(|(p, is_dir)| *is_dir && path.starts_with(p)) {
+            if to_remove
+                .iter()
+                .any(|(p, is_dir)| *is_dir && path.starts_with(p))
+            {
                 return Ok(());
             }
             let ft = m.file_type();
@@ -268,7 +286,8 @@ impl Snapshots {
                     }
                 }
                 Some(Entry::Symlink { target }) if ft.is_symlink() => {
-                    let now = std::fs::read_link(path).map_err(|e| SidecarError::io(format!("readlink {rel}"), e))?;
+                    let now = std::fs::read_link(path)
+                        .map_err(|e| SidecarError::io(format!("readlink {rel}"), e))?;
                     if now.as_os_str() == target.as_os_str() {
                         present.insert(rel.to_string());
                         stats.unchanged += 1;
@@ -281,7 +300,7 @@ impl Snapshots {
                     if self.same_file(e, path, m)? {
                         stats.unchanged += 1;
                     } else {
-                        to_restore.push(rel.to_string());
+                        to_restore.insert(rel.to_string());
                     }
                 }
                 _ => to_remove.push((path.to_path_buf(), ft.is_dir())),
@@ -301,13 +320,14 @@ impl Snapshots {
         //    changed files.
         for (rel, entry) in &manifest.entries {
             let missing = !present.contains(rel);
-            if !missing && !to_restore.iter().any(|r| r == rel) {
+            if !missing && !to_restore.contains(rel) {
                 continue;
             }
             let abs = self.ws.root().join(rel);
             match entry {
                 Entry::Dir { mode } => {
-                    std::fs::create_dir_all(&abs).map_err(|e| SidecarError::io(format!("mkdir {rel}"), e))?;
+                    std::fs::create_dir_all(&abs)
+                        .map_err(|e| SidecarError::io(format!("mkdir {rel}"), e))?;
                     std::fs::set_permissions(&abs, std::fs::Permissions::from_mode(*mode))
                         .map_err(|e| SidecarError::io(format!("chmod {rel}"), e))?;
                 }
@@ -317,7 +337,8 @@ impl Snapshots {
                 }
                 Entry::File { mode, stat, .. } => {
                     let data = self.read_entry_content(entry)?;
-                    write_atomic(&abs, &data, *mode).map_err(|e| SidecarError::io(format!("restoring {rel}"), e))?;
+                    write_atomic(&abs, &data, *mode)
+                        .map_err(|e| SidecarError::io(format!("restoring {rel}"), e))?;
                     restore_mtime(&abs, stat.mtime);
                 }
             }
@@ -364,24 +385,36 @@ impl Snapshots {
         for rel in paths {
             let before = old.get(&rel.to_string()).copied();
             let after = current.get(rel);
-            let (old_content, old_mode) = match before {
-                Some(e) => (Some(self.read_entry_content(e)?), git_mode_of_entry(e)),
-                None => (None, 0),
-            };
             if let (Some(e @ Entry::File { .. }), Some((path, m))) = (before, after)
                 && m.is_file()
                 && self.same_file(e, path, m)?
             {
                 continue;
             }
+            let (old_content, old_mode) = match before {
+                Some(e) => (Some(self.read_entry_content(e)?), git_mode_of_entry(e)),
+                None => (None, 0),
+            };
             let (new_content, new_mode) = match after {
                 Some((path, m)) if m.file_type().is_symlink() => (
-                    Some(std::fs::read_link(path).map_err(|e| SidecarError::io(format!("readlink {rel}"), e))?.into_os_string().into_vec()),
+                    Some(
+                        std::fs::read_link(path)
+                            .map_err(|e| SidecarError::io(format!("readlink {rel}"), e))?
+                            .into_os_string()
+                            .into_vec(),
+                    ),
                     0o120000,
                 ),
                 Some((path, m)) => (
-                    Some(std::fs::read(path).map_err(|e| SidecarError::io(format!("reading {rel}"), e))?),
-                    if m.permissions().mode() & 0o111 != 0 { 0o100755 } else { 0o100644 },
+                    Some(
+                        std::fs::read(path)
+                            .map_err(|e| SidecarError::io(format!("reading {rel}"), e))?,
+                    ),
+                    if m.permissions().mode() & 0o111 != 0 {
+                        0o100755
+                    } else {
+                        0o100644
+                    },
                 ),
                 None => (None, 0),
             };
@@ -398,7 +431,14 @@ impl Snapshots {
                 change: kind.into(),
                 old_path: String::new(),
             });
-            let binary = file_diff(&mut out.diff, rel, old_content.as_deref(), old_mode, new_content.as_deref(), new_mode);
+            let binary = file_diff(
+                &mut out.diff,
+                rel,
+                old_content.as_deref(),
+                old_mode,
+                new_content.as_deref(),
+                new_mode,
+            );
             if binary {
                 out.binary_files.push(rel.to_string());
             }
@@ -466,7 +506,9 @@ fn is_binary(data: &[u8]) -> bool {
 
 fn quote_path(p: &str) -> String {
     // git quotes paths with special characters; plain ones go as they are.
-    if p.bytes().all(|b| b > 0x20 && b < 0x7f && b != b'"' && b != b'\\') {
+    if p.bytes()
+        .all(|b| b > 0x20 && b < 0x7f && b != b'"' && b != b'\\')
+    {
         p.to_string()
     } else {
         let mut s = String::from("\"");
@@ -486,16 +528,27 @@ fn quote_path(p: &str) -> String {
 }
 
 /// Appends one file's diff to `out`; returns true if the file is binary.
-fn file_diff(out: &mut Vec<u8>, rel: &str, old: Option<&[u8]>, old_mode: u32, new: Option<&[u8]>, new_mode: u32) -> bool {
+fn file_diff(
+    out: &mut Vec<u8>,
+    rel: &str,
+    old: Option<&[u8]>,
+    old_mode: u32,
+    new: Option<&[u8]>,
+    new_mode: u32,
+) -> bool {
     let a = quote_path(&format!("a/{rel}"));
     let b = quote_path(&format!("b/{rel}"));
     out.extend_from_slice(format!("diff --git {a} {b}\n").as_bytes());
     match (old, new) {
-        (None, Some(_)) => out.extend_from_slice(format!("new file mode {new_mode:o}\n").as_bytes()),
-        (Some(_), None) => out.extend_from_slice(format!("deleted file mode {old_mode:o}\n").as_bytes()),
-        _ if old_mode != new_mode => {
-            out.extend_from_slice(format!("old mode {old_mode:o}\nnew mode {new_mode:o}\n").as_bytes())
+        (None, Some(_)) => {
+            out.extend_from_slice(format!("new file mode {new_mode:o}\n").as_bytes())
         }
+        (Some(_), None) => {
+            out.extend_from_slice(format!("deleted file mode {old_mode:o}\n").as_bytes())
+        }
+        _ if old_mode != new_mode => out.extend_from_slice(
+            format!("old mode {old_mode:o}\nnew mode {new_mode:o}\n").as_bytes(),
+        ),
         _ => {}
     }
     let old_b = old.unwrap_or(b"");
@@ -504,8 +557,16 @@ fn file_diff(out: &mut Vec<u8>, rel: &str, old: Option<&[u8]>, old_mode: u32, ne
         // Mode change only, or an empty file added or deleted: headers say it all.
         return false;
     }
-    let from = if old.is_some() { a.clone() } else { "/dev/null".to_string() };
-    let to = if new.is_some() { b.clone() } else { "/dev/null".to_string() };
+    let from = if old.is_some() {
+        a.clone()
+    } else {
+        "/dev/null".to_string()
+    };
+    let to = if new.is_some() {
+        b.clone()
+    } else {
+        "/dev/null".to_string()
+    };
     if is_binary(old_b) || is_binary(new_b) {
         out.extend_from_slice(format!("Binary files {from} and {to} differ\n").as_bytes());
         return true;

@@ -32,6 +32,8 @@ pub struct SpawnOptions {
     pub listen: Option<String>,
     /// Further `serve` arguments (e.g. `--timeout-ms`, `--metrics-listen`).
     pub extra_args: Vec<String>,
+    /// Environment variables set for the sidecar (and so for its commands).
+    pub env: Vec<(String, String)>,
     /// Send the sidecar's log (stderr) to our stderr instead of discarding it.
     pub show_logs: bool,
     pub startup_timeout: Duration,
@@ -45,6 +47,7 @@ impl SpawnOptions {
             token: None,
             listen: None,
             extra_args: Vec::new(),
+            env: Vec::new(),
             show_logs: false,
             startup_timeout: Duration::from_secs(10),
         }
@@ -83,15 +86,25 @@ pub struct SpawnedSidecar {
 fn write_token_file(token: &str) -> std::io::Result<PathBuf> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let path = std::env::temp_dir().join(format!("sidecar-token-{}", hex::encode(rand::random::<[u8; 8]>())));
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+    let path = std::env::temp_dir().join(format!(
+        "sidecar-token-{}",
+        hex::encode(rand::random::<[u8; 8]>())
+    ));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
     f.write_all(token.as_bytes())?;
     Ok(path)
 }
 
 impl SpawnedSidecar {
     pub async fn spawn(opts: SpawnOptions) -> Result<Self, SpawnError> {
-        let token = opts.token.clone().unwrap_or_else(|| hex::encode(rand::random::<[u8; 24]>()));
+        let token = opts
+            .token
+            .clone()
+            .unwrap_or_else(|| hex::encode(rand::random::<[u8; 24]>()));
         let binary = opts
             .binary
             .clone()
@@ -104,7 +117,12 @@ impl SpawnedSidecar {
         result
     }
 
-    async fn start(binary: &Path, opts: &SpawnOptions, token_file: &Path, token: String) -> Result<Self, SpawnError> {
+    async fn start(
+        binary: &Path,
+        opts: &SpawnOptions,
+        token_file: &Path,
+        token: String,
+    ) -> Result<Self, SpawnError> {
         let mut cmd = Command::new(binary);
         cmd.arg("serve")
             .arg("--listen")
@@ -114,9 +132,14 @@ impl SpawnedSidecar {
             .arg("--token-file")
             .arg(token_file)
             .args(&opts.extra_args)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(if opts.show_logs { Stdio::inherit() } else { Stdio::null() })
+            .stderr(if opts.show_logs {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .process_group(0)
             .kill_on_drop(true);
         let mut child = cmd.spawn().map_err(|source| SpawnError::Start {
@@ -136,7 +159,11 @@ impl SpawnedSidecar {
                 return Err(SpawnError::StartupTimeout(opts.startup_timeout));
             }
             Ok(Ok(0)) | Ok(Err(_)) => {
-                let status = child.wait().await.map(|s| s.to_string()).unwrap_or_default();
+                let status = child
+                    .wait()
+                    .await
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
                 return Err(SpawnError::EarlyExit(status));
             }
             Ok(Ok(_)) => {}
@@ -195,7 +222,9 @@ fn kill_group(pid: u32) {
 
 impl Drop for SpawnedSidecar {
     fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         // Give the sidecar a moment to kill its sessions (they live in their own process
         // sessions), then make sure its group is gone.
         if let Ok(pid) = i32::try_from(self.pid) {

@@ -58,9 +58,10 @@ pub fn parse_pytest(output: &str) -> Statuses {
         let line = strip_ansi(raw);
         let line = line.trim_end();
         // Summary form: STATUS nodeid [- message]
-        if let Some((word, status)) = PYTEST_WORDS.iter().find(|(w, _)| {
-            line.starts_with(w) && line.as_bytes().get(w.len()) == Some(&b' ')
-        }) {
+        if let Some((word, status)) = PYTEST_WORDS
+            .iter()
+            .find(|(w, _)| line.starts_with(w) && line.as_bytes().get(w.len()) == Some(&b' '))
+        {
             let rest = &line[word.len() + 1..];
             if rest.starts_with('[') {
                 // `SKIPPED [1] file.py:12: reason` names no test; the verbose line does.
@@ -78,7 +79,10 @@ pub fn parse_pytest(output: &str) -> Statuses {
             if let Some(at) = line.find(&needle) {
                 let id = &line[..at];
                 let after = &line[at + needle.len()..];
-                if id.contains("::") && !id.contains(' ') && (after.is_empty() || after.starts_with(' ')) {
+                if id.contains("::")
+                    && !id.contains(' ')
+                    && (after.is_empty() || after.starts_with(' '))
+                {
                     record(&mut map, id, status);
                     break;
                 }
@@ -176,7 +180,10 @@ pub fn parse_unittest(output: &str) -> Statuses {
             pending = None;
             continue;
         }
-        for (prefix, status) in [("FAIL: ", TestStatus::Failed), ("ERROR: ", TestStatus::Error)] {
+        for (prefix, status) in [
+            ("FAIL: ", TestStatus::Failed),
+            ("ERROR: ", TestStatus::Error),
+        ] {
             if let Some(head) = line.strip_prefix(prefix)
                 && let Some(id) = unittest_id(head)
             {
@@ -207,6 +214,11 @@ pub fn parse_cargo(output: &str) -> Statuses {
     for line in output.lines() {
         let line = line.trim_end();
         if let Some(rest) = line.strip_prefix("test ") {
+            // `test name ...` alone: the test's output (`--nocapture`) comes before its status.
+            if let Some(id) = rest.strip_suffix(" ...") {
+                pending = Some(id.to_string());
+                continue;
+            }
             if let Some((id, status)) = rest.split_once(" ... ") {
                 match cargo_status(status) {
                     Some(s) => {
@@ -239,6 +251,15 @@ pub fn parse_go_json(output: &str) -> Statuses {
     for line in output.lines() {
         let line = line.trim();
         if !line.starts_with('{') {
+            // Older Go prints build failures as text: `FAIL\tpkg [build failed]`.
+            if let Some(rest) = line.strip_prefix("FAIL")
+                && let Some(pkg) = rest
+                    .trim()
+                    .strip_suffix("[build failed]")
+                    .or_else(|| rest.trim().strip_suffix("[setup failed]"))
+            {
+                failed_pkgs.push(pkg.trim().to_string());
+            }
             continue;
         }
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
@@ -258,7 +279,11 @@ pub fn parse_go_json(output: &str) -> Statuses {
                 if status == TestStatus::Failed {
                     pkgs_with_failed_test.insert(pkg.to_string());
                 }
-                let id = if pkg.is_empty() { t.to_string() } else { format!("{pkg}/{t}") };
+                let id = if pkg.is_empty() {
+                    t.to_string()
+                } else {
+                    format!("{pkg}/{t}")
+                };
                 record(&mut map, &id, status);
             }
             None if status == TestStatus::Failed => failed_pkgs.push(pkg.to_string()),
