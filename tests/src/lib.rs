@@ -6,4 +6,5 @@ pub mod helm;
 pub mod lua;
 pub mod metric_names;
 pub mod paths;
+pub mod rbac;
 pub mod tools;

@@ -156,10 +156,19 @@ fn gitops_doc_carries_the_same_scripts() {
         }
         let script =
             fs::read_to_string(argocd_dir().join(kind).join("health.lua")).expect("health.lua");
-        assert_eq!(
-            block.trim_end(),
-            script.trim_end(),
-            "docs/gitops.md's {kind} script differs from health.lua"
+        let (doc_lines, file_lines): (Vec<&str>, Vec<&str>) = (
+            block.trim_end().lines().collect(),
+            script.trim_end().lines().collect(),
         );
+        if let Some(n) = (0..doc_lines.len().max(file_lines.len()))
+            .find(|&n| doc_lines.get(n) != file_lines.get(n))
+        {
+            panic!(
+                "docs/gitops.md's {kind} script differs from health.lua at line {}:\n  doc:  {:?}\n  file: {:?}",
+                n + 1,
+                doc_lines.get(n),
+                file_lines.get(n)
+            );
+        }
     }
 }

@@ -800,3 +800,75 @@ fn every_value_is_in_the_schema_and_the_readme() {
     );
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// Least privilege: no wildcard, no privilege-escalation verb, nothing cluster-scoped beyond
+/// the operator's own kinds and children, and exactly the calls `operator/rbac.md` lists.
+#[test]
+fn rbac_is_least_privilege_and_matches_the_operator() {
+    use selfplay_tests::rbac::{from_markdown, from_roles};
+    let test = "rbac_is_least_privilege_and_matches_the_operator";
+    let Some(helm) = available(helm(), test) else {
+        return;
+    };
+    let objs = render(&helm, &[], &[]);
+    let roles: Vec<&Value> = objs
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
+        .collect();
+    assert_eq!(roles.len(), 2, "one ClusterRole and the Lease Role");
+    let granted = from_roles(roles.iter().copied());
+    for p in &granted {
+        assert!(
+            p.group != "*" && p.resource != "*" && p.verb != "*",
+            "wildcard: {p}"
+        );
+        assert!(
+            !["escalate", "bind", "impersonate", "deletecollection"].contains(&p.verb.as_str()),
+            "{p}"
+        );
+    }
+    // Lease rights only in the release namespace's Role, and get/update only by name.
+    let cluster = from_roles(roles.iter().copied().filter(|r| r["kind"] == "ClusterRole"));
+    assert!(
+        !cluster.iter().any(|p| p.resource == "leases"),
+        "{cluster:?}"
+    );
+    let lease_role = find(&objs, "Role", Some("selfplay-operator-leader-election"));
+    for rule in lease_role["rules"].as_array().expect("rules") {
+        let verbs = &rule["verbs"];
+        if verbs != &json!(["create"]) {
+            assert_eq!(
+                rule["resourceNames"],
+                json!(["selfplay-operator"]),
+                "{rule}"
+            );
+        }
+    }
+    // Bound to the chart's ServiceAccount.
+    for kind in ["ClusterRoleBinding", "RoleBinding"] {
+        let b = find(&objs, kind, None);
+        assert_eq!(
+            b["subjects"],
+            json!([{"kind": "ServiceAccount", "name": "selfplay-operator", "namespace": "selfplay-system"}])
+        );
+    }
+
+    let doc_path = workspace_root().join("operator/rbac.md");
+    let listed = match fs::read_to_string(&doc_path) {
+        Ok(doc) => from_markdown(&doc).unwrap_or_else(|e| panic!("{}: {e}", doc_path.display())),
+        Err(e) => {
+            let tool: selfplay_tests::tools::Tool = Err(format!(
+                "{} is not there ({e}); the chart's RBAC cannot be compared with the operator's list",
+                doc_path.display()
+            ));
+            let _ = available(&tool, test);
+            return;
+        }
+    };
+    let missing: Vec<String> = listed.difference(&granted).map(|p| p.to_string()).collect();
+    let extra: Vec<String> = granted.difference(&listed).map(|p| p.to_string()).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "chart RBAC vs operator/rbac.md\n  the operator needs, the chart lacks: {missing:?}\n  the chart grants, the operator does not use: {extra:?}"
+    );
+}
