@@ -17,6 +17,10 @@ use crate::names::LABEL_CLAIMED_BY;
 #[derive(Default)]
 pub struct MemoryBackend {
     version: AtomicU64,
+    /// Off only in the test that shows what goes wrong without the lock.
+    check_versions: bool,
+    /// Claims refused because the pod had changed since it was read.
+    pub conflicts: AtomicU64,
     pods: Mutex<HashMap<(String, String), Pod>>,
     pub secrets: Mutex<HashMap<(String, String), String>>,
     pub progress: Mutex<HashMap<(String, String), ProgressSnapshot>>,
@@ -32,7 +36,17 @@ impl MemoryBackend {
     pub fn new() -> Self {
         Self {
             version: AtomicU64::new(100),
+            check_versions: true,
             ..Default::default()
+        }
+    }
+
+    /// The same store with the resourceVersion check switched off: what a claim without the
+    /// optimistic lock would do. For tests only.
+    pub fn without_lock() -> Self {
+        Self {
+            check_versions: false,
+            ..Self::new()
         }
     }
 
@@ -68,7 +82,9 @@ impl Backend for MemoryBackend {
         let Some(current) = pods.get_mut(&k) else {
             return Ok(ClaimOutcome::Lost);
         };
-        if current.metadata.resource_version != pod.metadata.resource_version {
+        if self.check_versions && current.metadata.resource_version != pod.metadata.resource_version
+        {
+            self.conflicts.fetch_add(1, Ordering::SeqCst);
             return Ok(ClaimOutcome::Lost);
         }
         current
