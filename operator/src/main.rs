@@ -283,8 +283,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         changed.clone(),
     ));
 
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    // Kubernetes stops a pod with SIGTERM; a terminal sends SIGINT.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("SIGTERM handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = sigterm.recv() => {}
+        }
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {

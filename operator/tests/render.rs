@@ -252,3 +252,51 @@ fn render_reports_invalid_specs_and_empty_input_clearly() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_api_examples_render_to_valid_objects() {
+    // Every valid example of the API (crds/examples, not invalid/), rendered together.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/examples");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("crds/examples")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    let text: String = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).expect("example") + "\n---\n")
+        .collect();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let input = tmp.path().join("examples.yaml");
+    std::fs::write(&input, text).expect("write");
+    let out = operator()
+        .arg("render")
+        .arg("-f")
+        .arg(&input)
+        .output()
+        .expect("operator runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout).expect("utf-8");
+    let k = kinds(&yaml);
+    assert!(
+        k.iter().any(|k| k == "NetworkPolicy") && k.iter().any(|k| k == "ConfigMap"),
+        "{k:?}"
+    );
+    let (named, _) = with_names(&yaml);
+    let file = tmp.path().join("rendered.yaml");
+    std::fs::write(&file, named).expect("write");
+    let Some((ok, report)) = validate(&file) else {
+        return;
+    };
+    assert!(ok, "{report}");
+    assert_eq!(
+        report.matches(" passed for resource ").count(),
+        k.len(),
+        "{report}"
+    );
+}
