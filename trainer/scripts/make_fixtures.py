@@ -234,7 +234,9 @@ def main():
     tied_bf16.save_pretrained(bf, safe_serialization=True)
     shutil.copy(tok_path, bf / "tokenizer.json")
     ref = json.loads((d / "reference.json").read_text())
-    m64 = tied_bf16.double()
+    # Loaded fresh so that RoPE's inverse frequencies are computed in f32, as from_pretrained
+    # does for a bf16 checkpoint (`.to(bfloat16)` above also rounded them to bf16).
+    m64 = Qwen2ForCausalLM.from_pretrained(bf, dtype=torch.float64, attn_implementation="eager").eval()
     with torch.no_grad():
         logits, _, _ = per_sequence(m64, ref["sequences"])
     save_file({f"logits.{k}": z.contiguous() for k, z in enumerate(logits)}, str(bf / "reference.safetensors"))

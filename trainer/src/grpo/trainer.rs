@@ -67,6 +67,23 @@ pub struct Accumulator {
     ratio: f64,
 }
 
+impl Accumulator {
+    /// The loss accumulated so far (Σ token losses / global tokens).
+    pub fn loss(&self) -> f64 {
+        self.loss
+    }
+
+    /// Policy tokens seen so far.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// The summed gradients, in the order of the model's parameters.
+    pub fn grads(&self) -> Option<&[Tensor]> {
+        self.grads.as_deref()
+    }
+}
+
 /// The learner: owns the optimiser state and updates the shared policy in place.
 pub struct GrpoTrainer {
     policy: Arc<CandlePolicy>,

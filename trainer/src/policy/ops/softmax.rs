@@ -78,10 +78,15 @@ pub fn masked_softmax(
             }
         }
         let bias = Tensor::from_vec(bias, (b, 1, rows, tk), scores.device())?;
+        let work = if dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
         let s = scores
-            .to_dtype(DType::F32)?
+            .to_dtype(work)?
             .affine(scale, 0.)?
-            .broadcast_add(&bias)?;
+            .broadcast_add(&bias.to_dtype(work)?)?;
         let max = s.max_keepdim(D::Minus1)?.detach();
         let e = s.broadcast_sub(&max)?.exp()?;
         let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
@@ -93,7 +98,8 @@ pub fn masked_softmax(
                 visible[bi * rows + r] = if hi > lo { 1.0 } else { 0.0 };
             }
         }
-        let visible = Tensor::from_vec(visible, (b, 1, rows, 1), scores.device())?;
+        let visible =
+            Tensor::from_vec(visible, (b, 1, rows, 1), scores.device())?.to_dtype(work)?;
         p.broadcast_mul(&visible)?.to_dtype(dtype)
     }
 }
