@@ -375,16 +375,7 @@ fn operator_accepts_the_rendered_arguments() {
     let Some(helm) = available(helm(), test) else {
         return;
     };
-    let binary = selfplay_tests::paths::target_dir().join("debug/operator");
-    let tool = if binary.is_file() {
-        Ok(binary)
-    } else {
-        Err(format!(
-            "{} is not built (cargo build -p selfplay-operator)",
-            binary.display()
-        ))
-    };
-    let Some(operator) = available(&tool, test) else {
+    let Some(operator) = operator_binary(test) else {
         return;
     };
     let dir = scratch_dir("chart-operator-args");
@@ -893,4 +884,115 @@ fn rbac_is_least_privilege_and_matches_the_operator() {
         missing.is_empty() && extra.is_empty(),
         "chart RBAC vs operator/rbac.md\n  the operator needs, the chart lacks: {missing:?}\n  the chart grants, the operator does not use: {extra:?}"
     );
+}
+
+fn operator_binary(test: &str) -> Option<PathBuf> {
+    let binary = selfplay_tests::paths::target_dir().join("debug/operator");
+    let tool = if binary.is_file() {
+        Ok(binary)
+    } else {
+        Err(format!(
+            "{} is not built (cargo build -p selfplay-operator; cargo test --workspace builds it)",
+            binary.display()
+        ))
+    };
+    available(&tool, test)
+}
+
+fn labels_match(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .is_some_and(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+/// The chart's monitors and NetworkPolicy select the pods the operator really creates
+/// (`operator render` of the example run and pool), on ports those pods really have.
+#[test]
+fn monitors_select_the_pods_the_operator_creates() {
+    let test = "monitors_select_the_pods_the_operator_creates";
+    let Some(helm) = available(helm(), test) else {
+        return;
+    };
+    let Some(operator) = operator_binary(test) else {
+        return;
+    };
+    let mut pods = Vec::new();
+    for example in ["selfplayrun.yaml", "sandboxpool-python.yaml"] {
+        let file = workspace_root().join("crds/examples").join(example);
+        let out = run_ok(Command::new(&operator).arg("render").arg("-f").arg(&file))
+            .unwrap_or_else(|e| panic!("{e}"));
+        pods.extend(
+            objects(&out)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .into_iter()
+                .filter(|o| o["kind"] == "Pod"),
+        );
+    }
+    let pod_with = |component: &str| -> &Value {
+        pods.iter()
+            .find(|p| p["metadata"]["labels"]["selfplay.dev/component"] == component)
+            .unwrap_or_else(|| panic!("operator render made no {component} pod"))
+    };
+    let trainer = pod_with("trainer");
+    let sandbox = pod_with("sandbox");
+    let port_names = |pod: &Value| -> BTreeSet<String> {
+        pod["spec"]["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p["name"].as_str().map(str::to_string))
+            .collect()
+    };
+
+    let dir = scratch_dir("chart-monitor-pods");
+    let all = all_features_file(&dir);
+    let objs = render(&helm, &[&all], &[]);
+    let pm_trainer = find(&objs, "PodMonitor", Some("selfplay-trainer"));
+    assert!(
+        labels_match(
+            &pm_trainer["spec"]["selector"]["matchLabels"],
+            &trainer["metadata"]["labels"]
+        ),
+        "the trainer PodMonitor does not select the operator's trainer pods: {}",
+        trainer["metadata"]["labels"]
+    );
+    let port = pm_trainer["spec"]["podMetricsEndpoints"][0]["port"]
+        .as_str()
+        .expect("port");
+    assert!(
+        port_names(trainer).contains(port),
+        "trainer pods have no port {port:?}"
+    );
+
+    let pm_sidecar = find(&objs, "PodMonitor", Some("selfplay-sidecar"));
+    assert!(
+        labels_match(
+            &pm_sidecar["spec"]["selector"]["matchLabels"],
+            &sandbox["metadata"]["labels"]
+        ),
+        "the sidecar PodMonitor does not select the operator's sandbox pods: {}",
+        sandbox["metadata"]["labels"]
+    );
+    let sidecar_port = pm_sidecar["spec"]["podMetricsEndpoints"][0]["port"]
+        .as_str()
+        .expect("port");
+    if !port_names(sandbox).contains(sidecar_port) {
+        // Known gap, documented in the chart README (podMonitor.sidecar.enabled is off by default).
+        let _ = writeln!(
+            std::io::stderr(),
+            "\nNOTE {test}: sandbox pods expose no {sidecar_port:?} port yet (ports: {:?}); the sidecar PodMonitor finds no target until the operator adds one.\n",
+            port_names(sandbox)
+        );
+    }
+
+    // The operator NetworkPolicy admits the trainer pods to the broker.
+    let np = find(&objs, "NetworkPolicy", None);
+    let peer = &np["spec"]["ingress"][0]["from"][0];
+    assert!(labels_match(
+        &peer["podSelector"]["matchLabels"],
+        &trainer["metadata"]["labels"]
+    ));
+    assert_eq!(np["spec"]["ingress"][0]["ports"][0]["port"], "broker");
+    let _ = fs::remove_dir_all(&dir);
 }
