@@ -42,6 +42,10 @@ struct ServeArgs {
     /// printed on stdout as `listening on ADDR`.
     #[arg(long, default_value = "0.0.0.0:7070")]
     listen: SocketAddr,
+    /// Serve on an inherited, already listening TCP socket (this file descriptor) instead
+    /// of binding `--listen`; for sandboxes without network whose parent binds the port.
+    #[arg(long, conflicts_with = "listen")]
+    listen_fd: Option<i32>,
     /// The workspace every path is relative to (the repository).
     #[arg(long)]
     workspace: PathBuf,
@@ -236,6 +240,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("starting the runtime")?;
     let cfg = ServeConfig {
         listen: args.listen,
+        listen_fd: args.listen_fd,
         workspace: args.workspace,
         token,
         metrics_listen: args.metrics_listen,

@@ -23,6 +23,10 @@ use crate::snapshot::Snapshots;
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
+    /// A listening TCP socket inherited as this file descriptor, used instead of binding
+    /// `listen`: a sandbox without network (its own network namespace) can still serve
+    /// on a socket its parent bound on the host's loopback.
+    pub listen_fd: Option<i32>,
     pub workspace: PathBuf,
     pub token: String,
     pub metrics_listen: Option<SocketAddr>,
@@ -71,6 +75,24 @@ pub struct Bound {
     owned_state_dir: Option<PathBuf>,
 }
 
+/// Takes ownership of an inherited listening socket.
+fn inherited_listener(fd: i32) -> std::io::Result<TcpListener> {
+    use std::os::fd::FromRawFd as _;
+    // Owning a descriptor that is not open would abort at close: check it first.
+    if fd < 3 || unsafe { nix::libc::fcntl(fd, nix::libc::F_GETFD) } < 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("file descriptor {fd} is not an open listening socket"),
+        ));
+    }
+    // SAFETY: the descriptor is open and was handed to this process to own; nothing else
+    // in the process refers to it.
+    let std_listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    std_listener.set_nonblocking(true)?;
+    std_listener.local_addr()?;
+    TcpListener::from_std(std_listener)
+}
+
 /// Binds both listeners and builds the state; cheap (no workspace walk), so the sidecar is
 /// ready within milliseconds.
 pub async fn bind(cfg: ServeConfig) -> Result<Bound, ServeError> {
@@ -113,12 +135,14 @@ pub async fn bind(cfg: ServeConfig) -> Result<Bound, ServeError> {
         idem: IdempotencyCache::new(cfg.idempotency_capacity),
         started: Instant::now(),
     });
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
+    let listener = match cfg.listen_fd {
+        Some(fd) => inherited_listener(fd),
+        None => TcpListener::bind(cfg.listen).await,
+    }
+    .map_err(|source| ServeError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
     let addr = listener.local_addr().map_err(|source| ServeError::Bind {
         addr: cfg.listen,
         source,

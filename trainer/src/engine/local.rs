@@ -259,19 +259,26 @@ impl LocalProvider {
         let mut cmd = match &self.bwrap {
             Some(bwrap) => {
                 let mut c = Command::new(bwrap);
-                c.args(["--die-with-parent", "--unshare-all", "--ro-bind", "/", "/"])
-                    .args(["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"])
-                    .arg("--bind")
-                    .arg(&workspace)
-                    .arg(&workspace)
-                    .arg("--ro-bind")
-                    .arg(&token_file)
-                    .arg(&token_file)
-                    .arg("--chdir")
-                    .arg(&workspace)
-                    .arg("--")
-                    .arg(&self.bin)
-                    .args(["serve", "--listen-fd", &LISTEN_FD.to_string()]);
+                c.args([
+                    "--die-with-parent",
+                    "--new-session",
+                    "--unshare-all",
+                    "--ro-bind",
+                    "/",
+                    "/",
+                ])
+                .args(["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"])
+                .arg("--bind")
+                .arg(&workspace)
+                .arg(&workspace)
+                .arg("--ro-bind")
+                .arg(&token_file)
+                .arg(&token_file)
+                .arg("--chdir")
+                .arg(&workspace)
+                .arg("--")
+                .arg(&self.bin)
+                .args(["serve", "--listen-fd", &LISTEN_FD.to_string()]);
                 pass_fd(&mut c, listener.as_raw_fd());
                 c
             }
@@ -290,8 +297,17 @@ impl LocalProvider {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0)
             .kill_on_drop(true);
+        // A session of its own (and so a process group): teardown kills by session and
+        // group, and must never reach the trainer's own session.
+        // SAFETY: setsid is async-signal-safe and allocates nothing.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
         let listener_keep = listener;
         let mut child = cmd
             .spawn()

@@ -61,7 +61,7 @@ pub fn descendants(root: u32) -> Tree {
         }
     }
     for p in &procs {
-        if tree.pids.contains(&p.pid) && p.pid != root && p.session > 1 {
+        if tree.pids.contains(&p.pid) && p.session > 1 {
             tree.sessions.insert(p.session);
         }
     }
@@ -89,16 +89,19 @@ fn cwd_inside(pid: i32, root: &Path) -> bool {
 }
 
 /// Kills, twice over (a process caught mid-fork may have a child the first pass missed),
-/// every process of `tree`, of its sessions, or working inside `root`.
+/// every process in the sessions of `tree` or working inside `root`, never one of the
+/// caller's own session.
 pub fn kill_leftovers(tree: &Tree, root: Option<&Path>) {
     let me = i32::try_from(std::process::id()).unwrap_or(0);
+    // Never the trainer's own session, whatever the tree says.
+    let own_session = read_stat(me).map_or(0, |s| s.session);
     for _ in 0..2 {
         for p in all() {
             if p.pid <= 1 || p.pid == me {
                 continue;
             }
-            let ours = tree.pids.contains(&p.pid)
-                || tree.sessions.contains(&p.session)
+            // By session, not by pid: a pid of the tree may have been reused since.
+            let ours = (p.session != own_session && tree.sessions.contains(&p.session))
                 || root.is_some_and(|r| cwd_inside(p.pid, r));
             if ours {
                 let _ = kill(Pid::from_raw(p.pid), Signal::SIGKILL);
