@@ -856,30 +856,8 @@ fn rbac_is_least_privilege_and_matches_the_operator() {
             return;
         }
     };
-    // The API server authorizes a server-side apply that creates its object as `create` as
-    // well as `patch` (k8s.io/apiserver endpoints/handlers/patch.go: `createValidation` runs
-    // the authorizer with verb "create"). operator/rbac.md lists the calls the operator makes,
-    // so for the objects it creates by apply it lists `patch` only: add `create` for them.
-    const CREATED_BY_APPLY: &[(&str, &str)] =
-        &[("", "configmaps"), ("networking.k8s.io", "networkpolicies")];
-    let mut needed = listed.clone();
-    for (group, resource) in CREATED_BY_APPLY {
-        let patch = selfplay_tests::rbac::Permission {
-            group: group.to_string(),
-            resource: resource.to_string(),
-            verb: "patch".into(),
-        };
-        assert!(
-            listed.contains(&patch),
-            "operator/rbac.md no longer applies {resource}: update CREATED_BY_APPLY"
-        );
-        needed.insert(selfplay_tests::rbac::Permission {
-            verb: "create".into(),
-            ..patch
-        });
-    }
-    let missing: Vec<String> = needed.difference(&granted).map(|p| p.to_string()).collect();
-    let extra: Vec<String> = granted.difference(&needed).map(|p| p.to_string()).collect();
+    let missing: Vec<String> = listed.difference(&granted).map(|p| p.to_string()).collect();
+    let extra: Vec<String> = granted.difference(&listed).map(|p| p.to_string()).collect();
     assert!(
         missing.is_empty() && extra.is_empty(),
         "chart RBAC vs operator/rbac.md\n  the operator needs, the chart lacks: {missing:?}\n  the chart grants, the operator does not use: {extra:?}"
