@@ -60,6 +60,9 @@ pub struct LocalProviderConfig {
     pub work_dir: Option<PathBuf>,
     /// Further `serve` arguments.
     pub serve_args: Vec<String>,
+    /// Directories put in front of PATH for everything in the sandbox (e.g. a venv's `bin`
+    /// holding the repository's test runner).
+    pub extra_path: Vec<PathBuf>,
 }
 
 impl LocalProviderConfig {
@@ -71,6 +74,7 @@ impl LocalProviderConfig {
             isolation: Isolation::Auto,
             work_dir: None,
             serve_args: Vec::new(),
+            extra_path: Vec::new(),
         }
     }
 }
@@ -106,6 +110,8 @@ pub struct LocalProvider {
     bwrap: Option<PathBuf>,
     work_dir: PathBuf,
     serve_args: Vec<String>,
+    /// PATH of the sidecar and so of every command in the sandbox.
+    path: Option<std::ffi::OsString>,
     counter: AtomicU64,
 }
 
@@ -209,12 +215,27 @@ impl LocalProvider {
         let work_dir = cfg.work_dir.clone().unwrap_or_else(std::env::temp_dir);
         std::fs::create_dir_all(&work_dir)
             .map_err(|e| acquire_err(format!("creating {}: {e}", work_dir.display())))?;
+        let path = if cfg.extra_path.is_empty() {
+            None
+        } else {
+            let host = std::env::var_os("PATH").unwrap_or_default();
+            let dirs = cfg
+                .extra_path
+                .iter()
+                .cloned()
+                .chain(std::env::split_paths(&host));
+            Some(
+                std::env::join_paths(dirs)
+                    .map_err(|e| acquire_err(format!("bad extra PATH entry: {e}")))?,
+            )
+        };
         Ok(Self {
             pools: cfg.pools,
             bin,
             bwrap,
             work_dir,
             serve_args: cfg.serve_args,
+            path,
             counter: AtomicU64::new(0),
         })
     }
@@ -294,6 +315,7 @@ impl LocalProvider {
             .arg(&token_file)
             .args(&self.serve_args)
             .current_dir(&workspace)
+            .envs(self.path.iter().map(|p| ("PATH", p)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use sandbox_sidecar::SidecarClient;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::artifacts::Artifacts;
 use super::diffs::{DiffError, reverse_diff};
@@ -21,7 +21,7 @@ pub const MAX_BUG_ORDER: u8 = 2;
 pub const SOLVER_START: &str = "selfplay-solver-start";
 
 /// A bug for solvers: validated artifacts plus what validation learnt.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BugTask {
     pub bug_inject_diff: String,
     pub test_weaken_diff: String,

@@ -1,0 +1,237 @@
+//! A real open-source Python project with a pytest suite: inflection 0.5.1, fetched from
+//! PyPI as an sdist when the test runs (into `target/`), with pytest from a venv under
+//! `target/` put on the sandbox's PATH. The artifact sets under
+//! `trainer/assets/artifacts/pypi-inflection/` pass validation or fail it for the right
+//! reasons, and grading works on its suite.
+
+mod engine_support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use engine_support::assets;
+use futures::future::join_all;
+use selfplay_trainer::engine::artifacts::Artifacts;
+use selfplay_trainer::engine::diffs::reverse_diff;
+use selfplay_trainer::engine::local::{LocalProvider, LocalProviderConfig};
+use selfplay_trainer::engine::sandbox::SandboxProvider as _;
+use selfplay_trainer::engine::solver::{BugTask, evaluate_patch, prepare_solver_workspace};
+use selfplay_trainer::engine::validation::{Check, ValidationConfig, validate};
+
+const SDIST: &str = "inflection-0.5.1.tar.gz";
+const SDIST_SHA256: &str = "1a29730d366e996aaacffb2f1f1cb9593dc38e2ddd30c91250c6dde09ea9b417";
+const PYTEST: &str = "pytest==8.3.4";
+
+fn target_dir() -> PathBuf {
+    // CARGO_TARGET_TMPDIR is <target>/tmp.
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A venv with pytest, reused when present.
+fn pytest_venv() -> PathBuf {
+    let venv = target_dir().join("py-venvs/engine-pytest");
+    let ready = venv.join(".ready");
+    if !ready.exists() {
+        let _ = std::fs::remove_dir_all(&venv);
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv));
+        run(Command::new(venv.join("bin/python")).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            PYTEST,
+        ]));
+        std::fs::write(&ready, PYTEST).unwrap();
+    }
+    venv.join("bin")
+}
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The sdist, downloaded once, checked, and unpacked into a fresh git repository.
+fn inflection_repo(dir: &Path) -> PathBuf {
+    let cache = target_dir().join("pypi-sdists");
+    let sdist = cache.join(SDIST);
+    if !sdist.exists() || sha256(&sdist) != SDIST_SHA256 {
+        std::fs::create_dir_all(&cache).unwrap();
+        run(Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+            ])
+            .arg("inflection==0.5.1")
+            .arg("-d")
+            .arg(&cache));
+    }
+    assert_eq!(
+        sha256(&sdist),
+        SDIST_SHA256,
+        "the sdist from PyPI is not the pinned one"
+    );
+    run(Command::new("tar")
+        .arg("--no-same-owner")
+        .arg("-xzf")
+        .arg(&sdist)
+        .arg("-C")
+        .arg(dir));
+    let repo = dir.join("inflection-0.5.1");
+    run(Command::new("git").args(["init", "-q"]).current_dir(&repo));
+    run(Command::new("git").args(["add", "-A"]).current_dir(&repo));
+    run(Command::new("git")
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-qm",
+            "inflection 0.5.1",
+        ])
+        .current_dir(&repo));
+    repo
+}
+
+fn set(name: &str) -> Artifacts {
+    Artifacts::from_dir(&assets().join("artifacts/pypi-inflection").join(name)).unwrap()
+}
+
+fn provider(repo: &Path, extra_path: Vec<PathBuf>) -> LocalProvider {
+    let mut cfg = LocalProviderConfig::single(repo);
+    cfg.extra_path = extra_path;
+    LocalProvider::new(cfg).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inflection_from_pypi_validates_and_grades() {
+    let venv_bin = pytest_venv();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = inflection_repo(dir.path());
+    let p = provider(&repo, vec![venv_bin]);
+    let cfg = ValidationConfig {
+        test_timeout: Duration::from_secs(120),
+        ..Default::default()
+    };
+    let sets = [
+        ("valid", None),
+        ("fail-bug-scope", Some(Check::BugScope)),
+        ("fail-weakening-hides", Some(Check::WeakeningHides)),
+        ("fail-inverse-mutation", Some(Check::InverseMutation)),
+    ];
+    let reports = join_all(sets.iter().map(|(name, _)| {
+        let (p, cfg) = (&p, &cfg);
+        async move {
+            let sb = p.acquire("default").await.unwrap();
+            let r = validate(sb.client(), &set(name), cfg).await.unwrap();
+            sb.release().await.unwrap();
+            r
+        }
+    }))
+    .await;
+    for ((name, expected), r) in sets.iter().zip(&reports) {
+        assert_eq!(r.failed_check, *expected, "{name}: {r:#?}");
+    }
+    let valid = &reports[0];
+    assert_eq!(
+        valid.original_passing.len(),
+        455,
+        "the whole suite passes on the original"
+    );
+    // The teens of ORDINAL_NUMBERS (−11…−13, −111…−113, 11…13, 111…113, 1011…1013 and so
+    // on) break in both ordinal tests.
+    assert!(
+        valid.bug_failing.len() >= 12 && valid.bug_failing.len() % 2 == 0,
+        "{:?}",
+        valid.bug_failing
+    );
+    assert!(
+        valid
+            .bug_failing
+            .contains("test_inflection.py::test_ordinal[11-11th]"),
+        "{:?}",
+        valid.bug_failing
+    );
+    assert!(
+        valid
+            .bug_failing
+            .iter()
+            .all(|t| t.contains("::test_ordinal"))
+    );
+    assert_eq!(valid.hidden, valid.bug_failing);
+    let detail = |i: usize| reports[i].checks.last().unwrap().detail.clone();
+    assert!(detail(1).contains("test_inflection.py"), "{}", detail(1));
+    assert!(detail(3).contains("setup.py"), "{}", detail(3));
+
+    // Grading on the real suite: the reversed bug solves it, nothing does not.
+    let a = set("valid");
+    let task = BugTask::from_validated(&a, valid).unwrap();
+    let fix = reverse_diff(&task.bug_inject_diff).unwrap();
+    let evals = join_all([fix, String::new()].iter().map(|patch| {
+        let (p, task) = (&p, &task);
+        async move {
+            let sb = p.acquire("default").await.unwrap();
+            prepare_solver_workspace(sb.client(), task).await.unwrap();
+            let e = evaluate_patch(sb.client(), task, patch, Duration::from_secs(120))
+                .await
+                .unwrap();
+            sb.release().await.unwrap();
+            e
+        }
+    }))
+    .await;
+    assert!(evals[0].solved, "{:#?}", evals[0].failing);
+    assert!(!evals[1].solved);
+    assert_eq!(evals[1].failing.len(), valid.bug_failing.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_pytest_on_path_the_parser_check_fails() {
+    let has_pytest = Command::new("python3")
+        .args(["-c", "import pytest"])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    if has_pytest {
+        eprintln!("the host python3 has pytest; the missing-runner case cannot be shown here");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let repo = inflection_repo(dir.path());
+    let p = provider(&repo, Vec::new());
+    let sb = p.acquire("default").await.unwrap();
+    let r = validate(sb.client(), &set("valid"), &ValidationConfig::default())
+        .await
+        .unwrap();
+    sb.release().await.unwrap();
+    assert_eq!(r.failed_check, Some(Check::ParserValid), "{r:#?}");
+    let detail = &r.checks.last().unwrap().detail;
+    assert!(detail.contains("No module named pytest"), "{detail}");
+}
