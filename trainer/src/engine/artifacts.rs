@@ -90,16 +90,15 @@ impl Artifacts {
     /// The paths listed in `test_files.txt`: one per line, blank lines and `#` comments
     /// skipped, a leading `./` dropped.
     pub fn test_file_list(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .test_files
+        let mut seen = std::collections::BTreeSet::new();
+        self.test_files
             .as_deref()
             .unwrap_or("")
             .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
             .map(|l| l.strip_prefix("./").unwrap_or(l).to_string())
-            .collect();
-        out.dedup();
-        out
+            .filter(|l| seen.insert(l.clone()))
+            .collect()
     }
 }

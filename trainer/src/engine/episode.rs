@@ -387,7 +387,13 @@ pub async fn run_episodes(
     episodes: &mut [Episode],
     sandboxes: &[&SidecarClient],
 ) {
-    assert_eq!(episodes.len(), sandboxes.len(), "one sandbox per episode");
+    // An episode without a sandbox cannot run: it ends as an infrastructure error.
+    for e in episodes.iter_mut().skip(sandboxes.len()) {
+        e.fail_infra(&InfraError::new(
+            InfraKind::Acquire,
+            "no sandbox for this episode",
+        ));
+    }
     loop {
         let live: Vec<usize> = (0..episodes.len())
             .filter(|i| !episodes[*i].is_done())
