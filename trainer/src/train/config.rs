@@ -1,0 +1,231 @@
+//! The run a `trainer local` invocation trains: a `SelfPlayRun` in the same YAML as the custom
+//! resource (same types, same validation, same defaults), with the `SandboxPool`s it names in
+//! the same file. On one machine a pool's repository comes from `spec.source.localPath`.
+
+use std::path::{Path, PathBuf};
+
+use selfplay_crds::validate::{self, ValidationError};
+use selfplay_crds::{SandboxPool, SandboxPoolSpec, SelfPlayRun};
+use thiserror::Error;
+
+/// The built-in run: the bundled sample repository and a tiny seeded model.
+pub const DEFAULT_RUN_YAML: &str = include_str!("../../assets/default-run.yaml");
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error("{path}: no SelfPlayRun in the file")]
+    NoRun { path: String },
+    #[error(
+        "spec.pools[{index}]: SandboxPool {name:?} is not defined in {path} (a local run needs each pool in the same file)"
+    )]
+    MissingPool {
+        index: usize,
+        name: String,
+        path: String,
+    },
+    #[error("SandboxPool {name:?}: spec.source.localPath is required for a local run")]
+    NoLocalPath { name: String },
+    #[error("SandboxPool {name:?}: spec.source.localPath {path} is neither a directory nor a git bundle")]
+    NotADirectory { name: String, path: PathBuf },
+}
+
+/// A pool with its repository resolved on this machine.
+#[derive(Clone, Debug)]
+pub struct LocalPool {
+    pub name: String,
+    pub weight: u32,
+    pub spec: SandboxPoolSpec,
+    pub repo_dir: PathBuf,
+}
+
+/// A validated run and its pools.
+#[derive(Clone, Debug)]
+pub struct LocalRun {
+    pub run: SelfPlayRun,
+    pub pools: Vec<LocalPool>,
+    /// Where the spec came from (a path, or `<built-in default>`).
+    pub source: String,
+    /// Things the spec asks for that one machine cannot do; printed at start-up.
+    pub warnings: Vec<String>,
+}
+
+impl LocalRun {
+    pub fn name(&self) -> String {
+        self.run
+            .metadata
+            .name
+            .clone()
+            .unwrap_or_else(|| "local".to_string())
+    }
+}
+
+/// Loads `path`, or the built-in default when `None`.
+pub fn load(path: Option<&Path>) -> Result<LocalRun, ConfigError> {
+    match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?;
+            let base = p
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
+            parse(&text, &p.display().to_string(), &base)
+        }
+        None => parse(DEFAULT_RUN_YAML, BUILTIN_SOURCE, &assets_dir()),
+    }
+}
+
+const BUILTIN_SOURCE: &str = "<built-in default>";
+
+/// A `git bundle` file: the repository (with its history) is cloned from it for the run.
+pub fn is_bundle(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "bundle")
+}
+
+/// The trainer crate's `assets/` directory (the bundled sample repository lives there).
+pub fn assets_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("SELFPLAY_ASSETS_DIR") {
+        return PathBuf::from(dir);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets")
+}
+
+/// Parses and validates a run file; relative `localPath`s resolve against `base`.
+pub fn parse(text: &str, source: &str, base: &Path) -> Result<LocalRun, ConfigError> {
+    let docs = validate::parse_documents(text)?;
+    let mut run: Option<SelfPlayRun> = None;
+    let mut pools: Vec<SandboxPool> = Vec::new();
+    for doc in &docs {
+        match doc.get("kind").and_then(|k| k.as_str()) {
+            Some("SelfPlayRun") => run = Some(validate::parse_as(doc, None)?),
+            Some("SandboxPool") => pools.push(validate::parse_as(doc, None)?),
+            _ => {
+                // Anything else is validated so that a typo in `kind` is reported, not ignored.
+                validate::validate_value(doc, None)?;
+            }
+        }
+    }
+    let run = run.ok_or_else(|| ConfigError::NoRun {
+        path: source.to_string(),
+    })?;
+
+    let mut local = Vec::new();
+    for (index, pref) in run.spec.pools.iter().enumerate() {
+        let pool = pools
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some(pref.name.as_str()))
+            .ok_or_else(|| ConfigError::MissingPool {
+                index,
+                name: pref.name.clone(),
+                path: source.to_string(),
+            })?;
+        let rel = pool
+            .spec
+            .source
+            .as_ref()
+            .and_then(|s| s.local_path.as_deref())
+            .ok_or_else(|| ConfigError::NoLocalPath {
+                name: pref.name.clone(),
+            })?;
+        let repo_dir = if Path::new(rel).is_absolute() {
+            PathBuf::from(rel)
+        } else {
+            base.join(rel)
+        };
+        let builtin = source == BUILTIN_SOURCE;
+        if !(repo_dir.is_dir() || is_bundle(&repo_dir) && (builtin || repo_dir.is_file())) {
+            return Err(ConfigError::NotADirectory {
+                name: pref.name.clone(),
+                path: repo_dir,
+            });
+        }
+        local.push(LocalPool {
+            name: pref.name.clone(),
+            weight: pref.weight.max(1) as u32,
+            spec: pool.spec.clone(),
+            repo_dir,
+        });
+    }
+
+    let mut warnings = Vec::new();
+    let t = &run.spec.trainer;
+    if t.nodes > 1 {
+        warnings.push(format!(
+            "spec.trainer.nodes is {}: a local run uses this one machine only; multi-node training needs the operator",
+            t.nodes
+        ));
+    }
+    if t.gpus > 1 {
+        warnings.push(format!(
+            "spec.trainer.gpus is {}: a local run uses at most one GPU",
+            t.gpus
+        ));
+    }
+    for p in &local {
+        if p.spec.template.runtime_class_name.is_some() {
+            warnings.push(format!(
+                "SandboxPool {:?}: runtimeClassName applies to pods only; local sandboxes use bubblewrap when available",
+                p.name
+            ));
+        }
+    }
+    if run.spec.suspend {
+        warnings.push("spec.suspend is true: a local run ignores it and trains".to_string());
+    }
+    Ok(LocalRun {
+        run,
+        pools: local,
+        source: source.to_string(),
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_run_is_valid_and_points_at_the_sample_repo() {
+        let run = load(None).expect("default");
+        assert_eq!(run.pools.len(), 1);
+        assert!(is_bundle(&run.pools[0].repo_dir));
+        assert!(run.run.spec.model.tiny.is_some());
+        assert!(run.warnings.is_empty(), "{:?}", run.warnings);
+    }
+
+    #[test]
+    fn invalid_specs_name_the_field() {
+        let text = DEFAULT_RUN_YAML.replace("alpha: 0.8", "alpha: 2.5");
+        let err = parse(&text, "x.yaml", &assets_dir()).expect_err("alpha out of range");
+        assert!(err.to_string().contains("spec.selfPlay.alpha"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_pool_is_named() {
+        let text = DEFAULT_RUN_YAML.replace("- name: sample", "- name: elsewhere");
+        let err = parse(&text, "x.yaml", &assets_dir()).expect_err("missing pool");
+        assert!(err.to_string().contains("spec.pools[0]"), "{err}");
+    }
+
+    #[test]
+    fn multi_node_is_refused_loudly() {
+        let text = DEFAULT_RUN_YAML.replace("gpus: 0", "gpus: 8\n    nodes: 4");
+        let run = parse(&text, "x.yaml", &assets_dir()).expect("valid spec");
+        assert!(
+            run.warnings
+                .iter()
+                .any(|w| w.contains("spec.trainer.nodes")),
+            "{:?}",
+            run.warnings
+        );
+    }
+}

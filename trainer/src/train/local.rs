@@ -1,0 +1,303 @@
+//! `trainer local`: the whole loop on one machine — sandboxes are local sidecar processes,
+//! progress goes to `DIR/status.json`, checkpoints to `DIR/checkpoints/step-N/`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use thiserror::Error;
+
+use crate::engine::error::InfraError;
+use crate::engine::policy::Policy;
+use crate::engine::local::{Isolation, LocalProvider, LocalProviderConfig};
+use crate::engine::prompts::ChatMarkup;
+use crate::engine::roles::EngineSettings;
+use crate::grpo::{GrpoError, GrpoSettings, GrpoTrainer};
+use crate::policy::{CandlePolicy, ModelError, compute_dtype};
+
+use super::config::{self, ConfigError, LocalRun};
+use super::driver::{LoopError, LoopState, PolicyView, RunDirs, StepSummary, TrainLoop, latest_checkpoint, read_loop_state};
+use super::metrics::TrainerMetrics;
+use super::report::{LocalCheckpoints, StatusFile};
+use super::step::StepObserver;
+
+#[derive(Debug, Error)]
+pub enum LocalError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("bad training settings: {0}")]
+    Settings(String),
+    #[error("model: {0}")]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Grpo(#[from] GrpoError),
+    #[error("sandboxes: {0}")]
+    Sandbox(#[from] InfraError),
+    #[error(transparent)]
+    Loop(#[from] LoopError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("metrics: {0}")]
+    Metrics(String),
+    #[error("--resume: no complete checkpoint under {0}")]
+    NothingToResume(PathBuf),
+}
+
+/// Options of a local run.
+#[derive(Clone, Debug)]
+pub struct LocalOptions {
+    /// The run file; the built-in default when `None`.
+    pub spec: Option<PathBuf>,
+    /// Stop once this many steps are complete (overrides `spec.training.totalSteps`).
+    pub steps: Option<u64>,
+    pub out: Option<PathBuf>,
+    pub resume: bool,
+    pub metrics_listen: Option<SocketAddr>,
+    pub isolation: Isolation,
+    /// Draw progress bars (summary lines are printed either way).
+    pub progress: bool,
+}
+
+/// How a local run ended.
+#[derive(Debug)]
+pub struct LocalOutcome {
+    pub out: PathBuf,
+    pub steps_done: u64,
+    pub summaries: Vec<StepSummary>,
+    pub interrupted: bool,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// The device: a GPU when built with CUDA and one is present, else the CPU.
+pub fn device() -> Device {
+    #[cfg(feature = "cuda")]
+    {
+        if let Ok(d) = Device::new_cuda(0) {
+            return d;
+        }
+        tracing::warn!("built with CUDA but no GPU is usable: training on the CPU");
+    }
+    Device::Cpu
+}
+
+struct Bar(ProgressBar);
+
+impl StepObserver for Bar {
+    fn planned(&self, episodes: u64) {
+        self.0.set_length(episodes);
+    }
+    fn episode_done(&self) {
+        self.0.inc(1);
+    }
+}
+
+/// Ctrl-C: the first finishes the current step, the second abandons it.
+#[derive(Clone, Default)]
+struct Interrupt(Arc<AtomicU8>, Arc<tokio::sync::Notify>);
+
+impl Interrupt {
+    fn listen(&self) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            while tokio::signal::ctrl_c().await.is_ok() {
+                let n = me.0.fetch_add(1, Ordering::SeqCst) + 1;
+                if n == 1 {
+                    eprintln!("\ninterrupted: finishing the current step (Ctrl-C again to abandon it)");
+                } else {
+                    eprintln!("\nabandoning the current step");
+                    me.1.notify_waiters();
+                }
+            }
+        });
+    }
+    fn count(&self) -> u8 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Runs a local training run. `view` wraps the policy used for sampling (tests use a
+/// scripted policy that keeps the model's log-probs).
+pub async fn run_local(opts: LocalOptions, view: Option<PolicyView>) -> Result<LocalOutcome, LocalError> {
+    let run = config::load(opts.spec.as_deref())?;
+    for w in &run.warnings {
+        eprintln!("warning: {w}");
+    }
+    let name = run.name();
+    let out = opts.out.clone().unwrap_or_else(|| PathBuf::from("out").join(&name));
+    let dirs = RunDirs::new(&out);
+    for d in [&dirs.out, &dirs.checkpoints, &dirs.episodes] {
+        std::fs::create_dir_all(d).map_err(|source| LocalError::Io { path: d.clone(), source })?;
+    }
+    let metrics = TrainerMetrics::new(&name).map_err(|e| LocalError::Metrics(e.to_string()))?;
+    let metrics_addr = match opts.metrics_listen {
+        Some(addr) => {
+            let bound = super::metrics::serve(addr, metrics.clone())
+                .await
+                .map_err(|e| LocalError::Metrics(format!("cannot listen on {addr}: {e}")))?;
+            eprintln!("metrics: http://{bound}/metrics");
+            Some(bound)
+        }
+        None => None,
+    };
+
+    let (grpo, state) = build_trainer(&run, &dirs, opts.resume)?;
+    let mut repos = std::collections::BTreeMap::new();
+    for p in &run.pools {
+        repos.insert(p.name.clone(), repository(&p.repo_dir, &dirs.out.join("repos").join(&p.name))?);
+    }
+    let provider = Arc::new(LocalProvider::new(LocalProviderConfig {
+        pools: repos,
+        sidecar_bin: None,
+        isolation: opts.isolation,
+        work_dir: None,
+        serve_args: Vec::new(),
+        extra_path: Vec::new(),
+    })?);
+    if !provider.isolated() {
+        tracing::info!("sandboxes are plain processes (bubblewrap not available)");
+    }
+    let engine = engine_settings(&run, grpo.policy().source_dir().is_some());
+    let pools = run.pools.iter().map(|p| (p.name.clone(), p.weight)).collect();
+    let keep = run.run.spec.checkpoint.keep_last.max(1) as usize;
+    let target = opts.steps.unwrap_or(run.run.spec.training.total_steps.max(1) as u64);
+    let mut lp = TrainLoop::new(
+        run.run.spec.clone(),
+        engine,
+        provider,
+        StatusFile::new(&dirs.out),
+        LocalCheckpoints::new(dirs.checkpoints.clone(), keep),
+        metrics,
+        dirs.clone(),
+        pools,
+        grpo,
+        state,
+    );
+    if let Some(v) = view {
+        lp.view = v;
+    }
+    eprintln!(
+        "run {name} ({}) → {}: steps {}..{target}, {} pool(s), policy v{}",
+        run.source,
+        out.display(),
+        lp.step() + 1,
+        run.pools.len(),
+        lp.grpo().map(|g| g.policy().version()).unwrap_or(0),
+    );
+
+    let interrupt = Interrupt::default();
+    interrupt.listen();
+    let mut summaries = Vec::new();
+    let mut interrupted = false;
+    while lp.step() < target {
+        if interrupt.count() > 0 {
+            interrupted = true;
+            break;
+        }
+        let pb = ProgressBar::with_draw_target(Some(0), if opts.progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+        pb.set_style(
+            ProgressStyle::with_template("step {prefix} [{bar:30}] {pos}/{len} episodes {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        pb.set_prefix((lp.step() + 1).to_string());
+        pb.enable_steady_tick(Duration::from_millis(250));
+        let bar = Bar(pb.clone());
+        let abandon = interrupt.1.notified();
+        let result = tokio::select! {
+            r = lp.run_step(&bar) => Some(r),
+            _ = abandon => None,
+        };
+        pb.finish_and_clear();
+        match result {
+            Some(Ok(summary)) => {
+                println!("{}", summary.line());
+                summaries.push(summary);
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => {
+                // The step's futures are dropped: every sandbox lease kills its processes.
+                interrupted = true;
+                break;
+            }
+        }
+    }
+    if interrupted {
+        eprintln!("stopped after step {}; resume with --resume", lp.step());
+    }
+    Ok(LocalOutcome { out, steps_done: lp.step(), summaries, interrupted, metrics_addr })
+}
+
+/// The repository a pool's sandboxes copy: the directory itself, or a clone of a git bundle
+/// (made once per output directory; the bundled sample comes from inside the binary).
+fn repository(source: &std::path::Path, clone_to: &std::path::Path) -> Result<PathBuf, LocalError> {
+    if !config::is_bundle(source) {
+        return Ok(source.to_path_buf());
+    }
+    if clone_to.join(".git").is_dir() {
+        return Ok(clone_to.to_path_buf());
+    }
+    let io = |e: std::io::Error| LocalError::Io { path: clone_to.to_path_buf(), source: e };
+    if clone_to.exists() {
+        std::fs::remove_dir_all(clone_to).map_err(io)?;
+    }
+    if let Some(parent) = clone_to.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    if source == config::assets_dir().join("sample-repo.bundle") {
+        crate::engine::sample::materialize_sample_repo(clone_to).map_err(io)?;
+    } else {
+        let out = std::process::Command::new("git")
+            .args(["clone", "--quiet"])
+            .arg(source)
+            .arg(clone_to)
+            .output()
+            .map_err(io)?;
+        if !out.status.success() {
+            return Err(io(std::io::Error::other(format!(
+                "git clone {}: {}",
+                source.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))));
+        }
+    }
+    Ok(clone_to.to_path_buf())
+}
+
+fn model_dtype(run: &LocalRun, device: &Device) -> DType {
+    let requested = match run.run.spec.model.dtype {
+        selfplay_crds::run::ModelDtype::F32 => DType::F32,
+        selfplay_crds::run::ModelDtype::Bf16 => DType::BF16,
+    };
+    compute_dtype(requested, device)
+}
+
+/// A fresh trainer from the spec's model, or the latest checkpoint with `--resume`.
+fn build_trainer(run: &LocalRun, dirs: &RunDirs, resume: bool) -> Result<(GrpoTrainer, LoopState), LocalError> {
+    let spec = &run.run.spec;
+    let settings = GrpoSettings::try_from(&spec.training).map_err(|e| LocalError::Settings(e.to_string()))?;
+    let device = device();
+    if resume {
+        let (step, dir) =
+            latest_checkpoint(&dirs.checkpoints).ok_or_else(|| LocalError::NothingToResume(dirs.checkpoints.clone()))?;
+        let state = read_loop_state(&dir)?;
+        let grpo = GrpoTrainer::resume(&dir, settings, model_dtype(run, &device), &device)?;
+        eprintln!("resuming from {} (step {step}, policy v{})", dir.display(), grpo.policy().version());
+        return Ok((grpo, state));
+    }
+    let policy = CandlePolicy::from_source(&spec.model, &device, spec.training.seed)?;
+    Ok((GrpoTrainer::new(Arc::new(policy), settings)?, LoopState::default()))
+}
+
+/// Engine settings from the spec; pool timeouts from the first pool.
+pub fn engine_settings(run: &LocalRun, chat_model: bool) -> EngineSettings {
+    let markup = if chat_model { ChatMarkup::chatml() } else { ChatMarkup::plain() };
+    let mut engine = EngineSettings::from_settings(&run.run.spec.self_play, markup);
+    if let Some(p) = run.pools.first() {
+        engine.episode.command_timeout = Duration::from_secs(p.spec.command_timeout_seconds.max(1) as u64);
+        engine.validation.test_timeout = Duration::from_secs(p.spec.test_timeout_seconds.max(1) as u64);
+    }
+    engine
+}

@@ -1,0 +1,9 @@
+//! The training loop shared by the single-machine and the cluster mode (DESIGN.md, "The flow
+//! of one training step"), and what it reports to.
+
+pub mod config;
+pub mod driver;
+pub mod local;
+pub mod metrics;
+pub mod report;
+pub mod step;
