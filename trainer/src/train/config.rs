@@ -32,7 +32,9 @@ pub enum ConfigError {
     },
     #[error("SandboxPool {name:?}: spec.source.localPath is required for a local run")]
     NoLocalPath { name: String },
-    #[error("SandboxPool {name:?}: spec.source.localPath {path} is neither a directory nor a git bundle")]
+    #[error(
+        "SandboxPool {name:?}: spec.source.localPath {path} is neither a directory nor a git bundle"
+    )]
     NotADirectory { name: String, path: PathBuf },
 }
 

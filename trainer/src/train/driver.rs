@@ -21,7 +21,9 @@ use crate::grpo::{GrpoError, GrpoTrainer};
 use crate::policy::CandlePolicy;
 
 use super::metrics::TrainerMetrics;
-use super::report::{CheckpointRecord, CheckpointSink, ProgressReporter, ReportError, list_step_dirs, write_atomic};
+use super::report::{
+    CheckpointRecord, CheckpointSink, ProgressReporter, ReportError, list_step_dirs, write_atomic,
+};
 use super::step::{Rollouts, StepContext, StepObserver, rollout};
 
 /// The loop's own state, saved beside the GRPO checkpoint.
@@ -69,22 +71,33 @@ impl StepSummary {
     /// check), solve rate, mean reward by role, tokens/s, sandbox errors, seconds.
     pub fn line(&self) -> String {
         let s = &self.snapshot;
-        let pct = |v: Option<f64>| v.map(|x| format!("{:.0}%", x * 100.0)).unwrap_or_else(|| "-".into());
+        let pct = |v: Option<f64>| {
+            v.map(|x| format!("{:.0}%", x * 100.0))
+                .unwrap_or_else(|| "-".into())
+        };
         let num = |v: Option<f64>| v.map(|x| format!("{x:+.2}")).unwrap_or_else(|| "-".into());
         format!(
             "step {} | policy v{} | valid {}{} | solve {} | reward inj {} sol {} | {:.0} tok/s | sandbox errors {} | loss {} | {:.1}s{}",
             s.step,
             s.policy_version,
             pct(s.injector_validity_rate),
-            s.top_failed_check.as_deref().map(|c| format!(" (top failure: {c})")).unwrap_or_default(),
+            s.top_failed_check
+                .as_deref()
+                .map(|c| format!(" (top failure: {c})"))
+                .unwrap_or_default(),
             pct(s.solve_rate),
             num(s.mean_reward_injector),
             num(s.mean_reward_solver),
             s.tokens_per_second.unwrap_or(0.0),
             s.sandbox_errors,
-            s.loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
+            s.loss
+                .map(|l| format!("{l:.4}"))
+                .unwrap_or_else(|| "-".into()),
             self.seconds,
-            self.nonfinite.as_deref().map(|e| format!(" | update skipped: {e}")).unwrap_or_default(),
+            self.nonfinite
+                .as_deref()
+                .map(|e| format!(" | update skipped: {e}"))
+                .unwrap_or_default(),
         )
     }
 }
@@ -99,7 +112,11 @@ pub struct RunDirs {
 
 impl RunDirs {
     pub fn new(out: &Path) -> Self {
-        Self { out: out.to_path_buf(), checkpoints: out.join("checkpoints"), episodes: out.join("episodes") }
+        Self {
+            out: out.to_path_buf(),
+            checkpoints: out.join("checkpoints"),
+            episodes: out.join("episodes"),
+        }
     }
 }
 
@@ -169,12 +186,16 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
     }
 
     /// Runs one full step: rollouts, update, status, records and, when due, a checkpoint.
-    pub async fn run_step(&mut self, observer: &dyn StepObserver) -> Result<StepSummary, LoopError> {
+    pub async fn run_step(
+        &mut self,
+        observer: &dyn StepObserver,
+    ) -> Result<StepSummary, LoopError> {
         let started = Instant::now();
         let step = self.state.step + 1;
         let grpo = self.grpo.take().ok_or(LoopError::Join)?;
         let policy = (self.view)(grpo.policy().clone());
-        let mut pending: VecDeque<(String, BugTask)> = std::mem::take(&mut self.state.pending).into();
+        let mut pending: VecDeque<(String, BugTask)> =
+            std::mem::take(&mut self.state.pending).into();
         let ctx = StepContext {
             spec: &self.spec,
             engine: &self.engine,
@@ -190,7 +211,11 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
         let samples = rollouts.samples.clone();
         let (grpo, update) = tokio::task::spawn_blocking(move || {
             let mut grpo = grpo;
-            let r = if samples.is_empty() { Ok(None) } else { grpo.train_step(&samples).map(Some) };
+            let r = if samples.is_empty() {
+                Ok(None)
+            } else {
+                grpo.train_step(&samples).map(Some)
+            };
             (grpo, r)
         })
         .await
@@ -240,7 +265,11 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
     }
 
     fn snapshot(&self, r: &Rollouts, stats: Option<&StepStats>) -> ProgressSnapshot {
-        let version = self.grpo.as_ref().map(|g| g.policy().version()).unwrap_or(0);
+        let version = self
+            .grpo
+            .as_ref()
+            .map(|g| g.policy().version())
+            .unwrap_or(0);
         ProgressSnapshot {
             step: self.state.step as i64,
             policy_version: version as i64,
@@ -249,7 +278,8 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
             top_failed_check: r.top_failed_check(),
             mean_reward_solver: r.mean_solver_reward(),
             mean_reward_injector: r.mean_injector_reward(),
-            tokens_per_second: (r.rollout_seconds > 0.0).then(|| r.generated_tokens as f64 / r.rollout_seconds),
+            tokens_per_second: (r.rollout_seconds > 0.0)
+                .then(|| r.generated_tokens as f64 / r.rollout_seconds),
             sandbox_errors: r.sandbox_errors as i64,
             loss: stats.map(|s| s.loss),
             last_update_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
@@ -267,7 +297,8 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
         if let Some(s) = stats {
             m.loss.set(s.loss);
             m.policy_entropy.set(s.entropy);
-            m.dropped_groups.inc_by(s.dropped_zero_advantage_groups as u64);
+            m.dropped_groups
+                .inc_by(s.dropped_zero_advantage_groups as u64);
             m.stale_samples.inc_by(s.stale_samples as u64);
         }
         if let Some(v) = r.mean_injector_reward() {
@@ -283,7 +314,8 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
             m.injector_validity_rate.set(v);
         }
         if r.rollout_seconds > 0.0 {
-            m.tokens_per_second.set(r.generated_tokens as f64 / r.rollout_seconds);
+            m.tokens_per_second
+                .set(r.generated_tokens as f64 / r.rollout_seconds);
         }
         m.step_duration.observe(seconds);
     }
@@ -304,7 +336,10 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
         let step = self.state.step;
         let final_dir = self.dirs.checkpoints.join(format!("step-{step}"));
         let staging = self.dirs.checkpoints.join(format!(".staging-step-{step}"));
-        let ckpt_err = |path: &Path, message: String| LoopError::Checkpoint { path: path.to_path_buf(), message };
+        let ckpt_err = |path: &Path, message: String| LoopError::Checkpoint {
+            path: path.to_path_buf(),
+            message,
+        };
         if staging.exists() {
             std::fs::remove_dir_all(&staging).map_err(|e| ckpt_err(&staging, e.to_string()))?;
         }
@@ -329,13 +364,20 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
         let _ = std::fs::remove_dir_all(&staging);
         let record = CheckpointRecord {
             step,
-            policy_version: self.grpo.as_ref().map(|g| g.policy().version()).unwrap_or(0),
+            policy_version: self
+                .grpo
+                .as_ref()
+                .map(|g| g.policy().version())
+                .unwrap_or(0),
             dir: final_dir.clone(),
             size_bytes: dir_size(&final_dir),
             metrics: snapshot.clone(),
         };
         self.sink.register(&record).await?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
         self.metrics.last_checkpoint_timestamp.set(now);
         Ok(final_dir)
     }
@@ -343,15 +385,23 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
 
 /// The latest complete checkpoint under `dir` (a `step-N` folder with its loop state).
 pub fn latest_checkpoint(dir: &Path) -> Option<(u64, PathBuf)> {
-    list_step_dirs(dir).into_iter().rev().find(|(_, p)| p.join(LOOP_STATE_FILE).is_file())
+    list_step_dirs(dir)
+        .into_iter()
+        .rev()
+        .find(|(_, p)| p.join(LOOP_STATE_FILE).is_file())
 }
 
 /// Reads the loop state saved in a checkpoint.
 pub fn read_loop_state(ckpt: &Path) -> Result<LoopState, LoopError> {
     let path = ckpt.join(LOOP_STATE_FILE);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| LoopError::Checkpoint { path: path.clone(), message: e.to_string() })?;
-    serde_json::from_str(&text).map_err(|e| LoopError::Checkpoint { path, message: e.to_string() })
+    let text = std::fs::read_to_string(&path).map_err(|e| LoopError::Checkpoint {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| LoopError::Checkpoint {
+        path,
+        message: e.to_string(),
+    })
 }
 
 fn dir_size(dir: &Path) -> u64 {

@@ -12,15 +12,18 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use thiserror::Error;
 
 use crate::engine::error::InfraError;
-use crate::engine::policy::Policy;
 use crate::engine::local::{Isolation, LocalProvider, LocalProviderConfig};
+use crate::engine::policy::Policy;
 use crate::engine::prompts::ChatMarkup;
 use crate::engine::roles::EngineSettings;
 use crate::grpo::{GrpoError, GrpoSettings, GrpoTrainer};
 use crate::policy::{CandlePolicy, ModelError, compute_dtype};
 
 use super::config::{self, ConfigError, LocalRun};
-use super::driver::{LoopError, LoopState, PolicyView, RunDirs, StepSummary, TrainLoop, latest_checkpoint, read_loop_state};
+use super::driver::{
+    LoopError, LoopState, PolicyView, RunDirs, StepSummary, TrainLoop, latest_checkpoint,
+    read_loop_state,
+};
 use super::metrics::TrainerMetrics;
 use super::report::{LocalCheckpoints, StatusFile};
 use super::step::StepObserver;
@@ -40,7 +43,10 @@ pub enum LocalError {
     #[error(transparent)]
     Loop(#[from] LoopError),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("metrics: {0}")]
     Metrics(String),
     #[error("--resume: no complete checkpoint under {0}")]
@@ -106,7 +112,9 @@ impl Interrupt {
             while tokio::signal::ctrl_c().await.is_ok() {
                 let n = me.0.fetch_add(1, Ordering::SeqCst) + 1;
                 if n == 1 {
-                    eprintln!("\ninterrupted: finishing the current step (Ctrl-C again to abandon it)");
+                    eprintln!(
+                        "\ninterrupted: finishing the current step (Ctrl-C again to abandon it)"
+                    );
                 } else {
                     eprintln!("\nabandoning the current step");
                     me.1.notify_waiters();
@@ -121,16 +129,25 @@ impl Interrupt {
 
 /// Runs a local training run. `view` wraps the policy used for sampling (tests use a
 /// scripted policy that keeps the model's log-probs).
-pub async fn run_local(opts: LocalOptions, view: Option<PolicyView>) -> Result<LocalOutcome, LocalError> {
+pub async fn run_local(
+    opts: LocalOptions,
+    view: Option<PolicyView>,
+) -> Result<LocalOutcome, LocalError> {
     let run = config::load(opts.spec.as_deref())?;
     for w in &run.warnings {
         eprintln!("warning: {w}");
     }
     let name = run.name();
-    let out = opts.out.clone().unwrap_or_else(|| PathBuf::from("out").join(&name));
+    let out = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("out").join(&name));
     let dirs = RunDirs::new(&out);
     for d in [&dirs.out, &dirs.checkpoints, &dirs.episodes] {
-        std::fs::create_dir_all(d).map_err(|source| LocalError::Io { path: d.clone(), source })?;
+        std::fs::create_dir_all(d).map_err(|source| LocalError::Io {
+            path: d.clone(),
+            source,
+        })?;
     }
     let metrics = TrainerMetrics::new(&name).map_err(|e| LocalError::Metrics(e.to_string()))?;
     let metrics_addr = match opts.metrics_listen {
@@ -147,7 +164,10 @@ pub async fn run_local(opts: LocalOptions, view: Option<PolicyView>) -> Result<L
     let (grpo, state) = build_trainer(&run, &dirs, opts.resume)?;
     let mut repos = std::collections::BTreeMap::new();
     for p in &run.pools {
-        repos.insert(p.name.clone(), repository(&p.repo_dir, &dirs.out.join("repos").join(&p.name))?);
+        repos.insert(
+            p.name.clone(),
+            repository(&p.repo_dir, &dirs.out.join("repos").join(&p.name))?,
+        );
     }
     let provider = Arc::new(LocalProvider::new(LocalProviderConfig {
         pools: repos,
@@ -161,9 +181,15 @@ pub async fn run_local(opts: LocalOptions, view: Option<PolicyView>) -> Result<L
         tracing::info!("sandboxes are plain processes (bubblewrap not available)");
     }
     let engine = engine_settings(&run, grpo.policy().source_dir().is_some());
-    let pools = run.pools.iter().map(|p| (p.name.clone(), p.weight)).collect();
+    let pools = run
+        .pools
+        .iter()
+        .map(|p| (p.name.clone(), p.weight))
+        .collect();
     let keep = run.run.spec.checkpoint.keep_last.max(1) as usize;
-    let target = opts.steps.unwrap_or(run.run.spec.training.total_steps.max(1) as u64);
+    let target = opts
+        .steps
+        .unwrap_or(run.run.spec.training.total_steps.max(1) as u64);
     let mut lp = TrainLoop::new(
         run.run.spec.clone(),
         engine,
@@ -197,7 +223,14 @@ pub async fn run_local(opts: LocalOptions, view: Option<PolicyView>) -> Result<L
             interrupted = true;
             break;
         }
-        let pb = ProgressBar::with_draw_target(Some(0), if opts.progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+        let pb = ProgressBar::with_draw_target(
+            Some(0),
+            if opts.progress {
+                ProgressDrawTarget::stderr()
+            } else {
+                ProgressDrawTarget::hidden()
+            },
+        );
         pb.set_style(
             ProgressStyle::with_template("step {prefix} [{bar:30}] {pos}/{len} episodes {elapsed}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -227,7 +260,13 @@ pub async fn run_local(opts: LocalOptions, view: Option<PolicyView>) -> Result<L
     if interrupted {
         eprintln!("stopped after step {}; resume with --resume", lp.step());
     }
-    Ok(LocalOutcome { out, steps_done: lp.step(), summaries, interrupted, metrics_addr })
+    Ok(LocalOutcome {
+        out,
+        steps_done: lp.step(),
+        summaries,
+        interrupted,
+        metrics_addr,
+    })
 }
 
 /// The repository a pool's sandboxes copy: the directory itself, or a clone of a git bundle
@@ -239,7 +278,10 @@ fn repository(source: &std::path::Path, clone_to: &std::path::Path) -> Result<Pa
     if clone_to.join(".git").is_dir() {
         return Ok(clone_to.to_path_buf());
     }
-    let io = |e: std::io::Error| LocalError::Io { path: clone_to.to_path_buf(), source: e };
+    let io = |e: std::io::Error| LocalError::Io {
+        path: clone_to.to_path_buf(),
+        source: e,
+    };
     if clone_to.exists() {
         std::fs::remove_dir_all(clone_to).map_err(io)?;
     }
@@ -275,29 +317,47 @@ fn model_dtype(run: &LocalRun, device: &Device) -> DType {
 }
 
 /// A fresh trainer from the spec's model, or the latest checkpoint with `--resume`.
-fn build_trainer(run: &LocalRun, dirs: &RunDirs, resume: bool) -> Result<(GrpoTrainer, LoopState), LocalError> {
+fn build_trainer(
+    run: &LocalRun,
+    dirs: &RunDirs,
+    resume: bool,
+) -> Result<(GrpoTrainer, LoopState), LocalError> {
     let spec = &run.run.spec;
-    let settings = GrpoSettings::try_from(&spec.training).map_err(|e| LocalError::Settings(e.to_string()))?;
+    let settings =
+        GrpoSettings::try_from(&spec.training).map_err(|e| LocalError::Settings(e.to_string()))?;
     let device = device();
     if resume {
-        let (step, dir) =
-            latest_checkpoint(&dirs.checkpoints).ok_or_else(|| LocalError::NothingToResume(dirs.checkpoints.clone()))?;
+        let (step, dir) = latest_checkpoint(&dirs.checkpoints)
+            .ok_or_else(|| LocalError::NothingToResume(dirs.checkpoints.clone()))?;
         let state = read_loop_state(&dir)?;
         let grpo = GrpoTrainer::resume(&dir, settings, model_dtype(run, &device), &device)?;
-        eprintln!("resuming from {} (step {step}, policy v{})", dir.display(), grpo.policy().version());
+        eprintln!(
+            "resuming from {} (step {step}, policy v{})",
+            dir.display(),
+            grpo.policy().version()
+        );
         return Ok((grpo, state));
     }
     let policy = CandlePolicy::from_source(&spec.model, &device, spec.training.seed)?;
-    Ok((GrpoTrainer::new(Arc::new(policy), settings)?, LoopState::default()))
+    Ok((
+        GrpoTrainer::new(Arc::new(policy), settings)?,
+        LoopState::default(),
+    ))
 }
 
 /// Engine settings from the spec; pool timeouts from the first pool.
 pub fn engine_settings(run: &LocalRun, chat_model: bool) -> EngineSettings {
-    let markup = if chat_model { ChatMarkup::chatml() } else { ChatMarkup::plain() };
+    let markup = if chat_model {
+        ChatMarkup::chatml()
+    } else {
+        ChatMarkup::plain()
+    };
     let mut engine = EngineSettings::from_settings(&run.run.spec.self_play, markup);
     if let Some(p) = run.pools.first() {
-        engine.episode.command_timeout = Duration::from_secs(p.spec.command_timeout_seconds.max(1) as u64);
-        engine.validation.test_timeout = Duration::from_secs(p.spec.test_timeout_seconds.max(1) as u64);
+        engine.episode.command_timeout =
+            Duration::from_secs(p.spec.command_timeout_seconds.max(1) as u64);
+        engine.validation.test_timeout =
+            Duration::from_secs(p.spec.test_timeout_seconds.max(1) as u64);
     }
     engine
 }

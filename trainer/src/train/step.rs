@@ -13,7 +13,9 @@ use serde::Serialize;
 
 use crate::engine::error::InfraError;
 use crate::engine::policy::Policy;
-use crate::engine::roles::{EngineSettings, InjectorResult, SolverResult, run_injector, run_solver};
+use crate::engine::roles::{
+    EngineSettings, InjectorResult, SolverResult, run_injector, run_solver,
+};
 use crate::engine::sandbox::SandboxProvider;
 use crate::engine::solver::BugTask;
 use crate::engine::trajectory::{EndReason, Role, Trajectory};
@@ -100,7 +102,10 @@ impl Rollouts {
         (self.solver_attempts > 0).then(|| self.solved as f64 / self.solver_attempts as f64)
     }
     pub fn top_failed_check(&self) -> Option<String> {
-        self.failed_checks.iter().max_by_key(|(name, n)| (**n, std::cmp::Reverse(*name))).map(|(k, _)| k.clone())
+        self.failed_checks
+            .iter()
+            .max_by_key(|(name, n)| (**n, std::cmp::Reverse(*name)))
+            .map(|(k, _)| k.clone())
     }
 }
 
@@ -131,12 +136,17 @@ pub struct StepContext<'a, P: SandboxProvider + ?Sized> {
 /// The injector episodes' pools for `step`: a weighted round robin, the same for a given step
 /// on every run (reproducible, and fair across steps).
 pub fn injector_pools(pools: &[(String, u32)], step: u64, count: usize) -> Vec<String> {
-    let wheel: Vec<&String> = pools.iter().flat_map(|(p, w)| std::iter::repeat_n(p, (*w).max(1) as usize)).collect();
+    let wheel: Vec<&String> = pools
+        .iter()
+        .flat_map(|(p, w)| std::iter::repeat_n(p, (*w).max(1) as usize))
+        .collect();
     if wheel.is_empty() {
         return Vec::new();
     }
     let start = (step as usize).wrapping_mul(count) % wheel.len();
-    (0..count).map(|i| wheel[(start + i) % wheel.len()].clone()).collect()
+    (0..count)
+        .map(|i| wheel[(start + i) % wheel.len()].clone())
+        .collect()
 }
 
 fn episode_end(t: &Trajectory) -> EpisodeEnd {
@@ -167,7 +177,10 @@ fn transcript(policy: &dyn Policy, t: &Trajectory) -> Vec<String> {
 
 /// Runs `attempt` until it ends without an infrastructure error or the attempts run out;
 /// returns the last result and every infrastructure error met on the way.
-async fn with_retries<T, F, Fut>(mut attempt: F, infra: impl Fn(&T) -> Option<InfraError>) -> (T, Vec<InfraError>)
+async fn with_retries<T, F, Fut>(
+    mut attempt: F,
+    infra: impl Fn(&T) -> Option<InfraError>,
+) -> (T, Vec<InfraError>)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = T>,
@@ -279,24 +292,28 @@ pub async fn rollout<P: SandboxProvider + ?Sized>(
     let concurrency = ctx.spec.trainer.concurrency.max(1) as usize;
     let group_size = sp.solver_group_size.max(2) as usize;
     let n_inj = sp.injector_episodes_per_step.max(1) as usize;
-    let mut out = Rollouts { injectors: n_inj, ..Default::default() };
+    let mut out = Rollouts {
+        injectors: n_inj,
+        ..Default::default()
+    };
     let mut next_group: u64 = step << 20;
     ctx.observer.planned(n_inj as u64);
 
     // 1–2. Injector episodes and their validation.
     let pools = injector_pools(ctx.pools, step, n_inj);
-    let injectors: Vec<(String, (InjectorResult, Vec<InfraError>))> = futures::stream::iter(pools.into_iter())
-        .map(|pool| {
-            let policy = policy.clone();
-            async move {
-                let r = injector_episode(ctx, policy, pool.clone()).await;
-                ctx.observer.episode_done();
-                (pool, r)
-            }
-        })
-        .buffered(concurrency)
-        .collect()
-        .await;
+    let injectors: Vec<(String, (InjectorResult, Vec<InfraError>))> =
+        futures::stream::iter(pools.into_iter())
+            .map(|pool| {
+                let policy = policy.clone();
+                async move {
+                    let r = injector_episode(ctx, policy, pool.clone()).await;
+                    ctx.observer.episode_done();
+                    (pool, r)
+                }
+            })
+            .buffered(concurrency)
+            .collect()
+            .await;
 
     // 3. Solver tasks: this step's valid bugs, then waiting higher-order bugs.
     let mut tasks: Vec<(String, BugTask, Option<usize>)> = Vec::new();
@@ -315,25 +332,29 @@ pub async fn rollout<P: SandboxProvider + ?Sized>(
             }
         }
     }
-    ctx.observer.planned((n_inj + tasks.len() * group_size) as u64);
+    ctx.observer
+        .planned((n_inj + tasks.len() * group_size) as u64);
 
     let jobs: Vec<(usize, String, BugTask)> = tasks
         .iter()
         .enumerate()
-        .flat_map(|(t, (pool, bug, _))| (0..group_size).map(move |_| (t, pool.clone(), bug.clone())))
-        .collect();
-    let solvers: Vec<(usize, (SolverResult, Vec<InfraError>))> = futures::stream::iter(jobs.into_iter())
-        .map(|(t, pool, bug)| {
-            let policy = policy.clone();
-            async move {
-                let r = solver_episode(ctx, policy, pool, bug).await;
-                ctx.observer.episode_done();
-                (t, r)
-            }
+        .flat_map(|(t, (pool, bug, _))| {
+            (0..group_size).map(move |_| (t, pool.clone(), bug.clone()))
         })
-        .buffered(concurrency)
-        .collect()
-        .await;
+        .collect();
+    let solvers: Vec<(usize, (SolverResult, Vec<InfraError>))> =
+        futures::stream::iter(jobs.into_iter())
+            .map(|(t, pool, bug)| {
+                let policy = policy.clone();
+                async move {
+                    let r = solver_episode(ctx, policy, pool, bug).await;
+                    ctx.observer.episode_done();
+                    (t, r)
+                }
+            })
+            .buffered(concurrency)
+            .collect()
+            .await;
 
     // 4–5. Rewards per solver group, then per injector.
     let mut solve_counts: Vec<(usize, usize)> = vec![(0, 0); tasks.len()];
@@ -345,7 +366,10 @@ pub async fn rollout<P: SandboxProvider + ?Sized>(
             record_infra(ctx.metrics, &mut out, errors);
             let traj = &result.trajectory;
             out.generated_tokens += traj.policy_tokens();
-            ctx.metrics.episodes.with_label_values(&["solver", traj.end_reason.label()]).inc();
+            ctx.metrics
+                .episodes
+                .with_label_values(&["solver", traj.end_reason.label()])
+                .inc();
             let graded = result.reward();
             if graded.is_some() {
                 solve_counts[t].1 += 1;
@@ -356,7 +380,13 @@ pub async fn rollout<P: SandboxProvider + ?Sized>(
                 }
             }
             let reward = graded.and_then(|g| {
-                shaped_reward(g, episode_end(traj), traj.turns.len() as u32, &training.truncation, training.step_penalty.as_ref())
+                shaped_reward(
+                    g,
+                    episode_end(traj),
+                    traj.turns.len() as u32,
+                    &training.truncation,
+                    training.step_penalty.as_ref(),
+                )
             });
             if let Some(r) = reward {
                 out.solver_rewards.push(r);
@@ -385,7 +415,11 @@ pub async fn rollout<P: SandboxProvider + ?Sized>(
                     order: result.order,
                     solved: result.solved(),
                     patch: result.patch.code.clone(),
-                    failing: result.evaluation.as_ref().map(|e| e.failing.iter().cloned().collect()).unwrap_or_default(),
+                    failing: result
+                        .evaluation
+                        .as_ref()
+                        .map(|e| e.failing.iter().cloned().collect())
+                        .unwrap_or_default(),
                 }),
                 transcript: transcript(policy.as_ref(), traj),
             });
@@ -400,16 +434,31 @@ pub async fn rollout<P: SandboxProvider + ?Sized>(
         record_infra(ctx.metrics, &mut out, errors);
         let traj = &result.trajectory;
         out.generated_tokens += traj.policy_tokens();
-        ctx.metrics.episodes.with_label_values(&["injector", traj.end_reason.label()]).inc();
+        ctx.metrics
+            .episodes
+            .with_label_values(&["injector", traj.end_reason.label()])
+            .inc();
         if let Some(check) = result.failed_check {
             *out.failed_checks.entry(check.to_string()).or_default() += 1;
-            ctx.metrics.validation_failures.with_label_values(&[check]).inc();
+            ctx.metrics
+                .validation_failures
+                .with_label_values(&[check])
+                .inc();
         }
-        let (solved, attempts) =
-            tasks.iter().position(|(_, _, src)| *src == Some(i)).map(|t| solve_counts[t]).unwrap_or((0, 0));
+        let (solved, attempts) = tasks
+            .iter()
+            .position(|(_, _, src)| *src == Some(i))
+            .map(|t| solve_counts[t])
+            .unwrap_or((0, 0));
         let graded = result.reward(solved, attempts, ctx.engine.alpha);
         let reward = graded.and_then(|g| {
-            shaped_reward(g, episode_end(traj), traj.turns.len() as u32, &training.truncation, training.step_penalty.as_ref())
+            shaped_reward(
+                g,
+                episode_end(traj),
+                traj.turns.len() as u32,
+                &training.truncation,
+                training.step_penalty.as_ref(),
+            )
         });
         if let Some(r) = reward {
             out.injector_rewards.push(r);
@@ -444,7 +493,10 @@ pub async fn rollout<P: SandboxProvider + ?Sized>(
     out
 }
 
-fn group_by_task(solvers: &[(usize, (SolverResult, Vec<InfraError>))], n: usize) -> Vec<Vec<&(SolverResult, Vec<InfraError>)>> {
+fn group_by_task(
+    solvers: &[(usize, (SolverResult, Vec<InfraError>))],
+    n: usize,
+) -> Vec<Vec<&(SolverResult, Vec<InfraError>)>> {
     let mut groups: Vec<Vec<_>> = (0..n).map(|_| Vec::new()).collect();
     for (t, r) in solvers {
         if let Some(g) = groups.get_mut(*t) {
@@ -457,7 +509,10 @@ fn group_by_task(solvers: &[(usize, (SolverResult, Vec<InfraError>))], n: usize)
 fn record_infra(metrics: &TrainerMetrics, out: &mut Rollouts, errors: &[InfraError]) {
     for e in errors {
         out.sandbox_errors += 1;
-        metrics.sandbox_errors.with_label_values(&[e.kind.label()]).inc();
+        metrics
+            .sandbox_errors
+            .with_label_values(&[e.kind.label()])
+            .inc();
     }
 }
 

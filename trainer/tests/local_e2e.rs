@@ -1,0 +1,350 @@
+//! `trainer local` end to end on the embedded default (the bundled sample repository, the
+//! tiny seeded model), in real sandboxes (sidecar processes, bubblewrap where it works).
+//!
+//! The policy that samples is scripted — a random tiny model writes no valid artifacts —
+//! but every token it writes is scored by the tiny model, so the GRPO update trains the
+//! real model on them with true old log-probs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use candle_core::{DType, Device, Tensor};
+use selfplay_trainer::engine::local::Isolation;
+use selfplay_trainer::engine::policy::{
+    FinishReason, Generation, Policy, PolicyError, SamplingParams, TokenCodec,
+};
+use selfplay_trainer::grpo::{GrpoSettings, GrpoTrainer};
+use selfplay_trainer::policy::CandlePolicy;
+use selfplay_trainer::train::driver::PolicyView;
+use selfplay_trainer::train::local::{LocalOptions, run_local};
+
+fn assets() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets")
+}
+
+/// The artifacts and the fix, staged where sandboxes can read them (the host is visible
+/// read-only inside bubblewrap; only the workspace is writable).
+fn stage(dir: &Path) -> PathBuf {
+    let stage = dir.join("stage");
+    std::fs::create_dir_all(stage.join("artifacts")).expect("mkdir");
+    for f in [
+        "bug_inject.diff",
+        "test_weaken.diff",
+        "test_files.txt",
+        "test_script.sh",
+        "test_parser.py",
+    ] {
+        std::fs::copy(
+            assets().join("artifacts/valid").join(f),
+            stage.join("artifacts").join(f),
+        )
+        .expect("copy");
+    }
+    stage
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// Writes the valid artifact set, then submits.
+    ValidBug,
+    /// Submits without artifacts (validation fails: −1).
+    NoBug,
+    /// Kills its own sidecar (an infrastructure failure of the sandbox).
+    KillSandbox,
+    /// Reverts the bug, then submits (solved).
+    Fix,
+    /// Submits without a change (not solved).
+    GiveUp,
+}
+
+struct Scripted {
+    model: Arc<CandlePolicy>,
+    stage: PathBuf,
+    injectors: Arc<AtomicUsize>,
+    solvers: Arc<AtomicUsize>,
+    kill_first: bool,
+}
+
+impl Scripted {
+    fn plan_for(&self, text: &str) -> Plan {
+        for (tag, plan) in [
+            ("# plan: valid-bug", Plan::ValidBug),
+            ("# plan: no-bug", Plan::NoBug),
+            ("# plan: kill", Plan::KillSandbox),
+            ("# plan: fix", Plan::Fix),
+            ("# plan: give-up", Plan::GiveUp),
+        ] {
+            if text.contains(tag) {
+                return plan;
+            }
+        }
+        if text.contains("bug_inject.diff") {
+            let n = self.injectors.fetch_add(1, Ordering::SeqCst);
+            match (self.kill_first, n) {
+                (true, 0) => Plan::KillSandbox,
+                (true, _) => Plan::ValidBug,
+                (false, n) if n % 2 == 0 => Plan::ValidBug,
+                _ => Plan::NoBug,
+            }
+        } else if self.solvers.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+            Plan::Fix
+        } else {
+            Plan::GiveUp
+        }
+    }
+
+    fn turn(&self, plan: Plan, turns_so_far: usize) -> String {
+        let art = self.stage.join("artifacts");
+        match (plan, turns_so_far) {
+            (Plan::ValidBug, 0) => format!(
+                "<bash>\n# plan: valid-bug\nmkdir -p .selfplay && cp {}/* .selfplay/ && ls .selfplay\n</bash>",
+                art.display()
+            ),
+            (Plan::NoBug, 0) => "<bash>\n# plan: no-bug\nls\n</bash>".into(),
+            (Plan::KillSandbox, 0) => "<bash>\n# plan: kill\nkill -9 $PPID\n</bash>".into(),
+            (Plan::Fix, 0) => format!(
+                "<bash>\n# plan: fix\ngit apply -R {}/bug_inject.diff && echo fixed\n</bash>",
+                art.display()
+            ),
+            (Plan::GiveUp, 0) => "<bash>\n# plan: give-up\nls\n</bash>".into(),
+            _ => "<submit/>".into(),
+        }
+    }
+}
+
+impl Policy for Scripted {
+    fn codec(&self) -> &dyn TokenCodec {
+        self.model.codec()
+    }
+
+    fn generate(
+        &self,
+        contexts: &[Vec<u32>],
+        params: &SamplingParams,
+    ) -> Result<Vec<Generation>, PolicyError> {
+        let mut out = Vec::new();
+        for ctx in contexts {
+            let text = self.codec().decode(ctx);
+            let turns_so_far = text
+                .matches("</bash>")
+                .count()
+                .saturating_sub(text.matches("<bash>\ngrep").count());
+            let plan = self.plan_for(&text);
+            let mut tokens = self.codec().encode(&self.turn(plan, turns_so_far.min(1)));
+            tokens.truncate(params.max_new_tokens);
+            // The model's own log-probs of the scripted tokens: an on-policy update.
+            let mut seq = ctx.clone();
+            seq.extend_from_slice(&tokens);
+            let scores = self
+                .model
+                .score(&[seq])
+                .map_err(|e| PolicyError::Failed(e.to_string()))?;
+            let lps = &scores[0].logprobs;
+            let logprobs = lps[lps.len() - tokens.len()..].to_vec();
+            out.push(Generation {
+                tokens,
+                logprobs,
+                finish: FinishReason::Stop,
+            });
+        }
+        Ok(out)
+    }
+
+    fn version(&self) -> u64 {
+        self.model.version()
+    }
+}
+
+fn run_file(dir: &Path, extra: &str) -> PathBuf {
+    let text = include_str!("../assets/default-run.yaml")
+        .replace(
+            "localPath: sample-repo.bundle",
+            &format!(
+                "localPath: {}",
+                assets().join("sample-repo.bundle").display()
+            ),
+        )
+        .replace(
+            "    maxTokensPerTurn: 128",
+            &format!("    maxTokensPerTurn: 256{extra}"),
+        );
+    let path = dir.join("run.yaml");
+    std::fs::write(&path, text).expect("write run");
+    path
+}
+
+fn view(stage: PathBuf, kill_first: bool) -> (PolicyView, Arc<AtomicUsize>) {
+    let injectors = Arc::new(AtomicUsize::new(0));
+    let inj = injectors.clone();
+    let view: PolicyView = Arc::new(move |model: Arc<CandlePolicy>| {
+        Arc::new(Scripted {
+            model,
+            stage: stage.clone(),
+            injectors: inj.clone(),
+            solvers: Arc::new(AtomicUsize::new(0)),
+            kill_first,
+        }) as Arc<dyn Policy>
+    });
+    (view, injectors)
+}
+
+fn tensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).expect("safetensors")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_full_step_trains_and_checkpoints() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
+    let stage = stage(dir.path());
+    let out = dir.path().join("out");
+    let (view, injectors) = view(stage, false);
+    let opts = LocalOptions {
+        spec: Some(run_file(dir.path(), "")),
+        steps: Some(1),
+        out: Some(out.clone()),
+        resume: false,
+        metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
+        isolation: Isolation::Auto,
+        progress: false,
+    };
+    let outcome = run_local(opts, Some(view)).await.expect("local run");
+    assert_eq!(outcome.steps_done, 1);
+    assert_eq!(injectors.load(Ordering::SeqCst), 2, "two injector episodes");
+
+    // status.json: the custom resource's progress snapshot.
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("status.json")).expect("status.json"))
+            .expect("json");
+    assert_eq!(status["step"], 1, "{status}");
+    assert_eq!(status["injectorValidityRate"], 0.5, "{status}");
+    assert_eq!(status["solveRate"], 0.5, "{status}");
+    assert_eq!(status["policyVersion"], 1, "{status}");
+
+    // Episodes ran in real sandboxes: real validation, real grading.
+    let records =
+        std::fs::read_to_string(out.join("episodes/step-000001/episodes.jsonl")).expect("records");
+    let records: Vec<serde_json::Value> = records
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("record"))
+        .collect();
+    assert_eq!(records.len(), 4, "2 injectors + 2 solvers");
+    let valid = records
+        .iter()
+        .find(|r| r["injector"]["valid"] == true)
+        .expect("a valid bug");
+    assert!(
+        (valid["reward"].as_f64().expect("reward") - 0.1).abs() < 1e-9,
+        "1 − 1.8·0.5: {valid}"
+    );
+    let invalid = records
+        .iter()
+        .find(|r| r["injector"]["valid"] == false)
+        .expect("an invalid bug");
+    assert_eq!(invalid["injector"]["failed_check"], "test_files_exist");
+    assert_eq!(invalid["reward"], -1.0);
+    let solved: Vec<bool> = records
+        .iter()
+        .filter(|r| r["role"] == "solver")
+        .map(|r| r["solver"]["solved"] == true)
+        .collect();
+    assert_eq!(
+        solved.iter().filter(|s| **s).count(),
+        1,
+        "one solver fixed the bug: {solved:?}"
+    );
+
+    // A checkpoint, and the update changed the weights.
+    let ckpt = out.join("checkpoints/step-1");
+    assert!(ckpt.join("model.safetensors").is_file() && ckpt.join("loop_state.json").is_file());
+    let initial = dir.path().join("initial");
+    let policy = CandlePolicy::tiny(0, 64, 2, DType::F32, &Device::Cpu).expect("tiny");
+    GrpoTrainer::new(Arc::new(policy), GrpoSettings::default())
+        .expect("trainer")
+        .save_checkpoint(&initial)
+        .expect("save initial");
+    let (before, after) = (
+        tensors(&initial.join("model.safetensors")),
+        tensors(&ckpt.join("model.safetensors")),
+    );
+    assert_eq!(before.len(), after.len());
+    let changed = before
+        .iter()
+        .filter(|(name, t)| {
+            let d = (*t - &after[*name])
+                .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+                .expect("diff");
+            d > 0.0
+        })
+        .count();
+    assert!(
+        changed > before.len() / 2,
+        "the update changed {changed} of {} tensors",
+        before.len()
+    );
+
+    // The metrics endpoint served while it ran.
+    let addr = outcome.metrics_addr.expect("metrics addr");
+    let body = reqwest_get(addr).await;
+    assert!(
+        body.contains("selfplay_trainer_step{run=\"local-default\"} 1"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_sandbox_is_an_infrastructure_error_and_the_step_completes() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
+    let stage = stage(dir.path());
+    let out = dir.path().join("out");
+    let (view, injectors) = view(stage, true);
+    let opts = LocalOptions {
+        spec: Some(run_file(dir.path(), "")),
+        steps: Some(1),
+        out: Some(out.clone()),
+        resume: false,
+        metrics_listen: None,
+        isolation: Isolation::Auto,
+        progress: false,
+    };
+    let outcome = run_local(opts, Some(view))
+        .await
+        .expect("the step completes");
+    assert_eq!(outcome.steps_done, 1);
+    assert_eq!(
+        injectors.load(Ordering::SeqCst),
+        3,
+        "the killed episode was retried on a fresh sandbox"
+    );
+    let summary = &outcome.summaries[0];
+    assert_eq!(summary.snapshot.sandbox_errors, 1, "the error is counted");
+    let records =
+        std::fs::read_to_string(out.join("episodes/step-000001/episodes.jsonl")).expect("records");
+    let first: serde_json::Value = serde_json::from_str(
+        records
+            .lines()
+            .find(|l| l.contains("\"injector\""))
+            .expect("injector"),
+    )
+    .expect("json");
+    assert_eq!(
+        first["infra_errors"].as_array().map(Vec::len),
+        Some(1),
+        "{first}"
+    );
+    // Never a −1 for the sandbox's death: the retry's own result stands.
+    assert_eq!(first["injector"]["valid"], true, "{first}");
+    assert_eq!(summary.snapshot.injector_validity_rate, Some(1.0));
+}
+
+async fn reqwest_get(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.expect("read");
+    buf
+}
