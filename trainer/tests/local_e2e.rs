@@ -348,3 +348,102 @@ async fn reqwest_get(addr: std::net::SocketAddr) -> String {
     s.read_to_string(&mut buf).await.expect("read");
     buf
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_continues_from_the_latest_checkpoint() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
+    let stage = stage(dir.path());
+    let out = dir.path().join("out");
+    let spec = run_file(dir.path(), "");
+    let opts = |steps, resume| LocalOptions {
+        spec: Some(spec.clone()),
+        steps: Some(steps),
+        out: Some(out.clone()),
+        resume,
+        metrics_listen: None,
+        isolation: Isolation::Auto,
+        progress: false,
+    };
+    let first = run_local(opts(1, false), Some(view(stage.clone(), false).0))
+        .await
+        .expect("step 1");
+    assert_eq!(first.steps_done, 1);
+    let second = run_local(opts(2, true), Some(view(stage, false).0))
+        .await
+        .expect("resumed");
+    assert_eq!(second.steps_done, 2);
+    assert_eq!(second.summaries.len(), 1, "only step 2 ran");
+    assert_eq!(second.summaries[0].snapshot.step, 2);
+    assert_eq!(
+        second.summaries[0].snapshot.policy_version, 2,
+        "the policy version carried over"
+    );
+    assert!(out.join("checkpoints/step-2/model.safetensors").is_file());
+    assert!(
+        out.join("checkpoints/step-1").is_dir(),
+        "keepLast 2 keeps step 1"
+    );
+}
+
+/// Processes whose command line mentions `needle` (the sidecars of a run's sandboxes name
+/// their workspace, which lives under the run's output directory).
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) && !cmd.contains("local_e2e") {
+            found.push(format!("{}: {cmd}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+#[test]
+fn ctrl_c_abandons_the_step_keeps_the_checkpoint_and_leaves_no_process() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
+    let out = dir.path().join("out");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["local", "--steps", "5", "--no-metrics", "--out"])
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("trainer local");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    while !out.join("checkpoints/step-1/loop_state.json").is_file() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "step 1 did not finish"
+        );
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "trainer exited early"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // Step 2 is under way, with sandboxes: Ctrl-C twice abandons it.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let output = child.wait_with_output().expect("exit");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("abandoning the current step"), "{stderr}");
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("status.json")).expect("status"))
+            .expect("json");
+    assert_eq!(status["step"], 1);
+    assert!(
+        out.join("checkpoints/step-1/model.safetensors").is_file(),
+        "the last checkpoint is intact"
+    );
+    assert!(!out.join("checkpoints/step-2").exists());
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let left = processes_mentioning(&out.to_string_lossy());
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+}

@@ -173,7 +173,8 @@ pub async fn run_local(
         pools: repos,
         sidecar_bin: None,
         isolation: opts.isolation,
-        work_dir: None,
+        // Under the output directory, so a run leaves nothing elsewhere.
+        work_dir: Some(dirs.out.join("sandboxes")),
         serve_args: Vec::new(),
         extra_path: Vec::new(),
     })?);
