@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use selfplay_trainer::cli;
 
 #[derive(Parser, Debug)]
-#[command(name = "trainer", version, about = "selfplay trainer: self-play SWE-RL with GRPO")]
+#[command(
+    name = "trainer",
+    version,
+    about = "selfplay trainer: self-play SWE-RL with GRPO"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -39,12 +39,30 @@ pub fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
         steps: args.steps,
         out: args.out,
         resume: args.resume,
-        metrics_listen: if args.no_metrics { None } else { args.metrics_listen },
-        isolation: if args.no_isolation { Isolation::Off } else { Isolation::Auto },
+        metrics_listen: if args.no_metrics {
+            None
+        } else {
+            args.metrics_listen
+        },
+        isolation: if args.no_isolation {
+            Isolation::Off
+        } else {
+            Isolation::Auto
+        },
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let outcome = runtime.block_on(run_local(opts, None))?;
-    eprintln!("done: {} step(s); status in {}", outcome.steps_done, outcome.out.join("status.json").display());
-    Ok(if outcome.interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS })
+    eprintln!(
+        "done: {} step(s); status in {}",
+        outcome.steps_done,
+        outcome.out.join("status.json").display()
+    );
+    Ok(if outcome.interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

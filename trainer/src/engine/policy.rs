@@ -27,7 +27,12 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 1.0, top_p: 1.0, max_new_tokens: 256, stop: Vec::new() }
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            max_new_tokens: 256,
+            stop: Vec::new(),
+        }
     }
 }
 
@@ -64,7 +69,11 @@ pub enum PolicyError {
 pub trait Policy: Send + Sync {
     fn codec(&self) -> &dyn TokenCodec;
     /// Continues every context of `contexts` (one generation per context, in order).
-    fn generate(&self, contexts: &[Vec<u32>], params: &SamplingParams) -> Result<Vec<Generation>, PolicyError>;
+    fn generate(
+        &self,
+        contexts: &[Vec<u32>],
+        params: &SamplingParams,
+    ) -> Result<Vec<Generation>, PolicyError>;
     /// The policy version the samples come from (optimiser updates applied so far).
     fn version(&self) -> u64;
 }
