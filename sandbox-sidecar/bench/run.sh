@@ -12,9 +12,12 @@ if ! "$venv/bin/python" -c 'import swerex, aiohttp' 2>/dev/null; then
 fi
 extra=()
 # The OpenHands agent-server needs Python >= 3.12; it is measured when one is found.
-py312="$(command -v python3.12 || ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -n1 || true)"
+py312=""
+for cand in python3.13 python3.12 "$HOME"/.pyenv/versions/3.1[2-9]*/bin/python3; do
+  if "$cand" -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null; then py312="$cand"; break; fi
+done
 ohvenv="${CARGO_TARGET_DIR:-$root/target}/py-venvs/sidecar-bench-openhands"
-if [ -n "$py312" ] && "$py312" -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null; then
+if [ -n "$py312" ]; then
   if ! "$ohvenv/bin/python" -c 'import openhands.agent_server, httpx' 2>/dev/null; then
     "$py312" -m venv "$ohvenv"
     "$ohvenv/bin/pip" install --quiet --disable-pip-version-check openhands-agent-server || true
