@@ -20,6 +20,8 @@ struct Cli {
 enum Command {
     /// Run self-play training on this machine (no Kubernetes).
     Local(cli::local::LocalArgs),
+    /// Run the training loop inside the trainer pod, against the operator's broker.
+    Cluster(cli::cluster::ClusterArgs),
     /// Run the consistency checks on a set of injector artifacts.
     Validate(cli::validate::ValidateArgs),
     /// Grade a solver patch against a bug's artifacts.
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Local(a) => cli::local::run(a),
+        Command::Cluster(a) => cli::cluster::run(a),
         Command::Validate(a) => cli::validate::run(a),
         Command::Evaluate(a) => cli::evaluate::run(a),
         Command::Score(a) => cli::score::run(a),

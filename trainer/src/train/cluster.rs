@@ -1,0 +1,257 @@
+//! `trainer cluster`: the same loop as `trainer local`, inside the trainer pod the operator
+//! creates. Sandboxes come from the operator's broker (no RBAC on the API server), progress
+//! goes to the run's status through the broker, checkpoints are registered as `Checkpoint`s.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use sandbox_sidecar::SidecarClient;
+use selfplay_crds::ProgressSnapshot;
+use selfplay_operator::broker::client::BrokerClient;
+
+use crate::engine::error::{InfraError, InfraKind};
+use crate::engine::policy::Policy;
+use crate::engine::prompts::ChatMarkup;
+use crate::engine::roles::EngineSettings;
+use crate::engine::sandbox::{Lease, Sandbox, SandboxProvider};
+use crate::grpo::{GrpoSettings, GrpoTrainer};
+use crate::policy::{CandlePolicy, compute_dtype};
+
+use super::driver::{LoopState, RunDirs, TrainLoop, read_loop_state};
+use super::local::device;
+use super::metrics::TrainerMetrics;
+use super::report::{
+    CheckpointRecord, CheckpointSink, LocalCheckpoints, ProgressReporter, ReportError,
+};
+use super::step::Quiet;
+
+/// How long an acquire waits for a Ready sandbox before it counts as an infrastructure error.
+const ACQUIRE_WAIT: Duration = Duration::from_secs(300);
+
+/// Sandboxes handed out by the operator's broker.
+pub struct BrokerProvider {
+    broker: BrokerClient,
+    pools: Vec<String>,
+}
+
+struct BrokerLease {
+    broker: Option<BrokerClient>,
+    sandbox: String,
+}
+
+impl Lease for BrokerLease {
+    fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<(), InfraError>> {
+        let broker = self.broker.take();
+        let sandbox = std::mem::take(&mut self.sandbox);
+        Box::pin(async move {
+            match broker {
+                Some(b) => b.release(&sandbox).await.map_err(|e| {
+                    InfraError::new(InfraKind::Acquire, format!("release {sandbox}: {e}"))
+                }),
+                None => Ok(()),
+            }
+        })
+    }
+}
+
+impl Drop for BrokerLease {
+    fn drop(&mut self) {
+        // Use-and-destroy even when an episode is abandoned: release in the background.
+        if let (Some(b), Ok(rt)) = (self.broker.take(), tokio::runtime::Handle::try_current()) {
+            let sandbox = std::mem::take(&mut self.sandbox);
+            rt.spawn(async move {
+                if let Err(e) = b.release(&sandbox).await {
+                    tracing::warn!(%sandbox, error = %e, "release of an abandoned sandbox failed");
+                }
+            });
+        }
+    }
+}
+
+impl SandboxProvider for BrokerProvider {
+    fn acquire<'a>(&'a self, pool: &'a str) -> BoxFuture<'a, Result<Sandbox, InfraError>> {
+        Box::pin(async move {
+            let lease = self.broker.acquire(pool, ACQUIRE_WAIT).await.map_err(|e| {
+                InfraError::new(InfraKind::Acquire, format!("broker acquire on {pool}: {e}"))
+            })?;
+            let guard = BrokerLease {
+                broker: Some(self.broker.clone()),
+                sandbox: lease.sandbox.clone(),
+            };
+            let client = SidecarClient::connect(lease.address.clone(), &lease.token)
+                .await
+                .map_err(|e| {
+                    InfraError::new(
+                        InfraKind::Sidecar,
+                        format!("sandbox {}: {e}", lease.sandbox),
+                    )
+                })?;
+            Ok(Sandbox::new(
+                lease.sandbox.clone(),
+                pool,
+                client,
+                None,
+                Box::new(guard),
+            ))
+        })
+    }
+
+    fn pools(&self) -> Vec<String> {
+        self.pools.clone()
+    }
+}
+
+/// Progress to the run's status, through the broker.
+pub struct BrokerReporter(BrokerClient);
+
+impl ProgressReporter for BrokerReporter {
+    async fn report(&self, snapshot: &ProgressSnapshot) -> Result<(), ReportError> {
+        // A missed report is not worth a failed step: the next one carries the same fields.
+        if let Err(e) = self.0.report_progress(snapshot).await {
+            tracing::warn!(error = %e, "progress report to the broker failed");
+        }
+        Ok(())
+    }
+}
+
+/// Checkpoints kept on the run's volume (keep-last-K on disk) and registered with the broker,
+/// which creates the `Checkpoint` objects (and deletes those past keep-last-K).
+pub struct BrokerCheckpoints {
+    broker: BrokerClient,
+    local: LocalCheckpoints,
+}
+
+impl CheckpointSink for BrokerCheckpoints {
+    async fn register(&self, record: &CheckpointRecord) -> Result<(), ReportError> {
+        self.local.register(record).await?;
+        self.broker
+            .register_checkpoint(
+                record.step as i64,
+                record.policy_version as i64,
+                &record.dir.to_string_lossy(),
+                record.size_bytes as i64,
+                Some(&record.metrics),
+            )
+            .await
+            .map(|name| tracing::info!(checkpoint = %name, "registered"))
+            .map_err(|e| ReportError::Remote(e.to_string()))
+    }
+}
+
+/// Options of `trainer cluster` (set by the operator's trainer pod).
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub run_file: PathBuf,
+    pub checkpoint_dir: PathBuf,
+    pub metrics_listen: Option<SocketAddr>,
+    pub model_dir: Option<PathBuf>,
+    pub resume_from: Option<PathBuf>,
+}
+
+/// Runs the run to its `totalSteps`; returns the steps completed.
+pub async fn run_cluster(opts: ClusterOptions, broker: BrokerClient) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(&opts.run_file)?;
+    let run = selfplay_crds::validate::parse_run_yaml(&text)?;
+    let name = run.metadata.name.clone().unwrap_or_else(|| "run".into());
+    let mut spec = run.spec.clone();
+    if let Some(dir) = &opts.model_dir {
+        spec.model.path = Some(dir.to_string_lossy().into_owned());
+    }
+    if spec.trainer.nodes > 1 {
+        tracing::warn!(
+            nodes = spec.trainer.nodes,
+            "multi-node training is not supported yet: this pod trains alone"
+        );
+    }
+    let metrics = TrainerMetrics::new(&name)?;
+    if let Some(addr) = opts.metrics_listen {
+        super::metrics::serve(addr, metrics.clone()).await?;
+    }
+    let dirs = RunDirs {
+        out: opts.checkpoint_dir.clone(),
+        checkpoints: opts.checkpoint_dir.clone(),
+        episodes: opts.checkpoint_dir.join("episodes"),
+    };
+    std::fs::create_dir_all(&dirs.episodes)?;
+
+    let settings = GrpoSettings::try_from(&spec.training).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let device = device();
+    let (grpo, state) = match &opts.resume_from {
+        Some(dir) => resume(dir, &spec, settings, &device)?,
+        None => {
+            let policy = CandlePolicy::from_source(&spec.model, &device, spec.training.seed)?;
+            (
+                GrpoTrainer::new(Arc::new(policy), settings)?,
+                LoopState::default(),
+            )
+        }
+    };
+    let markup = if grpo.policy().source_dir().is_some() {
+        ChatMarkup::chatml()
+    } else {
+        ChatMarkup::plain()
+    };
+    let engine = EngineSettings::from_settings(&spec.self_play, markup);
+    let pools: Vec<(String, u32)> = spec
+        .pools
+        .iter()
+        .map(|p| (p.name.clone(), p.weight.max(1) as u32))
+        .collect();
+    let provider = Arc::new(BrokerProvider {
+        broker: broker.clone(),
+        pools: pools.iter().map(|p| p.0.clone()).collect(),
+    });
+    let keep = spec.checkpoint.keep_last.max(1) as usize;
+    let total = spec.training.total_steps.max(1) as u64;
+    let mut lp = TrainLoop::new(
+        spec,
+        engine,
+        provider,
+        BrokerReporter(broker.clone()),
+        BrokerCheckpoints {
+            broker,
+            local: LocalCheckpoints::new(dirs.checkpoints.clone(), keep),
+        },
+        metrics,
+        dirs,
+        pools,
+        grpo,
+        state,
+    );
+    tracing::info!(run = %name, from = lp.step(), to = total, version = lp.grpo().map(|g| g.policy().version()).unwrap_or(0), "training");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    while lp.step() < total {
+        tokio::select! {
+            r = lp.run_step(&Quiet) => tracing::info!("{}", r?.line()),
+            _ = term.recv() => {
+                // Suspend or deletion: the step is abandoned; the last checkpoint stands.
+                tracing::warn!(step = lp.step(), "SIGTERM: abandoning the current step");
+                return Ok(lp.step());
+            }
+        }
+    }
+    Ok(lp.step())
+}
+
+fn resume(
+    dir: &Path,
+    spec: &selfplay_crds::run::SelfPlayRunSpec,
+    settings: GrpoSettings,
+    device: &candle_core::Device,
+) -> anyhow::Result<(GrpoTrainer, LoopState)> {
+    let requested = match spec.model.dtype {
+        selfplay_crds::run::ModelDtype::F32 => candle_core::DType::F32,
+        selfplay_crds::run::ModelDtype::Bf16 => candle_core::DType::BF16,
+    };
+    let grpo = GrpoTrainer::resume(dir, settings, compute_dtype(requested, device), device)?;
+    // A checkpoint written by this loop carries its loop state; one from elsewhere starts at its step.
+    let state = read_loop_state(dir).unwrap_or_else(|_| LoopState {
+        step: grpo.step(),
+        pending: Vec::new(),
+    });
+    tracing::info!(checkpoint = %dir.display(), step = state.step, "resuming");
+    Ok((grpo, state))
+}
