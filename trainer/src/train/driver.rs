@@ -247,7 +247,7 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
         // 7. Checkpoints every `everySteps` and after the last step.
         let every = self.spec.checkpoint.every_steps.max(1) as u64;
         let last = step >= self.spec.training.total_steps.max(1) as u64;
-        let checkpoint = if nonfinite.is_none() && (step % every == 0 || last) {
+        let checkpoint = if nonfinite.is_none() && (step.is_multiple_of(every) || last) {
             Some(self.checkpoint(&snapshot).await?)
         } else {
             None

@@ -301,19 +301,18 @@ pub async fn rollout<P: SandboxProvider + ?Sized>(
 
     // 1–2. Injector episodes and their validation.
     let pools = injector_pools(ctx.pools, step, n_inj);
-    let injectors: Vec<(String, (InjectorResult, Vec<InfraError>))> =
-        futures::stream::iter(pools.into_iter())
-            .map(|pool| {
-                let policy = policy.clone();
-                async move {
-                    let r = injector_episode(ctx, policy, pool.clone()).await;
-                    ctx.observer.episode_done();
-                    (pool, r)
-                }
-            })
-            .buffered(concurrency)
-            .collect()
-            .await;
+    let injectors: Vec<(String, (InjectorResult, Vec<InfraError>))> = futures::stream::iter(pools)
+        .map(|pool| {
+            let policy = policy.clone();
+            async move {
+                let r = injector_episode(ctx, policy, pool.clone()).await;
+                ctx.observer.episode_done();
+                (pool, r)
+            }
+        })
+        .buffered(concurrency)
+        .collect()
+        .await;
 
     // 3. Solver tasks: this step's valid bugs, then waiting higher-order bugs.
     let mut tasks: Vec<(String, BugTask, Option<usize>)> = Vec::new();
@@ -342,19 +341,18 @@ pub async fn rollout<P: SandboxProvider + ?Sized>(
             (0..group_size).map(move |_| (t, pool.clone(), bug.clone()))
         })
         .collect();
-    let solvers: Vec<(usize, (SolverResult, Vec<InfraError>))> =
-        futures::stream::iter(jobs.into_iter())
-            .map(|(t, pool, bug)| {
-                let policy = policy.clone();
-                async move {
-                    let r = solver_episode(ctx, policy, pool, bug).await;
-                    ctx.observer.episode_done();
-                    (t, r)
-                }
-            })
-            .buffered(concurrency)
-            .collect()
-            .await;
+    let solvers: Vec<(usize, (SolverResult, Vec<InfraError>))> = futures::stream::iter(jobs)
+        .map(|(t, pool, bug)| {
+            let policy = policy.clone();
+            async move {
+                let r = solver_episode(ctx, policy, pool, bug).await;
+                ctx.observer.episode_done();
+                (t, r)
+            }
+        })
+        .buffered(concurrency)
+        .collect()
+        .await;
 
     // 4–5. Rewards per solver group, then per injector.
     let mut solve_counts: Vec<(usize, usize)> = vec![(0, 0); tasks.len()];
@@ -418,7 +416,7 @@ pub async fn rollout<P: SandboxProvider + ?Sized>(
                     failing: result
                         .evaluation
                         .as_ref()
-                        .map(|e| e.failing.iter().cloned().collect())
+                        .map(|e| e.failing.to_vec())
                         .unwrap_or_default(),
                 }),
                 transcript: transcript(policy.as_ref(), traj),
