@@ -447,3 +447,51 @@ fn ctrl_c_abandons_the_step_keeps_the_checkpoint_and_leaves_no_process() {
     let left = processes_mentioning(&out.to_string_lossy());
     assert!(left.is_empty(), "processes left behind: {left:?}");
 }
+
+/// The same seed gives the same episodes: the sampled tokens of the tiny model, the
+/// observations and the checkpointed weights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_cpu_run_is_reproducible() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
+    let spec = dir.path().join("run.yaml");
+    let text = include_str!("../assets/default-run.yaml")
+        .replace(
+            "localPath: sample-repo.bundle",
+            &format!(
+                "localPath: {}",
+                assets().join("sample-repo.bundle").display()
+            ),
+        )
+        .replace("    maxTurns: 4", "    maxTurns: 2")
+        .replace("    maxTokensPerTurn: 128", "    maxTokensPerTurn: 48");
+    std::fs::write(&spec, text).expect("write");
+    let mut transcripts = Vec::new();
+    for i in 0..2 {
+        let out = dir.path().join(format!("out-{i}"));
+        let opts = LocalOptions {
+            spec: Some(spec.clone()),
+            steps: Some(1),
+            out: Some(out.clone()),
+            resume: false,
+            metrics_listen: None,
+            isolation: Isolation::Auto,
+            progress: false,
+        };
+        run_local(opts, None).await.expect("run");
+        let records = std::fs::read_to_string(out.join("episodes/step-000001/episodes.jsonl"))
+            .expect("records");
+        let t: Vec<serde_json::Value> = records
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).expect("json")["transcript"].clone()
+            })
+            .collect();
+        assert!(
+            t.iter()
+                .any(|x| x.as_array().is_some_and(|a| !a.is_empty())),
+            "the model wrote something"
+        );
+        transcripts.push(t);
+    }
+    assert_eq!(transcripts[0], transcripts[1]);
+}
