@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor
 use rayon::prelude::*;
 
 use super::OpsMode;
-use super::cpu::{Real, check_float, rows_per_task, slice, with_slice};
+use super::cpu::{Real, check_float, lane_exp_sums, lane_max, rows_per_task, slice, with_slice};
 
 /// For `logits: (n, vocab)` and `targets: (n,)` (u32), returns `(n, 2)`: column 0 is
 /// `log softmax(logits)[target]`, column 1 the entropy of `softmax(logits)`. Both columns
@@ -54,17 +54,8 @@ fn fwd<T: Real>(z: &[T], t: &[u32], v: usize) -> Vec<T> {
         .zip(z.par_chunks(per * v).zip(t.par_chunks(per)))
         .for_each(|(o, (z, t))| {
             for ((o, z), &t) in o.chunks_exact_mut(2).zip(z.chunks_exact(v)).zip(t) {
-                let max = z
-                    .iter()
-                    .fold(T::neg_infinity(), |m, &x| num_traits::Float::max(m, x));
-                let mut sum = 0f64;
-                let mut wsum = 0f64;
-                for &x in z {
-                    let d = (x - max).f64();
-                    let e = d.exp();
-                    sum += e;
-                    wsum += e * d;
-                }
+                let max = lane_max(z);
+                let (sum, wsum) = lane_exp_sums(z, max);
                 let lse = sum.ln();
                 o[0] = T::of((z[t as usize] - max).f64() - lse);
                 // H = lse − Σ p·(z − max)
@@ -74,45 +65,35 @@ fn fwd<T: Real>(z: &[T], t: &[u32], v: usize) -> Vec<T> {
     out
 }
 
-/// dz = g_lp·(onehot − p) − g_H·p·(log p + H).
-fn bwd<T: Real>(z: &[T], t: &[u32], g: &[T], v: usize) -> Vec<T> {
+/// dz = g_lp·(onehot − p) − g_H·p·(log p + H), with log p = z − (z_t − logp_t) from the
+/// forward's output (no second reduction).
+fn bwd<T: Real>(z: &[T], t: &[u32], res: &[T], g: &[T], v: usize) -> Vec<T> {
     let n = t.len();
     let mut dz = vec![T::zero(); n * v];
     let per = rows_per_task(n, v);
     dz.par_chunks_mut(per * v)
         .zip(
-            z.par_chunks(per * v)
-                .zip(t.par_chunks(per).zip(g.par_chunks(2 * per))),
+            z.par_chunks(per * v).zip(
+                t.par_chunks(per)
+                    .zip(g.par_chunks(2 * per).zip(res.par_chunks(2 * per))),
+            ),
         )
-        .for_each(|(dz, (z, (t, g)))| {
-            for ((dz, z), (&t, g)) in dz
+        .for_each(|(dz, (z, (t, (g, res))))| {
+            for (((dz, z), &t), (g, res)) in dz
                 .chunks_exact_mut(v)
                 .zip(z.chunks_exact(v))
-                .zip(t.iter().zip(g.chunks_exact(2)))
+                .zip(t)
+                .zip(g.chunks_exact(2).zip(res.chunks_exact(2)))
             {
-                let (g_lp, g_h) = (g[0].f64(), g[1].f64());
-                let max = z
-                    .iter()
-                    .fold(T::neg_infinity(), |m, &x| num_traits::Float::max(m, x));
-                let mut sum = 0f64;
-                let mut wsum = 0f64;
-                for &x in z {
-                    let d = (x - max).f64();
-                    let e = d.exp();
-                    sum += e;
-                    wsum += e * d;
+                let (g_lp, g_h) = (g[0], g[1]);
+                let lse = z[t as usize] - res[0];
+                let h = res[1];
+                for (dz, &x) in dz.iter_mut().zip(z) {
+                    let logp = x - lse;
+                    let p = logp.fast_exp();
+                    *dz = -g_lp * p - g_h * p * (logp + h);
                 }
-                let lse = sum.ln();
-                let h = lse - wsum / sum;
-                for (j, (dz, &x)) in dz.iter_mut().zip(z).enumerate() {
-                    let logp = (x - max).f64() - lse;
-                    let p = logp.exp();
-                    let mut d = -g_lp * p - g_h * p * (logp + h);
-                    if j == t as usize {
-                        d += g_lp;
-                    }
-                    *dz = T::of(d);
-                }
+                dz[t as usize] += g_lp;
             }
         });
     dz
@@ -147,7 +128,7 @@ impl CustomOp2 for LogprobOp {
         &self,
         z: &Tensor,
         t: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         check_float(z.dtype(), "token_logprobs backward")?;
@@ -156,13 +137,17 @@ impl CustomOp2 for LogprobOp {
             if z.dtype() == DType::F32 {
                 with_slice::<f32, _>(z, |zs| {
                     with_slice::<f32, _>(g, |gs| {
-                        Tensor::from_vec(bwd(zs, ts, gs, v), z.shape(), z.device())
+                        with_slice::<f32, _>(res, |rs| {
+                            Tensor::from_vec(bwd(zs, ts, rs, gs, v), z.shape(), z.device())
+                        })
                     })
                 })
             } else {
                 with_slice::<f64, _>(z, |zs| {
                     with_slice::<f64, _>(g, |gs| {
-                        Tensor::from_vec(bwd(zs, ts, gs, v), z.shape(), z.device())
+                        with_slice::<f64, _>(res, |rs| {
+                            Tensor::from_vec(bwd(zs, ts, rs, gs, v), z.shape(), z.device())
+                        })
                     })
                 })
             }

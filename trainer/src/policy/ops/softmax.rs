@@ -11,7 +11,9 @@ use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Tensor
 use rayon::prelude::*;
 
 use super::OpsMode;
-use super::cpu::{Real, check_float, rows_per_task, slice, with_slice};
+use super::cpu::{
+    Real, check_float, lane_dot, lane_max, lane_sum, rows_per_task, slice, with_slice,
+};
 
 /// The mask of one attention call.
 #[derive(Clone, Debug)]
@@ -126,16 +128,12 @@ impl SoftmaxOp {
                         continue;
                     }
                     let sc = T::of(self.scale);
-                    let mut max = T::neg_infinity();
-                    for &v in &s[lo..hi] {
-                        max = num_traits::Float::max(max, v * sc);
+                    // sc > 0, so max(sc·s) = sc·max(s).
+                    let max = lane_max(&s[lo..hi]) * sc;
+                    for (o, &x) in o[lo..hi].iter_mut().zip(&s[lo..hi]) {
+                        *o = (x * sc - max).fast_exp();
                     }
-                    let mut sum = T::zero();
-                    for j in lo..hi {
-                        let e = (s[j] * sc - max).exp();
-                        o[j] = e;
-                        sum += e;
-                    }
+                    let sum = lane_sum(&o[lo..hi]);
                     let inv = T::one() / sum;
                     for v in &mut o[lo..hi] {
                         *v *= inv;
@@ -167,7 +165,7 @@ impl SoftmaxOp {
                     if hi <= lo {
                         continue;
                     }
-                    let dot: T = (lo..hi).map(|j| p[j] * g[j]).sum();
+                    let dot = lane_dot(&p[lo..hi], &g[lo..hi]);
                     for j in lo..hi {
                         o[j] = sc * p[j] * (g[j] - dot);
                     }

@@ -27,7 +27,7 @@ struct SwiGluOp;
 
 #[inline(always)]
 fn sigmoid<T: Real>(a: T) -> T {
-    T::one() / (T::one() + (-a).exp())
+    T::one() / (T::one() + (-a).fast_exp())
 }
 
 fn fwd<T: Real>(a: &[T], u: &[T]) -> Vec<T> {
