@@ -312,7 +312,10 @@ async fn a_failed_solver_patch_becomes_an_order_2_bug() {
 
     let order2 = failed.higher_order_bug(&bug).expect("an order-2 bug");
     assert_eq!(order2.order, 2);
-    assert_eq!(order2.failed_patches, std::slice::from_ref(&failed.patch.code));
+    assert_eq!(
+        order2.failed_patches,
+        std::slice::from_ref(&failed.patch.code)
+    );
     assert_eq!(order2.original_passing, bug.original_passing);
     assert!(
         order2.higher_order("--- a/x\n+++ b/x\n").is_none(),
