@@ -85,10 +85,14 @@ impl Scripted {
             match (self.kill_first, n) {
                 (true, 0) => Plan::KillSandbox,
                 (true, _) => Plan::ValidBug,
-                (false, n) if n % 2 == 0 => Plan::ValidBug,
+                (false, n) if n.is_multiple_of(2) => Plan::ValidBug,
                 _ => Plan::NoBug,
             }
-        } else if self.solvers.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+        } else if self
+            .solvers
+            .fetch_add(1, Ordering::SeqCst)
+            .is_multiple_of(2)
+        {
             Plan::Fix
         } else {
             Plan::GiveUp
