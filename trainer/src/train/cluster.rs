@@ -18,10 +18,10 @@ use crate::engine::prompts::ChatMarkup;
 use crate::engine::roles::EngineSettings;
 use crate::engine::sandbox::{Lease, Sandbox, SandboxProvider};
 use crate::grpo::{GrpoSettings, GrpoTrainer};
-use crate::policy::{CandlePolicy, compute_dtype};
+use crate::policy::CandlePolicy;
 
 use super::driver::{LoopState, RunDirs, TrainLoop, read_loop_state};
-use super::local::device;
+use super::local::{device, model_dtype};
 use super::metrics::TrainerMetrics;
 use super::report::{
     CheckpointRecord, CheckpointSink, LocalCheckpoints, ProgressReporter, ReportError,
@@ -242,11 +242,7 @@ fn resume(
     settings: GrpoSettings,
     device: &candle_core::Device,
 ) -> anyhow::Result<(GrpoTrainer, LoopState)> {
-    let requested = match spec.model.dtype {
-        selfplay_crds::run::ModelDtype::F32 => candle_core::DType::F32,
-        selfplay_crds::run::ModelDtype::Bf16 => candle_core::DType::BF16,
-    };
-    let grpo = GrpoTrainer::resume(dir, settings, compute_dtype(requested, device), device)?;
+    let grpo = GrpoTrainer::resume(dir, settings, model_dtype(&spec.model, device), device)?;
     // A checkpoint written by this loop carries its loop state; one from elsewhere starts at its step.
     let state = read_loop_state(dir).unwrap_or_else(|_| LoopState {
         step: grpo.step(),

@@ -309,8 +309,9 @@ fn repository(source: &std::path::Path, clone_to: &std::path::Path) -> Result<Pa
     Ok(clone_to.to_path_buf())
 }
 
-fn model_dtype(run: &LocalRun, device: &Device) -> DType {
-    let requested = match run.run.spec.model.dtype {
+/// The dtype the spec's model trains in on `device` (shared with the cluster mode).
+pub fn model_dtype(model: &selfplay_crds::run::ModelSource, device: &Device) -> DType {
+    let requested = match model.dtype {
         selfplay_crds::run::ModelDtype::F32 => DType::F32,
         selfplay_crds::run::ModelDtype::Bf16 => DType::BF16,
     };
@@ -331,7 +332,12 @@ fn build_trainer(
         let (step, dir) = latest_checkpoint(&dirs.checkpoints)
             .ok_or_else(|| LocalError::NothingToResume(dirs.checkpoints.clone()))?;
         let state = read_loop_state(&dir)?;
-        let grpo = GrpoTrainer::resume(&dir, settings, model_dtype(run, &device), &device)?;
+        let grpo = GrpoTrainer::resume(
+            &dir,
+            settings,
+            model_dtype(&run.run.spec.model, &device),
+            &device,
+        )?;
         eprintln!(
             "resuming from {} (step {step}, policy v{})",
             dir.display(),
