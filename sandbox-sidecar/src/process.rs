@@ -190,6 +190,10 @@ pub struct ProcStat {
 
 pub fn read_stat(pid: i32) -> Option<ProcStat> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&text)
+}
+
+fn parse_stat(text: &str) -> Option<ProcStat> {
     // The command name is in parentheses and may itself contain spaces or ')'.
     let after = &text[text.rfind(')')? + 1..];
     let mut f = after.split_ascii_whitespace();
@@ -439,12 +443,36 @@ pub fn spawn_failure_outcome(program: &str, e: &io::Error) -> Outcome {
 mod tests {
     use super::*;
 
-    #[test]
-    fn parses_stat_of_self() {
+    // The test's own session id can be 0 (its session leader lives outside this PID
+    // namespace, as in CI containers), so check a child that `prepare` put in a new
+    // session instead: its session and group ids must both be its pid.
+    #[tokio::test]
+    async fn prepared_child_leads_its_own_session() {
         let me = std::process::id() as i32;
-        let st = read_stat(me).unwrap();
-        assert!(st.ppid > 0);
-        assert!(st.session > 0);
-        assert!(st.pgrp > 0);
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        prepare(&mut cmd, Rlimits::default());
+        let mut child = spawn_tracked(&mut cmd).expect("spawn sleep");
+        let pid = child.id().expect("pid") as i32;
+        let st = read_stat(pid).expect("stat of the child");
+        assert_eq!(st.ppid, me);
+        assert_eq!(st.session, pid);
+        assert_eq!(st.pgrp, pid);
+        assert_eq!(pids_in_session(pid), vec![pid]);
+        kill_session(pid as u32);
+        let status = child.wait().await.expect("wait");
+        untrack(pid as u32);
+        assert_eq!(status.signal(), Some(Signal::SIGKILL as i32));
+    }
+
+    #[test]
+    fn stat_parses_a_name_with_spaces_and_parens() {
+        let st = parse_stat("4242 (a b) (c)) S 7 4242 4242 0 -1 4194560 0").expect("parses");
+        assert_eq!(
+            (st.state, st.ppid, st.pgrp, st.session),
+            ('S', 7, 4242, 4242)
+        );
+        assert!(parse_stat("4242 (no close S 7 1 1").is_none());
+        assert!(parse_stat("4242 (x) S notanumber 1 1").is_none());
     }
 }
