@@ -140,6 +140,15 @@ async fn background_job_in_a_session_keeps_running_until_timeout_or_close() {
         .await
         .unwrap();
     assert_eq!(r.exit_code, 0);
+    // The reply can beat the background job's exec of `sleep`; wait for it to show.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while common::processes_matching(marker).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the background job never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(common::processes_matching(marker).len(), 1);
     h.client.session_close("bg").await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -237,4 +246,34 @@ async fn open_with_cwd_env_and_a_small_cap() {
         matches!(e, sandbox_sidecar::client::Error::PathRefused(_)),
         "{e:?}"
     );
+}
+
+#[tokio::test]
+async fn command_text_arrives_exactly_inline_or_through_a_file() {
+    let h = common::start().await;
+    let c = &h.client;
+    // Quotes, backslashes, leading blanks, a heredoc and trailing newlines survive.
+    let cmd = "  printf '%s|' 'a  b' \"c\\\\d\" e\\\\f\ncat <<'EOF'\n  x $HOME \\n\nEOF\n\n\n";
+    let r = c.session_run("s", cmd, None).await.unwrap();
+    assert_eq!(r.exit_code, 0);
+    assert_eq!(
+        String::from_utf8(r.stdout).unwrap(),
+        "a  b|c\\d|e\\f|  x $HOME \\n\n"
+    );
+    // An unterminated quote is a syntax error of that command alone.
+    let r = c.session_run("s", "echo 'open", None).await.unwrap();
+    assert_eq!(r.exit_code, 2);
+    assert!(!r.session_restarted);
+    // A command longer than the inline limit goes through a file, same semantics.
+    let long = format!("V={}; echo ${{#V}}; X=kept", "y".repeat(40_000));
+    let r = c.session_run("s", &long, None).await.unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_slice()), (0, &b"40000\n"[..]));
+    let r = c.session_run("s", "echo $X; (exit 3)", None).await.unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_slice()), (3, &b"kept\n"[..]));
+    // A NUL byte cannot travel inline; the command still runs (bash drops the NUL).
+    let r = c.session_run("s", "echo a\0b", None).await.unwrap();
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    assert!(!r.session_restarted);
+    let r = c.session_run("s", "echo still here", None).await.unwrap();
+    assert_eq!(r.stdout, b"still here\n");
 }
