@@ -13,6 +13,8 @@ use selfplay_trainer::grpo::{GrpoSettings, GrpoTrainer, Sample};
 use selfplay_trainer::policy::{ByteCodec, CandlePolicy, load_model};
 
 fn main() -> anyhow::Result<()> {
+    // As the trainer binary does.
+    selfplay_trainer::policy::tune_allocator();
     let mut dir = None;
     let mut only = None;
     let mut composite = false;

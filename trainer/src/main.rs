@@ -31,6 +31,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    selfplay_trainer::policy::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -162,12 +162,15 @@ impl GrpoTrainer {
 
     /// A full update over `samples` (micro-batches of `micro_batch_size` sequences).
     pub fn train_step(&mut self, samples: &[Sample]) -> Result<StepStats, GrpoError> {
-        let batch = self.select(samples)?;
-        let mut acc = Accumulator::default();
-        for mb in batch.samples.chunks(self.settings.micro_batch_size) {
-            self.accumulate(&mut acc, mb, batch.global_tokens)?;
-        }
-        self.apply(acc, &batch)
+        // On a rayon worker, so the step's parallel ops fork in place (see `Policy::generate`).
+        rayon::scope(|_| {
+            let batch = self.select(samples)?;
+            let mut acc = Accumulator::default();
+            for mb in batch.samples.chunks(self.settings.micro_batch_size) {
+                self.accumulate(&mut acc, mb, batch.global_tokens)?;
+            }
+            self.apply(acc, &batch)
+        })
     }
 
     /// Validates `samples`, drops stale ones and groups whose advantages are all zero.

@@ -5,6 +5,7 @@
 //! * [`CandlePolicy`] — the model with its codec, sampling RNG and policy version;
 //!   implements [`crate::engine::policy::Policy`].
 
+mod allocator;
 pub mod codec;
 pub mod config;
 pub mod kv_cache;
@@ -24,6 +25,7 @@ use thiserror::Error;
 
 use crate::engine::policy::{Generation, Policy, PolicyError, SamplingParams, TokenCodec};
 
+pub use allocator::tune_allocator;
 pub use codec::{ByteCodec, HfCodec};
 pub use config::Qwen2Config;
 pub use model::Qwen2Model;
@@ -246,7 +248,7 @@ impl CandlePolicy {
     /// of each sequence (no gradient).
     pub fn score(&self, seqs: &[Vec<u32>]) -> Result<Vec<SequenceScores>, ModelError> {
         let _guard = self.weights_lock.read().unwrap_or_else(|p| p.into_inner());
-        self.model.score_sequences(seqs)
+        rayon::scope(|_| self.model.score_sequences(seqs))
     }
 }
 
@@ -295,15 +297,20 @@ impl Policy for CandlePolicy {
         params: &SamplingParams,
     ) -> Result<Vec<Generation>, PolicyError> {
         let _guard = self.weights_lock.read().unwrap_or_else(|p| p.into_inner());
-        let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
-        sampling::generate(
-            &self.model,
-            self.codec.as_ref(),
-            &self.eos,
-            contexts,
-            params,
-            &mut rng,
-        )
+        // The whole decoding loop runs on a worker of the rayon pool: its many small parallel
+        // ops then fork on the spot instead of each being injected from outside the pool and
+        // waking a worker while this thread sleeps (a context switch per op).
+        rayon::scope(|_| {
+            let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+            sampling::generate(
+                &self.model,
+                self.codec.as_ref(),
+                &self.eos,
+                contexts,
+                params,
+                &mut rng,
+            )
+        })
     }
 
     fn version(&self) -> u64 {

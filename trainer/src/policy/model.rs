@@ -362,7 +362,11 @@ pub(crate) fn train_positions(b: usize, t: usize) -> Vec<u32> {
 
 /// `x · wᵀ (+ bias)` for `x: (n, in)` and `w: (out, in)`, as one 2-D GEMM.
 fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let y = x.matmul(&w.t()?)?;
+    let y = if ops::small_matmul::applies(x, w) {
+        ops::small_matmul::linear_nt(x, w)?
+    } else {
+        x.matmul(&w.t()?)?
+    };
     match bias {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),

@@ -14,6 +14,7 @@ pub(crate) mod cpu;
 mod logprob;
 mod rms_norm;
 mod rope;
+pub(crate) mod small_matmul;
 mod softmax;
 mod swiglu;
 
