@@ -23,7 +23,7 @@ def main():
     ap.add_argument("--tol", type=float, default=1e-4)
     args = ap.parse_args()
 
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
     model.eval()
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(7)
