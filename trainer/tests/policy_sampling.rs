@@ -189,3 +189,42 @@ fn hf_tokenizer_encodes_like_python_tokenizers() {
     }
     assert!(HfCodec::from_file(&fixture("nope.json")).is_err());
 }
+
+/// Episodes sample concurrently (`trainer.concurrency`) while the trainer scores. Every
+/// call runs its work on the shared rayon pool; none may wait for a lock on a worker of that
+/// pool, or two calls deadlock it (the cluster loop with concurrency 2 hung that way).
+#[test]
+fn concurrent_generation_and_scoring_finish() {
+    // Wide enough that the ops fork (small ones run inline and never wait on the pool).
+    let p = std::sync::Arc::new(CandlePolicy::tiny(7, 256, 2, DType::F32, &Device::Cpu).unwrap());
+    // Several rounds: the deadlock this guards against needed a worker to steal another
+    // call's job at the wrong moment (it showed in about one run of two).
+    for _round in 0..4 {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..6u32 {
+            let (p, tx) = (p.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let params = SamplingParams {
+                    temperature: 1.0,
+                    top_p: 0.9,
+                    max_new_tokens: 24,
+                    stop: vec![],
+                };
+                let ctx = vec![vec![72, 105 + i], vec![33; 60 + i as usize]];
+                let ok = if i % 3 == 2 {
+                    p.score(&ctx).is_ok()
+                } else {
+                    p.generate(&ctx, &params).is_ok_and(|g| g.len() == 2)
+                };
+                let _ = tx.send(ok);
+            });
+        }
+        drop(tx);
+        for _ in 0..6 {
+            let ok = rx
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("a concurrent call did not finish within 60 s");
+            assert!(ok);
+        }
+    }
+}

@@ -162,15 +162,18 @@ impl GrpoTrainer {
 
     /// A full update over `samples` (micro-batches of `micro_batch_size` sequences).
     pub fn train_step(&mut self, samples: &[Sample]) -> Result<StepStats, GrpoError> {
-        // On a rayon worker, so the step's parallel ops fork in place (see `Policy::generate`).
-        rayon::scope(|_| {
-            let batch = self.select(samples)?;
+        let batch = self.select(samples)?;
+        // Forward and backward on a rayon worker, so their parallel ops fork in place (see
+        // `Policy::generate`). The update is applied from this thread: it takes the weights'
+        // write lock, which must never be waited for on a worker of the pool.
+        let acc = rayon::scope(|_| {
             let mut acc = Accumulator::default();
             for mb in batch.samples.chunks(self.settings.micro_batch_size) {
                 self.accumulate(&mut acc, mb, batch.global_tokens)?;
             }
-            self.apply(acc, &batch)
-        })
+            Ok::<_, GrpoError>(acc)
+        })?;
+        self.apply(acc, &batch)
     }
 
     /// Validates `samples`, drops stale ones and groups whose advantages are all zero.

@@ -297,18 +297,21 @@ impl Policy for CandlePolicy {
         params: &SamplingParams,
     ) -> Result<Vec<Generation>, PolicyError> {
         let _guard = self.weights_lock.read().unwrap_or_else(|p| p.into_inner());
+        let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+        let rng: &mut Rng = &mut rng;
         // The whole decoding loop runs on a worker of the rayon pool: its many small parallel
         // ops then fork on the spot instead of each being injected from outside the pool and
-        // waking a worker while this thread sleeps (a context switch per op).
+        // waking a worker while this thread sleeps (a context switch per op). Both locks are
+        // taken here, on the caller's thread, never on a worker: a worker that blocked on a
+        // lock while another job it had stolen held it would deadlock the pool.
         rayon::scope(|_| {
-            let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
             sampling::generate(
                 &self.model,
                 self.codec.as_ref(),
                 &self.eos,
                 contexts,
                 params,
-                &mut rng,
+                rng,
             )
         })
     }
