@@ -25,6 +25,7 @@ use selfplay_operator::broker::service::service;
 use selfplay_operator::broker::{Broker, BrokerSettings};
 use selfplay_operator::metrics::Metrics;
 use selfplay_trainer::engine::local::find_sidecar_binary;
+use selfplay_trainer::engine::sample::materialize_sample_repo;
 use selfplay_trainer::train::cluster::{ClusterOptions, run_cluster};
 use serde_json::json;
 use tokio::sync::Notify;
@@ -110,22 +111,6 @@ fn free_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
-fn clone_sample(dest: &Path) {
-    let bundle = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sample-repo.bundle");
-    let out = std::process::Command::new("git")
-        .arg("clone")
-        .arg("-q")
-        .arg(&bundle)
-        .arg(dest)
-        .output()
-        .expect("git clone");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_loop_trains_through_the_broker() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -136,7 +121,7 @@ async fn the_cluster_loop_trains_through_the_broker() {
     let mut sidecars = Vec::new();
     for i in 0..SANDBOXES {
         let ws = tmp.path().join(format!("sandbox-{i}"));
-        clone_sample(&ws);
+        materialize_sample_repo(&ws).expect("the sample repository");
         let mut o = SpawnOptions::new(&ws);
         o.binary = Some(bin.clone());
         o.token = Some(POOL_TOKEN.into());

@@ -360,7 +360,8 @@ pub(crate) fn train_positions(b: usize, t: usize) -> Vec<u32> {
     (0..b).flat_map(|_| 0..t as u32).collect()
 }
 
-/// `x · wᵀ (+ bias)` for `x: (n, in)` and `w: (out, in)`, as one 2-D GEMM.
+/// `x · wᵀ (+ bias)` for `x: (n, in)` and `w: (out, in)`: one 2-D GEMM, or for the few rows
+/// of a decoding step the in-place kernel of [`ops::small_matmul`].
 fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
     let y = if ops::small_matmul::applies(x, w) {
         ops::small_matmul::linear_nt(x, w)?

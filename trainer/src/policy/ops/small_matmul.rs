@@ -10,7 +10,7 @@
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::with_slice;
+use super::cpu::{rows_per_task, with_slice};
 
 /// Up to this many rows take this path; more rows amortise GEMM's packing.
 pub(crate) const MAX_ROWS: usize = 16;
@@ -37,10 +37,9 @@ pub(crate) fn linear_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let yt = with_slice::<f32, _>(x, |xs| {
         with_slice::<f32, _>(w, |ws| {
             let mut yt = vec![0f32; o * n];
-            // Blocks of weight rows per task: enough to keep the scheduling cheap.
-            let rows_per_task = (16 * 1024 / k.max(1)).clamp(1, o.max(1));
-            yt.par_chunks_mut(rows_per_task * n)
-                .zip(ws.par_chunks(rows_per_task * k))
+            let rows = rows_per_task(o, k);
+            yt.par_chunks_mut(rows * n)
+                .zip(ws.par_chunks(rows * k))
                 .for_each(|(out, wblock)| block(xs, n, k, wblock, out));
             Ok(yt)
         })
@@ -100,7 +99,8 @@ mod avx2 {
                 orow[i..i + 4].copy_from_slice(&d);
             }
             for i in quads..n {
-                orow[i] = dot1(&xs[i * k..(i + 1) * k], wrow);
+                // Inlined here, the shared loop is compiled for AVX2 too.
+                orow[i] = super::dot(&xs[i * k..(i + 1) * k], wrow);
             }
         }
     }
@@ -152,33 +152,6 @@ mod avx2 {
             }
         }
         out
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    fn dot1(x: &[f32], w: &[f32]) -> f32 {
-        let k = w.len();
-        assert!(x.len() == k);
-        let full = k / 16 * 16;
-        let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut c = 0;
-        while c < full {
-            // SAFETY: c + 16 <= k = x.len() = w.len().
-            unsafe {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(c)), _mm256_loadu_ps(wp.add(c)), a0);
-                a1 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(xp.add(c + 8)),
-                    _mm256_loadu_ps(wp.add(c + 8)),
-                    a1,
-                );
-            }
-            c += 16;
-        }
-        let mut s = hsum(_mm256_add_ps(a0, a1));
-        for c in full..k {
-            s += x[c] * w[c];
-        }
-        s
     }
 }
 
