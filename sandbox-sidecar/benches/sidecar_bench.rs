@@ -92,6 +92,8 @@ fn processes_matching(needle: &str) -> Vec<u32> {
 struct Ours {
     session_p50: f64,
     exec_p50: f64,
+    /// The sidecar's own `duration_us`: from spawning the command to having reaped it.
+    exec_inside_p50: f64,
     throughput_ratio: f64,
     big_output_ms: f64,
     idle_rss_mb: f64,
@@ -157,13 +159,16 @@ async fn measure_ours(a: &Args, ws: &std::path::Path) -> Ours {
     r.session_p50 = ms(p50(lat));
 
     let mut lat = Vec::new();
+    let mut server = Vec::new();
     for _ in 0..a.exec_n {
         let t = Instant::now();
         let out = c.exec_argv(&["/bin/true"], None).await.expect("exec");
         lat.push(t.elapsed());
+        server.push(Duration::from_micros(out.duration_us));
         assert_eq!(out.exit_code, 0);
     }
     r.exec_p50 = ms(p50(lat));
+    r.exec_inside_p50 = ms(p50(server));
 
     // Throughput on `sleep 0.1`, one-off commands: 8 concurrent clients vs 1.
     let per_client = 10;
@@ -344,6 +349,10 @@ fn main() {
         fork_exec,
         ours.tonic_rtt_ms,
         ratio(pf("exec_p50_ms"), ours.exec_p50)
+    );
+    println!(
+        "| of which inside the sidecar, spawn to reaped, p50 (ms) | — | {:.3} | — | — | {:.3} (fork+exec /bin/true) | — |",
+        ours.exec_inside_p50, fork_exec,
     );
     println!(
         "| throughput, 8 clients ÷ 1 client, `sleep 0.1` | ≥ 6 | {:.2} | {} | {} | 8 | {} |",

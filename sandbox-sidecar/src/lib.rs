@@ -12,6 +12,7 @@ pub mod proto {
 }
 
 pub mod auth;
+pub mod child;
 pub mod client;
 pub mod editor;
 pub mod error;

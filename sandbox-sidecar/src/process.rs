@@ -7,7 +7,7 @@
 use std::io;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use nix::sys::resource::{Resource, setrlimit};
@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
+use crate::child::CommandSpec;
 use crate::output::CappedOutput;
 
 /// Resource limits set in the child before `exec`; `None` leaves the inherited limit.
@@ -226,7 +227,7 @@ pub fn find_in_path(name: &str) -> Option<PathBuf> {
         .find(|p| is_executable(p))
 }
 
-fn is_executable(p: &Path) -> bool {
+pub(crate) fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
     p.metadata()
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -311,30 +312,26 @@ impl Sink {
     }
 }
 
-/// Runs `cmd` to completion: feeds `stdin`, captures both streams under `cap`, and kills the
-/// whole session of the command when `timeout` passes or when it exits (leftover
+/// Runs `spec` to completion: feeds `stdin`, captures both streams under `cap`, and kills
+/// the whole session of the command when `timeout` passes or when it exits (leftover
 /// background jobs of a one-off command do not outlive it).
 pub async fn run(
-    mut cmd: Command,
+    spec: &CommandSpec,
     stdin: Option<Vec<u8>>,
     timeout: Duration,
     cap: usize,
     rlimits: Rlimits,
     streaming: Option<Streaming>,
 ) -> io::Result<Outcome> {
-    prepare(&mut cmd, rlimits);
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .kill_on_drop(true);
     let start = Instant::now();
     let deadline = tokio::time::Instant::from_std(start + timeout);
-    let mut child = spawn_tracked(&mut cmd)?;
-    let sid = child.id().unwrap_or(0);
+    let mut child = {
+        let mut t = tracked();
+        let child = crate::child::spawn(spec, stdin.is_some(), rlimits)?;
+        t.push(child.id());
+        child
+    };
+    let sid = child.id();
     let mut guard = SessionGuard(sid);
 
     if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
@@ -407,15 +404,15 @@ async fn read_opt<R: AsyncRead + Unpin>(pipe: &mut Option<R>, buf: &mut [u8]) ->
     }
 }
 
-/// Kills the command's session if the future running it is dropped (client gone). Disarmed
-/// (0) once the command was reaped, so a recycled pid is never hit.
+/// Kills the command's session if the future running it is dropped (client gone); the
+/// child itself is then reaped by its own `Drop`. Disarmed (0) once the command was reaped,
+/// so a recycled pid is never hit.
 struct SessionGuard(u32);
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         if self.0 != 0 {
             kill_session(self.0);
-            // tokio reaps the killed child (kill_on_drop); it is no longer ours to track.
             untrack(self.0);
         }
     }

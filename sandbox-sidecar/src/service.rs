@@ -7,11 +7,11 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::child::CommandSpec;
 use crate::error::SidecarError;
 use crate::idempotency::IdempotencyCache;
 use crate::metrics::{Metrics, Outcome as MetricOutcome};
@@ -130,7 +130,7 @@ impl State {
     }
 
     /// Builds the command of an Exec request.
-    fn exec_command(&self, req: &ExecRequest) -> Result<(Command, String), SidecarError> {
+    fn exec_command(&self, req: &ExecRequest) -> Result<(CommandSpec, String), SidecarError> {
         let (program, args): (PathBuf, Vec<String>) = if !req.argv.is_empty() {
             if !req.shell.is_empty() {
                 return Err(SidecarError::InvalidArgument(
@@ -149,7 +149,7 @@ impl State {
                 "argv or shell is required".into(),
             ));
         };
-        let mut cmd = Command::new(&program);
+        let mut cmd = CommandSpec::new(&program);
         cmd.args(&args).current_dir(self.cwd(&req.cwd)?);
         if req.clear_env {
             cmd.env_clear();
@@ -207,7 +207,7 @@ impl SidecarService {
         } else {
             Some(req.stdin.clone())
         };
-        let outcome = match process::run(cmd, stdin, timeout, cap, rl, streaming).await {
+        let outcome = match process::run(&cmd, stdin, timeout, cap, rl, streaming).await {
             Ok(o) => o,
             Err(e) if !req.argv.is_empty() => process::spawn_failure_outcome(&program, &e),
             Err(e) => return Err(SidecarError::io(format!("running {program}"), e).into()),
@@ -732,7 +732,7 @@ async fn run_tests(state: Arc<State>, r: RunTestsRequest) -> Result<RunTestsResp
     };
     let limits = r.limits.as_ref();
     let script = TempFile::new(&state, "test-script", r.script.as_bytes())?;
-    let mut cmd = Command::new(&bash);
+    let mut cmd = CommandSpec::new(&bash);
     // stderr joins stdout so the parser sees the output in the order it was written.
     cmd.arg("-c")
         .arg("exec 2>&1; exec \"$0\" \"$1\"")
@@ -741,7 +741,7 @@ async fn run_tests(state: Arc<State>, r: RunTestsRequest) -> Result<RunTestsResp
         .current_dir(state.ws.root())
         .envs(&r.env);
     let outcome = process::run(
-        cmd,
+        &cmd,
         None,
         state.timeout(limits),
         TEST_PARSE_CAP,
@@ -783,10 +783,10 @@ async fn run_tests(state: Arc<State>, r: RunTestsRequest) -> Result<RunTestsResp
         } else {
             r.parser_interpreter.clone()
         };
-        let mut pcmd = Command::new(&interp);
+        let mut pcmd = CommandSpec::new(&interp);
         pcmd.arg(&parser.0).current_dir(state.ws.root());
         let po = process::run(
-            pcmd,
+            &pcmd,
             Some(full),
             state.timeout(limits),
             TEST_PARSE_CAP,
