@@ -345,8 +345,10 @@ pub async fn run(
     let mut err_pipe = child.stderr.take();
     let mut out = Sink::new(cap, streaming.is_some());
     let mut err = Sink::new(cap, streaming.is_some());
-    let mut out_buf = vec![0u8; READ_CHUNK];
-    let mut err_buf = vec![0u8; READ_CHUNK];
+    // Read into spare capacity: most commands print little, and zeroing two 64 KiB buffers
+    // per command is measurable next to a 1 ms exec.
+    let mut out_buf = Vec::with_capacity(READ_CHUNK);
+    let mut err_buf = Vec::with_capacity(READ_CHUNK);
     let mut status: Option<ExitStatus> = None;
     let mut timed_out = false;
     let mut drain_until: Option<tokio::time::Instant> = None;
@@ -359,11 +361,17 @@ pub async fn run(
         tokio::select! {
             r = read_opt(&mut out_pipe, &mut out_buf) => match r {
                 Ok(0) | Err(_) => out_pipe = None,
-                Ok(n) => out.push(Stream::Stdout, &out_buf[..n], streaming.as_ref()).await,
+                Ok(_) => {
+                    out.push(Stream::Stdout, &out_buf, streaming.as_ref()).await;
+                    out_buf.clear();
+                }
             },
             r = read_opt(&mut err_pipe, &mut err_buf) => match r {
                 Ok(0) | Err(_) => err_pipe = None,
-                Ok(n) => err.push(Stream::Stderr, &err_buf[..n], streaming.as_ref()).await,
+                Ok(_) => {
+                    err.push(Stream::Stderr, &err_buf, streaming.as_ref()).await;
+                    err_buf.clear();
+                }
             },
             s = child.wait(), if status.is_none() => {
                 status = Some(s?);
@@ -397,9 +405,13 @@ pub async fn run(
     })
 }
 
-async fn read_opt<R: AsyncRead + Unpin>(pipe: &mut Option<R>, buf: &mut [u8]) -> io::Result<usize> {
+/// Appends what the pipe has to `buf` (empty, with capacity) without zeroing it first.
+async fn read_opt<R: AsyncRead + Unpin>(
+    pipe: &mut Option<R>,
+    buf: &mut Vec<u8>,
+) -> io::Result<usize> {
     match pipe {
-        Some(p) => p.read(buf).await,
+        Some(p) => p.read_buf(buf).await,
         None => std::future::pending().await,
     }
 }
