@@ -260,7 +260,6 @@ impl Qwen2Model {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let groups = h / kvh;
         let scale = 1.0 / (hd as f64).sqrt();
         let ids = input.ids.flatten_all()?;
         let mut x = w.embed.index_select(&ids, 0)?; // (b·t, d)
@@ -278,13 +277,7 @@ impl Qwen2Model {
                 Some(c) => c.append(li, &k, &v)?,
                 None => (k, v),
             };
-            // Query heads sharing a key/value head are stacked along the rows: no repeat_kv copy.
-            let qg = q.reshape((b, kvh, groups * t, hd))?;
-            let scores = qg.matmul(&k.t()?)?;
-            let p = ops::masked_softmax(&scores, scale, &input.mask, self.ops)?;
-            let o = p
-                .matmul(&v)?
-                .reshape((b, h, t, hd))?
+            let o = ops::attention(&q, &k, &v, scale, &input.mask, self.ops)? // (b, h, t, hd)
                 .transpose(1, 2)?
                 .contiguous()?
                 .reshape((b * t, h * hd))?;

@@ -10,6 +10,7 @@
 //!
 //! Tests check both forms against each other and against PyTorch (`tests/policy_*`).
 
+mod attention;
 pub(crate) mod cpu;
 mod logprob;
 mod rms_norm;
@@ -18,6 +19,7 @@ pub(crate) mod small_matmul;
 mod softmax;
 mod swiglu;
 
+pub use attention::attention;
 pub use logprob::token_logprobs_entropy;
 pub use rms_norm::rms_norm;
 pub use rope::{RopeTables, rope_to_heads};

@@ -1,0 +1,572 @@
+//! Grouped-query attention under the causal/padding mask as one op:
+//! `softmax(scale · q·kᵀ, masked) · v`.
+//!
+//! The composite form materialises the scores and the probabilities of every head, and
+//! candle's backward then allocates a zero tensor and adds into it for each intermediate: at
+//! 4 × 512 tokens that is several passes over 25 MB per layer. Fused, the forward walks
+//! blocks of query rows and multiplies each only by the keys it can see (a causal block skips
+//! the keys after its last row: about 40% of the products at 512 tokens), keeping the
+//! probabilities for the backward, which runs the same blocks. The products go to `gemm`, the
+//! crate candle's own CPU matmul uses.
+//!
+//! Shapes: `q (b, heads, tq, hd)`, `k` and `v (b, kv_heads, tk, hd)`; the query heads
+//! `kv·groups .. (kv+1)·groups` share key/value head `kv`. Row `i` of the queries is the
+//! position `offset + i` (see [`AttentionMask`]); a row that sees no key comes out as zeros.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::OpsMode;
+use super::cpu::{Real, check_float, lane_dot, lane_max, lane_sum, slice, with_slice};
+use super::softmax::{AttentionMask, masked_softmax};
+
+/// Query rows per block: small enough that a causal block skips most of what it cannot see,
+/// large enough for the products to run at GEMM speed.
+const BLOCK_ROWS: usize = 64;
+
+/// `softmax(scale · q·kᵀ under mask) · v`, shaped like `q`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &AttentionMask,
+    mode: OpsMode,
+) -> Result<Tensor> {
+    let (b, h, tq, hd) = q.dims4()?;
+    let (kb, kvh, tk, khd) = k.dims4()?;
+    if kb != b
+        || khd != hd
+        || v.dims() != k.dims()
+        || kvh == 0
+        || h % kvh != 0
+        || mask.tq != tq
+        || mask.key_start.len() != b
+        || mask.offset + tq > tk
+    {
+        bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit together or with the mask (tq {}, offset {})",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            mask.tq,
+            mask.offset
+        );
+    }
+    // Keys and values of a KV cache are strided views; copying them at every decoding step
+    // would cost more than the fusion saves, so those go the composite way.
+    if mode.fused(q) && k.is_contiguous() && v.is_contiguous() && q.dtype() == k.dtype() {
+        return q.contiguous()?.apply_op3(
+            k,
+            v,
+            AttentionOp {
+                scale,
+                mask: mask.clone(),
+                probs: Mutex::new(None),
+            },
+        );
+    }
+    // Query heads sharing a key/value head are stacked along the rows: no repeat_kv copy.
+    let groups = h / kvh;
+    let qg = q.reshape((b, kvh, groups * tq, hd))?;
+    let scores = qg.matmul(&k.t()?)?;
+    let p = masked_softmax(&scores, scale, mask, mode)?;
+    p.matmul(v)?.reshape((b, h, tq, hd))
+}
+
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    kvh: usize,
+    groups: usize,
+    tq: usize,
+    tk: usize,
+    hd: usize,
+}
+
+impl Dims {
+    fn pairs(&self) -> usize {
+        self.b * self.kvh
+    }
+
+    /// gemm's own threads when there are fewer (batch row, kv head) pairs than workers.
+    fn parallelism(&self) -> Parallelism {
+        if self.pairs() >= rayon::current_num_threads() {
+            Parallelism::None
+        } else {
+            Parallelism::Rayon(0)
+        }
+    }
+}
+
+/// One block of query rows of one query head: rows `i0..i1` see keys `lo..lo + nk` at most.
+struct Block {
+    group: usize,
+    i0: usize,
+    i1: usize,
+    lo: usize,
+    nk: usize,
+}
+
+impl AttentionMask {
+    /// The blocks of batch row `bi`, in the order their probabilities are stored.
+    fn blocks(&self, bi: usize, d: &Dims) -> Vec<Block> {
+        let lo = self.key_start[bi];
+        let mut out = Vec::new();
+        for group in 0..d.groups {
+            for i0 in (0..d.tq).step_by(BLOCK_ROWS) {
+                let i1 = (i0 + BLOCK_ROWS).min(d.tq);
+                let hi = (self.offset + i1).min(d.tk);
+                out.push(Block {
+                    group,
+                    i0,
+                    i1,
+                    lo,
+                    nk: hi.saturating_sub(lo),
+                });
+            }
+        }
+        out
+    }
+
+    /// Keys row `i` sees, counted from the block's first key.
+    fn visible(&self, i: usize, block: &Block, tk: usize) -> usize {
+        ((self.offset + i + 1).min(tk))
+            .saturating_sub(block.lo)
+            .min(block.nk)
+    }
+}
+
+/// `dst (m×n, row stride dst_rs) = [dst +] scale · lhs (m×k) · rhs (k×n)`, with the operands'
+/// row and column strides given. Bounds are checked before `gemm` reads or writes anything.
+#[allow(clippy::too_many_arguments)]
+fn product<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    dst_rs: usize,
+    accumulate: bool,
+    (lhs, lhs_rs, lhs_cs): (&[T], usize, usize),
+    (rhs, rhs_rs, rhs_cs): (&[T], usize, usize),
+    scale: T,
+    par: Parallelism,
+) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let last = |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(T::zero());
+            }
+        }
+        return Ok(());
+    }
+    if last(m, dst_rs, n, 1) >= dst.len()
+        || last(m, lhs_rs, k, lhs_cs) >= lhs.len()
+        || last(k, rhs_rs, n, rhs_cs) >= rhs.len()
+    {
+        bail!("attention: a block product is out of bounds ({m}×{k}·{k}×{n})");
+    }
+    // SAFETY: every index gemm touches was checked against the slices above; `dst` does not
+    // alias `lhs` or `rhs` (it is a distinct `&mut`); T is f32 or f64 (`Real`).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            if accumulate { T::one() } else { T::zero() },
+            scale,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    Ok(())
+}
+
+/// The probabilities of the forward: one vector per (batch row, kv head), blocks in order,
+/// each block `(i1 − i0) × nk`.
+enum Probs {
+    F32(Vec<Vec<f32>>),
+    F64(Vec<Vec<f64>>),
+}
+
+struct AttentionOp {
+    scale: f64,
+    mask: AttentionMask,
+    probs: Mutex<Option<Probs>>,
+}
+
+impl AttentionOp {
+    fn dims(&self, q: &Layout, k: &Layout) -> Result<Dims> {
+        let (b, h, tq, hd) = q.shape().dims4()?;
+        let (_, kvh, tk, _) = k.shape().dims4()?;
+        Ok(Dims {
+            b,
+            kvh,
+            groups: h / kvh,
+            tq,
+            tk,
+            hd,
+        })
+    }
+
+    fn fwd<T: Real>(&self, q: &[T], k: &[T], v: &[T], d: Dims) -> Result<(Vec<T>, Vec<Vec<T>>)> {
+        let (tq, tk, hd, g) = (d.tq, d.tk, d.hd, d.groups);
+        let par = d.parallelism();
+        let sc = T::of(self.scale);
+        let mut out = vec![T::zero(); d.pairs() * g * tq * hd];
+        let probs = out
+            .par_chunks_mut(g * tq * hd)
+            .enumerate()
+            .map(|(pair, o)| -> Result<Vec<T>> {
+                let bi = pair / d.kvh;
+                let qp = &q[pair * g * tq * hd..(pair + 1) * g * tq * hd];
+                let kp = &k[pair * tk * hd..(pair + 1) * tk * hd];
+                let vp = &v[pair * tk * hd..(pair + 1) * tk * hd];
+                let blocks = self.mask.blocks(bi, &d);
+                let mut saved =
+                    Vec::with_capacity(blocks.iter().map(|b| (b.i1 - b.i0) * b.nk).sum());
+                for blk in &blocks {
+                    let m = blk.i1 - blk.i0;
+                    let row0 = (blk.group * tq + blk.i0) * hd;
+                    if blk.nk == 0 {
+                        continue; // `out` is zero already
+                    }
+                    let start = saved.len();
+                    saved.resize(start + m * blk.nk, T::zero());
+                    let p = &mut saved[start..];
+                    let nk = blk.nk;
+                    product(
+                        (m, nk, hd),
+                        p,
+                        nk,
+                        false,
+                        (&qp[row0..], hd, 1),
+                        (&kp[blk.lo * hd..], 1, hd),
+                        sc,
+                        par,
+                    )?;
+                    for (r, row) in p.chunks_exact_mut(nk).enumerate() {
+                        let n = self.mask.visible(blk.i0 + r, blk, tk);
+                        if n == 0 {
+                            row.fill(T::zero());
+                            continue;
+                        }
+                        let max = lane_max(&row[..n]);
+                        for x in &mut row[..n] {
+                            *x = (*x - max).fast_exp();
+                        }
+                        let inv = T::one() / lane_sum(&row[..n]);
+                        for x in &mut row[..n] {
+                            *x *= inv;
+                        }
+                        row[n..].fill(T::zero());
+                    }
+                    product(
+                        (m, hd, nk),
+                        &mut o[row0..],
+                        hd,
+                        false,
+                        (p, nk, 1),
+                        (&vp[blk.lo * hd..], hd, 1),
+                        T::one(),
+                        par,
+                    )?;
+                }
+                Ok(saved)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((out, probs))
+    }
+
+    /// (dq, dk, dv) from the output gradient `go`, the output `o` and the saved probabilities.
+    #[allow(clippy::too_many_arguments)]
+    fn bwd<T: Real>(
+        &self,
+        (q, k, v): (&[T], &[T], &[T]),
+        o: &[T],
+        go: &[T],
+        probs: &[Vec<T>],
+        d: Dims,
+    ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+        let (tq, tk, hd, g) = (d.tq, d.tk, d.hd, d.groups);
+        let par = d.parallelism();
+        let sc = T::of(self.scale);
+        let mut dq = vec![T::zero(); q.len()];
+        let mut dk = vec![T::zero(); k.len()];
+        let mut dv = vec![T::zero(); v.len()];
+        dq.par_chunks_mut(g * tq * hd)
+            .zip(dk.par_chunks_mut(tk * hd).zip(dv.par_chunks_mut(tk * hd)))
+            .enumerate()
+            .try_for_each(|(pair, (dqp, (dkp, dvp)))| -> Result<()> {
+                let bi = pair / d.kvh;
+                let span = pair * g * tq * hd..(pair + 1) * g * tq * hd;
+                let (qp, op, gp) = (&q[span.clone()], &o[span.clone()], &go[span]);
+                let kp = &k[pair * tk * hd..(pair + 1) * tk * hd];
+                let vp = &v[pair * tk * hd..(pair + 1) * tk * hd];
+                let saved = &probs[pair];
+                let mut at = 0;
+                let mut ds = Vec::new();
+                for blk in self.mask.blocks(bi, &d) {
+                    let (m, nk) = (blk.i1 - blk.i0, blk.nk);
+                    if nk == 0 {
+                        continue;
+                    }
+                    let row0 = (blk.group * tq + blk.i0) * hd;
+                    let p = saved.get(at..at + m * nk).ok_or_else(|| {
+                        candle_core::Error::Msg(
+                            "attention: saved probabilities do not match".into(),
+                        )
+                    })?;
+                    at += m * nk;
+                    // dP = dO · Vᵀ, then dS = scale · P ⊙ (dP − rowsum(dO ⊙ O)).
+                    ds.clear();
+                    ds.resize(m * nk, T::zero());
+                    product(
+                        (m, nk, hd),
+                        &mut ds,
+                        nk,
+                        false,
+                        (&gp[row0..], hd, 1),
+                        (&vp[blk.lo * hd..], 1, hd),
+                        T::one(),
+                        par,
+                    )?;
+                    for r in 0..m {
+                        let at_row = row0 + r * hd;
+                        let dot = lane_dot(&gp[at_row..at_row + hd], &op[at_row..at_row + hd]);
+                        for (x, &pj) in ds[r * nk..(r + 1) * nk]
+                            .iter_mut()
+                            .zip(&p[r * nk..(r + 1) * nk])
+                        {
+                            *x = sc * pj * (*x - dot);
+                        }
+                    }
+                    // dQ = dS · K; dK += dSᵀ · Q; dV += Pᵀ · dO.
+                    product(
+                        (m, hd, nk),
+                        &mut dqp[row0..],
+                        hd,
+                        false,
+                        (&ds, nk, 1),
+                        (&kp[blk.lo * hd..], hd, 1),
+                        T::one(),
+                        par,
+                    )?;
+                    product(
+                        (nk, hd, m),
+                        &mut dkp[blk.lo * hd..],
+                        hd,
+                        true,
+                        (&ds, 1, nk),
+                        (&qp[row0..], hd, 1),
+                        T::one(),
+                        par,
+                    )?;
+                    product(
+                        (nk, hd, m),
+                        &mut dvp[blk.lo * hd..],
+                        hd,
+                        true,
+                        (p, 1, nk),
+                        (&gp[row0..], hd, 1),
+                        T::one(),
+                        par,
+                    )?;
+                }
+                Ok(())
+            })?;
+        Ok((dq, dk, dv))
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "selfplay-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims(ql, kl)?;
+        let (out, probs) = match q {
+            CpuStorage::F32(_) => {
+                let (o, p) = self.fwd(slice::<f32>(q, ql)?, slice(k, kl)?, slice(v, vl)?, d)?;
+                (CpuStorage::F32(o), Probs::F32(p))
+            }
+            CpuStorage::F64(_) => {
+                let (o, p) = self.fwd(slice::<f64>(q, ql)?, slice(k, kl)?, slice(v, vl)?, d)?;
+                (CpuStorage::F64(o), Probs::F64(p))
+            }
+            _ => bail!(
+                "attention: unsupported dtype {:?}",
+                candle_core::backend::BackendStorage::dtype(q)
+            ),
+        };
+        *self.probs.lock().unwrap_or_else(|e| e.into_inner()) = Some(probs);
+        Ok((out, ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        check_float(q.dtype(), "attention backward")?;
+        let d = self.dims(q.layout(), k.layout())?;
+        let guard = self.probs.lock().unwrap_or_else(|e| e.into_inner());
+        macro_rules! run {
+            ($t:ty, $probs:expr) => {
+                with_slice::<$t, _>(q, |qs| {
+                    with_slice::<$t, _>(k, |ks| {
+                        with_slice::<$t, _>(v, |vs| {
+                            with_slice::<$t, _>(res, |os| {
+                                with_slice::<$t, _>(grad, |gs| {
+                                    self.bwd((qs, ks, vs), os, gs, $probs, d)
+                                })
+                            })
+                        })
+                    })
+                })?
+            };
+        }
+        let dev = q.device();
+        let (dq, dk, dv) = match (&*guard, q.dtype()) {
+            (Some(Probs::F32(p)), DType::F32) => {
+                let (a, b, c) = run!(f32, p);
+                (
+                    Tensor::from_vec(a, q.shape(), dev)?,
+                    Tensor::from_vec(b, k.shape(), dev)?,
+                    Tensor::from_vec(c, v.shape(), dev)?,
+                )
+            }
+            (Some(Probs::F64(p)), DType::F64) => {
+                let (a, b, c) = run!(f64, p);
+                (
+                    Tensor::from_vec(a, q.shape(), dev)?,
+                    Tensor::from_vec(b, k.shape(), dev)?,
+                    Tensor::from_vec(c, v.shape(), dev)?,
+                )
+            }
+            _ => bail!("attention backward: the forward's probabilities are missing"),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use candle_core::{Device, Var};
+
+    use super::*;
+
+    /// Output and the gradients of Σ o ⊙ w with respect to q, k and v.
+    fn run(
+        mode: OpsMode,
+        (q, k, v, w): (&Tensor, &Tensor, &Tensor, &Tensor),
+        mask: &AttentionMask,
+    ) -> Vec<Tensor> {
+        let (q, k, v) = (
+            Var::from_tensor(q).unwrap(),
+            Var::from_tensor(k).unwrap(),
+            Var::from_tensor(v).unwrap(),
+        );
+        let o = attention(&q, &k, &v, 0.125, mask, mode).unwrap();
+        let grads = (&o * w).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut out = vec![o];
+        for x in [&q, &k, &v] {
+            out.push(grads.get(x).expect("a gradient").clone());
+        }
+        out
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Several blocks of query rows, grouped heads, left padding, a row that sees no key,
+    /// and queries that continue a cache (offset > 0): fused and composite agree in f64.
+    #[test]
+    fn fused_matches_composite_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let cases = [
+            // (b, heads, kv heads, tq, tk, offset, key_start)
+            (2, 4, 2, 150, 150, 0, vec![0, 37]),
+            (1, 6, 2, 20, 170, 150, vec![0]),
+            (2, 2, 1, 65, 65, 0, vec![64, 0]),
+            (1, 3, 3, 1, 9, 8, vec![0]),
+        ];
+        for (b, h, kvh, tq, tk, offset, key_start) in cases {
+            let hd = 16;
+            let q = Tensor::randn(0f64, 1., (b, h, tq, hd), &dev).unwrap();
+            let k = Tensor::randn(0f64, 1., (b, kvh, tk, hd), &dev).unwrap();
+            let v = Tensor::randn(0f64, 1., (b, kvh, tk, hd), &dev).unwrap();
+            let w = Tensor::randn(0f64, 1., (b, h, tq, hd), &dev).unwrap();
+            let mask = AttentionMask {
+                tq,
+                offset,
+                key_start: Arc::new(key_start.clone()),
+            };
+            let fused = run(OpsMode::Auto, (&q, &k, &v, &w), &mask);
+            let composite = run(OpsMode::Composite, (&q, &k, &v, &w), &mask);
+            for (what, (f, c)) in ["output", "dq", "dk", "dv"]
+                .iter()
+                .zip(fused.iter().zip(&composite))
+            {
+                let diff = max_abs_diff(f, c);
+                assert!(
+                    diff < 1e-10,
+                    "{what} differs by {diff} (b {b}, heads {h}/{kvh}, tq {tq}, tk {tk}, offset {offset}, key_start {key_start:?})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_shapes_are_an_error() {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((1, 4, 8, 16), DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 3, 8, 16), DType::F32, &dev).unwrap();
+        let mask = AttentionMask::causal(1, 8);
+        assert!(attention(&q, &k, &k, 0.25, &mask, OpsMode::Auto).is_err());
+        let k = Tensor::zeros((1, 2, 8, 16), DType::F32, &dev).unwrap();
+        let short = AttentionMask::causal(1, 4);
+        assert!(attention(&q, &k, &k, 0.25, &short, OpsMode::Auto).is_err());
+    }
+}
