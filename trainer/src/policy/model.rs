@@ -265,9 +265,9 @@ impl Qwen2Model {
         let mut x = w.embed.index_select(&ids, 0)?; // (b·t, d)
         for (li, l) in w.layers.iter().enumerate() {
             let hn = ops::rms_norm(&x, &l.in_norm, cfg.rms_norm_eps, self.ops)?;
-            let q = linear(&hn, &l.q_w, Some(&l.q_b))?.reshape((b, t, h, hd))?;
-            let k = linear(&hn, &l.k_w, Some(&l.k_b))?.reshape((b, t, kvh, hd))?;
-            let v = linear(&hn, &l.v_w, Some(&l.v_b))?
+            let q = linear(&hn, &l.q_w, Some(&l.q_b), self.ops)?.reshape((b, t, h, hd))?;
+            let k = linear(&hn, &l.k_w, Some(&l.k_b), self.ops)?.reshape((b, t, kvh, hd))?;
+            let v = linear(&hn, &l.v_w, Some(&l.v_b), self.ops)?
                 .reshape((b, t, kvh, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
@@ -281,14 +281,14 @@ impl Qwen2Model {
                 .transpose(1, 2)?
                 .contiguous()?
                 .reshape((b * t, h * hd))?;
-            x = (x + linear(&o, &l.o_w, None)?)?;
+            x = (x + linear(&o, &l.o_w, None, self.ops)?)?;
             let hn = ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps, self.ops)?;
             let a = ops::swiglu(
-                &linear(&hn, &l.gate_w, None)?,
-                &linear(&hn, &l.up_w, None)?,
+                &linear(&hn, &l.gate_w, None, self.ops)?,
+                &linear(&hn, &l.up_w, None, self.ops)?,
                 self.ops,
             )?;
-            x = (x + linear(&a, &l.down_w, None)?)?;
+            x = (x + linear(&a, &l.down_w, None, self.ops)?)?;
         }
         if let Some(c) = cache {
             c.advance(t);
@@ -303,6 +303,7 @@ impl Qwen2Model {
             hidden,
             w.lm_head.as_ref().unwrap_or(&w.embed),
             None,
+            self.ops,
         )?)
     }
 
@@ -353,16 +354,21 @@ pub(crate) fn train_positions(b: usize, t: usize) -> Vec<u32> {
     (0..b).flat_map(|_| 0..t as u32).collect()
 }
 
-/// `x · wᵀ (+ bias)` for `x: (n, in)` and `w: (out, in)`: one 2-D GEMM, or for the few rows
-/// of a decoding step the in-place kernel of [`ops::small_matmul`].
-fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let y = if ops::small_matmul::applies(x, w) {
-        ops::small_matmul::linear_nt(x, w)?
-    } else {
-        x.matmul(&w.t()?)?
-    };
-    match bias {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
+/// `x · wᵀ (+ bias)` for `x: (n, in)` and `w: (out, in)`: for the few rows of a decoding step
+/// the in-place kernel of [`ops::small_matmul`], else [`ops::linear`] (one fused op with its
+/// own backward on the CPU).
+fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    mode: OpsMode,
+) -> candle_core::Result<Tensor> {
+    if ops::small_matmul::applies(x, w) {
+        let y = ops::small_matmul::linear_nt(x, w)?;
+        return match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        };
     }
+    ops::linear(x, w, bias, mode)
 }

@@ -20,7 +20,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::OpsMode;
-use super::cpu::{Real, check_float, lane_dot, lane_max, lane_sum, slice, with_slice};
+use super::cpu::{Real, check_float, lane_dot, lane_max, lane_sum, product, slice, with_slice};
 use super::softmax::{AttentionMask, masked_softmax};
 
 /// Query rows per block: small enough that a causal block skips most of what it cannot see,
@@ -138,65 +138,6 @@ impl AttentionMask {
             .saturating_sub(block.lo)
             .min(block.nk)
     }
-}
-
-/// `dst (m×n, row stride dst_rs) = [dst +] scale · lhs (m×k) · rhs (k×n)`, with the operands'
-/// row and column strides given. Bounds are checked before `gemm` reads or writes anything.
-#[allow(clippy::too_many_arguments)]
-fn product<T: Real>(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [T],
-    dst_rs: usize,
-    accumulate: bool,
-    (lhs, lhs_rs, lhs_cs): (&[T], usize, usize),
-    (rhs, rhs_rs, rhs_cs): (&[T], usize, usize),
-    scale: T,
-    par: Parallelism,
-) -> Result<()> {
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    let last = |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                dst[r * dst_rs..r * dst_rs + n].fill(T::zero());
-            }
-        }
-        return Ok(());
-    }
-    if last(m, dst_rs, n, 1) >= dst.len()
-        || last(m, lhs_rs, k, lhs_cs) >= lhs.len()
-        || last(k, rhs_rs, n, rhs_cs) >= rhs.len()
-    {
-        bail!("attention: a block product is out of bounds ({m}×{k}·{k}×{n})");
-    }
-    // SAFETY: every index gemm touches was checked against the slices above; `dst` does not
-    // alias `lhs` or `rhs` (it is a distinct `&mut`); T is f32 or f64 (`Real`).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            if accumulate { T::one() } else { T::zero() },
-            scale,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-    Ok(())
 }
 
 /// The probabilities of the forward: one vector per (batch row, kv head), blocks in order,

@@ -1,6 +1,7 @@
 //! Helpers of the CPU kernels: typed slices of tensors and the float trait they are generic over.
 
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor, WithDType, bail};
+use gemm::Parallelism;
 
 /// The element types the CPU kernels run on (f32 for training, f64 for gradient checks).
 pub(crate) trait Real:
@@ -76,6 +77,66 @@ pub(crate) fn check_float(dtype: DType, op: &str) -> Result<()> {
 pub(crate) fn rows_per_task(rows: usize, row_len: usize) -> usize {
     let per_task_elems = 16 * 1024;
     (per_task_elems / row_len.max(1)).clamp(1, rows.max(1))
+}
+
+/// `dst (m×n, row stride dst_rs) = [dst +] scale · lhs (m×k) · rhs (k×n)`, with the operands'
+/// row and column strides given. Bounds are checked before `gemm` (the crate candle's own CPU
+/// matmul uses) reads or writes anything.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn product<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    dst_rs: usize,
+    accumulate: bool,
+    (lhs, lhs_rs, lhs_cs): (&[T], usize, usize),
+    (rhs, rhs_rs, rhs_cs): (&[T], usize, usize),
+    scale: T,
+    par: Parallelism,
+) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let last = |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(T::zero());
+            }
+        }
+        return Ok(());
+    }
+    if last(m, dst_rs, n, 1) >= dst.len()
+        || last(m, lhs_rs, k, lhs_cs) >= lhs.len()
+        || last(k, rhs_rs, n, rhs_cs) >= rhs.len()
+    {
+        bail!("selfplay op: a product is out of bounds ({m}×{k}·{k}×{n})");
+    }
+    // SAFETY: every index gemm touches was checked against the slices above; `dst` does not
+    // alias `lhs` or `rhs` (it is a distinct `&mut`); T is f32 or f64 (`Real`).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            if accumulate { T::one() } else { T::zero() },
+            scale,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    Ok(())
 }
 
 const LANES: usize = 8;

@@ -12,6 +12,7 @@
 
 mod attention;
 pub(crate) mod cpu;
+mod linear;
 mod logprob;
 mod rms_norm;
 mod rope;
@@ -20,6 +21,7 @@ mod softmax;
 mod swiglu;
 
 pub use attention::attention;
+pub use linear::linear;
 pub use logprob::token_logprobs_entropy;
 pub use rms_norm::rms_norm;
 pub use rope::{RopeTables, rope_to_heads};
