@@ -78,6 +78,9 @@ fn fwd<T: Real>(
     Ok(y)
 }
 
+/// (dx, dw, db) as flat vectors.
+type RawGrads<T> = (Vec<T>, Vec<T>, Option<Vec<T>>);
+
 /// (dx, dw, db) from the output gradient `g (n, o)`.
 fn bwd<T: Real>(
     x: &[T],
@@ -85,7 +88,7 @@ fn bwd<T: Real>(
     g: &[T],
     with_bias: bool,
     (n, k, o): (usize, usize, usize),
-) -> Result<(Vec<T>, Vec<T>, Option<Vec<T>>)> {
+) -> Result<RawGrads<T>> {
     let mut dx = vec![T::zero(); n * k];
     product(
         (n, k, o),
