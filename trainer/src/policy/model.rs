@@ -296,15 +296,15 @@ impl Qwen2Model {
         Ok(ops::rms_norm(&x, &w.norm, cfg.rms_norm_eps, self.ops)?)
     }
 
+    /// The LM head's weight `(vocab, d)`: `lm_head`, or the embedding when tied.
+    pub(crate) fn head_weight(&self, grad: bool) -> &Tensor {
+        let w = self.weights(grad);
+        w.lm_head.as_ref().unwrap_or(&w.embed)
+    }
+
     /// Logits `(n, vocab)` of hidden-state rows `(n, d)`.
     pub(crate) fn logits(&self, hidden: &Tensor, grad: bool) -> Result<Tensor, ModelError> {
-        let w = self.weights(grad);
-        Ok(linear(
-            hidden,
-            w.lm_head.as_ref().unwrap_or(&w.embed),
-            None,
-            self.ops,
-        )?)
+        Ok(linear(hidden, self.head_weight(grad), None, self.ops)?)
     }
 
     /// Logits for every position of right-padded sequences: `(b, t_max, vocab)`. Positions

@@ -52,10 +52,10 @@ impl Qwen2Model {
         let hidden = self.hidden(&input, None, grad)?;
         let dev = self.device();
         let picked = hidden.index_select(&Tensor::from_vec(rows, picks.len(), dev)?, 0)?;
-        let logits = self.logits(&picked, grad)?;
         let targets = Tensor::from_vec(targets, picks.len(), dev)?;
-        Ok(ops::token_logprobs_entropy(
-            &logits,
+        Ok(ops::lm_head_logprobs(
+            &picked,
+            self.head_weight(grad),
             &targets,
             self.ops_mode(),
         )?)

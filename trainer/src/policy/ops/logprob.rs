@@ -1,10 +1,19 @@
-//! Log-probability of the target token and entropy of each row of logits, in one pass.
+//! Log-probability of the target token and entropy of each row of logits, in one pass; and
+//! the same from hidden states through the LM head without the full logits tensor.
 
-use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor, bail};
+use std::sync::Mutex;
+
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor, bail,
+};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::OpsMode;
-use super::cpu::{Real, check_float, lane_exp_sums, lane_max, rows_per_task, slice, with_slice};
+use super::cpu::{
+    Real, check_float, lane_exp_sums, lane_max, product, rows_per_task, slice, with_slice,
+};
+use super::linear::linear;
 
 /// For `logits: (n, vocab)` and `targets: (n,)` (u32), returns `(n, 2)`: column 0 is
 /// `log softmax(logits)[target]`, column 1 the entropy of `softmax(logits)`. Both columns
@@ -19,10 +28,7 @@ pub fn token_logprobs_entropy(logits: &Tensor, targets: &Tensor, mode: OpsMode) 
             logits.dims()
         );
     }
-    let max_target = targets.max(0)?.to_scalar::<u32>().unwrap_or(0);
-    if n > 0 && max_target as usize >= v {
-        bail!("token_logprobs: target id {max_target} is outside the vocabulary of {v}");
-    }
+    check_targets(targets, v)?;
     if mode.fused(logits) {
         logits
             .contiguous()?
@@ -42,6 +48,17 @@ pub fn token_logprobs_entropy(logits: &Tensor, targets: &Tensor, mode: OpsMode) 
         let entropy = (logp.exp()? * &logp)?.sum_keepdim(D::Minus1)?.neg()?;
         Tensor::cat(&[&target_lp, &entropy], 1)?.to_dtype(dtype)
     }
+}
+
+fn check_targets(targets: &Tensor, v: usize) -> Result<()> {
+    if targets.elem_count() == 0 {
+        return Ok(());
+    }
+    let max_target = targets.max(0)?.to_scalar::<u32>()?;
+    if max_target as usize >= v {
+        bail!("token_logprobs: target id {max_target} is outside the vocabulary of {v}");
+    }
+    Ok(())
 }
 
 struct LogprobOp;
@@ -153,5 +170,291 @@ impl CustomOp2 for LogprobOp {
             }
         })?;
         Ok((Some(dz), None))
+    }
+}
+
+/// [`token_logprobs_entropy`] of `hidden (n, d) · headᵀ` for `head: (vocab, d)`, without
+/// the `(n, vocab)` logits as one tensor.
+///
+/// The logits of a training batch are the largest tensors of the step (2 048 × 8 192 floats
+/// for the benchmark model, 67 MB; 1.2 GB at Qwen2's vocabulary), and candle's backward adds
+/// a zero tensor and a gradient of the same size. Here they are made and used a block of
+/// rows at a time, kept (when a gradient will be asked for) only as those blocks, and the
+/// backward turns each block's logit gradient into the hidden and head gradients at once.
+pub fn lm_head_logprobs(
+    hidden: &Tensor,
+    head: &Tensor,
+    targets: &Tensor,
+    mode: OpsMode,
+) -> Result<Tensor> {
+    let (n, d) = hidden.dims2()?;
+    let (v, d2) = head.dims2()?;
+    if d != d2 || targets.dims() != [n] || targets.dtype() != DType::U32 {
+        bail!(
+            "lm_head_logprobs: hidden {:?}, head {:?} and targets {:?} {:?} do not fit",
+            hidden.dims(),
+            head.dims(),
+            targets.dims(),
+            targets.dtype()
+        );
+    }
+    if !(mode.fused(hidden) && head.dtype() == hidden.dtype() && n > 0) {
+        return token_logprobs_entropy(&linear(hidden, head, None, mode)?, targets, mode);
+    }
+    check_targets(targets, v)?;
+    let keep = hidden.track_op() || head.track_op();
+    hidden.contiguous()?.apply_op3(
+        &head.contiguous()?,
+        &targets.contiguous()?,
+        LmHeadOp {
+            keep,
+            logits: Mutex::new(None),
+        },
+    )
+}
+
+/// Logit elements per block of rows: a few MB, so blocks come from the heap and are reused
+/// from step to step instead of being fresh pages each time.
+const BLOCK_ELEMS: usize = 1 << 21;
+
+fn block_rows(v: usize) -> usize {
+    (BLOCK_ELEMS / v.max(1)).clamp(16, 1024)
+}
+
+enum Blocks {
+    F32(Vec<Vec<f32>>),
+    F64(Vec<Vec<f64>>),
+}
+
+struct LmHeadOp {
+    /// Keep each block's logits for the backward.
+    keep: bool,
+    logits: Mutex<Option<Blocks>>,
+}
+
+fn head_fwd<T: Real>(
+    h: &[T],
+    w: &[T],
+    t: &[u32],
+    (n, d, v): (usize, usize, usize),
+    keep: bool,
+) -> Result<(Vec<T>, Vec<Vec<T>>)> {
+    let rows = block_rows(v);
+    let mut out = Vec::with_capacity(2 * n);
+    let mut kept = Vec::new();
+    let mut z = Vec::new();
+    for r0 in (0..n).step_by(rows) {
+        let m = rows.min(n - r0);
+        z.clear();
+        z.resize(m * v, T::zero());
+        product(
+            (m, v, d),
+            &mut z,
+            v,
+            false,
+            (&h[r0 * d..], d, 1),
+            (w, 1, d),
+            T::one(),
+            Parallelism::Rayon(0),
+        )?;
+        out.extend(fwd(&z, &t[r0..r0 + m], v));
+        if keep {
+            kept.push(std::mem::take(&mut z));
+        }
+    }
+    Ok((out, kept))
+}
+
+/// (dh, dw) from the gradient `g (n, 2)` of the output `res (n, 2)`.
+#[allow(clippy::too_many_arguments)]
+fn head_bwd<T: Real>(
+    h: &[T],
+    w: &[T],
+    t: &[u32],
+    res: &[T],
+    g: &[T],
+    logits: &[Vec<T>],
+    (n, d, v): (usize, usize, usize),
+) -> Result<(Vec<T>, Vec<T>)> {
+    let rows = block_rows(v);
+    let mut dh = vec![T::zero(); n * d];
+    let mut dw = vec![T::zero(); v * d];
+    for (bi, r0) in (0..n).step_by(rows).enumerate() {
+        let m = rows.min(n - r0);
+        let z = logits.get(bi).filter(|z| z.len() == m * v).ok_or_else(|| {
+            candle_core::Error::Msg("lm_head_logprobs: the forward's logits are missing".into())
+        })?;
+        let dz = bwd(
+            z,
+            &t[r0..r0 + m],
+            &res[2 * r0..2 * (r0 + m)],
+            &g[2 * r0..2 * (r0 + m)],
+            v,
+        );
+        product(
+            (m, d, v),
+            &mut dh[r0 * d..],
+            d,
+            false,
+            (&dz, v, 1),
+            (w, d, 1),
+            T::one(),
+            Parallelism::Rayon(0),
+        )?;
+        product(
+            (v, d, m),
+            &mut dw,
+            d,
+            bi > 0,
+            (&dz, 1, v),
+            (&h[r0 * d..], d, 1),
+            T::one(),
+            Parallelism::Rayon(0),
+        )?;
+    }
+    Ok((dh, dw))
+}
+
+impl CustomOp3 for LmHeadOp {
+    fn name(&self) -> &'static str {
+        "selfplay-lm-head-logprob"
+    }
+
+    fn cpu_fwd(
+        &self,
+        h: &CpuStorage,
+        hl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        t: &CpuStorage,
+        tl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, d) = hl.shape().dims2()?;
+        let (v, _) = wl.shape().dims2()?;
+        let t = slice::<u32>(t, tl)?;
+        let (out, kept) = match h {
+            CpuStorage::F32(_) => {
+                let (o, k) =
+                    head_fwd(slice::<f32>(h, hl)?, slice(w, wl)?, t, (n, d, v), self.keep)?;
+                (CpuStorage::F32(o), Blocks::F32(k))
+            }
+            CpuStorage::F64(_) => {
+                let (o, k) =
+                    head_fwd(slice::<f64>(h, hl)?, slice(w, wl)?, t, (n, d, v), self.keep)?;
+                (CpuStorage::F64(o), Blocks::F64(k))
+            }
+            _ => bail!(
+                "lm_head_logprobs: unsupported dtype {:?}",
+                candle_core::backend::BackendStorage::dtype(h)
+            ),
+        };
+        if self.keep {
+            *self.logits.lock().unwrap_or_else(|e| e.into_inner()) = Some(kept);
+        }
+        Ok((out, Shape::from((n, 2))))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        t: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        check_float(h.dtype(), "lm_head_logprobs backward")?;
+        let (n, d) = h.dims2()?;
+        let (v, _) = w.dims2()?;
+        let guard = self.logits.lock().unwrap_or_else(|e| e.into_inner());
+        macro_rules! run {
+            ($ty:ty, $blocks:expr) => {
+                with_slice::<u32, _>(t, |ts| {
+                    with_slice::<$ty, _>(h, |hs| {
+                        with_slice::<$ty, _>(w, |ws| {
+                            with_slice::<$ty, _>(res, |rs| {
+                                with_slice::<$ty, _>(g, |gs| {
+                                    let (dh, dw) =
+                                        head_bwd(hs, ws, ts, rs, gs, $blocks, (n, d, v))?;
+                                    Ok((
+                                        Tensor::from_vec(dh, h.shape(), h.device())?,
+                                        Tensor::from_vec(dw, w.shape(), w.device())?,
+                                    ))
+                                })
+                            })
+                        })
+                    })
+                })?
+            };
+        }
+        let (dh, dw) = match (&*guard, h.dtype()) {
+            (Some(Blocks::F32(b)), DType::F32) => run!(f32, b),
+            (Some(Blocks::F64(b)), DType::F64) => run!(f64, b),
+            _ => bail!("lm_head_logprobs backward: the forward's logits were not kept"),
+        };
+        Ok((Some(dh), Some(dw), None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+
+    /// Values and the gradients of Σ out ⊙ r for hidden and head, over several blocks.
+    fn run(fused: bool, h: &Tensor, w: &Tensor, t: &Tensor, r: &Tensor) -> Vec<Tensor> {
+        let (h, w) = (Var::from_tensor(h).unwrap(), Var::from_tensor(w).unwrap());
+        let out = if fused {
+            lm_head_logprobs(&h, &w, t, OpsMode::Auto).unwrap()
+        } else {
+            let logits = h.matmul(&w.t().unwrap()).unwrap();
+            token_logprobs_entropy(&logits, t, OpsMode::Composite).unwrap()
+        };
+        let grads = (&out * r).unwrap().sum_all().unwrap().backward().unwrap();
+        vec![
+            out,
+            grads.get(&h).unwrap().clone(),
+            grads.get(&w).unwrap().clone(),
+        ]
+    }
+
+    #[test]
+    fn fused_head_matches_logits_then_logprobs() {
+        let dev = Device::Cpu;
+        // 4 096 columns: 512 rows per block, so 1 100 rows make three blocks.
+        for (n, d, v) in [(1100, 24, 4096), (3, 8, 50)] {
+            let h = Tensor::randn(0f64, 1., (n, d), &dev).unwrap();
+            let w = Tensor::randn(0f64, 0.3, (v, d), &dev).unwrap();
+            let ids: Vec<u32> = (0..n).map(|i| ((i * 7919) % v) as u32).collect();
+            let t = Tensor::from_vec(ids, n, &dev).unwrap();
+            let r = Tensor::randn(0f64, 1., (n, 2), &dev).unwrap();
+            let fused = run(true, &h, &w, &t, &r);
+            let plain = run(false, &h, &w, &t, &r);
+            for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
+                let diff = (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(
+                    diff < 1e-9,
+                    "tensor {i} of ({n}, {d}, {v}) differs by {diff}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn out_of_vocabulary_targets_are_an_error() {
+        let dev = Device::Cpu;
+        let h = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((10, 4), DType::F32, &dev).unwrap();
+        let t = Tensor::from_vec(vec![3u32, 10], 2, &dev).unwrap();
+        assert!(lm_head_logprobs(&h, &w, &t, OpsMode::Auto).is_err());
     }
 }

@@ -22,7 +22,7 @@ mod swiglu;
 
 pub use attention::attention;
 pub use linear::linear;
-pub use logprob::token_logprobs_entropy;
+pub use logprob::{lm_head_logprobs, token_logprobs_entropy};
 pub use rms_norm::rms_norm;
 pub use rope::{RopeTables, rope_to_heads};
 pub use softmax::{AttentionMask, masked_softmax};
