@@ -65,6 +65,7 @@ pub fn attention(
             AttentionOp {
                 scale,
                 mask: mask.clone(),
+                keep: q.track_op() || k.track_op() || v.track_op(),
                 probs: Mutex::new(None),
             },
         );
@@ -150,6 +151,8 @@ enum Probs {
 struct AttentionOp {
     scale: f64,
     mask: AttentionMask,
+    /// Keep the probabilities for a backward; without one, a block's buffer is reused.
+    keep: bool,
     probs: Mutex<Option<Probs>>,
 }
 
@@ -188,6 +191,9 @@ impl AttentionOp {
                     let row0 = (blk.group * tq + blk.i0) * hd;
                     if blk.nk == 0 {
                         continue; // `out` is zero already
+                    }
+                    if !self.keep {
+                        saved.clear();
                     }
                     let start = saved.len();
                     saved.resize(start + m * blk.nk, T::zero());
@@ -366,7 +372,9 @@ impl CustomOp3 for AttentionOp {
                 candle_core::backend::BackendStorage::dtype(q)
             ),
         };
-        *self.probs.lock().unwrap_or_else(|e| e.into_inner()) = Some(probs);
+        if self.keep {
+            *self.probs.lock().unwrap_or_else(|e| e.into_inner()) = Some(probs);
+        }
         Ok((out, ql.shape().clone()))
     }
 
