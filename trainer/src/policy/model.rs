@@ -255,32 +255,25 @@ impl Qwen2Model {
         let w = self.weights(grad);
         let cfg = &self.cfg;
         let (b, t) = input.ids.dims2()?;
-        let (h, kvh, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
+        let (kvh, hd) = (cfg.num_key_value_heads, cfg.head_dim);
         let scale = 1.0 / (hd as f64).sqrt();
         let ids = input.ids.flatten_all()?;
         let mut x = w.embed.index_select(&ids, 0)?; // (b·t, d)
         for (li, l) in w.layers.iter().enumerate() {
             let hn = ops::rms_norm(&x, &l.in_norm, cfg.rms_norm_eps, self.ops)?;
-            let q = linear(&hn, &l.q_w, Some(&l.q_b), self.ops)?.reshape((b, t, h, hd))?;
-            let k = linear(&hn, &l.k_w, Some(&l.k_b), self.ops)?.reshape((b, t, kvh, hd))?;
-            let v = linear(&hn, &l.v_w, Some(&l.v_b), self.ops)?
-                .reshape((b, t, kvh, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let q = ops::rope_to_heads(&q, &self.rope, &input.positions, self.ops)?; // (b, h, t, hd)
-            let k = ops::rope_to_heads(&k, &self.rope, &input.positions, self.ops)?; // (b, kvh, t, hd)
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(li, &k, &v)?,
-                None => (k, v),
-            };
-            let o = ops::attention(&q, &k, &v, scale, &input.mask, self.ops)? // (b, h, t, hd)
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b * t, h * hd))?;
+            let q = linear(&hn, &l.q_w, Some(&l.q_b), self.ops)?; // (b·t, h·hd)
+            let k = linear(&hn, &l.k_w, Some(&l.k_b), self.ops)?; // (b·t, kvh·hd)
+            let v = linear(&hn, &l.v_w, Some(&l.v_b), self.ops)?; // (b·t, kvh·hd)
+            let q = ops::rope_to_heads(&q, b, &self.rope, &input.positions, self.ops)?; // (b, h, t, hd)
+            let k = ops::rope_to_heads(&k, b, &self.rope, &input.positions, self.ops)?; // (b, kvh, t, hd)
+            let o = match cache.as_deref_mut() {
+                Some(c) => {
+                    let v = v.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
+                    let (k, v) = c.append(li, &k, &v)?;
+                    ops::attention_heads(&q, &k, &v, scale, &input.mask, self.ops)?
+                }
+                None => ops::attention(&q, &k, &v, scale, &input.mask, self.ops)?,
+            }; // (b·t, h·hd)
             x = (x + linear(&o, &l.o_w, None, self.ops)?)?;
             let hn = ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps, self.ops)?;
             let a = ops::swiglu(

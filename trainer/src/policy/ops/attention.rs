@@ -7,11 +7,14 @@
 //! blocks of query rows and multiplies each only by the keys it can see (a causal block skips
 //! the keys after its last row: about 40% of the products at 512 tokens), keeping the
 //! probabilities for the backward, which runs the same blocks. The products go to `gemm`, the
-//! crate candle's own CPU matmul uses.
+//! crate candle's own CPU matmul uses. Values are read and the output written token-major,
+//! in the layouts of the value and output projections, so no transpose or copy (and no
+//! node of the backward graph) sits between them and the attention.
 //!
-//! Shapes: `q (b, heads, tq, hd)`, `k` and `v (b, kv_heads, tk, hd)`; the query heads
-//! `kv·groups .. (kv+1)·groups` share key/value head `kv`. Row `i` of the queries is the
-//! position `offset + i` (see [`AttentionMask`]); a row that sees no key comes out as zeros.
+//! Shapes: `q (b, heads, tq, hd)`, `k (b, kv_heads, tk, hd)`, `v (b·tk, kv_heads·hd)`, output
+//! `(b·tq, heads·hd)`; the query heads `kv·groups .. (kv+1)·groups` share key/value head `kv`.
+//! Row `i` of the queries is the position `offset + i` (see [`AttentionMask`]); a row that
+//! sees no key comes out as zeros.
 
 use std::sync::Mutex;
 
@@ -27,7 +30,8 @@ use super::softmax::{AttentionMask, masked_softmax};
 /// large enough for the products to run at GEMM speed.
 const BLOCK_ROWS: usize = 64;
 
-/// `softmax(scale · q·kᵀ under mask) · v`, shaped like `q`.
+/// `softmax(scale · q·kᵀ under mask) · v` for token-major values `v (b·tk, kv_heads·hd)`;
+/// the output is token-major, `(b·tq, heads·hd)`.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -36,32 +40,20 @@ pub fn attention(
     mask: &AttentionMask,
     mode: OpsMode,
 ) -> Result<Tensor> {
-    let (b, h, tq, hd) = q.dims4()?;
-    let (kb, kvh, tk, khd) = k.dims4()?;
-    if kb != b
-        || khd != hd
-        || v.dims() != k.dims()
-        || kvh == 0
-        || h % kvh != 0
-        || mask.tq != tq
-        || mask.key_start.len() != b
-        || mask.offset + tq > tk
-    {
+    let (b, _h, _tq, hd) = q.dims4()?;
+    let (_, kvh, tk, _) = k.dims4()?;
+    if v.dims() != [b * tk, kvh * hd] {
         bail!(
-            "attention: q {:?}, k {:?}, v {:?} do not fit together or with the mask (tq {}, offset {})",
-            q.dims(),
-            k.dims(),
+            "attention: values {:?} are not token-major for keys {:?}",
             v.dims(),
-            mask.tq,
-            mask.offset
+            k.dims()
         );
     }
-    // Keys and values of a KV cache are strided views; copying them at every decoding step
-    // would cost more than the fusion saves, so those go the composite way.
-    if mode.fused(q) && k.is_contiguous() && v.is_contiguous() && q.dtype() == k.dtype() {
+    check(q, k, mask)?;
+    if mode.fused(q) && q.dtype() == k.dtype() && q.dtype() == v.dtype() {
         return q.contiguous()?.apply_op3(
-            k,
-            v,
+            &k.contiguous()?,
+            &v.contiguous()?,
             AttentionOp {
                 scale,
                 mask: mask.clone(),
@@ -70,12 +62,62 @@ pub fn attention(
             },
         );
     }
+    let v = v.reshape((b, tk, kvh, hd))?.transpose(1, 2)?.contiguous()?;
+    attention_heads(q, k, &v, scale, mask, mode)
+}
+
+/// The same for head-major values `v (b, kv_heads, tk, hd)`, as a KV cache holds them
+/// (strided views, so candle's primitives; copying the cache at every decoding step would
+/// cost more than the fusion saves). Output `(b·tq, heads·hd)`.
+pub fn attention_heads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &AttentionMask,
+    mode: OpsMode,
+) -> Result<Tensor> {
+    check(q, k, mask)?;
+    if v.dims() != k.dims() {
+        bail!(
+            "attention: values {:?} differ from keys {:?}",
+            v.dims(),
+            k.dims()
+        );
+    }
+    let (b, h, tq, hd) = q.dims4()?;
+    let kvh = k.dim(1)?;
     // Query heads sharing a key/value head are stacked along the rows: no repeat_kv copy.
-    let groups = h / kvh;
-    let qg = q.reshape((b, kvh, groups * tq, hd))?;
+    let qg = q.reshape((b, kvh, (h / kvh) * tq, hd))?;
     let scores = qg.matmul(&k.t()?)?;
     let p = masked_softmax(&scores, scale, mask, mode)?;
-    p.matmul(v)?.reshape((b, h, tq, hd))
+    p.matmul(v)?
+        .reshape((b, h, tq, hd))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b * tq, h * hd))
+}
+
+fn check(q: &Tensor, k: &Tensor, mask: &AttentionMask) -> Result<()> {
+    let (b, h, tq, hd) = q.dims4()?;
+    let (kb, kvh, tk, khd) = k.dims4()?;
+    if kb != b
+        || khd != hd
+        || kvh == 0
+        || h % kvh != 0
+        || mask.tq != tq
+        || mask.key_start.len() != b
+        || mask.offset + tq > tk
+    {
+        bail!(
+            "attention: q {:?} and k {:?} do not fit together or with the mask (tq {}, offset {})",
+            q.dims(),
+            k.dims(),
+            mask.tq,
+            mask.offset
+        );
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy)]
@@ -89,13 +131,13 @@ struct Dims {
 }
 
 impl Dims {
-    fn pairs(&self) -> usize {
-        self.b * self.kvh
+    fn heads(&self) -> usize {
+        self.kvh * self.groups
     }
 
-    /// gemm's own threads when there are fewer (batch row, kv head) pairs than workers.
+    /// gemm's own threads when there are fewer batch rows than workers.
     fn parallelism(&self) -> Parallelism {
-        if self.pairs() >= rayon::current_num_threads() {
+        if self.b >= rayon::current_num_threads() {
             Parallelism::None
         } else {
             Parallelism::Rayon(0)
@@ -170,172 +212,193 @@ impl AttentionOp {
         })
     }
 
+    /// The output and, per (batch row, kv head) pair in order, the kept probabilities.
     fn fwd<T: Real>(&self, q: &[T], k: &[T], v: &[T], d: Dims) -> Result<(Vec<T>, Vec<Vec<T>>)> {
-        let (tq, tk, hd, g) = (d.tq, d.tk, d.hd, d.groups);
+        let (tq, tk, hd, g, kvh, h) = (d.tq, d.tk, d.hd, d.groups, d.kvh, d.heads());
         let par = d.parallelism();
         let sc = T::of(self.scale);
-        let mut out = vec![T::zero(); d.pairs() * g * tq * hd];
-        let probs = out
-            .par_chunks_mut(g * tq * hd)
+        let mut out = vec![T::zero(); d.b * tq * h * hd];
+        let per_row = out
+            .par_chunks_mut(tq * h * hd)
             .enumerate()
-            .map(|(pair, o)| -> Result<Vec<T>> {
-                let bi = pair / d.kvh;
-                let qp = &q[pair * g * tq * hd..(pair + 1) * g * tq * hd];
-                let kp = &k[pair * tk * hd..(pair + 1) * tk * hd];
-                let vp = &v[pair * tk * hd..(pair + 1) * tk * hd];
+            .map(|(bi, ob)| -> Result<Vec<Vec<T>>> {
+                let vb = &v[bi * tk * kvh * hd..(bi + 1) * tk * kvh * hd];
                 let blocks = self.mask.blocks(bi, &d);
-                let mut saved =
-                    Vec::with_capacity(blocks.iter().map(|b| (b.i1 - b.i0) * b.nk).sum());
-                for blk in &blocks {
-                    let m = blk.i1 - blk.i0;
-                    let row0 = (blk.group * tq + blk.i0) * hd;
-                    if blk.nk == 0 {
-                        continue; // `out` is zero already
-                    }
-                    if !self.keep {
-                        saved.clear();
-                    }
-                    let start = saved.len();
-                    saved.resize(start + m * blk.nk, T::zero());
-                    let p = &mut saved[start..];
-                    let nk = blk.nk;
-                    product(
-                        (m, nk, hd),
-                        p,
-                        nk,
-                        false,
-                        (&qp[row0..], hd, 1),
-                        (&kp[blk.lo * hd..], 1, hd),
-                        sc,
-                        par,
-                    )?;
-                    for (r, row) in p.chunks_exact_mut(nk).enumerate() {
-                        let n = self.mask.visible(blk.i0 + r, blk, tk);
-                        if n == 0 {
-                            row.fill(T::zero());
-                            continue;
+                let mut per_pair = Vec::with_capacity(kvh);
+                for kv in 0..kvh {
+                    let pair = bi * kvh + kv;
+                    let qp = &q[pair * g * tq * hd..(pair + 1) * g * tq * hd];
+                    let kp = &k[pair * tk * hd..(pair + 1) * tk * hd];
+                    let kept: usize = if self.keep {
+                        blocks.iter().map(|b| (b.i1 - b.i0) * b.nk).sum()
+                    } else {
+                        0
+                    };
+                    let mut saved = Vec::with_capacity(kept);
+                    for blk in &blocks {
+                        let (m, nk) = (blk.i1 - blk.i0, blk.nk);
+                        if nk == 0 {
+                            continue; // `out` is zero already
                         }
-                        let max = lane_max(&row[..n]);
-                        for x in &mut row[..n] {
-                            *x = (*x - max).fast_exp();
+                        if !self.keep {
+                            saved.clear();
                         }
-                        let inv = T::one() / lane_sum(&row[..n]);
-                        for x in &mut row[..n] {
-                            *x *= inv;
+                        let start = saved.len();
+                        saved.resize(start + m * nk, T::zero());
+                        let p = &mut saved[start..];
+                        product(
+                            (m, nk, hd),
+                            p,
+                            nk,
+                            false,
+                            (&qp[(blk.group * tq + blk.i0) * hd..], hd, 1),
+                            (&kp[blk.lo * hd..], 1, hd),
+                            sc,
+                            par,
+                        )?;
+                        for (r, row) in p.chunks_exact_mut(nk).enumerate() {
+                            let n = self.mask.visible(blk.i0 + r, blk, tk);
+                            if n == 0 {
+                                row.fill(T::zero());
+                                continue;
+                            }
+                            let max = lane_max(&row[..n]);
+                            for x in &mut row[..n] {
+                                *x = (*x - max).fast_exp();
+                            }
+                            let inv = T::one() / lane_sum(&row[..n]);
+                            for x in &mut row[..n] {
+                                *x *= inv;
+                            }
+                            row[n..].fill(T::zero());
                         }
-                        row[n..].fill(T::zero());
+                        let head = kv * g + blk.group;
+                        product(
+                            (m, hd, nk),
+                            &mut ob[(blk.i0 * h + head) * hd..],
+                            h * hd,
+                            false,
+                            (p, nk, 1),
+                            (&vb[(blk.lo * kvh + kv) * hd..], kvh * hd, 1),
+                            T::one(),
+                            par,
+                        )?;
                     }
-                    product(
-                        (m, hd, nk),
-                        &mut o[row0..],
-                        hd,
-                        false,
-                        (p, nk, 1),
-                        (&vp[blk.lo * hd..], hd, 1),
-                        T::one(),
-                        par,
-                    )?;
+                    per_pair.push(saved);
                 }
-                Ok(saved)
+                Ok(per_pair)
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok((out, probs))
+        Ok((out, per_row.into_iter().flatten().collect()))
     }
 
     /// (dq, dk, dv) from the output gradient `go`, the output `o` and the saved probabilities.
-    #[allow(clippy::too_many_arguments)]
     fn bwd<T: Real>(
         &self,
         (q, k, v): (&[T], &[T], &[T]),
-        o: &[T],
-        go: &[T],
+        (o, go): (&[T], &[T]),
         probs: &[Vec<T>],
         d: Dims,
     ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
-        let (tq, tk, hd, g) = (d.tq, d.tk, d.hd, d.groups);
+        let (tq, tk, hd, g, kvh, h) = (d.tq, d.tk, d.hd, d.groups, d.kvh, d.heads());
         let par = d.parallelism();
         let sc = T::of(self.scale);
         let mut dq = vec![T::zero(); q.len()];
         let mut dk = vec![T::zero(); k.len()];
         let mut dv = vec![T::zero(); v.len()];
-        dq.par_chunks_mut(g * tq * hd)
-            .zip(dk.par_chunks_mut(tk * hd).zip(dv.par_chunks_mut(tk * hd)))
+        let row_span = tq * h * hd;
+        dq.par_chunks_mut(h * tq * hd)
+            .zip(
+                dk.par_chunks_mut(kvh * tk * hd)
+                    .zip(dv.par_chunks_mut(tk * kvh * hd)),
+            )
             .enumerate()
-            .try_for_each(|(pair, (dqp, (dkp, dvp)))| -> Result<()> {
-                let bi = pair / d.kvh;
-                let span = pair * g * tq * hd..(pair + 1) * g * tq * hd;
-                let (qp, op, gp) = (&q[span.clone()], &o[span.clone()], &go[span]);
-                let kp = &k[pair * tk * hd..(pair + 1) * tk * hd];
-                let vp = &v[pair * tk * hd..(pair + 1) * tk * hd];
-                let saved = &probs[pair];
-                let mut at = 0;
+            .try_for_each(|(bi, (dqb, (dkb, dvb)))| -> Result<()> {
+                let (ob, gb) = (
+                    &o[bi * row_span..(bi + 1) * row_span],
+                    &go[bi * row_span..(bi + 1) * row_span],
+                );
+                let vb = &v[bi * tk * kvh * hd..(bi + 1) * tk * kvh * hd];
+                let blocks = self.mask.blocks(bi, &d);
                 let mut ds = Vec::new();
-                for blk in self.mask.blocks(bi, &d) {
-                    let (m, nk) = (blk.i1 - blk.i0, blk.nk);
-                    if nk == 0 {
-                        continue;
-                    }
-                    let row0 = (blk.group * tq + blk.i0) * hd;
-                    let p = saved.get(at..at + m * nk).ok_or_else(|| {
-                        candle_core::Error::Msg(
-                            "attention: saved probabilities do not match".into(),
-                        )
-                    })?;
-                    at += m * nk;
-                    // dP = dO · Vᵀ, then dS = scale · P ⊙ (dP − rowsum(dO ⊙ O)).
-                    ds.clear();
-                    ds.resize(m * nk, T::zero());
-                    product(
-                        (m, nk, hd),
-                        &mut ds,
-                        nk,
-                        false,
-                        (&gp[row0..], hd, 1),
-                        (&vp[blk.lo * hd..], 1, hd),
-                        T::one(),
-                        par,
-                    )?;
-                    for r in 0..m {
-                        let at_row = row0 + r * hd;
-                        let dot = lane_dot(&gp[at_row..at_row + hd], &op[at_row..at_row + hd]);
-                        for (x, &pj) in ds[r * nk..(r + 1) * nk]
-                            .iter_mut()
-                            .zip(&p[r * nk..(r + 1) * nk])
-                        {
-                            *x = sc * pj * (*x - dot);
+                for kv in 0..kvh {
+                    let pair = bi * kvh + kv;
+                    let qp = &q[pair * g * tq * hd..(pair + 1) * g * tq * hd];
+                    let kp = &k[pair * tk * hd..(pair + 1) * tk * hd];
+                    let dqp = &mut dqb[kv * g * tq * hd..(kv + 1) * g * tq * hd];
+                    let dkp = &mut dkb[kv * tk * hd..(kv + 1) * tk * hd];
+                    let saved = &probs[pair];
+                    let mut at = 0;
+                    for blk in &blocks {
+                        let (m, nk) = (blk.i1 - blk.i0, blk.nk);
+                        if nk == 0 {
+                            continue;
                         }
+                        let head = kv * g + blk.group;
+                        let qrow = (blk.group * tq + blk.i0) * hd;
+                        let orow = (blk.i0 * h + head) * hd;
+                        let vrow = (blk.lo * kvh + kv) * hd;
+                        let p = saved.get(at..at + m * nk).ok_or_else(|| {
+                            candle_core::Error::Msg(
+                                "attention: saved probabilities do not match".into(),
+                            )
+                        })?;
+                        at += m * nk;
+                        // dP = dO · Vᵀ, then dS = scale · P ⊙ (dP − rowsum(dO ⊙ O)).
+                        ds.clear();
+                        ds.resize(m * nk, T::zero());
+                        product(
+                            (m, nk, hd),
+                            &mut ds,
+                            nk,
+                            false,
+                            (&gb[orow..], h * hd, 1),
+                            (&vb[vrow..], 1, kvh * hd),
+                            T::one(),
+                            par,
+                        )?;
+                        for r in 0..m {
+                            let at_row = orow + r * h * hd;
+                            let dot = lane_dot(&gb[at_row..at_row + hd], &ob[at_row..at_row + hd]);
+                            for (x, &pj) in ds[r * nk..(r + 1) * nk]
+                                .iter_mut()
+                                .zip(&p[r * nk..(r + 1) * nk])
+                            {
+                                *x = sc * pj * (*x - dot);
+                            }
+                        }
+                        // dQ = dS · K; dK += dSᵀ · Q; dV += Pᵀ · dO.
+                        product(
+                            (m, hd, nk),
+                            &mut dqp[qrow..],
+                            hd,
+                            false,
+                            (&ds, nk, 1),
+                            (&kp[blk.lo * hd..], hd, 1),
+                            T::one(),
+                            par,
+                        )?;
+                        product(
+                            (nk, hd, m),
+                            &mut dkp[blk.lo * hd..],
+                            hd,
+                            true,
+                            (&ds, 1, nk),
+                            (&qp[qrow..], hd, 1),
+                            T::one(),
+                            par,
+                        )?;
+                        product(
+                            (nk, hd, m),
+                            &mut dvb[vrow..],
+                            kvh * hd,
+                            true,
+                            (p, 1, nk),
+                            (&gb[orow..], h * hd, 1),
+                            T::one(),
+                            par,
+                        )?;
                     }
-                    // dQ = dS · K; dK += dSᵀ · Q; dV += Pᵀ · dO.
-                    product(
-                        (m, hd, nk),
-                        &mut dqp[row0..],
-                        hd,
-                        false,
-                        (&ds, nk, 1),
-                        (&kp[blk.lo * hd..], hd, 1),
-                        T::one(),
-                        par,
-                    )?;
-                    product(
-                        (nk, hd, m),
-                        &mut dkp[blk.lo * hd..],
-                        hd,
-                        true,
-                        (&ds, 1, nk),
-                        (&qp[row0..], hd, 1),
-                        T::one(),
-                        par,
-                    )?;
-                    product(
-                        (nk, hd, m),
-                        &mut dvp[blk.lo * hd..],
-                        hd,
-                        true,
-                        (p, 1, nk),
-                        (&gp[row0..], hd, 1),
-                        T::one(),
-                        par,
-                    )?;
                 }
                 Ok(())
             })?;
@@ -375,7 +438,7 @@ impl CustomOp3 for AttentionOp {
         if self.keep {
             *self.probs.lock().unwrap_or_else(|e| e.into_inner()) = Some(probs);
         }
-        Ok((out, ql.shape().clone()))
+        Ok((out, Shape::from((d.b * d.tq, d.heads() * d.hd))))
     }
 
     fn bwd(
@@ -396,7 +459,7 @@ impl CustomOp3 for AttentionOp {
                         with_slice::<$t, _>(v, |vs| {
                             with_slice::<$t, _>(res, |os| {
                                 with_slice::<$t, _>(grad, |gs| {
-                                    self.bwd((qs, ks, vs), os, gs, $probs, d)
+                                    self.bwd((qs, ks, vs), (os, gs), $probs, d)
                                 })
                             })
                         })
@@ -436,7 +499,7 @@ mod tests {
 
     use super::*;
 
-    /// Output and the gradients of Σ o ⊙ w with respect to q, k and v.
+    /// Output and the gradients of Σ o ⊙ w with respect to q, k and the token-major v.
     fn run(
         mode: OpsMode,
         (q, k, v, w): (&Tensor, &Tensor, &Tensor, &Tensor),
@@ -470,7 +533,8 @@ mod tests {
     }
 
     /// Several blocks of query rows, grouped heads, left padding, a row that sees no key,
-    /// and queries that continue a cache (offset > 0): fused and composite agree in f64.
+    /// and queries that continue a cache (offset > 0): fused and composite agree in f64, and
+    /// the head-major form (as with a KV cache) gives the same output.
     #[test]
     fn fused_matches_composite_in_value_and_gradient() {
         let dev = Device::Cpu;
@@ -480,13 +544,14 @@ mod tests {
             (1, 6, 2, 20, 170, 150, vec![0]),
             (2, 2, 1, 65, 65, 0, vec![64, 0]),
             (1, 3, 3, 1, 9, 8, vec![0]),
+            (3, 4, 1, 70, 70, 0, vec![0, 5, 69]),
         ];
         for (b, h, kvh, tq, tk, offset, key_start) in cases {
             let hd = 16;
             let q = Tensor::randn(0f64, 1., (b, h, tq, hd), &dev).unwrap();
             let k = Tensor::randn(0f64, 1., (b, kvh, tk, hd), &dev).unwrap();
-            let v = Tensor::randn(0f64, 1., (b, kvh, tk, hd), &dev).unwrap();
-            let w = Tensor::randn(0f64, 1., (b, h, tq, hd), &dev).unwrap();
+            let v = Tensor::randn(0f64, 1., (b * tk, kvh * hd), &dev).unwrap();
+            let w = Tensor::randn(0f64, 1., (b * tq, h * hd), &dev).unwrap();
             let mask = AttentionMask {
                 tq,
                 offset,
@@ -494,15 +559,27 @@ mod tests {
             };
             let fused = run(OpsMode::Auto, (&q, &k, &v, &w), &mask);
             let composite = run(OpsMode::Composite, (&q, &k, &v, &w), &mask);
-            for (what, (f, c)) in ["output", "dq", "dk", "dv"]
+            let v_heads = v
+                .reshape((b, tk, kvh, hd))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let by_heads = attention_heads(&q, &k, &v_heads, 0.125, &mask, OpsMode::Auto).unwrap();
+            let what = format!(
+                "b {b}, heads {h}/{kvh}, tq {tq}, tk {tk}, offset {offset}, key_start {key_start:?}"
+            );
+            assert!(
+                max_abs_diff(&by_heads, &fused[0]) < 1e-10,
+                "head-major output ({what})"
+            );
+            for (name, (f, c)) in ["output", "dq", "dk", "dv"]
                 .iter()
                 .zip(fused.iter().zip(&composite))
             {
                 let diff = max_abs_diff(f, c);
-                assert!(
-                    diff < 1e-10,
-                    "{what} differs by {diff} (b {b}, heads {h}/{kvh}, tq {tq}, tk {tk}, offset {offset}, key_start {key_start:?})"
-                );
+                assert!(diff < 1e-10, "{name} differs by {diff} ({what})");
             }
         }
     }
@@ -512,10 +589,15 @@ mod tests {
         let dev = Device::Cpu;
         let q = Tensor::zeros((1, 4, 8, 16), DType::F32, &dev).unwrap();
         let k = Tensor::zeros((1, 3, 8, 16), DType::F32, &dev).unwrap();
+        let v = Tensor::zeros((8, 48), DType::F32, &dev).unwrap();
         let mask = AttentionMask::causal(1, 8);
-        assert!(attention(&q, &k, &k, 0.25, &mask, OpsMode::Auto).is_err());
+        assert!(attention(&q, &k, &v, 0.25, &mask, OpsMode::Auto).is_err());
         let k = Tensor::zeros((1, 2, 8, 16), DType::F32, &dev).unwrap();
+        let v = Tensor::zeros((8, 32), DType::F32, &dev).unwrap();
         let short = AttentionMask::causal(1, 4);
-        assert!(attention(&q, &k, &k, 0.25, &short, OpsMode::Auto).is_err());
+        assert!(attention(&q, &k, &v, 0.25, &short, OpsMode::Auto).is_err());
+        let v_wrong = Tensor::zeros((8, 16), DType::F32, &dev).unwrap();
+        assert!(attention(&q, &k, &v_wrong, 0.25, &mask, OpsMode::Auto).is_err());
+        assert!(attention(&q, &k, &v, 0.25, &mask, OpsMode::Auto).is_ok());
     }
 }

@@ -20,7 +20,7 @@ pub(crate) mod small_matmul;
 mod softmax;
 mod swiglu;
 
-pub use attention::attention;
+pub use attention::{attention, attention_heads};
 pub use linear::linear;
 pub use logprob::{lm_head_logprobs, token_logprobs_entropy};
 pub use rms_norm::rms_norm;

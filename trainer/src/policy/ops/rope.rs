@@ -78,22 +78,26 @@ impl RopeTables {
     }
 }
 
-/// Applies RoPE to `x: (b, t, heads, hd)` at `positions` (`b·t` of them, row-major) and
-/// returns `(b, heads, t, hd)`, contiguous.
+/// Applies RoPE to the `b` rows of `x: (b·t, heads·hd)` (a projection's output, token-major)
+/// at `positions` (`b·t` of them, row-major) and returns `(b, heads, t, hd)`, contiguous.
+/// Taking the projection's layout as it is keeps a reshape node out of the backward graph.
 pub fn rope_to_heads(
     x: &Tensor,
+    b: usize,
     tables: &Arc<RopeTables>,
     positions: &Arc<Vec<u32>>,
     mode: OpsMode,
 ) -> Result<Tensor> {
-    let (b, t, _h, hd) = x.dims4()?;
-    if hd != 2 * tables.half || positions.len() != b * t {
+    let (rows, cols) = x.dims2()?;
+    let hd = 2 * tables.half;
+    if b == 0 || rows % b != 0 || hd == 0 || cols % hd != 0 || positions.len() != rows {
         bail!(
-            "rope: input {:?} does not match the tables or {} positions",
+            "rope: input {:?} in {b} rows does not match the tables or {} positions",
             x.dims(),
             positions.len()
         );
     }
+    let (t, h) = (rows / b, cols / hd);
     if let Some(&p) = positions.iter().max()
         && p as usize >= tables.max_positions
     {
@@ -106,8 +110,10 @@ pub fn rope_to_heads(
         x.contiguous()?.apply_op1(RopeOp {
             tables: tables.clone(),
             positions: positions.clone(),
+            dims: (b, t, h, hd),
         })
     } else {
+        let x = x.reshape((b, t, h, hd))?;
         let idx = Tensor::from_slice(positions.as_slice(), b * t, x.device())?;
         let cos = tables
             .cos_full
@@ -131,6 +137,8 @@ pub fn rope_to_heads(
 struct RopeOp {
     tables: Arc<RopeTables>,
     positions: Arc<Vec<u32>>,
+    /// `(b, t, heads, hd)` of the token-major input.
+    dims: (usize, usize, usize, usize),
 }
 
 impl RopeOp {
@@ -191,7 +199,10 @@ impl CustomOp1 for RopeOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, t, h, hd) = l.shape().dims4()?;
+        let (b, t, h, hd) = self.dims;
+        if l.shape().elem_count() != b * t * h * hd {
+            bail!("rope: input {:?} does not hold {:?}", l.shape(), self.dims);
+        }
         let out = match s {
             CpuStorage::F32(_) => {
                 CpuStorage::F32(self.run(slice::<f32>(s, l)?, (b, t, h, hd), true, false))
@@ -209,7 +220,7 @@ impl CustomOp1 for RopeOp {
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         check_float(x.dtype(), "rope backward")?;
-        let (b, t, h, hd) = x.dims4()?;
+        let (b, t, h, hd) = self.dims;
         let dx = if x.dtype() == DType::F32 {
             with_slice::<f32, _>(g, |gs| {
                 Tensor::from_vec(
