@@ -274,14 +274,14 @@ impl Qwen2Model {
                 }
                 None => ops::attention(&q, &k, &v, scale, &input.mask, self.ops)?,
             }; // (b·t, h·hd)
-            x = (x + linear(&o, &l.o_w, None, self.ops)?)?;
+            x = residual(&x, &o, &l.o_w, self.ops)?;
             let hn = ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps, self.ops)?;
             let a = ops::swiglu(
                 &linear(&hn, &l.gate_w, None, self.ops)?,
                 &linear(&hn, &l.up_w, None, self.ops)?,
                 self.ops,
             )?;
-            x = (x + linear(&a, &l.down_w, None, self.ops)?)?;
+            x = residual(&x, &a, &l.down_w, self.ops)?;
         }
         if let Some(c) = cache {
             c.advance(t);
@@ -345,6 +345,14 @@ impl Qwen2Model {
 /// Positions 0..t for each of `b` rows.
 pub(crate) fn train_positions(b: usize, t: usize) -> Vec<u32> {
     (0..b).flat_map(|_| 0..t as u32).collect()
+}
+
+/// `r + x · wᵀ`: the decoding kernel for a few rows, else [`ops::linear_residual`].
+fn residual(r: &Tensor, x: &Tensor, w: &Tensor, mode: OpsMode) -> candle_core::Result<Tensor> {
+    if ops::small_matmul::applies(x, w) {
+        return r + ops::small_matmul::linear_nt(x, w)?;
+    }
+    ops::linear_residual(r, x, w, mode)
 }
 
 /// `x · wᵀ (+ bias)` for `x: (n, in)` and `w: (out, in)`: for the few rows of a decoding step

@@ -40,6 +40,38 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, mode: OpsMode) -> R
     }
 }
 
+/// `residual + x · wᵀ`: the residual connection folded into the product (it starts the
+/// accumulation), which keeps an add node and its two gradient buffers out of the graph.
+pub fn linear_residual(residual: &Tensor, x: &Tensor, w: &Tensor, mode: OpsMode) -> Result<Tensor> {
+    let (n, _) = x.dims2()?;
+    let (o, _) = w.dims2()?;
+    if residual.dims() != [n, o] {
+        bail!(
+            "linear_residual: residual {:?} does not match x {:?} · weight {:?}ᵀ",
+            residual.dims(),
+            x.dims(),
+            w.dims()
+        );
+    }
+    let same_dtype = w.dtype() == x.dtype() && residual.dtype() == x.dtype();
+    if mode.fused(x) && same_dtype && n > 0 {
+        let (n2, k) = x.dims2()?;
+        if w.dim(1)? != k || n2 != n {
+            bail!(
+                "linear_residual: x {:?} and weight {:?} do not fit",
+                x.dims(),
+                w.dims()
+            );
+        }
+        return residual.contiguous()?.apply_op3(
+            &x.contiguous()?,
+            &w.contiguous()?,
+            LinearResidual,
+        );
+    }
+    residual + linear(x, w, None, mode)?
+}
+
 /// gemm's threads for products worth splitting.
 fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
     if m * n * k >= 64 * 64 * 64 {
@@ -49,27 +81,36 @@ fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
     }
 }
 
+/// Where the product starts from: zero, a bias on every row, or a residual `(n, o)`.
+enum Start<'a, T> {
+    Zero,
+    Bias(&'a [T]),
+    Residual(&'a [T]),
+}
+
 fn fwd<T: Real>(
     x: &[T],
     w: &[T],
-    b: Option<&[T]>,
+    start: Start<'_, T>,
     (n, k, o): (usize, usize, usize),
 ) -> Result<Vec<T>> {
-    let mut y = match b {
-        Some(b) => {
+    let accumulate = !matches!(start, Start::Zero);
+    let mut y = match start {
+        Start::Bias(b) => {
             let mut y = Vec::with_capacity(n * o);
             for _ in 0..n {
                 y.extend_from_slice(b);
             }
             y
         }
-        None => vec![T::zero(); n * o],
+        Start::Residual(r) => r.to_vec(),
+        Start::Zero => vec![T::zero(); n * o],
     };
     product(
         (n, o, k),
         &mut y,
         o,
-        b.is_some(),
+        accumulate,
         (x, k, 1),
         (w, 1, k),
         T::one(),
@@ -129,21 +170,42 @@ fn dims(x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
     Ok((n, k, o))
 }
 
+/// What a fused forward starts its product from (see [`Start`]).
+enum StartArg<'a> {
+    Zero,
+    Bias(&'a CpuStorage, &'a Layout),
+    Residual(&'a CpuStorage, &'a Layout),
+}
+
+impl<'a> StartArg<'a> {
+    fn slice<T: candle_core::WithDType>(&self) -> Result<Start<'a, T>> {
+        Ok(match *self {
+            StartArg::Zero => Start::Zero,
+            StartArg::Bias(s, l) => Start::Bias(slice(s, l)?),
+            StartArg::Residual(s, l) => Start::Residual(slice(s, l)?),
+        })
+    }
+}
+
 fn cpu_forward(
     x: (&CpuStorage, &Layout),
     w: (&CpuStorage, &Layout),
-    b: Option<(&CpuStorage, &Layout)>,
+    start: StartArg<'_>,
 ) -> Result<(CpuStorage, Shape)> {
     let d = dims(x.1, w.1)?;
     let out = match x.0 {
-        CpuStorage::F32(_) => {
-            let b = b.map(|(s, l)| slice::<f32>(s, l)).transpose()?;
-            CpuStorage::F32(fwd(slice::<f32>(x.0, x.1)?, slice(w.0, w.1)?, b, d)?)
-        }
-        CpuStorage::F64(_) => {
-            let b = b.map(|(s, l)| slice::<f64>(s, l)).transpose()?;
-            CpuStorage::F64(fwd(slice::<f64>(x.0, x.1)?, slice(w.0, w.1)?, b, d)?)
-        }
+        CpuStorage::F32(_) => CpuStorage::F32(fwd(
+            slice::<f32>(x.0, x.1)?,
+            slice(w.0, w.1)?,
+            start.slice()?,
+            d,
+        )?),
+        CpuStorage::F64(_) => CpuStorage::F64(fwd(
+            slice::<f64>(x.0, x.1)?,
+            slice(w.0, w.1)?,
+            start.slice()?,
+            d,
+        )?),
         _ => bail!(
             "linear: unsupported dtype {:?}",
             candle_core::backend::BackendStorage::dtype(x.0)
@@ -193,7 +255,7 @@ impl CustomOp2 for Linear {
         w: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        cpu_forward((x, xl), (w, wl), None)
+        cpu_forward((x, xl), (w, wl), StartArg::Zero)
     }
 
     fn bwd(
@@ -224,7 +286,7 @@ impl CustomOp3 for LinearBias {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        cpu_forward((x, xl), (w, wl), Some((b, bl)))
+        cpu_forward((x, xl), (w, wl), StartArg::Bias(b, bl))
     }
 
     fn bwd(
@@ -237,6 +299,38 @@ impl CustomOp3 for LinearBias {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, db) = backward(x, w, g, true)?;
         Ok((Some(dx), Some(dw), db))
+    }
+}
+
+struct LinearResidual;
+
+impl CustomOp3 for LinearResidual {
+    fn name(&self) -> &'static str {
+        "selfplay-linear-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        r: &CpuStorage,
+        rl: &Layout,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_forward((x, xl), (w, wl), StartArg::Residual(r, rl))
+    }
+
+    fn bwd(
+        &self,
+        _r: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = backward(x, w, g, false)?;
+        Ok((Some(g.clone()), Some(dx), Some(dw)))
     }
 }
 
@@ -296,6 +390,45 @@ mod tests {
                     "tensor {i} of ({n}, {k}, {o}, bias {bias}) differs by {diff}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn residual_form_matches_composite_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let (n, k, o) = (37, 20, 24);
+        let r = Tensor::randn(0f64, 1., (n, o), &dev).unwrap();
+        let x = Tensor::randn(0f64, 1., (n, k), &dev).unwrap();
+        let w = Tensor::randn(0f64, 1., (o, k), &dev).unwrap();
+        let s = Tensor::randn(0f64, 1., (n, o), &dev).unwrap();
+        let run = |mode: OpsMode| {
+            let (r, x, w) = (
+                Var::from_tensor(&r).unwrap(),
+                Var::from_tensor(&x).unwrap(),
+                Var::from_tensor(&w).unwrap(),
+            );
+            let y = linear_residual(&r, &x, &w, mode).unwrap();
+            let g = (&y * &s).unwrap().sum_all().unwrap().backward().unwrap();
+            [
+                y,
+                g.get(&r).unwrap().clone(),
+                g.get(&x).unwrap().clone(),
+                g.get(&w).unwrap().clone(),
+            ]
+        };
+        let (fused, composite) = (run(OpsMode::Auto), run(OpsMode::Composite));
+        for (i, (f, c)) in fused.iter().zip(&composite).enumerate() {
+            let diff = (f - c)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(diff < 1e-10, "tensor {i} differs by {diff}");
         }
     }
 

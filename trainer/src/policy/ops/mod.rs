@@ -21,7 +21,7 @@ mod softmax;
 mod swiglu;
 
 pub use attention::{attention, attention_heads};
-pub use linear::linear;
+pub use linear::{linear, linear_residual};
 pub use logprob::{lm_head_logprobs, token_logprobs_entropy};
 pub use rms_norm::rms_norm;
 pub use rope::{RopeTables, rope_to_heads};
