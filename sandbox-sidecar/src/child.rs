@@ -136,9 +136,7 @@ fn resolve(program: &OsStr, env: &[(OsString, OsString)]) -> io::Result<OsString
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.clone())
         .unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| crate::process::is_executable(p))
+    crate::process::find_in(&path, program)
         .map(PathBuf::into_os_string)
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "not found in PATH"))
 }

@@ -67,10 +67,18 @@ fn tracked() -> std::sync::MutexGuard<'static, Vec<u32>> {
 
 /// Spawns `cmd` and remembers its pid until [`untrack`].
 pub fn spawn_tracked(cmd: &mut Command) -> io::Result<tokio::process::Child> {
+    tracking(|| cmd.spawn(), tokio::process::Child::id)
+}
+
+/// Runs `spawn` holding the tracking lock and records the new child's pid.
+fn tracking<C>(
+    spawn: impl FnOnce() -> io::Result<C>,
+    pid: impl Fn(&C) -> Option<u32>,
+) -> io::Result<C> {
     let mut t = tracked();
-    let child = cmd.spawn()?;
-    if let Some(pid) = child.id() {
-        t.push(pid);
+    let child = spawn()?;
+    if let Some(p) = pid(&child) {
+        t.push(p);
     }
     Ok(child)
 }
@@ -221,13 +229,17 @@ pub fn find_bash() -> Option<PathBuf> {
 }
 
 pub fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
+    find_in(&std::env::var_os("PATH")?, std::ffi::OsStr::new(name))
+}
+
+/// The first executable file called `name` in the directories of `path` (a `PATH` value).
+pub(crate) fn find_in(path: &std::ffi::OsStr, name: &std::ffi::OsStr) -> Option<PathBuf> {
+    std::env::split_paths(path)
         .map(|d| d.join(name))
         .find(|p| is_executable(p))
 }
 
-pub(crate) fn is_executable(p: &Path) -> bool {
+fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
     p.metadata()
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -325,12 +337,10 @@ pub async fn run(
 ) -> io::Result<Outcome> {
     let start = Instant::now();
     let deadline = tokio::time::Instant::from_std(start + timeout);
-    let mut child = {
-        let mut t = tracked();
-        let child = crate::child::spawn(spec, stdin.is_some(), rlimits)?;
-        t.push(child.id());
-        child
-    };
+    let mut child = tracking(
+        || crate::child::spawn(spec, stdin.is_some(), rlimits),
+        |c| Some(c.id()),
+    )?;
     let sid = child.id();
     let mut guard = SessionGuard(sid);
 

@@ -63,7 +63,7 @@ pub fn attention(
         );
     }
     let v = v.reshape((b, tk, kvh, hd))?.transpose(1, 2)?.contiguous()?;
-    attention_heads(q, k, &v, scale, mask, mode)
+    composite(q, k, &v, scale, mask, mode)
 }
 
 /// The same for head-major values `v (b, kv_heads, tk, hd)`, as a KV cache holds them
@@ -85,6 +85,18 @@ pub fn attention_heads(
             k.dims()
         );
     }
+    composite(q, k, v, scale, mask, mode)
+}
+
+/// Candle's primitives on checked, head-major inputs; output `(b·tq, heads·hd)`.
+fn composite(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &AttentionMask,
+    mode: OpsMode,
+) -> Result<Tensor> {
     let (b, h, tq, hd) = q.dims4()?;
     let kvh = k.dim(1)?;
     // Query heads sharing a key/value head are stacked along the rows: no repeat_kv copy.
@@ -497,6 +509,7 @@ mod tests {
 
     use candle_core::{Device, Var};
 
+    use super::super::cpu::max_abs_diff;
     use super::*;
 
     /// Output and the gradients of Σ o ⊙ w with respect to q, k and the token-major v.
@@ -517,19 +530,6 @@ mod tests {
             out.push(grads.get(x).expect("a gradient").clone());
         }
         out
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
     }
 
     /// Several blocks of query rows, grouped heads, left padding, a row that sees no key,

@@ -139,6 +139,18 @@ pub(crate) fn product<T: Real>(
     Ok(())
 }
 
+/// The largest |a − b| over all elements (tests of the kernels against candle's primitives).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.to_dtype(DType::F64))
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f64>());
+    d.expect("comparable tensors")
+}
+
 const LANES: usize = 8;
 
 /// max of a slice, in independent lanes so that the loop vectorises.

@@ -43,11 +43,11 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, mode: OpsMode) -> R
 /// `residual + x · wᵀ`: the residual connection folded into the product (it starts the
 /// accumulation), which keeps an add node and its two gradient buffers out of the graph.
 pub fn linear_residual(residual: &Tensor, x: &Tensor, w: &Tensor, mode: OpsMode) -> Result<Tensor> {
-    let (n, _) = x.dims2()?;
-    let (o, _) = w.dims2()?;
-    if residual.dims() != [n, o] {
+    let (n, k) = x.dims2()?;
+    let (o, k2) = w.dims2()?;
+    if k != k2 || residual.dims() != [n, o] {
         bail!(
-            "linear_residual: residual {:?} does not match x {:?} · weight {:?}ᵀ",
+            "linear_residual: residual {:?}, x {:?} and weight {:?} do not fit",
             residual.dims(),
             x.dims(),
             w.dims()
@@ -55,14 +55,6 @@ pub fn linear_residual(residual: &Tensor, x: &Tensor, w: &Tensor, mode: OpsMode)
     }
     let same_dtype = w.dtype() == x.dtype() && residual.dtype() == x.dtype();
     if mode.fused(x) && same_dtype && n > 0 {
-        let (n2, k) = x.dims2()?;
-        if w.dim(1)? != k || n2 != n {
-            bail!(
-                "linear_residual: x {:?} and weight {:?} do not fit",
-                x.dims(),
-                w.dims()
-            );
-        }
         return residual.contiguous()?.apply_op3(
             &x.contiguous()?,
             &w.contiguous()?,
@@ -338,6 +330,7 @@ impl CustomOp3 for LinearResidual {
 mod tests {
     use candle_core::{Device, Var};
 
+    use super::super::cpu::max_abs_diff;
     use super::*;
 
     /// Output and the gradients of Σ y ⊙ r for x, w and b.
@@ -375,16 +368,7 @@ mod tests {
             let composite = run(OpsMode::Composite, &x, &w, b, &r);
             assert_eq!(fused.len(), composite.len());
             for (i, (f, c)) in fused.iter().zip(&composite).enumerate() {
-                let diff = (f - c)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
+                let diff = max_abs_diff(f, c);
                 assert!(
                     diff < 1e-10,
                     "tensor {i} of ({n}, {k}, {o}, bias {bias}) differs by {diff}"
@@ -418,16 +402,7 @@ mod tests {
         };
         let (fused, composite) = (run(OpsMode::Auto), run(OpsMode::Composite));
         for (i, (f, c)) in fused.iter().zip(&composite).enumerate() {
-            let diff = (f - c)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let diff = max_abs_diff(f, c);
             assert!(diff < 1e-10, "tensor {i} differs by {diff}");
         }
     }

@@ -399,6 +399,7 @@ impl CustomOp3 for LmHeadOp {
 mod tests {
     use candle_core::{Device, Var};
 
+    use super::super::cpu::max_abs_diff;
     use super::*;
 
     /// Values and the gradients of Σ out ⊙ r for hidden and head, over several blocks.
@@ -431,16 +432,7 @@ mod tests {
             let fused = run(true, &h, &w, &t, &r);
             let plain = run(false, &h, &w, &t, &r);
             for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
-                let diff = (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
+                let diff = max_abs_diff(a, b);
                 assert!(
                     diff < 1e-9,
                     "tensor {i} of ({n}, {d}, {v}) differs by {diff}"
