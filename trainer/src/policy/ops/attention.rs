@@ -23,7 +23,9 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::OpsMode;
-use super::cpu::{Real, check_float, lane_dot, lane_max, lane_sum, product, slice, with_slice};
+use super::cpu::{
+    Real, check_float, lane_dot, lane_max, lane_sum, multiversion, product, slice, with_slice,
+};
 use super::softmax::{AttentionMask, masked_softmax};
 
 /// Query rows per block: small enough that a causal block skips most of what it cannot see,
@@ -195,6 +197,31 @@ impl AttentionMask {
     }
 }
 
+multiversion! {
+    /// Softmax over the first `n` entries of `row`; the rest (keys the row cannot see) become 0.
+    fn softmax_row<T: Real>(row: &mut [T], n: usize) {
+        let (seen, unseen) = row.split_at_mut(n);
+        let max = lane_max(seen);
+        for x in seen.iter_mut() {
+            *x = (*x - max).fast_exp();
+        }
+        let inv = T::one() / lane_sum(seen);
+        for x in seen.iter_mut() {
+            *x *= inv;
+        }
+        unseen.fill(T::zero());
+    }
+}
+
+multiversion! {
+    /// One row of dS = scale · P ⊙ (dP − rowsum(dO ⊙ O)), in place of dP.
+    fn softmax_grad_row<T: Real>(ds: &mut [T], p: &[T], sc: T, dot: T) {
+        for (x, &pj) in ds.iter_mut().zip(p) {
+            *x = sc * pj * (*x - dot);
+        }
+    }
+}
+
 /// The probabilities of the forward: one vector per (batch row, kv head), blocks in order,
 /// each block `(i1 − i0) × nk`.
 enum Probs {
@@ -274,15 +301,7 @@ impl AttentionOp {
                                 row.fill(T::zero());
                                 continue;
                             }
-                            let max = lane_max(&row[..n]);
-                            for x in &mut row[..n] {
-                                *x = (*x - max).fast_exp();
-                            }
-                            let inv = T::one() / lane_sum(&row[..n]);
-                            for x in &mut row[..n] {
-                                *x *= inv;
-                            }
-                            row[n..].fill(T::zero());
+                            softmax_row(row, n);
                         }
                         let head = kv * g + blk.group;
                         product(
@@ -372,12 +391,12 @@ impl AttentionOp {
                         for r in 0..m {
                             let at_row = orow + r * h * hd;
                             let dot = lane_dot(&gb[at_row..at_row + hd], &ob[at_row..at_row + hd]);
-                            for (x, &pj) in ds[r * nk..(r + 1) * nk]
-                                .iter_mut()
-                                .zip(&p[r * nk..(r + 1) * nk])
-                            {
-                                *x = sc * pj * (*x - dot);
-                            }
+                            softmax_grad_row(
+                                &mut ds[r * nk..(r + 1) * nk],
+                                &p[r * nk..(r + 1) * nk],
+                                sc,
+                                dot,
+                            );
                         }
                         // dQ = dS · K; dK += dSᵀ · Q; dV += Pᵀ · dO.
                         product(

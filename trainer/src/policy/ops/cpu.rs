@@ -88,15 +88,17 @@ pub(crate) fn product<T: Real>(
     dst: &mut [T],
     dst_rs: usize,
     accumulate: bool,
-    (lhs, lhs_rs, lhs_cs): (&[T], usize, usize),
-    (rhs, rhs_rs, rhs_cs): (&[T], usize, usize),
+    lhs: (&[T], usize, usize),
+    rhs: (&[T], usize, usize),
     scale: T,
     par: Parallelism,
 ) -> Result<()> {
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let last = |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    if (m - 1) * dst_rs + n > dst.len() {
+        bail!("selfplay op: a product's output is out of bounds ({m}×{n})");
+    }
     if k == 0 {
         if !accumulate {
             for r in 0..m {
@@ -105,20 +107,113 @@ pub(crate) fn product<T: Real>(
         }
         return Ok(());
     }
-    if last(m, dst_rs, n, 1) >= dst.len()
-        || last(m, lhs_rs, k, lhs_cs) >= lhs.len()
-        || last(k, rhs_rs, n, rhs_cs) >= rhs.len()
-    {
+    // SAFETY: `dst` holds the m×n output at row stride `dst_rs` (checked above) and does not
+    // alias `lhs` or `rhs` (it is a distinct `&mut`).
+    unsafe {
+        gemm_checked(
+            (m, n, k),
+            dst.as_mut_ptr(),
+            dst_rs,
+            accumulate,
+            lhs,
+            rhs,
+            scale,
+            par,
+        )
+    }
+}
+
+/// A new row-major `m×n` matrix `scale · lhs (m×k) · rhs (k×n)`. The output is not zeroed
+/// first: `gemm` told not to read its destination (`read_dst = false`) writes every element
+/// without loading any (the test `product_new_never_reads_its_output` checks this on shapes
+/// that take each of gemm's paths), and a memset of every fresh gradient buffer was ~4% of a
+/// training step.
+pub(crate) fn product_new<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    lhs: (&[T], usize, usize),
+    rhs: (&[T], usize, usize),
+    scale: T,
+    par: Parallelism,
+) -> Result<Vec<T>> {
+    let len = m * n;
+    if k == 0 || len == 0 {
+        return Ok(vec![T::zero(); len]);
+    }
+    let mut dst = Vec::with_capacity(len);
+    // SAFETY: the buffer has room for the m×n output at row stride n; gemm writes all of it
+    // (k > 0, read_dst = false) before `set_len` exposes it, and never reads it.
+    unsafe {
+        gemm_checked((m, n, k), dst.as_mut_ptr(), n, false, lhs, rhs, scale, par)?;
+        dst.set_len(len);
+    }
+    Ok(dst)
+}
+
+/// `gemm` after checking that every index it reads of `lhs` and `rhs` is in bounds.
+///
+/// # Safety
+/// `dst` must be valid for writes (and for reads when `accumulate`) of the m×n output at row
+/// stride `dst_rs`, must not alias `lhs` or `rhs`, and m, n, k must be non-zero.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_checked<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    (lhs, lhs_rs, lhs_cs): (&[T], usize, usize),
+    (rhs, rhs_rs, rhs_cs): (&[T], usize, usize),
+    scale: T,
+    par: Parallelism,
+) -> Result<()> {
+    let last = |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    if last(m, lhs_rs, k, lhs_cs) >= lhs.len() || last(k, rhs_rs, n, rhs_cs) >= rhs.len() {
         bail!("selfplay op: a product is out of bounds ({m}×{k}·{k}×{n})");
     }
-    // SAFETY: every index gemm touches was checked against the slices above; `dst` does not
-    // alias `lhs` or `rhs` (it is a distinct `&mut`); T is f32 or f64 (`Real`).
+    let threads = rayon::current_num_threads();
+    if std::env::var_os("SPLITM").is_some()
+        && matches!(par, Parallelism::Rayon(_))
+        && threads > 1
+        && m >= 128 * threads
+    {
+        let dst = dst as usize;
+        rayon::scope(|s| {
+            for q in 0..threads {
+                let (m0, m1) = (m * q / threads, m * (q + 1) / threads);
+                s.spawn(move |_| unsafe {
+                    gemm::gemm(
+                        m1 - m0,
+                        n,
+                        k,
+                        (dst as *mut T).add(m0 * dst_rs),
+                        1,
+                        dst_rs as isize,
+                        accumulate,
+                        lhs.as_ptr().add(m0 * lhs_rs),
+                        lhs_cs as isize,
+                        lhs_rs as isize,
+                        rhs.as_ptr(),
+                        rhs_cs as isize,
+                        rhs_rs as isize,
+                        if accumulate { T::one() } else { T::zero() },
+                        scale,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                });
+            }
+        });
+        return Ok(());
+    }
+    // SAFETY: the operands' indices were checked above, the output's by the caller; T is f32
+    // or f64 (`Real`).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             dst_rs as isize,
             accumulate,
@@ -151,10 +246,47 @@ pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     d.expect("comparable tensors")
 }
 
-const LANES: usize = 8;
+/// Defines a function whose body is compiled three times — for AVX-512, for AVX2 with FMA,
+/// and for the build's baseline (SSE2 on x86-64) — and picks one at run time, so that the
+/// element-wise kernels (exp, reductions) run 16 or 8 floats at a time while the binary stays
+/// portable. What the body calls must be `#[inline(always)]` to be compiled the same way.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident<$T:ident: Real>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name<$T: Real>($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn imp<$T: Real>($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn v4<$T: Real>($($arg: $ty),*) $(-> $ret)? {
+                    imp($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn v3<$T: Real>($($arg: $ty),*) $(-> $ret)? {
+                    imp($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features `v4` is compiled for.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features `v3` is compiled for.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
+const LANES: usize = 16;
 
 /// max of a slice, in independent lanes so that the loop vectorises.
-#[inline]
+#[inline(always)]
 pub(crate) fn lane_max<T: Real>(x: &[T]) -> T {
     let mut acc = [T::neg_infinity(); LANES];
     let chunks = x.chunks_exact(LANES);
@@ -174,7 +306,7 @@ pub(crate) fn lane_max<T: Real>(x: &[T]) -> T {
 }
 
 /// Σ a, in lanes.
-#[inline]
+#[inline(always)]
 pub(crate) fn lane_sum<T: Real>(a: &[T]) -> T {
     let mut acc = [T::zero(); LANES];
     let c = a.chunks_exact(LANES);
@@ -188,7 +320,7 @@ pub(crate) fn lane_sum<T: Real>(a: &[T]) -> T {
 }
 
 /// Σ a·b, in lanes.
-#[inline]
+#[inline(always)]
 pub(crate) fn lane_dot<T: Real>(a: &[T], b: &[T]) -> T {
     let mut acc = [T::zero(); LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -206,8 +338,27 @@ pub(crate) fn lane_dot<T: Real>(a: &[T], b: &[T]) -> T {
     acc.into_iter().sum::<T>() + tail
 }
 
+/// Σ a·b accumulated in f64, in lanes (a sum in one f64 does not vectorise).
+#[inline(always)]
+pub(crate) fn lane_dot_f64<T: Real>(a: &[T], b: &[T]) -> f64 {
+    let mut acc = [0f64; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&x, &y)| x.f64() * y.f64())
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l].f64() * y[l].f64();
+        }
+    }
+    acc.into_iter().sum::<f64>() + tail
+}
+
 /// (Σ e^(x−shift), Σ e^(x−shift)·(x−shift)), in lanes, accumulated in f64 at the end.
-#[inline]
+#[inline(always)]
 pub(crate) fn lane_exp_sums<T: Real>(x: &[T], shift: T) -> (f64, f64) {
     let mut s = [T::zero(); LANES];
     let mut w = [T::zero(); LANES];
@@ -240,20 +391,86 @@ pub(crate) fn lane_exp_sums<T: Real>(x: &[T], shift: T) -> (f64, f64) {
 /// −87.3 give about 1e-38 instead of a denormal or zero.
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
+    // `clamp` keeps a NaN a NaN (so that the step's NaN check sees it).
     let x = x.clamp(-87.336_55, 88.376_26);
-    // Round x·log2(e) to the nearest integer with the 1.5·2²³ trick (no libm `round`).
-    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    // Round x·log2(e) to the nearest integer with the 1.5·2²³ trick (no libm `round`): the
+    // sum's low mantissa bits then hold that integer, n, in two's complement, which gives 2ⁿ
+    // below without `n as i32` (a saturating conversion that kept callers' loops scalar).
+    let t = x * std::f32::consts::LOG2_E + 12_582_912.0;
+    let n = t - 12_582_912.0;
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
         + 0.5;
     let p = p * r * r + r + 1.0;
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2ⁿ: n + 127 in the exponent field (0x4B40_0000 is the bits of 1.5·2²³).
+    p * f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// `product_new` relies on gemm not reading a destination it was told not to read: with
+    /// the destination full of NaN, any read would leave a NaN in the result. The shapes take
+    /// gemm's paths: matrix-vector both ways, k ≤ 2, the small "horizontal" kernel, the main
+    /// kernels with and without threads, and transposed operands.
+    #[test]
+    fn product_new_never_reads_its_output() {
+        let shapes = [
+            (1, 37, 19),
+            (37, 1, 19),
+            (23, 29, 1),
+            (23, 29, 2),
+            (9, 13, 17),
+            (16, 16, 64),
+            (70, 90, 33),
+            (300, 130, 257),
+        ];
+        for &(m, n, k) in &shapes {
+            for (lt, rt) in [(false, false), (true, false), (false, true), (true, true)] {
+                let a: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
+                    .collect();
+                let b: Vec<f32> = (0..k * n)
+                    .map(|i| ((i * 5 % 11) as f32 - 5.0) / 8.0)
+                    .collect();
+                let lhs = if lt { (&a[..], 1, m) } else { (&a[..], k, 1) };
+                let rhs = if rt { (&b[..], 1, k) } else { (&b[..], n, 1) };
+                let want: Vec<f64> = (0..m * n)
+                    .map(|ij| {
+                        let (i, j) = (ij / n, ij % n);
+                        (0..k)
+                            .map(|p| {
+                                let x = a[i * lhs.1 + p * lhs.2] as f64;
+                                x * b[p * rhs.1 + j * rhs.2] as f64
+                            })
+                            .sum::<f64>()
+                            * 0.5
+                    })
+                    .collect();
+                for par in [Parallelism::None, Parallelism::Rayon(2)] {
+                    let mut dst = vec![f32::NAN; m * n];
+                    product((m, n, k), &mut dst, n, false, lhs, rhs, 0.5, par).expect("product");
+                    let fresh = product_new((m, n, k), lhs, rhs, 0.5, par).expect("product_new");
+                    for (got, fresh, want) in dst
+                        .iter()
+                        .zip(&fresh)
+                        .zip(&want)
+                        .map(|((a, b), c)| (a, b, c))
+                    {
+                        assert!(
+                            (*got as f64 - want).abs() < 1e-4,
+                            "{m}×{n}×{k} {lt} {rt}: {got} vs {want}"
+                        );
+                        assert_eq!(got.to_bits(), fresh.to_bits(), "{m}×{n}×{k}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn exp_f32_is_accurate() {
         let mut worst = 0f64;
@@ -266,5 +483,7 @@ mod tests {
         }
         assert!(worst < 5e-7, "relative error {worst}");
         assert!(super::exp_f32(-1e30) < 1e-37);
+        assert!(super::exp_f32(f32::NAN).is_nan());
+        assert!(super::exp_f32(f32::INFINITY) > 1e38);
     }
 }

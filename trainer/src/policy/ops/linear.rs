@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use gemm::Parallelism;
 
 use super::OpsMode;
-use super::cpu::{Real, check_float, product, slice, with_slice};
+use super::cpu::{Real, check_float, product, product_new, slice, with_slice};
 
 /// `x · wᵀ (+ b)`: the fused op on the CPU, candle primitives elsewhere.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, mode: OpsMode) -> Result<Tensor> {
@@ -86,7 +86,7 @@ fn fwd<T: Real>(
     start: Start<'_, T>,
     (n, k, o): (usize, usize, usize),
 ) -> Result<Vec<T>> {
-    let accumulate = !matches!(start, Start::Zero);
+    let (x, w, par) = ((x, k, 1), (w, 1, k), parallelism(n, o, k));
     let mut y = match start {
         Start::Bias(b) => {
             let mut y = Vec::with_capacity(n * o);
@@ -96,18 +96,9 @@ fn fwd<T: Real>(
             y
         }
         Start::Residual(r) => r.to_vec(),
-        Start::Zero => vec![T::zero(); n * o],
+        Start::Zero => return product_new((n, o, k), x, w, T::one(), par),
     };
-    product(
-        (n, o, k),
-        &mut y,
-        o,
-        accumulate,
-        (x, k, 1),
-        (w, 1, k),
-        T::one(),
-        parallelism(n, o, k),
-    )?;
+    product((n, o, k), &mut y, o, true, x, w, T::one(), par)?;
     Ok(y)
 }
 
@@ -122,23 +113,15 @@ fn bwd<T: Real>(
     with_bias: bool,
     (n, k, o): (usize, usize, usize),
 ) -> Result<RawGrads<T>> {
-    let mut dx = vec![T::zero(); n * k];
-    product(
+    let dx = product_new(
         (n, k, o),
-        &mut dx,
-        k,
-        false,
         (g, o, 1),
         (w, k, 1),
         T::one(),
         parallelism(n, k, o),
     )?;
-    let mut dw = vec![T::zero(); o * k];
-    product(
+    let dw = product_new(
         (o, k, n),
-        &mut dw,
-        k,
-        false,
         (g, 1, o),
         (x, k, 1),
         T::one(),

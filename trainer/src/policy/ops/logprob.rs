@@ -11,7 +11,8 @@ use rayon::prelude::*;
 
 use super::OpsMode;
 use super::cpu::{
-    Real, check_float, lane_exp_sums, lane_max, product, rows_per_task, slice, with_slice,
+    Real, check_float, lane_exp_sums, lane_max, multiversion, product, product_new, rows_per_task,
+    slice, with_slice,
 };
 use super::linear::linear;
 
@@ -69,17 +70,22 @@ fn fwd<T: Real>(z: &[T], t: &[u32], v: usize) -> Vec<T> {
     let per = rows_per_task(n, v);
     out.par_chunks_mut(2 * per)
         .zip(z.par_chunks(per * v).zip(t.par_chunks(per)))
-        .for_each(|(o, (z, t))| {
-            for ((o, z), &t) in o.chunks_exact_mut(2).zip(z.chunks_exact(v)).zip(t) {
-                let max = lane_max(z);
-                let (sum, wsum) = lane_exp_sums(z, max);
-                let lse = sum.ln();
-                o[0] = T::of((z[t as usize] - max).f64() - lse);
-                // H = lse − Σ p·(z − max)
-                o[1] = T::of(lse - wsum / sum);
-            }
-        });
+        .for_each(|(o, (z, t))| fwd_rows(o, z, t, v));
     out
+}
+
+multiversion! {
+    /// [`fwd`] for a few rows.
+    fn fwd_rows<T: Real>(o: &mut [T], z: &[T], t: &[u32], v: usize) {
+        for ((o, z), &t) in o.chunks_exact_mut(2).zip(z.chunks_exact(v)).zip(t) {
+            let max = lane_max(z);
+            let (sum, wsum) = lane_exp_sums(z, max);
+            let lse = sum.ln();
+            o[0] = T::of((z[t as usize] - max).f64() - lse);
+            // H = lse − Σ p·(z − max)
+            o[1] = T::of(lse - wsum / sum);
+        }
+    }
 }
 
 /// dz = g_lp·(onehot − p) − g_H·p·(log p + H), with log p = z − (z_t − logp_t) from the
@@ -95,25 +101,30 @@ fn bwd<T: Real>(z: &[T], t: &[u32], res: &[T], g: &[T], v: usize) -> Vec<T> {
                     .zip(g.par_chunks(2 * per).zip(res.par_chunks(2 * per))),
             ),
         )
-        .for_each(|(dz, (z, (t, (g, res))))| {
-            for (((dz, z), &t), (g, res)) in dz
-                .chunks_exact_mut(v)
-                .zip(z.chunks_exact(v))
-                .zip(t)
-                .zip(g.chunks_exact(2).zip(res.chunks_exact(2)))
-            {
-                let (g_lp, g_h) = (g[0], g[1]);
-                let lse = z[t as usize] - res[0];
-                let h = res[1];
-                for (dz, &x) in dz.iter_mut().zip(z) {
-                    let logp = x - lse;
-                    let p = logp.fast_exp();
-                    *dz = -g_lp * p - g_h * p * (logp + h);
-                }
-                dz[t as usize] += g_lp;
-            }
-        });
+        .for_each(|(dz, (z, (t, (g, res))))| bwd_rows(dz, z, t, g, res, v));
     dz
+}
+
+multiversion! {
+    /// [`bwd`] for a few rows.
+    fn bwd_rows<T: Real>(dz: &mut [T], z: &[T], t: &[u32], g: &[T], res: &[T], v: usize) {
+        for (((dz, z), &t), (g, res)) in dz
+            .chunks_exact_mut(v)
+            .zip(z.chunks_exact(v))
+            .zip(t)
+            .zip(g.chunks_exact(2).zip(res.chunks_exact(2)))
+        {
+            let (g_lp, g_h) = (g[0], g[1]);
+            let lse = z[t as usize] - res[0];
+            let h = res[1];
+            for (dz, &x) in dz.iter_mut().zip(z) {
+                let logp = x - lse;
+                let p = logp.fast_exp();
+                *dz = -g_lp * p - g_h * p * (logp + h);
+            }
+            dz[t as usize] += g_lp;
+        }
+    }
 }
 
 impl CustomOp2 for LogprobOp {
@@ -242,16 +253,10 @@ fn head_fwd<T: Real>(
     let rows = block_rows(v);
     let mut out = Vec::with_capacity(2 * n);
     let mut kept = Vec::new();
-    let mut z = Vec::new();
     for r0 in (0..n).step_by(rows) {
         let m = rows.min(n - r0);
-        z.clear();
-        z.resize(m * v, T::zero());
-        product(
+        let z = product_new(
             (m, v, d),
-            &mut z,
-            v,
-            false,
             (&h[r0 * d..], d, 1),
             (w, 1, d),
             T::one(),
@@ -259,7 +264,7 @@ fn head_fwd<T: Real>(
         )?;
         out.extend(fwd(&z, &t[r0..r0 + m], v));
         if keep {
-            kept.push(std::mem::take(&mut z));
+            kept.push(z);
         }
     }
     Ok((out, kept))

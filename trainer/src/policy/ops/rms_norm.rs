@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor
 use rayon::prelude::*;
 
 use super::OpsMode;
-use super::cpu::{Real, check_float, rows_per_task, slice, with_slice};
+use super::cpu::{Real, check_float, lane_dot_f64, multiversion, rows_per_task, slice, with_slice};
 
 /// RMSNorm of `x` (any shape, normalised over the last dim) with weight `w` (last dim).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, mode: OpsMode) -> Result<Tensor> {
@@ -35,16 +35,20 @@ fn fwd<T: Real>(x: &[T], w: &[T], d: usize, eps: f64) -> Vec<T> {
     let chunk = rows_per_task(rows, d) * d;
     out.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
-        .for_each(|(o, x)| {
-            for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                let ms = x.iter().map(|v| v.f64() * v.f64()).sum::<f64>() / d as f64;
-                let r = T::of(1.0 / (ms + eps).sqrt());
-                for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
-                    *o = x * r * w;
-                }
-            }
-        });
+        .for_each(|(o, x)| fwd_rows(o, x, w, d, eps));
     out
+}
+
+multiversion! {
+    fn fwd_rows<T: Real>(o: &mut [T], x: &[T], w: &[T], d: usize, eps: f64) {
+        for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+            let ms = lane_dot_f64(x, x) / d as f64;
+            let r = T::of(1.0 / (ms + eps).sqrt());
+            for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+                *o = x * r * w;
+            }
+        }
+    }
 }
 
 /// dx = r·(g⊙w) − x·r³·Σ(g⊙w⊙x)/d;  dw = Σ_rows g⊙x·r.
@@ -57,26 +61,7 @@ fn bwd<T: Real>(x: &[T], w: &[T], g: &[T], d: usize, eps: f64) -> (Vec<T>, Vec<T
         .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
         .map(|(dx, (x, g))| {
             let mut dw = vec![0f64; d];
-            for ((dx, x), g) in dx
-                .chunks_exact_mut(d)
-                .zip(x.chunks_exact(d))
-                .zip(g.chunks_exact(d))
-            {
-                let ms = x.iter().map(|v| v.f64() * v.f64()).sum::<f64>() / d as f64;
-                let r = 1.0 / (ms + eps).sqrt();
-                let dot: f64 = x
-                    .iter()
-                    .zip(g)
-                    .zip(w)
-                    .map(|((x, g), w)| x.f64() * g.f64() * w.f64())
-                    .sum();
-                let c = T::of(r * r * r * dot / d as f64);
-                let rt = T::of(r);
-                for i in 0..d {
-                    dx[i] = rt * g[i] * w[i] - x[i] * c;
-                    dw[i] += g[i].f64() * x[i].f64() * r;
-                }
-            }
+            bwd_rows(dx, x, g, w, &mut dw, d, eps);
             dw
         })
         .reduce(
@@ -87,6 +72,29 @@ fn bwd<T: Real>(x: &[T], w: &[T], g: &[T], d: usize, eps: f64) -> (Vec<T>, Vec<T
             },
         );
     (dx, dw.into_iter().map(T::of).collect())
+}
+
+multiversion! {
+    /// [`bwd`] for a few rows; their share of dw is added to `dw`.
+    fn bwd_rows<T: Real>(dx: &mut [T], x: &[T], g: &[T], w: &[T], dw: &mut [f64], d: usize, eps: f64) {
+        let mut gw = vec![T::zero(); d];
+        for ((dx, x), g) in dx
+            .chunks_exact_mut(d)
+            .zip(x.chunks_exact(d))
+            .zip(g.chunks_exact(d))
+        {
+            let r = 1.0 / (lane_dot_f64(x, x) / d as f64 + eps).sqrt();
+            for ((gw, &g), &w) in gw.iter_mut().zip(g).zip(w) {
+                *gw = g * w;
+            }
+            let c = T::of(r * r * r * lane_dot_f64(x, &gw) / d as f64);
+            let rt = T::of(r);
+            for ((((dx, &x), &g), &gw), dw) in dx.iter_mut().zip(x).zip(g).zip(&gw).zip(dw.iter_mut()) {
+                *dx = rt * gw - x * c;
+                *dw += g.f64() * x.f64() * r;
+            }
+        }
+    }
 }
 
 impl CustomOp2 for RmsNormOp {

@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, b
 use rayon::prelude::*;
 
 use super::OpsMode;
-use super::cpu::{Real, check_float, slice, with_slice};
+use super::cpu::{Real, check_float, multiversion, slice, with_slice};
 
 const CHUNK: usize = 16 * 1024;
 
@@ -34,12 +34,16 @@ fn fwd<T: Real>(a: &[T], u: &[T]) -> Vec<T> {
     let mut out = vec![T::zero(); a.len()];
     out.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-        .for_each(|(o, (a, u))| {
-            for ((o, &a), &u) in o.iter_mut().zip(a).zip(u) {
-                *o = a * sigmoid(a) * u;
-            }
-        });
+        .for_each(|(o, (a, u))| fwd_chunk(o, a, u));
     out
+}
+
+multiversion! {
+    fn fwd_chunk<T: Real>(o: &mut [T], a: &[T], u: &[T]) {
+        for ((o, &a), &u) in o.iter_mut().zip(a).zip(u) {
+            *o = a * sigmoid(a) * u;
+        }
+    }
 }
 
 fn bwd<T: Real>(a: &[T], u: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
@@ -52,15 +56,18 @@ fn bwd<T: Real>(a: &[T], u: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
                 .zip(u.par_chunks(CHUNK))
                 .zip(g.par_chunks(CHUNK)),
         )
-        .for_each(|((da, du), ((a, u), g))| {
-            for i in 0..a.len() {
-                let s = sigmoid(a[i]);
-                let silu = a[i] * s;
-                da[i] = g[i] * u[i] * s * (T::one() + a[i] * (T::one() - s));
-                du[i] = g[i] * silu;
-            }
-        });
+        .for_each(|((da, du), ((a, u), g))| bwd_chunk(da, du, a, u, g));
     (da, du)
+}
+
+multiversion! {
+    fn bwd_chunk<T: Real>(da: &mut [T], du: &mut [T], a: &[T], u: &[T], g: &[T]) {
+        for ((((da, du), &a), &u), &g) in da.iter_mut().zip(du.iter_mut()).zip(a).zip(u).zip(g) {
+            let s = sigmoid(a);
+            *da = g * u * s * (T::one() + a * (T::one() - s));
+            *du = g * a * s;
+        }
+    }
 }
 
 impl CustomOp2 for SwiGluOp {
