@@ -123,6 +123,31 @@ pub(crate) fn product<T: Real>(
     }
 }
 
+/// Two independent products of about the same size, `a` and `b`, each given the threads it
+/// may use. Large ones run side by side, each on half the workers, rather than one after the
+/// other with each split across all of them: on 2 cores that measured ~5% faster per
+/// training step (gemm synchronises and re-packs less when it has fewer threads).
+pub(crate) fn side_by_side<A: Send, B: Send>(
+    large: bool,
+    a: impl FnOnce(Parallelism) -> Result<A> + Send,
+    b: impl FnOnce(Parallelism) -> Result<B> + Send,
+) -> Result<(A, B)> {
+    let threads = rayon::current_num_threads();
+    if !large {
+        return Ok((a(Parallelism::None)?, b(Parallelism::None)?));
+    }
+    if threads < 2 {
+        return Ok((a(Parallelism::Rayon(0))?, b(Parallelism::Rayon(0))?));
+    }
+    let half = if threads >= 4 {
+        Parallelism::Rayon(threads / 2)
+    } else {
+        Parallelism::None
+    };
+    let (a, b) = rayon::join(|| a(half), || b(half));
+    Ok((a?, b?))
+}
+
 /// A new row-major `m×n` matrix `scale · lhs (m×k) · rhs (k×n)`. The output is not zeroed
 /// first: `gemm` told not to read its destination (`read_dst = false`) writes every element
 /// without loading any (the test `product_new_never_reads_its_output` checks this on shapes

@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use gemm::Parallelism;
 
 use super::OpsMode;
-use super::cpu::{Real, check_float, product, product_new, slice, with_slice};
+use super::cpu::{Real, check_float, product, product_new, side_by_side, slice, with_slice};
 
 /// `x · wᵀ (+ b)`: the fused op on the CPU, candle primitives elsewhere.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, mode: OpsMode) -> Result<Tensor> {
@@ -113,19 +113,10 @@ fn bwd<T: Real>(
     with_bias: bool,
     (n, k, o): (usize, usize, usize),
 ) -> Result<RawGrads<T>> {
-    let dx = product_new(
-        (n, k, o),
-        (g, o, 1),
-        (w, k, 1),
-        T::one(),
-        parallelism(n, k, o),
-    )?;
-    let dw = product_new(
-        (o, k, n),
-        (g, 1, o),
-        (x, k, 1),
-        T::one(),
-        parallelism(o, k, n),
+    let (dx, dw) = side_by_side(
+        n * k * o >= 64 * 64 * 64,
+        |par| product_new((n, k, o), (g, o, 1), (w, k, 1), T::one(), par),
+        |par| product_new((o, k, n), (g, 1, o), (x, k, 1), T::one(), par),
     )?;
     let db = with_bias.then(|| {
         let mut db = vec![T::zero(); o];

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use super::OpsMode;
 use super::cpu::{
     Real, check_float, lane_exp_sums, lane_max, multiversion, product, product_new, rows_per_task,
-    slice, with_slice,
+    side_by_side, slice, with_slice,
 };
 use super::linear::linear;
 
@@ -296,25 +296,26 @@ fn head_bwd<T: Real>(
             &g[2 * r0..2 * (r0 + m)],
             v,
         );
-        product(
-            (m, d, v),
-            &mut dh[r0 * d..],
-            d,
-            false,
-            (&dz, v, 1),
-            (w, d, 1),
-            T::one(),
-            Parallelism::Rayon(0),
-        )?;
-        product(
-            (v, d, m),
-            &mut dw,
-            d,
-            bi > 0,
-            (&dz, 1, v),
-            (&h[r0 * d..], d, 1),
-            T::one(),
-            Parallelism::Rayon(0),
+        let dh_rows = &mut dh[r0 * d..];
+        let dw = &mut dw;
+        side_by_side(
+            m * d * v >= 64 * 64 * 64,
+            |par| {
+                product(
+                    (m, d, v),
+                    dh_rows,
+                    d,
+                    false,
+                    (&dz, v, 1),
+                    (w, d, 1),
+                    T::one(),
+                    par,
+                )
+            },
+            |par| {
+                let h_rows = (&h[r0 * d..], d, 1);
+                product((v, d, m), dw, d, bi > 0, (&dz, 1, v), h_rows, T::one(), par)
+            },
         )?;
     }
     Ok((dh, dw))
