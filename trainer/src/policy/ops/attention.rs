@@ -524,6 +524,26 @@ impl CustomOp3 for AttentionOp {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn softmax_rows_match_their_baseline_build() {
+        let row: Vec<f32> = (0..300)
+            .map(|i| ((i * 37 % 101) as f32) / 9.0 - 5.0)
+            .collect();
+        let g: Vec<f32> = (0..300)
+            .map(|i| ((i * 17 % 23) as f32) / 5.0 - 2.0)
+            .collect();
+        let (fast, base) = super::super::cpu::both_builds(|| {
+            let mut p = row.clone();
+            softmax_row(&mut p, 217);
+            let mut ds = g.clone();
+            softmax_grad_row(&mut ds, &p, 0.125, 0.5);
+            (p, ds)
+        });
+        assert!((fast.0.iter().map(|&x| x as f64).sum::<f64>() - 1.0).abs() < 1e-5);
+        assert!(fast.0[217..].iter().all(|&x| x == 0.0));
+        assert_eq!(fast, base);
+    }
     use std::sync::Arc;
 
     use candle_core::{Device, Var};

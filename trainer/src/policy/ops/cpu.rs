@@ -281,6 +281,10 @@ macro_rules! multiversion {
         $vis fn $name<$T: Real>($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn imp<$T: Real>($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(test)]
+            if crate::policy::ops::cpu::BASELINE_ONLY.get() {
+                return imp($($arg),*);
+            }
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx2,fma")]
@@ -307,6 +311,24 @@ macro_rules! multiversion {
     };
 }
 pub(crate) use multiversion;
+
+#[cfg(test)]
+thread_local! {
+    /// Makes `multiversion!` functions called on this thread take their baseline build, so
+    /// that tests can compare it with the vectorised one.
+    pub(crate) static BASELINE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `f()` with the vectorised builds and then with the baseline build of every
+/// `multiversion!` function it calls on this thread.
+#[cfg(test)]
+pub(crate) fn both_builds<R>(f: impl Fn() -> R) -> (R, R) {
+    let fast = f();
+    BASELINE_ONLY.set(true);
+    let base = f();
+    BASELINE_ONLY.set(false);
+    (fast, base)
+}
 
 const LANES: usize = 16;
 

@@ -5,7 +5,9 @@
 //! in two forms with the same maths:
 //! * on the CPU, a custom op whose forward and backward are plain Rust loops spread over
 //!   rayon (candle's own element-wise CPU ops run on one thread, which made the backward the
-//!   bottleneck of a training step);
+//!   bottleneck of a training step), their inner loops compiled for AVX-512 and AVX2 as well
+//!   as the baseline and picked at run time (`cpu::multiversion!`), and their products
+//!   through `gemm`;
 //! * elsewhere (CUDA), a composition of differentiable candle primitives.
 //!
 //! Tests check both forms against each other and against PyTorch (`tests/policy_*`).

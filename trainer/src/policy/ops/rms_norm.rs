@@ -165,3 +165,28 @@ impl CustomOp2 for RmsNormOp {
         Ok((Some(dx), Some(dw)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_kernels_match_their_baseline_build() {
+        let (n, d) = (3, 389);
+        let x: Vec<f32> = (0..n * d)
+            .map(|i| ((i * 37 % 101) as f32) / 7.0 - 7.0)
+            .collect();
+        let w: Vec<f32> = (0..d).map(|i| 1.0 + (i % 5) as f32 / 10.0).collect();
+        let g: Vec<f32> = (0..n * d)
+            .map(|i| ((i * 17 % 23) as f32) / 5.0 - 2.0)
+            .collect();
+        let (fast, base) = super::super::cpu::both_builds(|| {
+            let mut o = vec![0f32; n * d];
+            fwd_rows(&mut o, &x, &w, d, 1e-6);
+            let (mut dx, mut dw) = (vec![0f32; n * d], vec![0f64; d]);
+            bwd_rows(&mut dx, &x, &g, &w, &mut dw, d, 1e-6);
+            (o, dx, dw)
+        });
+        assert_eq!(fast, base);
+    }
+}

@@ -129,3 +129,28 @@ impl CustomOp2 for SwiGluOp {
         Ok((Some(da), Some(du)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_kernels_match_their_baseline_build() {
+        let n = 1037;
+        let a: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32) / 7.0 - 7.0)
+            .collect();
+        let u: Vec<f32> = (0..n)
+            .map(|i| ((i * 53 % 89) as f32) / 11.0 - 4.0)
+            .collect();
+        let g: Vec<f32> = (0..n).map(|i| ((i * 17 % 23) as f32) / 5.0 - 2.0).collect();
+        let (fast, base) = super::super::cpu::both_builds(|| {
+            let mut o = vec![0f32; n];
+            fwd_chunk(&mut o, &a, &u);
+            let (mut da, mut du) = (vec![0f32; n], vec![0f32; n]);
+            bwd_chunk(&mut da, &mut du, &a, &u, &g);
+            (o, da, du)
+        });
+        assert_eq!(fast, base);
+    }
+}
