@@ -288,18 +288,26 @@ impl LocalProvider {
                     "/",
                     "/",
                 ])
-                .args(["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"])
-                .arg("--bind")
-                .arg(&workspace)
-                .arg(&workspace)
-                .arg("--ro-bind")
-                .arg(&token_file)
-                .arg(&token_file)
-                .arg("--chdir")
-                .arg(&workspace)
-                .arg("--")
-                .arg(&self.bin)
-                .args(["serve", "--listen-fd", &LISTEN_FD.to_string()]);
+                .args(["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]);
+                // The sandbox's /tmp is its own, which hides the sidecar binary and PATH
+                // directories kept under the host's /tmp (a checkout or a venv there): those
+                // are bound back, read-only.
+                let bin = std::iter::once(self.bin.clone());
+                let path_dirs = self.path.iter().flat_map(std::env::split_paths);
+                for p in bin.chain(path_dirs).filter(|p| p.starts_with("/tmp")) {
+                    c.arg("--ro-bind-try").arg(&p).arg(&p);
+                }
+                c.arg("--bind")
+                    .arg(&workspace)
+                    .arg(&workspace)
+                    .arg("--ro-bind")
+                    .arg(&token_file)
+                    .arg(&token_file)
+                    .arg("--chdir")
+                    .arg(&workspace)
+                    .arg("--")
+                    .arg(&self.bin)
+                    .args(["serve", "--listen-fd", &LISTEN_FD.to_string()]);
                 pass_fd(&mut c, listener.as_raw_fd());
                 c
             }
