@@ -291,9 +291,15 @@ impl LocalProvider {
                 .args(["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]);
                 // The sandbox's /tmp is its own, which hides the sidecar binary and PATH
                 // directories kept under the host's /tmp (a checkout or a venv there): those
-                // are bound back, read-only.
+                // are bound back, read-only; for a `bin` directory, its parent (a venv or
+                // prefix, whose `lib` the programs need).
                 let bin = std::iter::once(self.bin.clone());
-                let path_dirs = self.path.iter().flat_map(std::env::split_paths);
+                let path_dirs = self.path.iter().flat_map(std::env::split_paths).map(|d| {
+                    match (d.file_name(), d.parent()) {
+                        (Some(n), Some(parent)) if n == "bin" => parent.to_path_buf(),
+                        _ => d,
+                    }
+                });
                 for p in bin.chain(path_dirs).filter(|p| p.starts_with("/tmp")) {
                     c.arg("--ro-bind-try").arg(&p).arg(&p);
                 }
