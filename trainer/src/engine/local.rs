@@ -296,7 +296,9 @@ impl LocalProvider {
                 let bin = std::iter::once(self.bin.clone());
                 let path_dirs = self.path.iter().flat_map(std::env::split_paths).map(|d| {
                     match (d.file_name(), d.parent()) {
-                        (Some(n), Some(parent)) if n == "bin" => parent.to_path_buf(),
+                        (Some(n), Some(parent)) if n == "bin" && parent != Path::new("/tmp") => {
+                            parent.to_path_buf()
+                        }
                         _ => d,
                     }
                 });
