@@ -194,43 +194,6 @@ unsafe fn gemm_checked<T: Real>(
     if last(m, lhs_rs, k, lhs_cs) >= lhs.len() || last(k, rhs_rs, n, rhs_cs) >= rhs.len() {
         bail!("selfplay op: a product is out of bounds ({m}×{k}·{k}×{n})");
     }
-    let threads = rayon::current_num_threads();
-    if std::env::var_os("SPLITM").is_some()
-        && matches!(par, Parallelism::Rayon(_))
-        && threads > 1
-        && m >= 128 * threads
-    {
-        let dst = dst as usize;
-        rayon::scope(|s| {
-            for q in 0..threads {
-                let (m0, m1) = (m * q / threads, m * (q + 1) / threads);
-                s.spawn(move |_| unsafe {
-                    gemm::gemm(
-                        m1 - m0,
-                        n,
-                        k,
-                        (dst as *mut T).add(m0 * dst_rs),
-                        1,
-                        dst_rs as isize,
-                        accumulate,
-                        lhs.as_ptr().add(m0 * lhs_rs),
-                        lhs_cs as isize,
-                        lhs_rs as isize,
-                        rhs.as_ptr(),
-                        rhs_cs as isize,
-                        rhs_rs as isize,
-                        if accumulate { T::one() } else { T::zero() },
-                        scale,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
-                });
-            }
-        });
-        return Ok(());
-    }
     // SAFETY: the operands' indices were checked above, the output's by the caller; T is f32
     // or f64 (`Real`).
     unsafe {
