@@ -133,11 +133,8 @@ pub(crate) fn side_by_side<A: Send, B: Send>(
     b: impl FnOnce(Parallelism) -> Result<B> + Send,
 ) -> Result<(A, B)> {
     let threads = rayon::current_num_threads();
-    if !large {
+    if !large || threads < 2 {
         return Ok((a(Parallelism::None)?, b(Parallelism::None)?));
-    }
-    if threads < 2 {
-        return Ok((a(Parallelism::Rayon(0))?, b(Parallelism::Rayon(0))?));
     }
     let half = if threads >= 4 {
         Parallelism::Rayon(threads / 2)
