@@ -277,3 +277,32 @@ async fn command_text_arrives_exactly_inline_or_through_a_file() {
     let r = c.session_run("s", "echo still here", None).await.unwrap();
     assert_eq!(r.stdout, b"still here\n");
 }
+
+#[tokio::test]
+async fn commands_run_at_the_top_level_of_the_shell() {
+    let h = common::start().await;
+    let c = &h.client;
+    // Not inside a function: `declare` makes globals, `local` and `return` are errors.
+    let r = c
+        .session_run("s", "declare -A M=([k]=v); declare N=1", None)
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    let r = c.session_run("s", "echo ${M[k]}$N", None).await.unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_slice()), (0, &b"v1\n"[..]));
+    let r = c.session_run("s", "local x=1", None).await.unwrap();
+    assert_eq!(r.exit_code, 1, "{r:?}");
+    let r = c.session_run("s", "return 7", None).await.unwrap();
+    assert_eq!(r.exit_code, 2, "{r:?}");
+    // A user's own `printf` does not replace the sentinels.
+    let r = c
+        .session_run("s", "printf() { echo mine; }; printf x", None)
+        .await
+        .unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_slice()), (0, &b"mine\n"[..]));
+    let r = c.session_run("s", "echo after", None).await.unwrap();
+    assert_eq!(
+        (r.stdout.as_slice(), r.session_restarted),
+        (&b"after\n"[..], false)
+    );
+}
