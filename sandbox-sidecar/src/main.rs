@@ -323,22 +323,29 @@ fn client_main(args: ClientArgs) -> i32 {
     }
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+/// Sets `key` to the bytes as text for people and, where they are not UTF-8 (the text then
+/// has replacement characters), `<key>_base64` to the bytes exactly.
+fn put_bytes(v: &mut serde_json::Value, key: &str, b: &[u8]) {
+    use base64::Engine as _;
+    v[key] = json!(String::from_utf8_lossy(b));
+    if std::str::from_utf8(b).is_err() {
+        v[format!("{key}_base64")] = json!(base64::engine::general_purpose::STANDARD.encode(b));
+    }
 }
 
 fn result_json(r: &CommandResult) -> serde_json::Value {
-    json!({
+    let mut v = json!({
         "exit_code": r.exit_code,
         "signal": r.signal,
-        "stdout": text(&r.stdout),
-        "stderr": text(&r.stderr),
         "truncated": r.truncated,
         "timed_out": r.timed_out,
         "duration_ms": r.duration_us as f64 / 1000.0,
         "session_restarted": r.session_restarted,
         "notice": r.notice,
-    })
+    });
+    put_bytes(&mut v, "stdout", &r.stdout);
+    put_bytes(&mut v, "stderr", &r.stderr);
+    v
 }
 
 fn change_json(files: &[FileChange]) -> serde_json::Value {
@@ -396,7 +403,10 @@ async fn client_run(args: ClientArgs) -> anyhow::Result<serde_json::Value> {
                     ..Default::default()
                 })
                 .await?;
-            json!({"path": path, "size": r.size, "truncated": r.truncated, "mode": r.mode, "content": text(&r.content)})
+            let mut v =
+                json!({"path": path, "size": r.size, "truncated": r.truncated, "mode": r.mode});
+            put_bytes(&mut v, "content", &r.content);
+            v
         }
         ClientCommand::Write {
             path,
@@ -460,7 +470,9 @@ async fn client_run(args: ClientArgs) -> anyhow::Result<serde_json::Value> {
             let inc: Vec<&str> = include.iter().map(|s| s.as_str()).collect();
             let exc: Vec<&str> = exclude.iter().map(|s| s.as_str()).collect();
             let r = c.diff(snapshot.as_deref(), &inc, &exc).await?;
-            json!({"diff": text(&r.diff), "files": change_json(&r.files), "binary_files": r.binary_files})
+            let mut v = json!({"files": change_json(&r.files), "binary_files": r.binary_files});
+            put_bytes(&mut v, "diff", &r.diff);
+            v
         }
         ClientCommand::Snapshot { name, exclude } => {
             let exc: Vec<&str> = exclude.iter().map(|s| s.as_str()).collect();

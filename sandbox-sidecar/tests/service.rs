@@ -264,6 +264,17 @@ fn cli_prints_json_and_fails_clearly() {
     for key in ["stderr", "truncated", "timed_out", "duration_ms"] {
         assert!(v.get(key).is_some(), "{key} missing in {out}");
     }
+    assert!(v.get("stdout_base64").is_none(), "{out}");
+    // Bytes that are not UTF-8 also come exactly, in base64.
+    let (code, out, _) = cli(&["exec", "--", "printf", "\\377\\000a\\n"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(v["stdout_base64"].as_str().expect("stdout_base64"))
+        .unwrap();
+    assert_eq!(raw, b"\xff\x00a\n");
+    assert_eq!(v["stdout"], "\u{fffd}\u{0}a\n");
     let (code, _, _) = cli(&["write", "f.txt", "--content", "one two"]);
     assert_eq!(code, 0);
     let (code, out, _) = cli(&["read", "f.txt"]);
