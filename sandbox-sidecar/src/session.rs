@@ -54,8 +54,8 @@ struct Shell {
     stdout: PipeReader<ChildStdout>,
     stderr: PipeReader<ChildStderr>,
     sid: u32,
-    out_marker: Vec<u8>,
-    err_marker: Vec<u8>,
+    /// Starts both sentinel lines (stdout's carries `$?` after it).
+    marker: Vec<u8>,
     /// Defines `__sc_end`; sent ahead of the first command.
     setup: Option<Vec<u8>>,
     /// Sources `cmd_file`.
@@ -331,8 +331,7 @@ fn spawn_shell(
         stdout: PipeReader::new(stdout),
         stderr: PipeReader::new(stderr),
         sid,
-        out_marker: format!("\n__SC_{nonce}_").into_bytes(),
-        err_marker: format!("\n__SC_{nonce}_").into_bytes(),
+        marker: format!("\n__SC_{nonce}_").into_bytes(),
         setup: Some(setup.into_bytes()),
         file_line: file_line.into_bytes(),
         cmd_file,
@@ -363,8 +362,8 @@ async fn run_in_shell(
     shell.stdin.write_all(&msg).await?;
     shell.stdin.flush().await?;
     let (rc, err_done) = tokio::join!(
-        shell.stdout.read_until_marker(&shell.out_marker, stdout),
-        shell.stderr.read_until_marker(&shell.err_marker, stderr),
+        shell.stdout.read_until_marker(&shell.marker, stdout),
+        shell.stderr.read_until_marker(&shell.marker, stderr),
     );
     let (Some(rc), Some(_)) = (rc?, err_done?) else {
         return Ok(None);
