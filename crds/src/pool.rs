@@ -160,6 +160,14 @@ pub struct PoolSource {
     /// Relative paths are resolved against the run file's directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_path: Option<String>,
+    /// Host directories a local sandbox sees, read-only, for the repository's tools (an
+    /// interpreter environment, a compiler): each directory's `bin` (or the directory
+    /// itself) goes on the sandbox's PATH. Empty: the toolchain of the PATH the trainer
+    /// runs with. Nothing else of the host is visible but the system directories (/usr,
+    /// /etc). Relative paths are resolved against the run file's directory.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub toolchain: Vec<String>,
 }
 
 /// Observed state of a pool.

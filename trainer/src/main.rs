@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use selfplay_trainer::cli;
+use selfplay_trainer::engine::local::{TRAINER_SIDECAR_ARG, serve_sidecar_from_this_executable};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -28,9 +29,28 @@ enum Command {
     Evaluate(cli::evaluate::EvaluateArgs),
     /// Print the log-prob of each token given its prefix.
     Score(cli::score::ScoreArgs),
+    /// Open a sandbox of a pool exactly as an episode would and run a command in it (without
+    /// one, an interactive shell).
+    Sandbox(cli::sandbox::SandboxArgs),
+    /// Run the sandbox sidecar (the same command line as `sandbox-sidecar`): the trainer
+    /// serves its local sandboxes itself, so no second binary is needed.
+    #[command(disable_help_flag = true)]
+    Sidecar {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() -> ExitCode {
+    // `trainer sidecar …` is the sidecar's own command line, with nothing of the trainer's
+    // start-up (allocator tuning, logging) before it.
+    let mut args = std::env::args_os();
+    if args.nth(1).as_deref() == Some(std::ffi::OsStr::new(TRAINER_SIDECAR_ARG)) {
+        return sandbox_sidecar::cli::main_with_args(
+            std::iter::once(std::ffi::OsString::from("sandbox-sidecar")).chain(args),
+        );
+    }
+    serve_sidecar_from_this_executable();
     selfplay_trainer::policy::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -46,6 +66,9 @@ fn main() -> ExitCode {
         Command::Validate(a) => cli::validate::run(a),
         Command::Evaluate(a) => cli::evaluate::run(a),
         Command::Score(a) => cli::score::run(a),
+        Command::Sandbox(a) => cli::sandbox::run(a),
+        // Handled before parsing, above.
+        Command::Sidecar { .. } => Ok(ExitCode::FAILURE),
     };
     match result {
         Ok(code) => code,

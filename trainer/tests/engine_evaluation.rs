@@ -13,7 +13,7 @@ use selfplay_trainer::engine::diffs::reverse_diff;
 use selfplay_trainer::engine::local::LocalProvider;
 use selfplay_trainer::engine::sandbox::SandboxProvider as _;
 use selfplay_trainer::engine::solver::{
-    BugTask, Evaluation, evaluate_patch, prepare_solver_workspace,
+    BugTask, Evaluation, evaluate_patch, prepare_grading_workspace, prepare_solver_workspace,
 };
 use selfplay_trainer::engine::validation::{ValidationConfig, validate};
 
@@ -31,7 +31,7 @@ async fn valid_task(p: &LocalProvider) -> BugTask {
 
 async fn grade(p: &LocalProvider, task: &BugTask, patch: &str) -> Evaluation {
     let sb = p.acquire("default").await.unwrap();
-    prepare_solver_workspace(sb.client(), task).await.unwrap();
+    prepare_grading_workspace(sb.client(), task).await.unwrap();
     let e = evaluate_patch(sb.client(), task, patch, TIMEOUT)
         .await
         .unwrap();
@@ -107,6 +107,12 @@ async fn grading_per_test_with_oracle_files_restored() {
         correct.statuses
     );
     assert!(by("correct fix and an edited oracle file").solved);
+    // Changes to the protected test surface are dropped, and recorded.
+    assert_eq!(
+        by("correct fix and an edited oracle file").dropped,
+        ["tests/test_slug.py"]
+    );
+    assert!(correct.dropped.is_empty());
     let untouched = by("no change");
     assert!(!untouched.solved);
     assert_eq!(untouched.failing.len(), 3, "the three tests the bug breaks");
@@ -146,27 +152,22 @@ async fn solver_workspace_has_both_diffs_and_no_history() {
             .unwrap()
             .contains("max_length")
     );
-    // A fresh repository: no commits, no objects from the original history.
-    let log = Command::new("git")
-        .args(["log", "--oneline"])
+    // A fresh repository: one initial commit of the workspace as it is (so `git diff` and
+    // `git status` work), nothing of the original history.
+    let git = |args: &[&str], dir: &std::path::Path| {
+        let o = Command::new("git").args(args).current_dir(dir).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let log = git(&["log", "--format=%s"], ws);
+    assert_eq!(log.trim(), "Initial commit", "history: {log}");
+    assert_eq!(git(&["status", "--porcelain"], ws).trim(), "");
+    let original_head = git(&["rev-parse", "HEAD"], &repo);
+    let found = Command::new("git")
+        .args(["cat-file", "-e", original_head.trim()])
         .current_dir(ws)
-        .output()
+        .status()
         .unwrap();
-    assert!(
-        !log.status.success() || log.stdout.is_empty(),
-        "history survived: {}",
-        String::from_utf8_lossy(&log.stdout)
-    );
-    let count = Command::new("git")
-        .args(["count-objects", "-v"])
-        .current_dir(ws)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&count.stdout);
-    assert!(
-        text.contains("count: 0") && text.contains("in-pack: 0"),
-        "{text}"
-    );
+    assert!(!found.success(), "the original history's commits survived");
     // The task is the reversed weakening: it restores the removed tests.
     let task_diff = task.task_diff().unwrap();
     assert!(

@@ -16,7 +16,7 @@ use selfplay_trainer::engine::artifacts::Artifacts;
 use selfplay_trainer::engine::diffs::reverse_diff;
 use selfplay_trainer::engine::local::{LocalProvider, LocalProviderConfig};
 use selfplay_trainer::engine::sandbox::SandboxProvider as _;
-use selfplay_trainer::engine::solver::{BugTask, evaluate_patch, prepare_solver_workspace};
+use selfplay_trainer::engine::solver::{BugTask, evaluate_patch, prepare_grading_workspace};
 use selfplay_trainer::engine::validation::{Check, ValidationConfig, validate};
 
 const SDIST: &str = "inflection-0.5.1.tar.gz";
@@ -197,7 +197,7 @@ async fn inflection_from_pypi_validates_and_grades() {
         let (p, task) = (&p, &task);
         async move {
             let sb = p.acquire("default").await.unwrap();
-            prepare_solver_workspace(sb.client(), task).await.unwrap();
+            prepare_grading_workspace(sb.client(), task).await.unwrap();
             let e = evaluate_patch(sb.client(), task, patch, Duration::from_secs(120))
                 .await
                 .unwrap();

@@ -99,6 +99,17 @@ fn truncation_policy_and_step_penalty() {
         shaped_reward(1.0, EpisodeEnd::Truncated, 40, &force, None),
         Some(0.5)
     );
+    // Truncation is never better than failing: a negative reward stays as it is.
+    for policy in [&mask, &force] {
+        assert_eq!(
+            shaped_reward(-1.0, EpisodeEnd::Truncated, 40, policy, None),
+            Some(-1.0)
+        );
+        assert_eq!(
+            shaped_reward(-0.8, EpisodeEnd::Truncated, 40, policy, None),
+            Some(-0.8)
+        );
+    }
     assert_eq!(
         shaped_reward(-1.0, EpisodeEnd::InfraError, 3, &force, None),
         None,

@@ -24,66 +24,75 @@ fn assets() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("assets")
 }
 
-/// The artifacts and the fix, staged where sandboxes can read them (the host is visible
-/// read-only inside bubblewrap; only the workspace is writable).
-fn stage(dir: &Path) -> PathBuf {
-    let stage = dir.join("stage");
-    std::fs::create_dir_all(stage.join("artifacts")).expect("mkdir");
-    for f in [
+/// The valid artifact set the scripted injector writes, file by file, through the
+/// sandbox's own API (`<create>` tool calls are the sidecar's file writes): a sandbox sees
+/// nothing of the host but its system and toolchain directories.
+fn artifacts() -> Vec<(&'static str, String)> {
+    [
         "bug_inject.diff",
         "test_weaken.diff",
         "test_files.txt",
         "test_script.sh",
         "test_parser.py",
-    ] {
-        std::fs::copy(
-            assets().join("artifacts/valid").join(f),
-            stage.join("artifacts").join(f),
-        )
-        .expect("copy");
-    }
-    stage
+    ]
+    .into_iter()
+    .map(|f| {
+        let text =
+            std::fs::read_to_string(assets().join("artifacts/valid").join(f)).expect("artifact");
+        (f, text)
+    })
+    .collect()
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Plan {
     /// Writes the valid artifact set, then submits.
     ValidBug,
     /// Submits without artifacts (validation fails: −1).
     NoBug,
-    /// Kills its own sidecar (an infrastructure failure of the sandbox).
-    KillSandbox,
+    /// Its sandbox is killed from outside before it acts, then it submits: a failure the
+    /// agent could not have caused (masked, retried on a fresh sandbox).
+    KilledFromOutside,
     /// Reverts the bug, then submits (solved).
     Fix,
     /// Submits without a change (not solved).
     GiveUp,
 }
 
+const PLANS: [(&str, Plan); 5] = [
+    ("valid-bug", Plan::ValidBug),
+    ("no-bug", Plan::NoBug),
+    ("killed-from-outside", Plan::KilledFromOutside),
+    ("fix", Plan::Fix),
+    ("give-up", Plan::GiveUp),
+];
+
 struct Scripted {
     model: Arc<CandlePolicy>,
-    stage: PathBuf,
+    /// The run's output directory (its sandboxes' sidecars name it on their command line).
+    out: PathBuf,
     injectors: Arc<AtomicUsize>,
     solvers: Arc<AtomicUsize>,
     kill_first: bool,
 }
 
 impl Scripted {
-    fn plan_for(&self, text: &str) -> Plan {
-        for (tag, plan) in [
-            ("# plan: valid-bug", Plan::ValidBug),
-            ("# plan: no-bug", Plan::NoBug),
-            ("# plan: kill", Plan::KillSandbox),
-            ("# plan: fix", Plan::Fix),
-            ("# plan: give-up", Plan::GiveUp),
-        ] {
-            if text.contains(tag) {
-                return plan;
+    /// The plan of an episode and how many turns it has taken: each turn of this policy
+    /// starts with `# plan: NAME`.
+    fn plan_for(&self, text: &str) -> (Plan, usize) {
+        let taken = text.matches("# plan: ").count();
+        if let Some(i) = text.find("# plan: ") {
+            let rest = &text[i + "# plan: ".len()..];
+            for (name, plan) in PLANS {
+                if rest.starts_with(name) && rest[name.len()..].starts_with('\n') {
+                    return (plan, taken);
+                }
             }
         }
-        if text.contains("bug_inject.diff") {
+        let plan = if text.contains("bug_inject.diff") {
             let n = self.injectors.fetch_add(1, Ordering::SeqCst);
             match (self.kill_first, n) {
-                (true, 0) => Plan::KillSandbox,
+                (true, 0) => Plan::KilledFromOutside,
                 (true, _) => Plan::ValidBug,
                 (false, n) if n.is_multiple_of(2) => Plan::ValidBug,
                 _ => Plan::NoBug,
@@ -96,24 +105,56 @@ impl Scripted {
             Plan::Fix
         } else {
             Plan::GiveUp
-        }
+        };
+        (plan, 0)
     }
 
-    fn turn(&self, plan: Plan, turns_so_far: usize) -> String {
-        let art = self.stage.join("artifacts");
-        match (plan, turns_so_far) {
-            (Plan::ValidBug, 0) => format!(
-                "<bash>\n# plan: valid-bug\nmkdir -p .selfplay && cp {}/* .selfplay/ && ls .selfplay\n</bash>",
-                art.display()
-            ),
-            (Plan::NoBug, 0) => "<bash>\n# plan: no-bug\nls\n</bash>".into(),
-            (Plan::KillSandbox, 0) => "<bash>\n# plan: kill\nkill -9 $PPID\n</bash>".into(),
-            (Plan::Fix, 0) => format!(
-                "<bash>\n# plan: fix\ngit apply -R {}/bug_inject.diff && echo fixed\n</bash>",
-                art.display()
-            ),
-            (Plan::GiveUp, 0) => "<bash>\n# plan: give-up\nls\n</bash>".into(),
+    fn turn(&self, plan: Plan, taken: usize) -> String {
+        let name = PLANS
+            .iter()
+            .find(|(_, p)| *p == plan)
+            .map_or("?", |(n, _)| n);
+        let tag = format!("# plan: {name}\n");
+        let files = artifacts();
+        let call = match (plan, taken) {
+            (Plan::ValidBug, n) if n < files.len() => {
+                let (f, text) = &files[n];
+                format!("<create path=\".selfplay/{f}\">\n{text}</create>")
+            }
+            (Plan::NoBug | Plan::GiveUp, 0) => "<bash>\nls\n</bash>".into(),
+            (Plan::KilledFromOutside, 0) => {
+                kill_sandboxes(&self.out);
+                "<submit/>".into()
+            }
+            (Plan::Fix, 0) => {
+                let (_, bug) = &files[0];
+                format!("<create path=\"fix.diff\">\n{bug}</create>")
+            }
+            (Plan::Fix, 1) => {
+                "<bash>\ngit apply -R fix.diff && rm fix.diff && echo fixed\n</bash>".into()
+            }
             _ => "<submit/>".into(),
+        };
+        format!("{tag}{call}")
+    }
+}
+
+/// Kills, from outside, the sidecars of the run's live sandboxes (as a node failure would).
+fn kill_sandboxes(out: &Path) {
+    let needle = out.join("sandboxes").to_string_lossy().into_owned();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(&needle) && cmd.contains(" serve ") {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
@@ -131,12 +172,8 @@ impl Policy for Scripted {
         let mut out = Vec::new();
         for ctx in contexts {
             let text = self.codec().decode(ctx);
-            let turns_so_far = text
-                .matches("</bash>")
-                .count()
-                .saturating_sub(text.matches("<bash>\ngrep").count());
-            let plan = self.plan_for(&text);
-            let mut tokens = self.codec().encode(&self.turn(plan, turns_so_far.min(1)));
+            let (plan, taken) = self.plan_for(&text);
+            let mut tokens = self.codec().encode(&self.turn(plan, taken));
             tokens.truncate(params.max_new_tokens);
             // The model's own log-probs of the scripted tokens: an on-policy update.
             let mut seq = ctx.clone();
@@ -161,6 +198,7 @@ impl Policy for Scripted {
     }
 }
 
+/// The default run with budgets the scripted policy's turns fit in (it writes whole files).
 fn run_file(dir: &Path, extra: &str) -> PathBuf {
     let text = include_str!("../assets/default-run.yaml")
         .replace(
@@ -170,22 +208,24 @@ fn run_file(dir: &Path, extra: &str) -> PathBuf {
                 assets().join("sample-repo.bundle").display()
             ),
         )
+        .replace("    maxTurns: 4", "    maxTurns: 8")
+        .replace("    maxTokens: 6144", "    maxTokens: 16384")
         .replace(
             "    maxTokensPerTurn: 128",
-            &format!("    maxTokensPerTurn: 256{extra}"),
+            &format!("    maxTokensPerTurn: 2048{extra}"),
         );
     let path = dir.join("run.yaml");
     std::fs::write(&path, text).expect("write run");
     path
 }
 
-fn view(stage: PathBuf, kill_first: bool) -> (PolicyView, Arc<AtomicUsize>) {
+fn view(out: PathBuf, kill_first: bool) -> (PolicyView, Arc<AtomicUsize>) {
     let injectors = Arc::new(AtomicUsize::new(0));
     let inj = injectors.clone();
     let view: PolicyView = Arc::new(move |model: Arc<CandlePolicy>| {
         Arc::new(Scripted {
             model,
-            stage: stage.clone(),
+            out: out.clone(),
             injectors: inj.clone(),
             solvers: Arc::new(AtomicUsize::new(0)),
             kill_first,
@@ -201,9 +241,8 @@ fn tensors(path: &Path) -> HashMap<String, Tensor> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_full_step_trains_and_checkpoints() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
-    let stage = stage(dir.path());
     let out = dir.path().join("out");
-    let (view, injectors) = view(stage, false);
+    let (view, injectors) = view(out.clone(), false);
     let opts = LocalOptions {
         spec: Some(run_file(dir.path(), "")),
         steps: Some(1),
@@ -297,12 +336,14 @@ async fn one_full_step_trains_and_checkpoints() {
     );
 }
 
+/// A sandbox killed from outside before its agent acted is a failure the agent could not
+/// have caused: masked (never −1), counted, and the episode retried on a fresh sandbox. (An
+/// agent that kills its own sandbox earns the failing reward: `red_team.rs`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_sandbox_is_an_infrastructure_error_and_the_step_completes() {
+async fn a_sandbox_killed_from_outside_is_masked_and_the_step_completes() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
-    let stage = stage(dir.path());
     let out = dir.path().join("out");
-    let (view, injectors) = view(stage, true);
+    let (view, injectors) = view(out.clone(), true);
     let opts = LocalOptions {
         spec: Some(run_file(dir.path(), "")),
         steps: Some(1),
@@ -356,7 +397,6 @@ async fn reqwest_get(addr: std::net::SocketAddr) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_continues_from_the_latest_checkpoint() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
-    let stage = stage(dir.path());
     let out = dir.path().join("out");
     let spec = run_file(dir.path(), "");
     let opts = |steps, resume| LocalOptions {
@@ -368,11 +408,11 @@ async fn resume_continues_from_the_latest_checkpoint() {
         isolation: Isolation::Auto,
         progress: false,
     };
-    let first = run_local(opts(1, false), Some(view(stage.clone(), false).0))
+    let first = run_local(opts(1, false), Some(view(out.clone(), false).0))
         .await
         .expect("step 1");
     assert_eq!(first.steps_done, 1);
-    let second = run_local(opts(2, true), Some(view(stage, false).0))
+    let second = run_local(opts(2, true), Some(view(out.clone(), false).0))
         .await
         .expect("resumed");
     assert_eq!(second.steps_done, 2);

@@ -9,7 +9,8 @@ use serde_json::json;
 
 use super::validate::{IsolationArg, local_sandbox, runtime};
 use crate::engine::artifacts::Artifacts;
-use crate::engine::solver::{BugTask, evaluate_patch, prepare_solver_workspace, stable_passing};
+use crate::engine::sandbox::SandboxProvider as _;
+use crate::engine::solver::{BugTask, evaluate_patch, prepare_grading_workspace, stable_passing};
 
 /// Arguments of `trainer evaluate`.
 #[derive(clap::Args, Debug)]
@@ -55,7 +56,7 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let rt = runtime()?;
     let (eval, original_passing, note) = rt.block_on(async {
-        let (_provider, sandbox) = local_sandbox(&args.repo, args.isolation).await?;
+        let (provider, sandbox) = local_sandbox(&args.repo, args.isolation).await?;
         let result = async {
             let script = a.test_script.clone().unwrap_or_default();
             let parser = a.test_parser.clone().unwrap_or_default();
@@ -75,8 +76,20 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
                 order: 1,
                 failed_patches: Vec::new(),
             };
-            prepare_solver_workspace(sandbox.client(), &task).await?;
-            let eval = evaluate_patch(sandbox.client(), &task, &patch, timeout).await?;
+            // Graded as in training: in a fresh sandbox, the bug applied, the patch without
+            // its changes to the protected test surface.
+            let grader = provider
+                .acquire("default")
+                .await
+                .context("starting the grading sandbox")?;
+            let eval = async {
+                prepare_grading_workspace(grader.client(), &task).await?;
+                evaluate_patch(grader.client(), &task, &patch, timeout).await
+            }
+            .await;
+            let released = grader.release().await;
+            let eval = eval?;
+            released?;
             anyhow::Ok((eval, passing, note))
         }
         .await;
@@ -98,6 +111,7 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
             "detail": detail,
             "original_passing": original_passing.len(),
             "statuses": eval.statuses,
+            "dropped": eval.dropped,
             "duration_ms": started.elapsed().as_millis() as u64,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -108,6 +122,9 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
         }
         if let Some(d) = detail {
             println!("{d}");
+        }
+        for f in &eval.dropped {
+            println!("dropped (protected test surface): {f}");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -3,5 +3,6 @@
 pub mod cluster;
 pub mod evaluate;
 pub mod local;
+pub mod sandbox;
 pub mod score;
 pub mod validate;

@@ -86,6 +86,51 @@ fn classify(diff: &str) -> Result<Vec<(&str, bool)>, DiffError> {
     Ok(out)
 }
 
+/// One file's part of a unified diff: its exact text and the paths it names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileDiff {
+    pub paths: BTreeSet<String>,
+    pub text: String,
+}
+
+/// Splits a unified diff into its files, each with its headers and hunks, text unchanged
+/// (concatenating the parts gives the diff back).
+pub fn split_files(diff: &str) -> Result<Vec<FileDiff>, DiffError> {
+    let mut parts: Vec<String> = Vec::new();
+    // Whether the current part already has its `---` header (a second one starts a file).
+    let mut has_old_header = false;
+    let mut in_git_header = false;
+    for ((line, in_hunk), raw) in classify(diff)?.into_iter().zip(diff.split_inclusive('\n')) {
+        let starts_file = !in_hunk
+            && (line.starts_with("diff --git ")
+                || (line.starts_with("--- ") && (has_old_header || !in_git_header)));
+        if starts_file || parts.is_empty() {
+            parts.push(String::new());
+            has_old_header = false;
+            in_git_header = line.starts_with("diff --git ");
+        }
+        if !in_hunk && line.starts_with("--- ") {
+            has_old_header = true;
+        }
+        if !in_hunk && line.starts_with("@@ ") {
+            in_git_header = false;
+        }
+        if let Some(p) = parts.last_mut() {
+            p.push_str(raw);
+        }
+    }
+    parts
+        .into_iter()
+        .filter(|t| !t.trim().is_empty())
+        .map(|text| {
+            Ok(FileDiff {
+                paths: touched_paths(&text)?,
+                text,
+            })
+        })
+        .collect()
+}
+
 /// Every path a unified diff names (old and new sides), without `a/` / `b/` prefixes.
 /// A non-empty text that names no file is malformed.
 pub fn touched_paths(diff: &str) -> Result<BTreeSet<String>, DiffError> {
@@ -278,6 +323,26 @@ mod tests {
     use super::*;
 
     const DIFF: &str = "diff --git a/pkg/a.py b/pkg/a.py\nindex 1111111..2222222 100644\n--- a/pkg/a.py\n+++ b/pkg/a.py\n@@ -1,4 +1,3 @@ def f():\n x = 1\n-y = 2\n-z = 3\n+y = 5\n w = 4\ndiff --git a/new.py b/new.py\nnew file mode 100644\nindex 0000000..3333333\n--- /dev/null\n+++ b/new.py\n@@ -0,0 +1 @@\n+print(1)\n\\ No newline at end of file\n";
+
+    #[test]
+    fn split_files_gives_each_file_and_the_whole_text_back() {
+        let parts = split_files(DIFF).unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].paths.iter().collect::<Vec<_>>(), vec!["pkg/a.py"]);
+        assert_eq!(parts[1].paths.iter().collect::<Vec<_>>(), vec!["new.py"]);
+        assert_eq!(
+            parts.iter().map(|p| p.text.as_str()).collect::<String>(),
+            DIFF
+        );
+        // Plain `diff -u` output without `diff --git` lines, and a removed line that looks
+        // like a header inside a hunk.
+        let plain = "--- a/x.py\n+++ b/x.py\n@@ -1,2 +1,1 @@\n---- not a header\n keep\n--- a/y.py\n+++ b/y.py\n@@ -1 +1 @@\n-a\n+b\n";
+        let parts = split_files(plain).unwrap();
+        assert_eq!(parts.len(), 2, "{parts:?}");
+        assert!(parts[0].text.contains("---- not a header"));
+        assert_eq!(parts[1].paths.iter().collect::<Vec<_>>(), vec!["y.py"]);
+        assert!(split_files("").unwrap().is_empty());
+    }
 
     #[test]
     fn paths() {

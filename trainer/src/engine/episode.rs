@@ -140,6 +140,15 @@ impl Episode {
         }
     }
 
+    /// Ends the episode on a sandbox failure during the agent's own tool call: it may be the
+    /// agent's doing, so the episode earns the failing reward (never a mask).
+    pub fn fail_agent(&mut self, e: &InfraError) {
+        if self.end.is_none() {
+            self.end = Some(EndReason::SandboxBroken);
+            self.infra_error = Some(e.clone());
+        }
+    }
+
     pub fn into_trajectory(self) -> Trajectory {
         Trajectory {
             role: self.role,
@@ -218,7 +227,7 @@ impl Episode {
                     }
                     Err(e) => {
                         self.turns.push(turn);
-                        self.fail_infra(&e);
+                        self.fail_agent(&e);
                         return;
                     }
                 }

@@ -1,22 +1,30 @@
 //! The local sandbox provider: per sandbox a fresh copy of the repository and a spawned
-//! `sandbox-sidecar serve` on loopback, isolated with bubblewrap where it works.
+//! sidecar (`sandbox-sidecar serve`, or the trainer itself as `trainer sidecar serve`) on
+//! loopback, isolated with bubblewrap where it works.
 //!
-//! Isolation (bwrap): no network (`--unshare-net`), the host read-only, only the workspace
-//! writable, a private `/tmp`, and its own PID namespace so that killing the sandbox kills
-//! everything in it. The sidecar inside cannot bind a port the trainer can reach (its
-//! network namespace has only its own loopback), so the trainer binds the listening socket
-//! in its own namespace and hands it over as a file descriptor (`serve --listen-fd 3`).
-//! The host toolchain stays on PATH (the host is mounted read-only, the environment is
-//! inherited), so a repository whose tests need `pytest` from a venv on PATH works.
+//! Isolation (bwrap): no network, no view of the host but the system directories (`/usr`,
+//! `/etc`, …) and the toolchain (see [`toolchain`]), read-only; the workspace copy is the
+//! only writable host directory; private `/tmp` and `/dev/shm`; its own PID namespace, so
+//! killing the sandbox kills everything in it. The run's output directory, the pool's
+//! repository and other sandboxes are not mounted at all. The sidecar inside confines the
+//! agent's commands further (`serve --confine`: its state and token hidden, no
+//! capabilities, it cannot be signalled). The sidecar cannot bind a port the trainer can
+//! reach (its network namespace has only its own loopback), so the trainer binds the
+//! listening socket and hands it over as a file descriptor (`serve --listen-fd 3`).
+//!
+//! The environment is cleared: a sandbox gets `PATH` (the toolchain's `bin` directories),
+//! `HOME`, `LANG`, and what the pool's template sets, never the trainer's variables.
 //!
 //! Without bwrap, teardown sends SIGTERM (the sidecar kills its sessions and commands), then
 //! SIGKILL to its process group, then kills any process left in the sessions of its
 //! children or working inside the sandbox directory.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -28,14 +36,21 @@ use tokio::process::Command;
 use super::error::{InfraError, InfraKind};
 use super::procs;
 use super::sandbox::{Lease, Sandbox, SandboxProvider};
+use super::toolchain::{Toolchain, is_system_path};
 
 /// Environment variable naming the sidecar binary.
 pub const SIDECAR_BIN_ENV: &str = "SELFPLAY_SIDECAR_BIN";
 const SIDECAR_NAME: &str = "sandbox-sidecar";
+/// The trainer binary, which serves as the sidecar too (`trainer sidecar …`).
+const TRAINER_NAME: &str = "trainer";
+/// The trainer's subcommand that runs the sidecar's command line.
+pub const TRAINER_SIDECAR_ARG: &str = "sidecar";
 const READY_PREFIX: &str = "listening on ";
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 /// Fd number the listening socket gets in the sidecar.
 const LISTEN_FD: i32 = 3;
+/// Where the sandbox's home and temporary files live (a private tmpfs under bwrap).
+const SANDBOX_TMP: &str = "/tmp";
 
 /// How sandboxes are isolated.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -49,20 +64,94 @@ pub enum Isolation {
     Off,
 }
 
+/// How to start a sidecar: a program and the arguments before `serve`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SidecarProgram {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+impl SidecarProgram {
+    /// The standalone `sandbox-sidecar` binary.
+    pub fn standalone(program: impl Into<PathBuf>) -> Self {
+        Self {
+            program: program.into(),
+            args: Vec::new(),
+        }
+    }
+
+    /// The trainer binary, serving as the sidecar (`trainer sidecar …`).
+    pub fn trainer(program: impl Into<PathBuf>) -> Self {
+        Self {
+            program: program.into(),
+            args: vec![TRAINER_SIDECAR_ARG.into()],
+        }
+    }
+}
+
+/// Set by the trainer binary: the running executable serves as the sidecar.
+static SELF_IS_SIDECAR: OnceLock<()> = OnceLock::new();
+
+/// Declares that the running executable is the trainer, which serves as the sidecar, so
+/// that a fresh build needs no separate `sandbox-sidecar` binary.
+pub fn serve_sidecar_from_this_executable() {
+    let _ = SELF_IS_SIDECAR.set(());
+}
+
+/// Limits of each command in a sandbox (rlimits the sidecar sets on its children).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SandboxLimits {
+    /// RLIMIT_AS of each process.
+    pub memory_bytes: u64,
+    /// RLIMIT_NPROC (per user of the sandbox's user namespace under bwrap).
+    pub max_processes: u64,
+    /// RLIMIT_FSIZE: the largest file a command may write.
+    pub max_file_size_bytes: u64,
+    /// RLIMIT_CPU of each process, in seconds.
+    pub cpu_seconds: u64,
+}
+
+impl Default for SandboxLimits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 4 << 30,
+            max_processes: 1024,
+            max_file_size_bytes: 1 << 30,
+            cpu_seconds: 600,
+        }
+    }
+}
+
+/// What a pool's sandboxes see and may use besides their repository.
+#[derive(Clone, Debug, Default)]
+pub struct PoolSettings {
+    /// Host directories visible read-only, whose `bin` directories (or themselves) go on
+    /// PATH; `None`: the toolchain of the trainer's own PATH.
+    pub toolchain: Option<Vec<PathBuf>>,
+    /// Environment variables of the sandbox (the pool template's `env`).
+    pub env: Vec<(String, String)>,
+    pub limits: SandboxLimits,
+}
+
 #[derive(Clone, Debug)]
 pub struct LocalProviderConfig {
     /// Pool name → repository directory.
     pub pools: BTreeMap<String, PathBuf>,
-    /// The sidecar binary; see [`find_sidecar_binary`] when `None`.
-    pub sidecar_bin: Option<PathBuf>,
+    /// Per pool (default settings for a pool not named here).
+    pub pool_settings: BTreeMap<String, PoolSettings>,
+    /// How to start the sidecar; see [`find_sidecar`] when `None`.
+    pub sidecar: Option<SidecarProgram>,
     pub isolation: Isolation,
     /// Where sandbox directories go (the system's temporary directory when `None`).
     pub work_dir: Option<PathBuf>,
     /// Further `serve` arguments.
     pub serve_args: Vec<String>,
     /// Directories put in front of PATH for everything in the sandbox (e.g. a venv's `bin`
-    /// holding the repository's test runner).
+    /// holding the repository's test runner), visible read-only.
     pub extra_path: Vec<PathBuf>,
+    /// Host paths a sandbox must never see (the run's output directory); a toolchain
+    /// directory holding one of them is left out.
+    pub hidden: Vec<PathBuf>,
 }
 
 impl LocalProviderConfig {
@@ -70,48 +159,77 @@ impl LocalProviderConfig {
     pub fn single(repo: impl Into<PathBuf>) -> Self {
         Self {
             pools: [("default".to_string(), repo.into())].into_iter().collect(),
-            sidecar_bin: None,
+            pool_settings: BTreeMap::new(),
+            sidecar: None,
             isolation: Isolation::Auto,
             work_dir: None,
             serve_args: Vec::new(),
             extra_path: Vec::new(),
+            hidden: Vec::new(),
         }
     }
 }
 
-/// The sidecar binary: `$SELFPLAY_SIDECAR_BIN`, else next to the current executable or in
-/// its parent directory (test binaries live in `target/<profile>/deps`), else on PATH.
-pub fn find_sidecar_binary() -> Option<PathBuf> {
+/// How to start a sidecar here: `$SELFPLAY_SIDECAR_BIN`; else this executable when it is
+/// the trainer; else a `sandbox-sidecar` or `trainer` next to the current executable or in
+/// its parent directory (test binaries live in `target/<profile>/deps`); else
+/// `sandbox-sidecar` on PATH.
+pub fn find_sidecar() -> Option<SidecarProgram> {
     if let Some(p) = std::env::var_os(SIDECAR_BIN_ENV) {
-        return Some(PathBuf::from(p));
+        return Some(SidecarProgram::standalone(p));
     }
-    if let Ok(exe) = std::env::current_exe() {
+    let exe = std::env::current_exe().ok();
+    if SELF_IS_SIDECAR.get().is_some()
+        && let Some(exe) = &exe
+    {
+        return Some(SidecarProgram::trainer(exe));
+    }
+    if let Some(exe) = &exe {
         let mut dir = exe.parent();
         for _ in 0..2 {
             let Some(d) = dir else { break };
-            let candidate = d.join(SIDECAR_NAME);
-            if candidate.is_file() {
-                return Some(candidate);
+            let standalone = d.join(SIDECAR_NAME);
+            if standalone.is_file() {
+                return Some(SidecarProgram::standalone(standalone));
+            }
+            let trainer = d.join(TRAINER_NAME);
+            if trainer.is_file() {
+                return Some(SidecarProgram::trainer(trainer));
             }
             dir = d.parent();
         }
     }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(SIDECAR_NAME))
-        .find(|p| p.is_file())
+    find_in_path(SIDECAR_NAME).map(SidecarProgram::standalone)
+}
+
+/// The standalone sidecar binary as [`find_sidecar`] would find it, for callers that need
+/// a file to copy into an image or a pod.
+pub fn find_sidecar_binary() -> Option<PathBuf> {
+    find_sidecar().map(|s| s.program)
+}
+
+/// What one pool's sandboxes get, resolved once.
+#[derive(Debug)]
+struct PoolRuntime {
+    repo: PathBuf,
+    /// PATH inside the sandbox.
+    path: OsString,
+    /// Directories bound read-only (under bwrap).
+    binds: Vec<PathBuf>,
+    env: Vec<(String, String)>,
+    limits: SandboxLimits,
 }
 
 /// The local provider.
 #[derive(Debug)]
 pub struct LocalProvider {
-    pools: BTreeMap<String, PathBuf>,
-    bin: PathBuf,
+    pools: BTreeMap<String, PoolRuntime>,
+    sidecar: SidecarProgram,
     bwrap: Option<PathBuf>,
+    /// The sidecar supports `--confine` (and so the clean starts of its test runs).
+    confine: bool,
     work_dir: PathBuf,
     serve_args: Vec<String>,
-    /// PATH of the sidecar and so of every command in the sandbox.
-    path: Option<std::ffi::OsString>,
     counter: AtomicU64,
 }
 
@@ -126,22 +244,50 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Whether bwrap can actually build a sandbox here (user namespaces may be off, e.g. in a
-/// container), with the options the provider uses.
-fn bwrap_works(bwrap: &Path) -> Result<(), String> {
-    let out = std::process::Command::new(bwrap)
-        .args([
-            "--die-with-parent",
-            "--unshare-all",
-            "--ro-bind",
-            "/",
-            "/",
+/// The bwrap arguments that make the sandbox's view of the host: system directories and
+/// `binds` read-only, private `/tmp` and `/dev/shm`, nothing else.
+fn bwrap_base_args(binds: &[PathBuf]) -> Vec<OsString> {
+    let mut a: Vec<OsString> = ["--die-with-parent", "--new-session", "--unshare-all"]
+        .map(OsString::from)
+        .to_vec();
+    for dir in super::toolchain::SYSTEM_DIRS {
+        let p = Path::new(dir);
+        match std::fs::symlink_metadata(p) {
+            // `/bin` → `usr/bin` on merged-/usr systems: the same link inside.
+            Ok(m) if m.file_type().is_symlink() => {
+                if let Ok(target) = std::fs::read_link(p) {
+                    a.extend(["--symlink".into(), target.into(), p.into()]);
+                }
+            }
+            Ok(m) if m.is_dir() => a.extend(["--ro-bind".into(), p.into(), p.into()]),
+            _ => {}
+        }
+    }
+    a.extend(
+        [
             "--dev",
             "/dev",
             "--proc",
             "/proc",
-        ])
-        .args(["--tmpfs", "/tmp", "--", "true"])
+            "--tmpfs",
+            SANDBOX_TMP,
+            "--tmpfs",
+            "/dev/shm",
+        ]
+        .map(OsString::from),
+    );
+    for b in binds {
+        a.extend(["--ro-bind-try".into(), b.into(), b.into()]);
+    }
+    a
+}
+
+/// Whether bwrap can actually build a sandbox here (user namespaces may be off, e.g. in a
+/// container), with the options the provider uses.
+fn bwrap_works(bwrap: &Path) -> Result<(), String> {
+    let out = std::process::Command::new(bwrap)
+        .args(bwrap_base_args(&[]))
+        .args(["--", "true"])
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("cannot run {}: {e}", bwrap.display()))?;
@@ -152,14 +298,15 @@ fn bwrap_works(bwrap: &Path) -> Result<(), String> {
     }
 }
 
-/// Whether the sidecar can take its listening socket as a file descriptor.
-fn sidecar_takes_listen_fd(bin: &Path) -> bool {
-    std::process::Command::new(bin)
+/// The `serve --help` text of the sidecar (to see which options it has).
+fn serve_help(s: &SidecarProgram) -> String {
+    std::process::Command::new(&s.program)
+        .args(&s.args)
         .args(["serve", "--help"])
         .stdin(Stdio::null())
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("--listen-fd"))
-        .unwrap_or(false)
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 impl LocalProvider {
@@ -175,12 +322,13 @@ impl LocalProvider {
                 )));
             }
         }
-        let bin = cfg.sidecar_bin.clone().or_else(find_sidecar_binary).ok_or_else(|| {
+        let sidecar = cfg.sidecar.clone().or_else(find_sidecar).ok_or_else(|| {
             acquire_err(format!(
-                "cannot find the {SIDECAR_NAME} binary: set {SIDECAR_BIN_ENV}, put it next to this \
+                "cannot find the sidecar: set {SIDECAR_BIN_ENV}, put {SIDECAR_NAME} next to this \
                  executable or on PATH (cargo build -p sandbox-sidecar)"
             ))
         })?;
+        let help = serve_help(&sidecar);
         let bwrap = match cfg.isolation {
             Isolation::Off => None,
             Isolation::Auto | Isolation::Bubblewrap => {
@@ -188,12 +336,12 @@ impl LocalProvider {
                 let usable = match &found {
                     None => Err("bwrap is not installed".to_string()),
                     Some(b) => bwrap_works(b).and_then(|()| {
-                        if sidecar_takes_listen_fd(&bin) {
+                        if help.contains("--listen-fd") {
                             Ok(())
                         } else {
                             Err(format!(
                                 "{} does not support serve --listen-fd",
-                                bin.display()
+                                sidecar.program.display()
                             ))
                         }
                     }),
@@ -212,30 +360,54 @@ impl LocalProvider {
                 }
             }
         };
+        let confine = bwrap.is_some() && help.contains("--confine");
+        if bwrap.is_some() && !confine {
+            tracing::warn!(
+                sidecar = %sidecar.program.display(),
+                "this sidecar cannot confine commands (no serve --confine): agents can reach its state"
+            );
+        }
         let work_dir = cfg.work_dir.clone().unwrap_or_else(std::env::temp_dir);
         std::fs::create_dir_all(&work_dir)
             .map_err(|e| acquire_err(format!("creating {}: {e}", work_dir.display())))?;
-        let path = if cfg.extra_path.is_empty() {
-            None
-        } else {
-            let host = std::env::var_os("PATH").unwrap_or_default();
-            let dirs = cfg
-                .extra_path
-                .iter()
-                .cloned()
-                .chain(std::env::split_paths(&host));
-            Some(
-                std::env::join_paths(dirs)
-                    .map_err(|e| acquire_err(format!("bad extra PATH entry: {e}")))?,
-            )
-        };
+        // Nothing a sandbox must not see may come in through a toolchain directory.
+        let mut hidden = cfg.hidden.clone();
+        hidden.push(work_dir.clone());
+        hidden.extend(cfg.pools.values().cloned());
+        let mut pools = BTreeMap::new();
+        for (name, repo) in &cfg.pools {
+            let settings = cfg.pool_settings.get(name).cloned().unwrap_or_default();
+            let toolchain = match &settings.toolchain {
+                Some(dirs) => Toolchain::from_dirs(&cfg.extra_path, dirs),
+                None => Toolchain::from_path(
+                    &cfg.extra_path,
+                    &std::env::var_os("PATH").unwrap_or_default(),
+                ),
+            }
+            .without(&hidden);
+            let mut binds = toolchain.roots;
+            if !is_system_path(&sidecar.program) {
+                binds.push(sidecar.program.clone());
+            }
+            pools.insert(
+                name.clone(),
+                PoolRuntime {
+                    repo: repo.clone(),
+                    path: std::env::join_paths(&toolchain.path)
+                        .map_err(|e| acquire_err(format!("bad PATH entry: {e}")))?,
+                    binds,
+                    env: settings.env,
+                    limits: settings.limits,
+                },
+            );
+        }
         Ok(Self {
-            pools: cfg.pools,
-            bin,
+            pools,
+            sidecar,
             bwrap,
+            confine,
             work_dir,
             serve_args: cfg.serve_args,
-            path,
             counter: AtomicU64::new(0),
         })
     }
@@ -245,12 +417,23 @@ impl LocalProvider {
         self.bwrap.is_some()
     }
 
-    pub fn sidecar_binary(&self) -> &Path {
-        &self.bin
+    /// Whether the sidecar confines the agent's commands (its state and token hidden, no
+    /// capabilities, test runs with a clean start).
+    pub fn confined(&self) -> bool {
+        self.confine
+    }
+
+    pub fn sidecar(&self) -> &SidecarProgram {
+        &self.sidecar
+    }
+
+    /// PATH inside `pool`'s sandboxes.
+    pub fn sandbox_path(&self, pool: &str) -> Option<&std::ffi::OsStr> {
+        self.pools.get(pool).map(|p| p.path.as_os_str())
     }
 
     async fn start(&self, pool: &str) -> Result<Sandbox, InfraError> {
-        let repo = self
+        let rt = self
             .pools
             .get(pool)
             .ok_or_else(|| acquire_err(format!("no pool named {pool:?}")))?;
@@ -262,11 +445,12 @@ impl LocalProvider {
         let root = dir.path().to_path_buf();
         let workspace = root.join("workspace");
         let private = root.join("private");
-        for d in [&workspace, &private] {
+        let state = root.join("state");
+        for d in [&workspace, &private, &state] {
             std::fs::create_dir_all(d)
                 .map_err(|e| acquire_err(format!("creating {}: {e}", d.display())))?;
         }
-        copy_tree(repo, &workspace).await?;
+        copy_tree(&rt.repo, &workspace).await?;
         let token = hex::encode(rand::random::<[u8; 24]>());
         let token_file = private.join("token");
         write_private(&token_file, &token)
@@ -277,61 +461,75 @@ impl LocalProvider {
         let addr = listener
             .local_addr()
             .map_err(|e| acquire_err(e.to_string()))?;
+        let home = match &self.bwrap {
+            Some(_) => PathBuf::from(SANDBOX_TMP),
+            None => {
+                let h = root.join("home");
+                std::fs::create_dir_all(&h)
+                    .map_err(|e| acquire_err(format!("creating {}: {e}", h.display())))?;
+                h
+            }
+        };
         let mut cmd = match &self.bwrap {
             Some(bwrap) => {
                 let mut c = Command::new(bwrap);
-                c.args([
-                    "--die-with-parent",
-                    "--new-session",
-                    "--unshare-all",
-                    "--ro-bind",
-                    "/",
-                    "/",
-                ])
-                .args(["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]);
-                // The sandbox's /tmp is its own, which hides the sidecar binary and PATH
-                // directories kept under the host's /tmp (a checkout or a venv there): those
-                // are bound back, read-only; for a `bin` directory, its parent (a venv or
-                // prefix, whose `lib` the programs need).
-                let bin = std::iter::once(self.bin.clone());
-                let path_dirs = self.path.iter().flat_map(std::env::split_paths).map(|d| {
-                    match (d.file_name(), d.parent()) {
-                        (Some(n), Some(parent)) if n == "bin" && parent != Path::new("/tmp") => {
-                            parent.to_path_buf()
-                        }
-                        _ => d,
-                    }
-                });
-                for p in bin.chain(path_dirs).filter(|p| p.starts_with("/tmp")) {
-                    c.arg("--ro-bind-try").arg(&p).arg(&p);
-                }
-                c.arg("--bind")
+                c.args(bwrap_base_args(&rt.binds))
+                    .arg("--bind")
                     .arg(&workspace)
                     .arg(&workspace)
+                    .arg("--bind")
+                    .arg(&state)
+                    .arg(&state)
                     .arg("--ro-bind")
                     .arg(&token_file)
                     .arg(&token_file)
                     .arg("--chdir")
                     .arg(&workspace)
                     .arg("--")
-                    .arg(&self.bin)
+                    .arg(&self.sidecar.program)
+                    .args(&self.sidecar.args)
                     .args(["serve", "--listen-fd", &LISTEN_FD.to_string()]);
+                if self.confine {
+                    c.args([
+                        "--confine",
+                        "--scratch-dir",
+                        SANDBOX_TMP,
+                        "--scratch-dir",
+                        "/dev/shm",
+                    ]);
+                }
                 pass_fd(&mut c, listener.as_raw_fd());
                 c
             }
             None => {
-                let mut c = Command::new(&self.bin);
-                c.args(["serve", "--listen", "127.0.0.1:0"]);
+                let mut c = Command::new(&self.sidecar.program);
+                c.args(&self.sidecar.args)
+                    .args(["serve", "--listen", "127.0.0.1:0"]);
                 c
             }
         };
+        let limits = rt.limits;
         cmd.arg("--workspace")
             .arg(&workspace)
             .arg("--token-file")
             .arg(&token_file)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg(format!("--memory-bytes={}", limits.memory_bytes))
+            .arg(format!("--max-processes={}", limits.max_processes))
+            .arg(format!(
+                "--max-file-size-bytes={}",
+                limits.max_file_size_bytes
+            ))
             .args(&self.serve_args)
             .current_dir(&workspace)
-            .envs(self.path.iter().map(|p| ("PATH", p)))
+            // Nothing of the trainer's environment: what the sandbox needs, and what the
+            // pool sets.
+            .env_clear()
+            .env("PATH", &rt.path)
+            .env("HOME", &home)
+            .env("LANG", "C.UTF-8")
+            .envs(rt.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -347,9 +545,9 @@ impl LocalProvider {
             });
         }
         let listener_keep = listener;
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| acquire_err(format!("starting {}: {e}", self.bin.display())))?;
+        let mut child = cmd.spawn().map_err(|e| {
+            acquire_err(format!("starting {}: {e}", self.sidecar.program.display()))
+        })?;
         let pid = child.id().unwrap_or(0);
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
@@ -431,10 +629,12 @@ impl SandboxProvider for LocalProvider {
     }
 }
 
-/// `cp -a repo/. workspace/`: modes, symlinks, `.git` and all.
+/// A copy of the repository that belongs to the user the sandbox runs as, whoever owns the
+/// source (an unpacked archive keeps its uid; a sandbox without capabilities could not
+/// write such files): modes, symlinks, timestamps, `.git` and all, but not the owners.
 async fn copy_tree(from: &Path, to: &Path) -> Result<(), InfraError> {
     let out = Command::new("cp")
-        .arg("-a")
+        .args(["-a", "--no-preserve=ownership"])
         .arg(format!("{}/.", from.display()))
         .arg(to)
         .stdin(Stdio::null())

@@ -25,6 +25,8 @@ pub mod roles;
 pub mod sample;
 pub mod sandbox;
 pub mod solver;
+pub mod surface;
+pub mod toolchain;
 pub mod trajectory;
 pub mod validation;
 

@@ -14,8 +14,10 @@ use super::ops::Ops;
 use super::policy::{Policy, TokenCodec};
 use super::prompts::{ARTIFACTS_DIR, ChatMarkup, InjectorPromptValues, PromptSet};
 use super::rewards;
+use super::sandbox::SandboxProvider;
 use super::solver::{
-    BugTask, Evaluation, SolverPatch, evaluate_workspace, prepare_solver_workspace, solver_patch,
+    BugTask, Evaluation, SolverPatch, evaluate_patch, prepare_grading_workspace,
+    prepare_solver_workspace, solver_patch,
 };
 use super::trajectory::{EndReason, Role, Trajectory};
 use super::validation::{ValidationConfig, ValidationReport, validate};
@@ -56,7 +58,12 @@ pub struct InjectorResult {
     pub validation: Option<ValidationReport>,
     /// The first failed check (a metric label); `None` when valid or not validated.
     pub failed_check: Option<&'static str>,
+    /// A failure of the machinery the agent could not have caused: the episode is masked.
     pub infra_error: Option<InfraError>,
+    /// The sandbox failed during or after the agent's own commands (its sidecar gone, a
+    /// snapshot refused, a deadline passed): the agent may have caused it, so it earns the
+    /// failing reward. See `docs/reward-integrity.md`.
+    pub agent_failure: Option<String>,
 }
 
 impl InjectorResult {
@@ -74,9 +81,13 @@ impl InjectorResult {
     /// The injector's reward given its solvers' results (`solved` of `attempts` graded);
     /// `None` when it must be masked (infrastructure error, or no graded attempt).
     pub fn reward(&self, solved: usize, attempts: usize, alpha: f64) -> Option<f64> {
-        if self.infra_error.is_some() || self.validation.is_none() {
+        if self.infra_error.is_some() {
             return None;
         }
+        if self.agent_failure.is_some() {
+            return rewards::injector_reward(false, 0, 0, alpha);
+        }
+        self.validation.as_ref()?;
         rewards::injector_reward(self.valid(), solved, attempts, alpha)
     }
 }
@@ -107,9 +118,26 @@ pub async fn start_injector(
     ))
 }
 
+/// Whether the agent ran anything in its sandbox: from then on a failure of the sandbox
+/// may be its doing.
+fn agent_acted(t: &Trajectory) -> bool {
+    t.turns
+        .iter()
+        .any(|turn| turn.tool.as_deref().is_some_and(|n| n != "submit"))
+}
+
+/// Sorts a failure after the episode started: the agent's when it had run anything.
+fn blame(t: &Trajectory, e: InfraError) -> Result<InfraError, String> {
+    if agent_acted(t) {
+        Err(e.to_string())
+    } else {
+        Ok(e)
+    }
+}
+
 /// After the episode: reads the artifacts, puts the workspace back to the original code and
-/// validates them. Any end reason but an infrastructure error is validated (the truncation
-/// policy decides later what a truncated episode's result is worth).
+/// validates them. Any end reason but an infrastructure error is validated, running out of
+/// turns or tokens included (the artifacts are what they are either way).
 pub async fn finish_injector(
     client: &SidecarClient,
     trajectory: Trajectory,
@@ -121,10 +149,24 @@ pub async fn finish_injector(
         validation: None,
         failed_check: None,
         infra_error: None,
+        agent_failure: None,
     };
-    if result.trajectory.end_reason == EndReason::InfraError {
-        result.infra_error = result.trajectory.infra_error.clone();
-        return result;
+    match result.trajectory.end_reason {
+        EndReason::InfraError => {
+            result.infra_error = result.trajectory.infra_error.clone();
+            return result;
+        }
+        EndReason::SandboxBroken => {
+            result.agent_failure = Some(
+                result
+                    .trajectory
+                    .infra_error
+                    .as_ref()
+                    .map_or_else(|| "the sandbox failed".to_string(), ToString::to_string),
+            );
+            return result;
+        }
+        _ => {}
     }
     match finish_injector_inner(client, settings).await {
         Ok((artifacts, report)) => {
@@ -132,7 +174,10 @@ pub async fn finish_injector(
             result.artifacts = artifacts;
             result.validation = Some(report);
         }
-        Err(e) => result.infra_error = Some(e),
+        Err(e) => match blame(&result.trajectory, e) {
+            Ok(e) => result.infra_error = Some(e),
+            Err(why) => result.agent_failure = Some(why),
+        },
     }
     result
 }
@@ -142,7 +187,8 @@ async fn finish_injector_inner(
     settings: &EngineSettings,
 ) -> Result<(Artifacts, ValidationReport), InfraError> {
     let ops = Ops::new(client);
-    // Background jobs of the agent must not run on during validation.
+    // Background jobs of the agent must not run on during validation (validation also
+    // starts each test run with no process left and a clean /tmp).
     ops.session_close(AGENT_SESSION).await?;
     let artifacts = Artifacts::from_workspace(ops, ARTIFACTS_DIR)
         .await
@@ -185,9 +231,13 @@ pub async fn run_injector(
 pub struct SolverResult {
     pub trajectory: Trajectory,
     pub patch: SolverPatch,
-    /// `None` when an infrastructure error stopped the episode or the grading.
+    /// `None` when the episode was not graded (masked, or the agent broke its sandbox).
     pub evaluation: Option<Evaluation>,
+    /// A failure of the machinery the agent could not have caused: the episode is masked.
     pub infra_error: Option<InfraError>,
+    /// The sandbox failed during or after the agent's own commands, or while its patched
+    /// code ran in grading: the failing reward (see `docs/reward-integrity.md`).
+    pub agent_failure: Option<String>,
     /// The order of the bug it attempted.
     pub order: u8,
 }
@@ -198,20 +248,34 @@ impl SolverResult {
         if self.infra_error.is_some() {
             return None;
         }
+        if self.agent_failure.is_some() {
+            return Some(rewards::solver_reward(false));
+        }
         self.evaluation.as_ref().map(Evaluation::reward)
     }
 
     pub fn solved(&self) -> bool {
-        self.evaluation.as_ref().is_some_and(|e| e.solved)
+        self.agent_failure.is_none() && self.evaluation.as_ref().is_some_and(|e| e.solved)
     }
 
     /// The higher-order bug this failed attempt makes (order 2 at most).
     pub fn higher_order_bug(&self, task: &BugTask) -> Option<BugTask> {
         match &self.evaluation {
-            Some(e) if !e.solved && self.infra_error.is_none() => {
+            Some(e) if !e.solved && self.infra_error.is_none() && self.agent_failure.is_none() => {
                 task.higher_order(&self.patch.code)
             }
             _ => None,
+        }
+    }
+
+    fn new(trajectory: Trajectory, task: &BugTask) -> Self {
+        Self {
+            trajectory,
+            patch: SolverPatch::default(),
+            evaluation: None,
+            infra_error: None,
+            agent_failure: None,
+            order: task.order,
         }
     }
 }
@@ -241,43 +305,89 @@ pub async fn start_solver(
     ))
 }
 
-/// After the episode: takes the solver's patch and grades the workspace. Truncated
-/// episodes are graded too (for forced submission); the trainer decides what they count.
+/// After the episode: takes the solver's patch from its sandbox. Grading happens elsewhere
+/// ([`grade_solver`], in a fresh sandbox); truncated episodes are graded too, the trainer
+/// decides what they count.
 pub async fn finish_solver(
     client: &SidecarClient,
     task: &BugTask,
     trajectory: Trajectory,
-    settings: &EngineSettings,
 ) -> SolverResult {
-    let mut result = SolverResult {
-        trajectory,
-        patch: SolverPatch::default(),
-        evaluation: None,
-        infra_error: None,
-        order: task.order,
-    };
-    if result.trajectory.end_reason == EndReason::InfraError {
-        result.infra_error = result.trajectory.infra_error.clone();
-        return result;
-    }
-    let graded = async {
-        Ops::new(client).session_close(AGENT_SESSION).await?;
-        let patch = solver_patch(client, task).await?;
-        let eval = evaluate_workspace(client, task, settings.validation.test_timeout).await?;
-        Ok::<_, InfraError>((patch, eval))
-    };
-    match graded.await {
-        Ok((patch, eval)) => {
-            result.patch = patch;
-            result.evaluation = Some(eval);
+    let mut result = SolverResult::new(trajectory, task);
+    match result.trajectory.end_reason {
+        EndReason::InfraError => {
+            result.infra_error = result.trajectory.infra_error.clone();
+            return result;
         }
-        Err(e) => result.infra_error = Some(e),
+        EndReason::SandboxBroken => {
+            result.agent_failure = Some(
+                result
+                    .trajectory
+                    .infra_error
+                    .as_ref()
+                    .map_or_else(|| "the sandbox failed".to_string(), ToString::to_string),
+            );
+            return result;
+        }
+        _ => {}
+    }
+    let patch = async {
+        Ops::new(client).session_close(AGENT_SESSION).await?;
+        solver_patch(client, task).await
+    };
+    match patch.await {
+        Ok(p) => result.patch = p,
+        Err(e) => match blame(&result.trajectory, e) {
+            Ok(e) => result.infra_error = Some(e),
+            Err(why) => result.agent_failure = Some(why),
+        },
     }
     result
 }
 
-/// One solver episode from setup to grade.
-pub async fn run_solver(
+/// Grades a finished solver episode in a fresh sandbox of `pool` (see
+/// [`prepare_grading_workspace`]). Acquiring and preparing it cannot be the agent's doing
+/// (masked); a failure once its patch is in place can be (the failing reward).
+pub async fn grade_solver<P: SandboxProvider + ?Sized>(
+    provider: &P,
+    pool: &str,
+    task: &BugTask,
+    result: &mut SolverResult,
+    settings: &EngineSettings,
+) {
+    if result.infra_error.is_some() || result.agent_failure.is_some() {
+        return;
+    }
+    let sandbox = match provider.acquire(pool).await {
+        Ok(s) => s,
+        Err(e) => {
+            result.infra_error = Some(e);
+            return;
+        }
+    };
+    match prepare_grading_workspace(sandbox.client(), task).await {
+        Err(e) => result.infra_error = Some(e),
+        Ok(()) => match evaluate_patch(
+            sandbox.client(),
+            task,
+            &result.patch.full,
+            settings.validation.test_timeout,
+        )
+        .await
+        {
+            Ok(e) => result.evaluation = Some(e),
+            Err(e) => {
+                result.agent_failure = Some(format!("grading the solver's patch: {e}"));
+            }
+        },
+    }
+    if let Err(e) = sandbox.release().await {
+        tracing::warn!(error = %e, "grading sandbox release failed");
+    }
+}
+
+/// The solver's episode in its own sandbox, up to its patch (not graded).
+pub async fn play_solver(
     policy: Arc<dyn Policy>,
     client: &SidecarClient,
     task: &BugTask,
@@ -295,9 +405,43 @@ pub async fn run_solver(
                 settings.markup.clone(),
             );
             ep.fail_infra(&e);
-            return finish_solver(client, task, ep.into_trajectory(), settings).await;
+            return finish_solver(client, task, ep.into_trajectory()).await;
         }
     };
     let trajectory = run_episode(policy, episode, client).await;
-    finish_solver(client, task, trajectory, settings).await
+    finish_solver(client, task, trajectory).await
+}
+
+/// One solver episode from setup to grade: played in a fresh sandbox of `pool`, which is
+/// torn down (every process of the solver with it) before the patch is graded in another.
+pub async fn run_solver<P: SandboxProvider + ?Sized>(
+    policy: Arc<dyn Policy>,
+    provider: &P,
+    pool: &str,
+    task: &BugTask,
+    settings: &EngineSettings,
+) -> SolverResult {
+    let sandbox = match provider.acquire(pool).await {
+        Ok(s) => s,
+        Err(e) => {
+            let mut r = SolverResult::new(
+                Trajectory {
+                    role: Role::Solver,
+                    prompt_tokens: Vec::new(),
+                    turns: Vec::new(),
+                    end_reason: EndReason::InfraError,
+                    infra_error: Some(e.clone()),
+                },
+                task,
+            );
+            r.infra_error = Some(e);
+            return r;
+        }
+    };
+    let mut result = play_solver(policy, sandbox.client(), task, settings).await;
+    if let Err(e) = sandbox.release().await {
+        tracing::warn!(error = %e, "sandbox release failed");
+    }
+    grade_solver(provider, pool, task, &mut result, settings).await;
+    result
 }

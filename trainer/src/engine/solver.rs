@@ -8,10 +8,11 @@ use sandbox_sidecar::SidecarClient;
 use serde::{Deserialize, Serialize};
 
 use super::artifacts::Artifacts;
-use super::diffs::{DiffError, reverse_diff};
+use super::diffs::{DiffError, reverse_diff, split_files};
 use super::error::{InfraError, InfraKind, OpError};
 use super::ops::{Ops, TestRun, TestStatus};
 use super::prompts::ARTIFACTS_DIR;
+use super::surface::protected_reason;
 use super::validation::ValidationReport;
 
 /// Higher-order bugs stop here (the paper stops at order 2).
@@ -72,13 +73,40 @@ impl BugTask {
         Some(next)
     }
 
-    /// The paths a solver's patch must leave alone to count: the oracle files and the
-    /// artifacts directory.
-    pub fn protected_paths(&self) -> Vec<String> {
-        let mut p = self.test_files.clone();
-        p.push(ARTIFACTS_DIR.to_string());
-        p
+    /// Why `path` belongs to this bug's protected test surface (see [`super::surface`]).
+    pub fn protected(&self, path: &str) -> Option<&'static str> {
+        protected_reason(path, &self.test_files, &self.test_script)
     }
+
+    /// Splits a patch into the changes grading applies and the files it drops because they
+    /// are part of the protected test surface.
+    pub fn filter_patch(&self, patch: &str) -> Result<FilteredPatch, DiffError> {
+        let mut out = FilteredPatch::default();
+        for file in split_files(patch)? {
+            let protected: Vec<&String> = file
+                .paths
+                .iter()
+                .filter(|p| self.protected(p).is_some())
+                .collect();
+            if protected.is_empty() {
+                out.kept.push_str(&file.text);
+            } else {
+                out.dropped.extend(protected.into_iter().cloned());
+            }
+        }
+        out.dropped.sort();
+        out.dropped.dedup();
+        Ok(out)
+    }
+}
+
+/// A patch with the protected test surface taken out.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FilteredPatch {
+    /// What grading applies.
+    pub kept: String,
+    /// Files of the protected surface the patch changed; their changes were dropped.
+    pub dropped: Vec<String>,
 }
 
 fn setup(what: &str, e: OpError) -> InfraError {
@@ -88,41 +116,84 @@ fn setup(what: &str, e: OpError) -> InfraError {
     }
 }
 
-/// Turns a fresh sandbox of the original repository into the solver's workspace: oracle
-/// files put aside, both diffs (and any failed patches) applied, `.git` removed and
-/// re-initialised, and a snapshot taken to diff the solver's work against.
+/// Build leftovers of the original repository that the solver's workspace does without:
+/// caches and metadata that could carry hints (compiled files of the original code) and
+/// that a fresh checkout does not have. `build/` and `dist/` only at the top level.
+const LEFTOVERS_SCRIPT: &str = "find . -path ./.git -prune -o \\( -name __pycache__ -o -name .pytest_cache \
+    -o -name .mypy_cache -o -name .ruff_cache -o -name '*.egg-info' \\) -prune -exec rm -rf {} + \
+    && rm -rf ./build ./dist";
+
+/// Turns a fresh sandbox of the original repository into the solver's workspace: build
+/// leftovers removed, both diffs (and any failed patches) applied, the history replaced by
+/// a single initial commit (so `git diff` and `git status` work), and a snapshot taken to
+/// diff the solver's work against.
 pub async fn prepare_solver_workspace(
     client: &SidecarClient,
     task: &BugTask,
 ) -> Result<(), InfraError> {
     let ops = Ops::new(client);
-    // Copies of the original test files, kept outside the workspace.
-    ops.oracle_stash(&task.test_files)
+    match ops
+        .exec_shell(LEFTOVERS_SCRIPT, Duration::from_secs(120))
         .await
-        .map_err(|e| setup("stashing the oracle test files", e))?;
+    {
+        Ok(r) if r.exit_code == 0 => {}
+        Ok(r) => {
+            return Err(InfraError::new(
+                InfraKind::Setup,
+                format!(
+                    "removing build leftovers failed: {}",
+                    String::from_utf8_lossy(&r.stderr).trim()
+                ),
+            ));
+        }
+        Err(e) => return Err(setup("removing build leftovers", e)),
+    }
+    apply_bug(ops, task, true).await?;
+    ops.reset_history().await?;
+    ops.snapshot(SOLVER_START).await
+}
+
+/// Applies the bug: `bug_inject.diff`, with `weaken` also `test_weaken.diff`, then the
+/// failed solver patches of a higher-order bug.
+async fn apply_bug(ops: Ops<'_>, task: &BugTask, weaken: bool) -> Result<(), InfraError> {
     ops.apply_patch(&task.bug_inject_diff, false, false)
         .await
         .map_err(|e| setup("applying bug_inject.diff", e))?;
-    ops.apply_patch(&task.test_weaken_diff, false, false)
-        .await
-        .map_err(|e| setup("applying test_weaken.diff", e))?;
+    if weaken {
+        ops.apply_patch(&task.test_weaken_diff, false, false)
+            .await
+            .map_err(|e| setup("applying test_weaken.diff", e))?;
+    }
     for (i, p) in task.failed_patches.iter().enumerate() {
         ops.apply_patch(p, false, false)
             .await
             .map_err(|e| setup(&format!("applying failed solver patch {}", i + 1), e))?;
     }
-    ops.reset_history().await?;
-    ops.snapshot(SOLVER_START).await
+    Ok(())
+}
+
+/// Turns a fresh sandbox of the original repository, one the solver never touched, into
+/// the grading workspace: the bug and any failed patches applied, and not the weakening, so
+/// every test file is the original (the oracle). Nothing of the solver's sandbox (processes,
+/// files outside its patch, the test runner's configuration) reaches it.
+pub async fn prepare_grading_workspace(
+    client: &SidecarClient,
+    task: &BugTask,
+) -> Result<(), InfraError> {
+    apply_bug(Ops::new(client), task, false).await
 }
 
 /// What the solver changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct SolverPatch {
-    /// Everything, against the starting workspace (binary files left out).
+    /// Everything, against the starting workspace (binary files and the artifacts
+    /// directory left out).
     pub full: String,
-    /// Without the oracle test files: what grading actually sees, and what a higher-order
+    /// Without the protected test surface: what grading applies, and what a higher-order
     /// bug is made of.
     pub code: String,
+    /// Files of the protected surface the solver changed (dropped from `code`).
+    pub dropped: Vec<String>,
 }
 
 /// The solver's changes so far.
@@ -132,8 +203,17 @@ pub async fn solver_patch(
 ) -> Result<SolverPatch, InfraError> {
     let ops = Ops::new(client);
     let full = ops.diff(SOLVER_START, &[ARTIFACTS_DIR.to_string()]).await?;
-    let code = ops.diff(SOLVER_START, &task.protected_paths()).await?;
-    Ok(SolverPatch { full, code })
+    let filtered = task.filter_patch(&full).map_err(|e| {
+        InfraError::new(
+            InfraKind::Sidecar,
+            format!("the sidecar's diff is not a unified diff: {e}"),
+        )
+    })?;
+    Ok(SolverPatch {
+        full,
+        code: filtered.kept,
+        dropped: filtered.dropped,
+    })
 }
 
 /// The grade of one solver attempt.
@@ -148,6 +228,8 @@ pub struct Evaluation {
     pub detail: Option<String>,
     /// Every status of the grading run, as lower-case words.
     pub statuses: BTreeMap<String, String>,
+    /// Files of the protected test surface the patch changed: dropped, not graded.
+    pub dropped: Vec<String>,
 }
 
 impl Evaluation {
@@ -190,6 +272,7 @@ fn evaluation_of(task: &BugTask, run: Result<TestRun, String>) -> Evaluation {
             patch_applied: true,
             detail: Some(format!("the tests could not run: {m}")),
             statuses: BTreeMap::new(),
+            dropped: Vec::new(),
         },
         Ok(run) => {
             let (solved, failing) = grade(&task.original_passing, &run.statuses);
@@ -208,20 +291,53 @@ fn evaluation_of(task: &BugTask, run: Result<TestRun, String>) -> Evaluation {
                     .iter()
                     .map(|(k, v)| (k.clone(), status_word(*v).to_string()))
                     .collect(),
+                dropped: Vec::new(),
             }
         }
     }
 }
 
-/// Grades the solver's workspace as it is: the oracle test files are put back to their
-/// original content first, so edits to them count for nothing.
-pub async fn evaluate_workspace(
+/// Grades `patch` (against the solver's starting workspace) in a grading workspace (see
+/// [`prepare_grading_workspace`]): its changes to the protected test surface are dropped
+/// (and recorded), the rest is applied, and the engine's own test script and parser run. A
+/// patch that is not a diff or does not apply is graded unsolved. An error here comes after
+/// the solver's code is in place, so the caller holds the solver responsible for it.
+pub async fn evaluate_patch(
     client: &SidecarClient,
     task: &BugTask,
+    patch: &str,
     test_timeout: Duration,
 ) -> Result<Evaluation, InfraError> {
     let ops = Ops::new(client);
-    ops.oracle_restore().await?;
+    let unsolved = |detail: String, dropped: Vec<String>| Evaluation {
+        solved: false,
+        failing: task.original_passing.iter().cloned().collect(),
+        patch_applied: false,
+        detail: Some(detail),
+        statuses: BTreeMap::new(),
+        dropped,
+    };
+    let filtered = match task.filter_patch(patch) {
+        Ok(f) => f,
+        Err(e) => {
+            return Ok(unsolved(
+                format!("the patch is not a unified diff: {e}"),
+                Vec::new(),
+            ));
+        }
+    };
+    if !filtered.kept.trim().is_empty() {
+        match ops.apply_patch(&filtered.kept, false, false).await {
+            Ok(_) => {}
+            Err(OpError::Infra(i)) => return Err(i),
+            Err(OpError::Refused(m)) => {
+                return Ok(unsolved(
+                    format!("the patch does not apply: {m}"),
+                    filtered.dropped,
+                ));
+            }
+        }
+    }
     let run = match ops
         .run_tests(&task.test_script, &task.test_parser, test_timeout)
         .await
@@ -230,34 +346,9 @@ pub async fn evaluate_workspace(
         Err(OpError::Refused(m)) => Err(m),
         Err(OpError::Infra(i)) => return Err(i),
     };
-    Ok(evaluation_of(task, run))
-}
-
-/// Applies `patch` (against the solver's starting workspace) to a prepared workspace and
-/// grades it. A patch that does not apply is graded unsolved.
-pub async fn evaluate_patch(
-    client: &SidecarClient,
-    task: &BugTask,
-    patch: &str,
-    test_timeout: Duration,
-) -> Result<Evaluation, InfraError> {
-    let ops = Ops::new(client);
-    if !patch.trim().is_empty() {
-        match ops.apply_patch(patch, false, false).await {
-            Ok(_) => {}
-            Err(OpError::Infra(i)) => return Err(i),
-            Err(OpError::Refused(m)) => {
-                return Ok(Evaluation {
-                    solved: false,
-                    failing: task.original_passing.iter().cloned().collect(),
-                    patch_applied: false,
-                    detail: Some(format!("the patch does not apply: {m}")),
-                    statuses: BTreeMap::new(),
-                });
-            }
-        }
-    }
-    evaluate_workspace(client, task, test_timeout).await
+    let mut e = evaluation_of(task, run);
+    e.dropped = filtered.dropped;
+    Ok(e)
 }
 
 /// Runs the tests twice on the workspace as it is (the original code) and returns the tests

@@ -33,8 +33,13 @@ pub enum EndReason {
     OutOfTurns,
     /// The token budget (prompt, policy tokens and observations) ran out.
     OutOfTokens,
-    /// The sandbox or the policy failed; the episode is masked, never punished.
+    /// The sandbox or the policy failed in a way the agent could not have caused; the
+    /// episode is masked, never punished.
     InfraError,
+    /// The sandbox failed during one of the agent's tool calls (its sidecar gone, a call
+    /// past its deadline): the agent may have caused it, so the episode earns the failing
+    /// reward instead of a mask.
+    SandboxBroken,
     /// A malformed tool call under `FormatErrorPolicy::EndEpisode`.
     FormatError,
 }
@@ -46,6 +51,7 @@ impl EndReason {
             EndReason::OutOfTurns => "out_of_turns",
             EndReason::OutOfTokens => "out_of_tokens",
             EndReason::InfraError => "infra_error",
+            EndReason::SandboxBroken => "sandbox_broken",
             EndReason::FormatError => "format_error",
         }
     }

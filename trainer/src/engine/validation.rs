@@ -10,9 +10,10 @@ use sandbox_sidecar::SidecarClient;
 use serde::Serialize;
 
 use super::artifacts::Artifacts;
-use super::diffs::{looks_like_test_file, touched_paths};
+use super::diffs::touched_paths;
 use super::error::{InfraError, InfraKind, OpError};
 use super::ops::{Ops, TestRun, TestStatus};
+use super::surface::protected_reason;
 
 /// The checks, in the order they run. Their names are stable: they are metric labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -115,6 +116,8 @@ pub struct ValidationReport {
     pub hidden: BTreeSet<String>,
     /// Files the bug diff touches.
     pub bug_files: Vec<String>,
+    /// The bug touched the protected test surface (tests, test-runner configuration).
+    pub protected_change: bool,
 }
 
 impl ValidationReport {
@@ -275,6 +278,10 @@ impl Validator<'_> {
         Ok(tests)
     }
 
+    /// One run of the test script on the workspace as it is now. The run starts with no
+    /// process left from earlier runs and an empty `/tmp` (the sidecar's clean start), so a
+    /// script cannot count its runs and answer each check as expected; callers reset the
+    /// workspace to the state under test first, for the same reason.
     async fn run_tests(&self, script: &str, parser: &str) -> Result<Result<TestRun, String>, Stop> {
         match self
             .ops
@@ -338,6 +345,7 @@ impl Validator<'_> {
         run1: &TestRun,
     ) -> Result<(), Stop> {
         let c = Check::OriginalPasses;
+        self.ops.reset(SNAP_ORIGINAL).await?;
         // A second run that fails as a whole makes every test of the first one flaky.
         let run2 = match self.run_tests(script, parser).await? {
             Ok(r) if !r.timed_out && r.parser_error.is_none() => r.statuses,
@@ -381,6 +389,7 @@ impl Validator<'_> {
         if bug.trim().is_empty() {
             return Err(self.fail(c, "bug_inject.diff is empty"));
         }
+        self.ops.reset(SNAP_ORIGINAL).await?;
         let changes = match self.ops.apply_patch(bug, false, true).await {
             Ok(ch) => ch,
             Err(e) => {
@@ -398,11 +407,16 @@ impl Validator<'_> {
                 files.insert(ch.old_path.clone());
             }
         }
-        if let Some(t) = files
+        let script = self.a.test_script.as_deref().unwrap_or("");
+        if let Some((f, why)) = files
             .iter()
-            .find(|f| tests.contains(f) || looks_like_test_file(f))
+            .find_map(|f| protected_reason(f, tests, script).map(|why| (f, why)))
         {
-            return Err(self.fail(c, format!("bug_inject.diff touches the test file {t}")));
+            self.report.protected_change = true;
+            return Err(self.fail(
+                c,
+                format!("bug_inject.diff may change source files only; it touches {f} ({why})"),
+            ));
         }
         if files.len() < self.cfg.min_changed_files {
             return Err(self.fail(
@@ -447,9 +461,21 @@ impl Validator<'_> {
         Ok(units)
     }
 
+    /// A run in which most of the tests the original reported are gone (a collection error,
+    /// a crash, a deselecting configuration) says nothing about single tests: it fails the
+    /// artifacts instead of counting every missing test as broken or hidden.
+    fn vanished(&self, run: &TestRun) -> Option<String> {
+        let before = self.report.original_passing.len() + self.report.flaky.len();
+        let now = run.statuses.len();
+        (now * 2 < before).then(|| {
+            format!("only {now} of the {before} tests the original code reports are reported")
+        })
+    }
+
     async fn bug_breaks_tests(&mut self, script: &str, parser: &str) -> Result<(), Stop> {
         let c = Check::BugBreaksTests;
         let bug = self.a.bug_inject_diff.as_deref().unwrap_or("");
+        self.ops.reset(SNAP_ORIGINAL).await?;
         if let Err(e) = self.ops.apply_patch(bug, false, false).await {
             return Err(self.refused(c, "bug_inject.diff does not apply", e));
         }
@@ -458,24 +484,37 @@ impl Validator<'_> {
             Ok(r) => r,
             Err(m) => return Err(self.fail(c, format!("the tests cannot run with the bug: {m}"))),
         };
+        // Only what the parser reports of a run it could read counts: a test that is
+        // missing (the run crashed, timed out, or was deselected) is not a broken test.
+        if let Some(e) = &run.parser_error {
+            return Err(self.fail(c, format!("the parser failed on the run with the bug: {e}")));
+        }
+        if let Some(why) = self.vanished(&run) {
+            return Err(self.fail(c, format!("with the bug, {why}")));
+        }
         self.report.bug_failing = self
             .report
             .original_passing
             .iter()
-            .filter(|t| !run.passed(t))
+            .filter(|t| {
+                matches!(
+                    run.statuses.get(*t),
+                    Some(TestStatus::Failed | TestStatus::Error)
+                )
+            })
             .cloned()
             .collect();
         let n = self.report.bug_failing.len();
-        let note = match (&run.parser_error, run.timed_out) {
-            (_, true) => " (the test script timed out)",
-            (Some(_), _) => " (the parser failed on the output)",
-            _ => "",
+        let note = if run.timed_out {
+            " (the test script timed out)"
+        } else {
+            ""
         };
         if n < self.cfg.min_failing_tests {
             return Err(self.fail(
                 c,
                 format!(
-                    "{n} previously passing test(s) fail with the bug; at least {} needed{note}",
+                    "{n} previously passing test(s) are reported failed with the bug; at least {} needed{note}",
                     self.cfg.min_failing_tests
                 ),
             ));
@@ -498,6 +537,7 @@ impl Validator<'_> {
         if weaken.trim().is_empty() {
             return Err(self.fail(c, "test_weaken.diff is empty"));
         }
+        self.ops.reset(SNAP_BUGGY).await?;
         if let Err(e) = self.ops.apply_patch(weaken, false, false).await {
             return Err(self.refused(c, "test_weaken.diff does not apply on top of the bug", e));
         }
@@ -517,6 +557,9 @@ impl Validator<'_> {
                 format!("the parser failed with the weakening applied: {e}"),
             ));
         }
+        if let Some(why) = self.vanished(&run) {
+            return Err(self.fail(c, format!("with the weakening applied, {why}")));
+        }
         self.report.hidden = self
             .report
             .bug_failing
@@ -524,7 +567,6 @@ impl Validator<'_> {
             .filter(|t| run.passed(t) || !run.statuses.contains_key(*t))
             .cloned()
             .collect();
-        self.ops.reset(SNAP_BUGGY).await?;
         if self.report.hidden.is_empty() {
             return Err(self.fail(
                 c,
@@ -551,6 +593,7 @@ impl Validator<'_> {
         let c = Check::InverseMutation;
         let cap = self.cfg.max_inverse_mutation_files.max(1);
         for unit in units.iter().take(cap) {
+            self.ops.reset(SNAP_BUGGY).await?;
             for o in &unit.originals {
                 let r = match &o.content {
                     Some(bytes) => self.ops.write_file(&o.path, bytes).await,
@@ -569,7 +612,6 @@ impl Validator<'_> {
                     );
                 }
             };
-            self.ops.reset(SNAP_BUGGY).await?;
             if !self.report.bug_failing.iter().any(|t| run.passed(t)) {
                 return Err(self.fail(
                     c,

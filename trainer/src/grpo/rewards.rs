@@ -28,10 +28,14 @@ pub fn step_penalty(turns: u32, penalty: Option<&StepPenalty>) -> f64 {
 
 /// The reward an episode trains with, or `None` when it is masked out of the loss.
 ///
-/// `reward` is the graded reward: for a truncated episode under `ForceSubmit`, the reward of
-/// its force-submitted workspace. Infrastructure errors are always masked (never −1);
-/// truncated episodes are masked under `Mask`, and their reward is multiplied by `discount`
-/// under `ForceSubmit`. The step penalty applies to every episode that is not masked.
+/// `reward` is the graded reward: for a truncated episode, the reward of its workspace as
+/// it was when the budget ran out. Infrastructure errors the agent could not have caused
+/// are always masked (never −1). Truncation is never better than failing (a policy that
+/// expects to fail would otherwise learn to stall instead of submitting): a truncated
+/// episode keeps a negative or zero reward as it is; only a positive one is masked
+/// (`Mask`) or multiplied by `discount` (`ForceSubmit`). The step penalty applies to every
+/// episode that is not masked. Injectors are never truncated here: their artifacts are
+/// validated either way, so the caller passes [`EpisodeEnd::Completed`] for them.
 pub fn shaped_reward(
     reward: f64,
     end: EpisodeEnd,
@@ -41,6 +45,7 @@ pub fn shaped_reward(
 ) -> Option<f64> {
     let base = match (end, truncation.mode) {
         (EpisodeEnd::InfraError, _) => return None,
+        (EpisodeEnd::Truncated, _) if reward <= 0.0 => reward,
         (EpisodeEnd::Truncated, TruncationMode::Mask) => return None,
         (EpisodeEnd::Truncated, TruncationMode::ForceSubmit) => reward * truncation.discount,
         (EpisodeEnd::Completed, _) => reward,

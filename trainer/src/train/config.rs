@@ -45,6 +45,57 @@ pub struct LocalPool {
     pub weight: u32,
     pub spec: SandboxPoolSpec,
     pub repo_dir: PathBuf,
+    /// `spec.source.toolchain`, resolved.
+    pub toolchain: Vec<PathBuf>,
+}
+
+impl LocalPool {
+    /// What the pool's local sandboxes see and may use: its toolchain, the template's
+    /// environment (plain values; `valueFrom` needs a cluster) and the memory limit of its
+    /// resources, with the default limits for the rest.
+    pub fn sandbox_settings(&self) -> crate::engine::local::PoolSettings {
+        let t = &self.spec.template;
+        let mut limits = crate::engine::local::SandboxLimits::default();
+        if let Some(mem) = t
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.get("memory"))
+            .and_then(|q| quantity_bytes(&q.0))
+        {
+            limits.memory_bytes = mem;
+        }
+        crate::engine::local::PoolSettings {
+            toolchain: (!self.toolchain.is_empty()).then(|| self.toolchain.clone()),
+            env: t
+                .env
+                .iter()
+                .filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v)))
+                .collect(),
+            limits,
+        }
+    }
+}
+
+/// Bytes of a Kubernetes quantity (`512Mi`, `4G`, `1073741824`); `None` when it is not one.
+pub fn quantity_bytes(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let split = q.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(q.len());
+    let (num, unit) = q.split_at(split);
+    let mult: f64 = match unit {
+        "" => 1.0,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        _ => return None,
+    };
+    let n: f64 = num.parse().ok()?;
+    (n >= 0.0 && n.is_finite()).then(|| (n * mult) as u64)
 }
 
 /// A validated run and its pools.
@@ -150,11 +201,29 @@ pub fn parse(text: &str, source: &str, base: &Path) -> Result<LocalRun, ConfigEr
                 path: repo_dir,
             });
         }
+        let toolchain = pool
+            .spec
+            .source
+            .as_ref()
+            .map(|s| {
+                s.toolchain
+                    .iter()
+                    .map(|d| {
+                        if Path::new(d).is_absolute() {
+                            PathBuf::from(d)
+                        } else {
+                            base.join(d)
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         local.push(LocalPool {
             name: pref.name.clone(),
             weight: pref.weight.max(1) as u32,
             spec: pool.spec.clone(),
             repo_dir,
+            toolchain,
         });
     }
 

@@ -127,6 +127,38 @@ impl Interrupt {
     }
 }
 
+/// The sandbox provider of a local run: each pool's repository materialised under
+/// `out/repos/`, sandboxes under `out/sandboxes/`, none of them able to see `out`.
+pub fn local_provider(
+    run: &LocalRun,
+    out: &std::path::Path,
+    isolation: Isolation,
+) -> Result<LocalProvider, LocalError> {
+    let mut repos = std::collections::BTreeMap::new();
+    for p in &run.pools {
+        repos.insert(
+            p.name.clone(),
+            repository(&p.repo_dir, &out.join("repos").join(&p.name))?,
+        );
+    }
+    Ok(LocalProvider::new(LocalProviderConfig {
+        pools: repos,
+        pool_settings: run
+            .pools
+            .iter()
+            .map(|p| (p.name.clone(), p.sandbox_settings()))
+            .collect(),
+        sidecar: None,
+        isolation,
+        // Under the output directory, so a run leaves nothing elsewhere.
+        work_dir: Some(out.join("sandboxes")),
+        serve_args: Vec::new(),
+        extra_path: Vec::new(),
+        // Sandboxes never see the run's files (episodes, checkpoints, the repositories).
+        hidden: vec![out.to_path_buf()],
+    })?)
+}
+
 /// Runs a local training run. `view` wraps the policy used for sampling (tests use a
 /// scripted policy that keeps the model's log-probs).
 pub async fn run_local(
@@ -162,22 +194,7 @@ pub async fn run_local(
     };
 
     let (grpo, state) = build_trainer(&run, &dirs, opts.resume)?;
-    let mut repos = std::collections::BTreeMap::new();
-    for p in &run.pools {
-        repos.insert(
-            p.name.clone(),
-            repository(&p.repo_dir, &dirs.out.join("repos").join(&p.name))?,
-        );
-    }
-    let provider = Arc::new(LocalProvider::new(LocalProviderConfig {
-        pools: repos,
-        sidecar_bin: None,
-        isolation: opts.isolation,
-        // Under the output directory, so a run leaves nothing elsewhere.
-        work_dir: Some(dirs.out.join("sandboxes")),
-        serve_args: Vec::new(),
-        extra_path: Vec::new(),
-    })?);
+    let provider = Arc::new(local_provider(&run, &dirs.out, opts.isolation)?);
     if !provider.isolated() {
         tracing::info!("sandboxes are plain processes (bubblewrap not available)");
     }

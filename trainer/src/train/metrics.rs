@@ -21,6 +21,8 @@ pub struct TrainerMetrics {
     pub validation_failures: IntCounterVec,
     pub episodes: IntCounterVec,
     pub sandbox_errors: IntCounterVec,
+    pub agent_sandbox_failures: IntCounterVec,
+    pub protected_changes: IntCounterVec,
     pub tokens_per_second: Gauge,
     pub dropped_groups: IntCounter,
     pub stale_samples: IntCounter,
@@ -91,6 +93,20 @@ impl TrainerMetrics {
                 ),
                 &["kind"],
             )?,
+            agent_sandbox_failures: IntCounterVec::new(
+                opts(
+                    "selfplay_trainer_agent_sandbox_failures_total",
+                    "Episodes whose sandbox failed during or after the agent's own commands (failing reward, not masked), by role",
+                ),
+                &["role"],
+            )?,
+            protected_changes: IntCounterVec::new(
+                opts(
+                    "selfplay_trainer_protected_changes_total",
+                    "Episodes that changed the protected test surface (solver patches: dropped before grading; bugs: rejected), by role",
+                ),
+                &["role"],
+            )?,
             tokens_per_second: Gauge::with_opts(opts(
                 "selfplay_trainer_tokens_per_second",
                 "Generated tokens per second, last step",
@@ -135,6 +151,8 @@ impl TrainerMetrics {
             Box::new(self.validation_failures.clone()),
             Box::new(self.episodes.clone()),
             Box::new(self.sandbox_errors.clone()),
+            Box::new(self.agent_sandbox_failures.clone()),
+            Box::new(self.protected_changes.clone()),
             Box::new(self.tokens_per_second.clone()),
             Box::new(self.dropped_groups.clone()),
             Box::new(self.stale_samples.clone()),

@@ -19,7 +19,7 @@ use crate::engine::roles::{
 use crate::engine::sandbox::SandboxProvider;
 use crate::engine::solver::BugTask;
 use crate::engine::trajectory::{EndReason, Role, Trajectory};
-use crate::grpo::advantages::leave_one_out;
+use crate::grpo::advantages::group_advantages;
 use crate::grpo::rewards::{EpisodeEnd, shaped_reward};
 use crate::grpo::sample::Sample;
 
@@ -64,6 +64,9 @@ pub struct EpisodeRecord {
 #[derive(Clone, Debug, Serialize)]
 pub struct InjectorDetail {
     pub valid: bool,
+    /// The sandbox failed during or after its commands (failing reward).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_failure: Option<String>,
     pub failed_check: Option<String>,
     pub artifacts: serde_json::Value,
     pub solve_rate: Option<f64>,
@@ -73,7 +76,14 @@ pub struct InjectorDetail {
 pub struct SolverDetail {
     pub order: u8,
     pub solved: bool,
+    /// What grading applied: the patch without the protected test surface.
     pub patch: String,
+    /// Files of the protected test surface the solver changed (dropped before grading).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<String>,
+    /// The sandbox failed during or after its commands (failing reward).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_failure: Option<String>,
     pub failing: Vec<String>,
 }
 
@@ -157,6 +167,16 @@ fn episode_end(t: &Trajectory) -> EpisodeEnd {
     }
 }
 
+/// An injector's artifacts are validated however its episode ended, so running out of
+/// budget earns exactly what submitting the same workspace would (never a mask, never a
+/// discount).
+fn injector_end(t: &Trajectory) -> EpisodeEnd {
+    match t.end_reason {
+        EndReason::InfraError => EpisodeEnd::InfraError,
+        _ => EpisodeEnd::Completed,
+    }
+}
+
 fn transcript(policy: &dyn Policy, t: &Trajectory) -> Vec<String> {
     t.turns
         .iter()
@@ -232,6 +252,7 @@ async fn injector_episode<P: SandboxProvider + ?Sized>(
                         validation: None,
                         failed_check: None,
                         infra_error: Some(e),
+                        agent_failure: None,
                     };
                 }
             };
@@ -245,7 +266,8 @@ async fn injector_episode<P: SandboxProvider + ?Sized>(
     with_retries(attempt, |r: &InjectorResult| r.infra_error.clone()).await
 }
 
-/// One solver episode on a fresh sandbox, retried on sandbox failures.
+/// One solver episode on a fresh sandbox, graded in another, retried on failures the agent
+/// could not have caused.
 async fn solver_episode<P: SandboxProvider + ?Sized>(
     ctx: &StepContext<'_, P>,
     policy: Arc<dyn Policy>,
@@ -256,25 +278,7 @@ async fn solver_episode<P: SandboxProvider + ?Sized>(
         let policy = policy.clone();
         let pool = pool.clone();
         let task = task.clone();
-        async move {
-            let sandbox = match ctx.provider.acquire(&pool).await {
-                Ok(s) => s,
-                Err(e) => {
-                    return SolverResult {
-                        trajectory: failed_trajectory(Role::Solver, &e),
-                        patch: Default::default(),
-                        evaluation: None,
-                        infra_error: Some(e),
-                        order: task.order,
-                    };
-                }
-            };
-            let r = run_solver(policy, sandbox.client(), &task, ctx.engine).await;
-            if let Err(e) = sandbox.release().await {
-                tracing::warn!(error = %e, "sandbox release failed");
-            }
-            r
-        }
+        async move { run_solver(policy, ctx.provider, &pool, &task, ctx.engine).await }
     };
     with_retries(attempt, |r: &SolverResult| r.infra_error.clone()).await
 }
@@ -368,6 +372,18 @@ pub async fn rollout<P: SandboxProvider + ?Sized>(
                 .episodes
                 .with_label_values(&["solver", traj.end_reason.label()])
                 .inc();
+            if result.agent_failure.is_some() {
+                ctx.metrics
+                    .agent_sandbox_failures
+                    .with_label_values(&["solver"])
+                    .inc();
+            }
+            if !result.patch.dropped.is_empty() {
+                ctx.metrics
+                    .protected_changes
+                    .with_label_values(&["solver"])
+                    .inc();
+            }
             let graded = result.reward();
             if graded.is_some() {
                 solve_counts[t].1 += 1;
@@ -413,6 +429,8 @@ pub async fn rollout<P: SandboxProvider + ?Sized>(
                     order: result.order,
                     solved: result.solved(),
                     patch: result.patch.code.clone(),
+                    dropped: result.patch.dropped.clone(),
+                    agent_failure: result.agent_failure.clone(),
                     failing: result
                         .evaluation
                         .as_ref()
@@ -436,6 +454,22 @@ pub async fn rollout<P: SandboxProvider + ?Sized>(
             .episodes
             .with_label_values(&["injector", traj.end_reason.label()])
             .inc();
+        if result.agent_failure.is_some() {
+            ctx.metrics
+                .agent_sandbox_failures
+                .with_label_values(&["injector"])
+                .inc();
+        }
+        if result
+            .validation
+            .as_ref()
+            .is_some_and(|v| v.protected_change)
+        {
+            ctx.metrics
+                .protected_changes
+                .with_label_values(&["injector"])
+                .inc();
+        }
         if let Some(check) = result.failed_check {
             *out.failed_checks.entry(check.to_string()).or_default() += 1;
             ctx.metrics
@@ -452,7 +486,7 @@ pub async fn rollout<P: SandboxProvider + ?Sized>(
         let reward = graded.and_then(|g| {
             shaped_reward(
                 g,
-                episode_end(traj),
+                injector_end(traj),
                 traj.turns.len() as u32,
                 &training.truncation,
                 training.step_penalty.as_ref(),
@@ -475,6 +509,7 @@ pub async fn rollout<P: SandboxProvider + ?Sized>(
             infra_errors: errors.iter().map(ToString::to_string).collect(),
             injector: Some(InjectorDetail {
                 valid: result.valid(),
+                agent_failure: result.agent_failure.clone(),
                 failed_check: result.failed_check.map(str::to_string),
                 artifacts: serde_json::to_value(&result.artifacts).unwrap_or_default(),
                 solve_rate: (attempts > 0).then(|| solved as f64 / attempts as f64),
@@ -515,9 +550,10 @@ fn record_infra(metrics: &TrainerMetrics, out: &mut Rollouts, errors: &[InfraErr
 }
 
 /// Leave-one-out advantages of one group (method.md); a group with all-equal rewards gets
-/// zero advantages, which the GRPO update drops and counts.
-fn push_group(samples: &mut Vec<Sample>, members: &[&Trajectory], rewards: &[f64], group: u64) {
-    let advantages = leave_one_out(rewards);
+/// exactly zero advantages (leave-one-out in floating point would leave ±1e-17), which the
+/// GRPO update drops and counts, so it does not dilute the token normalisation.
+pub fn push_group(samples: &mut Vec<Sample>, members: &[&Trajectory], rewards: &[f64], group: u64) {
+    let advantages = group_advantages(rewards).unwrap_or_else(|| vec![0.0; rewards.len()]);
     for (traj, adv) in members.iter().zip(advantages) {
         if traj.policy_tokens() == 0 {
             continue;
@@ -546,5 +582,42 @@ mod tests {
         assert_eq!(picked.iter().filter(|p| *p == "a").count(), 4);
         assert_eq!(picked.iter().filter(|p| *p == "b").count(), 2);
         assert_eq!(injector_pools(&pools, 3, 6), injector_pools(&pools, 3, 6));
+    }
+
+    fn trajectory(tokens: usize) -> Trajectory {
+        Trajectory {
+            role: Role::Solver,
+            prompt_tokens: vec![1, 2],
+            turns: vec![crate::engine::trajectory::Turn {
+                policy_tokens: vec![3; tokens],
+                policy_logprobs: vec![-0.5; tokens],
+                finish: None,
+                policy_version: 0,
+                tool: None,
+                format_error: None,
+                tool_failed: false,
+                observation_tokens: Vec::new(),
+            }],
+            end_reason: EndReason::Submitted,
+            infra_error: None,
+        }
+    }
+
+    #[test]
+    fn a_group_with_equal_rewards_carries_exactly_zero_advantage() {
+        let t = trajectory(4);
+        let members = [&t, &t, &t];
+        let mut samples = Vec::new();
+        // 0.1 three times: leave-one-out in floating point gives -1.4e-17, not 0.
+        push_group(&mut samples, &members, &[0.1, 0.1, 0.1], 7);
+        assert_eq!(samples.len(), 3);
+        assert!(
+            samples.iter().all(|s| s.advantage == 0.0),
+            "{:?}",
+            samples.iter().map(|s| s.advantage).collect::<Vec<_>>()
+        );
+        let mut samples = Vec::new();
+        push_group(&mut samples, &members, &[1.0, -1.0, -1.0], 8);
+        assert!((samples[0].advantage - 2.0).abs() < 1e-12);
     }
 }
