@@ -269,12 +269,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or(1)
             .min(4)
     });
+    crate::confine::warn_if_unsupported();
+    crate::confine::protect_current_thread();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
-        .max_blocking_threads(64)
+        .max_blocking_threads(BLOCKING_THREADS)
+        // Every thread's id joins the ids commands may not signal (see `confine`); threads
+        // are kept, so the set is complete once the pool was filled below.
+        .on_thread_start(crate::confine::protect_current_thread)
+        .on_thread_stop(crate::confine::forget_current_thread)
+        .thread_keep_alive(Duration::from_secs(365 * 24 * 3600))
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    rt.block_on(fill_blocking_pool());
     let cfg = ServeConfig {
         listen: args.listen,
         listen_fd: args.listen_fd,
@@ -309,6 +317,25 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         bound.serve(shutdown_signal()).await?;
         Ok(())
     })
+}
+
+const BLOCKING_THREADS: usize = 64;
+
+/// Starts every thread of the blocking pool now: a bash session's seccomp filter is built
+/// when it starts and must already list the threads that exist later.
+async fn fill_blocking_pool() {
+    let all_started = std::sync::Arc::new(std::sync::Barrier::new(BLOCKING_THREADS));
+    let tasks: Vec<_> = (0..BLOCKING_THREADS)
+        .map(|_| {
+            let b = all_started.clone();
+            tokio::task::spawn_blocking(move || {
+                b.wait();
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
 }
 
 async fn shutdown_signal() {

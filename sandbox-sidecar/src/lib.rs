@@ -15,6 +15,7 @@ pub mod auth;
 pub mod child;
 pub mod cli;
 pub mod client;
+pub mod confine;
 pub mod editor;
 pub mod error;
 pub mod files;

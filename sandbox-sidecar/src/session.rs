@@ -312,7 +312,7 @@ fn spawn_shell(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    process::prepare(&mut cmd, options.rlimits);
+    process::prepare(&mut cmd, options.rlimits)?;
     let mut child = process::spawn_tracked(&mut cmd)?;
     let sid = child.id().unwrap_or(0);
     let (Some(stdin), Some(stdout), Some(stderr)) =
