@@ -406,6 +406,33 @@ struct CapData {
     inheritable: u32,
 }
 
+/// An anonymous in-memory file holding `content` (close-on-exec; give it to a child with
+/// [`crate::child::CommandSpec::inherit_fd`]). Scripts the sidecar runs travel this way
+/// rather than through its state directory, which confined commands cannot see and
+/// unconfined ones could rewrite between write and exec.
+pub fn memfd_with(name: &std::ffi::CStr, content: &[u8]) -> io::Result<std::os::fd::OwnedFd> {
+    use std::io::Write as _;
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: a NUL-terminated name and flags; returns a new descriptor or -1.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let mut f = std::fs::File::from(fd);
+    f.write_all(content)?;
+    Ok(f.into())
+}
+
+/// Replaces the whole content of the in-memory file `fd`.
+pub fn memfd_replace(fd: &std::os::fd::OwnedFd, content: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let f = std::fs::File::from(fd.try_clone()?);
+    f.set_len(0)?;
+    f.write_all_at(content, 0)
+}
+
 /// The directory holding `file`, refused when that is `/` (hiding it would hide everything).
 pub fn parent_to_hide(file: &Path) -> Option<PathBuf> {
     let abs = std::path::absolute(file).ok()?;
