@@ -19,6 +19,7 @@ use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
@@ -35,6 +36,8 @@ pub struct CommandSpec {
     clear_env: bool,
     env: Vec<(OsString, OsString)>,
     cwd: Option<PathBuf>,
+    /// Descriptors the child gets at the given numbers (above 2), open across exec.
+    fds: Vec<(Arc<OwnedFd>, RawFd)>,
 }
 
 impl CommandSpec {
@@ -45,6 +48,7 @@ impl CommandSpec {
             clear_env: false,
             env: Vec::new(),
             cwd: None,
+            fds: Vec::new(),
         }
     }
 
@@ -85,6 +89,12 @@ impl CommandSpec {
 
     pub fn current_dir(&mut self, dir: impl AsRef<Path>) -> &mut Self {
         self.cwd = Some(dir.as_ref().to_owned());
+        self
+    }
+
+    /// Gives the child `fd` as descriptor `target` (3 or above; one target per spec).
+    pub fn inherit_fd(&mut self, fd: Arc<OwnedFd>, target: RawFd) -> &mut Self {
+        self.fds.push((fd, target.max(3)));
         self
     }
 
@@ -185,6 +195,10 @@ struct ChildArgs {
     cwd: *const libc::c_char,
     stdio: [RawFd; 3],
     rlimits: Rlimits,
+    /// (source, target) pairs, see [`CommandSpec::inherit_fd`].
+    fds: *const (RawFd, RawFd),
+    fds_len: usize,
+    hardening: *const crate::confine::Prepared,
     /// Written by the child when a step before `execve` (or `execve` itself) fails.
     errno: libc::c_int,
 }
@@ -254,8 +268,24 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 fail(a);
             }
         }
+        for i in 0..a.fds_len {
+            let (src, target) = *a.fds.add(i);
+            let r = if src == target {
+                libc::fcntl(target, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(src, target)
+            };
+            if r < 0 {
+                fail(a);
+            }
+        }
         if !a.cwd.is_null() && libc::chdir(a.cwd) != 0 {
             fail(a);
+        }
+        let e = crate::confine::apply(&*a.hardening);
+        if e != 0 {
+            a.errno = e;
+            libc::_exit(127);
         }
         libc::execve(a.path, a.argv, a.envp);
         fail(a)
@@ -322,6 +352,12 @@ pub fn spawn(spec: &CommandSpec, stdin_piped: bool, rlimits: Rlimits) -> io::Res
     let (out_parent, out_child) = pipe_pair()?;
     let (err_parent, err_child) = pipe_pair()?;
     let (out_child, err_child) = (above_stdio(out_child)?, above_stdio(err_child)?);
+    let fds: Vec<(RawFd, RawFd)> = spec
+        .fds
+        .iter()
+        .map(|(fd, target)| (fd.as_raw_fd(), *target))
+        .collect();
+    let hardening = crate::confine::current()?;
 
     let mut args = ChildArgs {
         path: path.as_ptr(),
@@ -334,6 +370,9 @@ pub fn spawn(spec: &CommandSpec, stdin_piped: bool, rlimits: Rlimits) -> io::Res
             err_child.as_raw_fd(),
         ],
         rlimits,
+        fds: fds.as_ptr(),
+        fds_len: fds.len(),
+        hardening: Arc::as_ptr(&hardening),
         errno: 0,
     };
     let stack = Stack::take()?;
@@ -460,13 +499,17 @@ impl Drop for Child {
             return;
         }
         let pid = self.pid as libc::pid_t;
-        let _ = std::thread::Builder::new()
-            .name("reap".into())
-            .spawn(move || {
-                let mut status = 0;
-                // SAFETY: blocking wait for our own killed child.
-                unsafe { libc::waitpid(pid, &mut status, 0) };
-            });
+        let reap = move || {
+            let mut status = 0;
+            // SAFETY: blocking wait for our own killed child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+        };
+        // On the runtime's pool when there is one: a thread started here would be missing
+        // from the ids commands may not signal (see `confine`).
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn_blocking(reap)),
+            Err(_) => drop(std::thread::Builder::new().name("reap".into()).spawn(reap)),
+        }
     }
 }
 

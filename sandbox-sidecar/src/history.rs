@@ -48,6 +48,7 @@ pub async fn reset_history(ws: &Workspace) -> Result<HistoryOutcome> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    crate::process::harden(&mut cmd).map_err(|e| SidecarError::io("preparing git", e))?;
     let child = crate::process::spawn_tracked(&mut cmd)
         .map_err(|e| SidecarError::io("running git init", e))?;
     let pid = child.id().unwrap_or(0);

@@ -13,12 +13,15 @@ pub mod proto {
 
 pub mod auth;
 pub mod child;
+pub mod cli;
 pub mod client;
+pub mod confine;
 pub mod editor;
 pub mod error;
 pub mod files;
 pub mod history;
 pub mod idempotency;
+pub mod install;
 pub mod metrics;
 pub mod oracle;
 pub mod output;

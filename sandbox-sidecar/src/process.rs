@@ -34,10 +34,13 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
 const READ_CHUNK: usize = 64 * 1024;
 const STREAM_SEND_PATIENCE: Duration = Duration::from_secs(2);
 
-/// Puts the child in its own session, makes it die with the sidecar, and sets rlimits.
-pub fn prepare(cmd: &mut Command, rlimits: Rlimits) {
+/// Puts the child in its own session, makes it die with the sidecar, sets rlimits, and
+/// applies [`crate::confine`] (seccomp; confinement with `serve --confine`).
+pub fn prepare(cmd: &mut Command, rlimits: Rlimits) -> io::Result<()> {
+    let hardening = crate::confine::current()?;
     // SAFETY: the closure runs between fork and exec and only makes raw system calls
-    // (setsid, prctl, setrlimit), which are async-signal-safe; it allocates nothing.
+    // (setsid, prctl, setrlimit, and those of `confine::apply`), which are
+    // async-signal-safe; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(io::Error::from)?;
@@ -51,9 +54,26 @@ pub fn prepare(cmd: &mut Command, rlimits: Rlimits) {
             if let Some(v) = rlimits.max_file_size_bytes {
                 setrlimit(Resource::RLIMIT_FSIZE, v, v).map_err(io::Error::from)?;
             }
-            Ok(())
+            match crate::confine::apply(&hardening) {
+                0 => Ok(()),
+                e => Err(io::Error::from_raw_os_error(e)),
+            }
         });
     }
+    Ok(())
+}
+
+/// Only [`crate::confine`], for helpers the sidecar runs itself (git).
+pub fn harden(cmd: &mut Command) -> io::Result<()> {
+    let hardening = crate::confine::current()?;
+    // SAFETY: as in `prepare`: raw system calls only.
+    unsafe {
+        cmd.pre_exec(move || match crate::confine::apply(&hardening) {
+            0 => Ok(()),
+            e => Err(io::Error::from_raw_os_error(e)),
+        });
+    }
+    Ok(())
 }
 
 /// Direct children the sidecar spawned and has not reaped yet (their pid is also their
@@ -470,7 +490,7 @@ mod tests {
         let me = std::process::id() as i32;
         let mut cmd = Command::new("sleep");
         cmd.arg("30");
-        prepare(&mut cmd, Rlimits::default());
+        prepare(&mut cmd, Rlimits::default()).expect("prepare");
         let mut child = spawn_tracked(&mut cmd).expect("spawn sleep");
         let pid = child.id().expect("pid") as i32;
         let st = read_stat(pid).expect("stat of the child");

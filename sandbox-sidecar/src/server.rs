@@ -128,7 +128,7 @@ pub async fn bind(cfg: ServeConfig) -> Result<Bound, ServeError> {
         defaults: cfg.defaults.clone(),
         bash: bash.clone(),
         state_dir: state_dir.clone(),
-        sessions: Sessions::new(bash, state_dir.clone(), Box::new(move |n| gauge.set(n))),
+        sessions: Sessions::new(bash, Box::new(move |n| gauge.set(n))),
         snapshots: Mutex::new(snapshots),
         oracle: Mutex::new(Oracle::default()),
         metrics,

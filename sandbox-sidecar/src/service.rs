@@ -697,24 +697,18 @@ impl Sidecar for SidecarService {
     }
 }
 
-/// A file in the state directory removed when dropped.
-struct TempFile(PathBuf);
+/// The descriptor a test script or parser gets its program on; it reads it as
+/// `/proc/self/fd/3`.
+const SCRIPT_FD: i32 = 3;
+const SCRIPT_PATH: &str = "/proc/self/fd/3";
 
-impl TempFile {
-    fn new(state: &State, prefix: &str, content: &[u8]) -> Result<Self, SidecarError> {
-        let path = state.state_dir.join(format!(
-            "{prefix}-{}",
-            hex::encode(rand::random::<[u8; 8]>())
-        ));
-        std::fs::write(&path, content).map_err(|e| SidecarError::io("writing a script file", e))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+fn script_fd(
+    name: &std::ffi::CStr,
+    content: &[u8],
+) -> Result<Arc<std::os::fd::OwnedFd>, SidecarError> {
+    crate::confine::memfd_with(name, content)
+        .map(Arc::new)
+        .map_err(|e| SidecarError::io("preparing a script", e))
 }
 
 async fn run_tests(state: Arc<State>, r: RunTestsRequest) -> Result<RunTestsResponse, Status> {
@@ -731,13 +725,14 @@ async fn run_tests(state: Arc<State>, r: RunTestsRequest) -> Result<RunTestsResp
         return Err(SidecarError::NoShell("bash is needed to run test scripts".into()).into());
     };
     let limits = r.limits.as_ref();
-    let script = TempFile::new(&state, "test-script", r.script.as_bytes())?;
+    let script = script_fd(c"test-script", r.script.as_bytes())?;
     let mut cmd = CommandSpec::new(&bash);
     // stderr joins stdout so the parser sees the output in the order it was written.
     cmd.arg("-c")
         .arg("exec 2>&1; exec \"$0\" \"$1\"")
         .arg(&bash)
-        .arg(&script.0)
+        .arg(SCRIPT_PATH)
+        .inherit_fd(script, SCRIPT_FD)
         .current_dir(state.ws.root())
         .envs(&r.env);
     let outcome = process::run(
@@ -777,14 +772,16 @@ async fn run_tests(state: Arc<State>, r: RunTestsRequest) -> Result<RunTestsResp
     state.record("test", &run);
 
     let (statuses, parser_stderr, parser_error) = if !r.parser_script.is_empty() {
-        let parser = TempFile::new(&state, "test-parser", r.parser_script.as_bytes())?;
+        let parser = script_fd(c"test-parser", r.parser_script.as_bytes())?;
         let interp = if r.parser_interpreter.is_empty() {
             "python3".to_string()
         } else {
             r.parser_interpreter.clone()
         };
         let mut pcmd = CommandSpec::new(&interp);
-        pcmd.arg(&parser.0).current_dir(state.ws.root());
+        pcmd.arg(SCRIPT_PATH)
+            .inherit_fd(parser, SCRIPT_FD)
+            .current_dir(state.ws.root());
         let po = process::run(
             &pcmd,
             Some(full),

@@ -60,11 +60,16 @@ struct Shell {
     setup: Option<Vec<u8>>,
     /// Sources `cmd_file`.
     file_line: Vec<u8>,
-    cmd_file: PathBuf,
+    /// In-memory file the shell holds as [`CMD_FD`]: a file in the state directory would be
+    /// hidden from a confined shell, and rewritable by the agent where it is not.
+    cmd_file: std::os::fd::OwnedFd,
 }
 
 /// Longer commands go through a file: bash parses its input one byte per system call.
 const INLINE_MAX: usize = 16 * 1024;
+/// Where the shell finds long commands: high, so scripts' own redirections (bash saves
+/// descriptors from 10 up) do not take it.
+const CMD_FD: i32 = 250;
 /// Ends every command line: prints the sentinels (see the module's documentation).
 const END: &str = " </dev/null; __sc_end $?\n";
 
@@ -78,21 +83,15 @@ struct Slot {
 /// All sessions of one sidecar.
 pub struct Sessions {
     bash: Option<PathBuf>,
-    state_dir: PathBuf,
     slots: std::sync::Mutex<HashMap<String, Arc<Mutex<Slot>>>>,
     active: Arc<std::sync::atomic::AtomicI64>,
     on_active_change: Box<dyn Fn(i64) + Send + Sync>,
 }
 
 impl Sessions {
-    pub fn new(
-        bash: Option<PathBuf>,
-        state_dir: PathBuf,
-        on_active_change: Box<dyn Fn(i64) + Send + Sync>,
-    ) -> Self {
+    pub fn new(bash: Option<PathBuf>, on_active_change: Box<dyn Fn(i64) + Send + Sync>) -> Self {
         Self {
             bash,
-            state_dir,
             slots: std::sync::Mutex::new(HashMap::new()),
             active: Arc::new(std::sync::atomic::AtomicI64::new(0)),
             on_active_change,
@@ -164,7 +163,6 @@ impl Sessions {
         process::kill_session(shell.sid);
         let _ = shell.child.wait().await;
         process::untrack(shell.sid);
-        let _ = std::fs::remove_file(&shell.cmd_file);
         self.add_active(-1);
     }
 
@@ -178,7 +176,7 @@ impl Sessions {
                     .into(),
             ));
         };
-        let shell = spawn_shell(bash, &self.state_dir, id, &slot.options)
+        let shell = spawn_shell(bash, id, &slot.options)
             .map_err(|e| SidecarError::io("starting bash", e))?;
         slot.shell = Some(shell);
         self.add_active(1);
@@ -229,7 +227,6 @@ impl Sessions {
                 process::kill_session(shell.sid);
                 let status = shell.child.wait().await.ok();
                 process::untrack(shell.sid);
-                let _ = std::fs::remove_file(&shell.cmd_file);
                 self.add_active(-1);
                 let code = status.and_then(|s| s.code()).unwrap_or(-1);
                 slot.pending_restart = Some(format!(
@@ -291,15 +288,9 @@ fn validate_id(id: &str) -> Result<()> {
     Ok(())
 }
 
-fn spawn_shell(
-    bash: &PathBuf,
-    state_dir: &std::path::Path,
-    id: &str,
-    options: &SessionOptions,
-) -> io::Result<Shell> {
+fn spawn_shell(bash: &PathBuf, id: &str, options: &SessionOptions) -> io::Result<Shell> {
     let nonce = hex::encode(rand::random::<[u8; 12]>());
-    let cmd_file = state_dir.join(format!("session-{nonce}.sh"));
-    std::fs::write(&cmd_file, b"")?;
+    let cmd_file = crate::confine::memfd_with(c"session-command", b"")?;
     let mut cmd = Command::new(bash);
     cmd.arg("--noprofile")
         .arg("--norc")
@@ -312,7 +303,17 @@ fn spawn_shell(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    process::prepare(&mut cmd, options.rlimits);
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&cmd_file);
+    // SAFETY: dup2 is async-signal-safe; it leaves the copy open across exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, CMD_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    process::prepare(&mut cmd, options.rlimits)?;
     let mut child = process::spawn_tracked(&mut cmd)?;
     let sid = child.id().unwrap_or(0);
     let (Some(stdin), Some(stdout), Some(stderr)) =
@@ -324,7 +325,7 @@ fn spawn_shell(
     let setup = format!(
         "__sc_end() {{ builtin printf '\\n__SC_{nonce}_%d\\n' \"$1\"; builtin printf '\\n__SC_{nonce}_\\n' >&2; }}\n"
     );
-    let file_line = format!(". {}{END}", shell_quote(&cmd_file.to_string_lossy()));
+    let file_line = format!(". /proc/self/fd/{CMD_FD}{END}");
     Ok(Shell {
         child,
         stdin,
@@ -356,7 +357,7 @@ async fn run_in_shell(
         msg.extend_from_slice(shell_quote(command).as_bytes());
         msg.extend_from_slice(END.as_bytes());
     } else {
-        tokio::fs::write(&shell.cmd_file, command.as_bytes()).await?;
+        crate::confine::memfd_replace(&shell.cmd_file, command.as_bytes())?;
         msg.extend_from_slice(&shell.file_line);
     }
     shell.stdin.write_all(&msg).await?;
