@@ -15,8 +15,8 @@ use selfplay_trainer::engine::episode::{Episode, run_episode, run_episodes};
 use selfplay_trainer::engine::policy::Policy;
 use selfplay_trainer::engine::prompts::ChatMarkup;
 use selfplay_trainer::engine::roles::{
-    EngineSettings, finish_injector, finish_solver, run_injector, run_solver, start_injector,
-    start_solver,
+    EngineSettings, finish_injector, finish_solver, grade_solver, run_injector, run_solver,
+    start_injector, start_solver,
 };
 use selfplay_trainer::engine::sandbox::SandboxProvider as _;
 use selfplay_trainer::engine::solver::BugTask;
@@ -239,9 +239,8 @@ async fn injector_episode_reverts_a_commit_and_its_artifacts_validate() {
 
     // The same bug, solved by one solver and missed by another: s = 1/2.
     let solved = {
-        let sb = p.acquire("default").await.unwrap();
         let policy = Arc::new(ScriptedPolicy::new(vec![(SOLVER_KEY, full_fix())]));
-        let r = run_solver(policy.clone(), sb.client(), &bug, &s).await;
+        let r = run_solver(policy.clone(), &p, "default", &bug, &s).await;
         check_tokens(
             &r.trajectory,
             &policy,
@@ -249,12 +248,10 @@ async fn injector_episode_reverts_a_commit_and_its_artifacts_validate() {
             s.episode.max_turns,
             s.episode.max_tokens,
         );
+        // The history is one fresh commit: nothing of the original's.
         let first = decode(policy.as_ref(), &r.trajectory.turns[0].observation_tokens);
-        assert!(
-            first.contains("does not have any commits") || first.contains("not a git repository"),
-            "{first}"
-        );
-        sb.release().await.unwrap();
+        assert!(first.contains("Initial commit"), "{first}");
+        assert!(!first.contains("tinytext 0."), "{first}");
         r
     };
     assert!(solved.solved(), "{:#?}", solved.evaluation);
@@ -297,17 +294,17 @@ async fn a_failed_solver_patch_becomes_an_order_2_bug() {
         ),
         "<submit/>".to_string(),
     ];
-    let sb = p.acquire("default").await.unwrap();
     let policy = Arc::new(ScriptedPolicy::new(vec![(SOLVER_KEY, partial)]));
-    let failed = run_solver(policy, sb.client(), &bug, &s).await;
-    sb.release().await.unwrap();
+    let failed = run_solver(policy, &p, "default", &bug, &s).await;
     let eval = failed.evaluation.as_ref().unwrap();
     assert!(!eval.solved);
     assert_eq!(failed.reward(), Some(-1.0));
     assert_eq!(eval.failing.len(), 2, "{eval:#?}");
-    // The full patch has the test edit; the code patch (what an order-2 bug is made of) not.
+    // The full patch has the test edit; the code patch (what an order-2 bug is made of) not,
+    // and the dropped file is recorded.
     assert!(failed.patch.full.contains("tests/test_slug.py"));
     assert!(!failed.patch.code.contains("tests/test_slug.py"));
+    assert_eq!(failed.patch.dropped, ["tests/test_slug.py"]);
     assert!(failed.patch.code.contains("tinytext/__init__.py"));
 
     let order2 = failed.higher_order_bug(&bug).expect("an order-2 bug");
@@ -323,7 +320,6 @@ async fn a_failed_solver_patch_becomes_an_order_2_bug() {
     );
 
     // An order-2 solver starts from the failed attempt: the exports are there already.
-    let sb = p.acquire("default").await.unwrap();
     let slug = read_asset("sample-repo/tinytext/slug.py");
     let policy = Arc::new(ScriptedPolicy::new(vec![(
         SOLVER_KEY,
@@ -333,8 +329,7 @@ async fn a_failed_solver_patch_becomes_an_order_2_bug() {
             "<submit/>".into(),
         ],
     )]));
-    let r = run_solver(policy.clone(), sb.client(), &order2, &s).await;
-    sb.release().await.unwrap();
+    let r = run_solver(policy.clone(), &p, "default", &order2, &s).await;
     assert_eq!(r.order, 2);
     let obs = decode(policy.as_ref(), &r.trajectory.turns[0].observation_tokens);
     assert!(obs.contains("2\n[exit code 0]"), "{obs}");
@@ -383,7 +378,8 @@ async fn episodes_run_batched_in_their_own_sandboxes() {
     );
     let [inj, sol]: [Episode; 2] = eps.try_into().ok().unwrap();
     let inj = finish_injector(sb1.client(), inj.into_trajectory(), &s).await;
-    let sol = finish_solver(sb2.client(), &bug, sol.into_trajectory(), &s).await;
+    let mut sol = finish_solver(sb2.client(), &bug, sol.into_trajectory()).await;
+    grade_solver(&p, "default", &bug, &mut sol, &s).await;
     assert!(inj.valid(), "{:#?}", inj.validation);
     assert!(sol.solved(), "{:#?}", sol.evaluation);
     sb1.release().await.unwrap();

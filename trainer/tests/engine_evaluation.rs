@@ -155,7 +155,11 @@ async fn solver_workspace_has_both_diffs_and_no_history() {
     // A fresh repository: one initial commit of the workspace as it is (so `git diff` and
     // `git status` work), nothing of the original history.
     let git = |args: &[&str], dir: &std::path::Path| {
-        let o = Command::new("git").args(args).current_dir(dir).output().unwrap();
+        let o = Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
     let log = git(&["log", "--format=%s"], ws);

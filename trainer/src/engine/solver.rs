@@ -12,7 +12,7 @@ use super::diffs::{DiffError, reverse_diff, split_files};
 use super::error::{InfraError, InfraKind, OpError};
 use super::ops::{Ops, TestRun, TestStatus};
 use super::prompts::ARTIFACTS_DIR;
-use super::surface::protected_reason;
+use super::surface::{framework_tampering, protected_reason};
 use super::validation::ValidationReport;
 
 /// Higher-order bugs stop here (the paper stops at order 2).
@@ -230,6 +230,8 @@ pub struct Evaluation {
     pub statuses: BTreeMap<String, String>,
     /// Files of the protected test surface the patch changed: dropped, not graded.
     pub dropped: Vec<String>,
+    /// The patch's code reaches into the test framework (graded unsolved, counted).
+    pub tampering: bool,
 }
 
 impl Evaluation {
@@ -273,6 +275,7 @@ fn evaluation_of(task: &BugTask, run: Result<TestRun, String>) -> Evaluation {
             detail: Some(format!("the tests could not run: {m}")),
             statuses: BTreeMap::new(),
             dropped: Vec::new(),
+            tampering: false,
         },
         Ok(run) => {
             let (solved, failing) = grade(&task.original_passing, &run.statuses);
@@ -292,6 +295,7 @@ fn evaluation_of(task: &BugTask, run: Result<TestRun, String>) -> Evaluation {
                     .map(|(k, v)| (k.clone(), status_word(*v).to_string()))
                     .collect(),
                 dropped: Vec::new(),
+                tampering: false,
             }
         }
     }
@@ -316,6 +320,7 @@ pub async fn evaluate_patch(
         detail: Some(detail),
         statuses: BTreeMap::new(),
         dropped,
+        tampering: false,
     };
     let filtered = match task.filter_patch(patch) {
         Ok(f) => f,
@@ -326,6 +331,15 @@ pub async fn evaluate_patch(
             ));
         }
     };
+    if let Some(line) = framework_tampering(&filtered.kept) {
+        return Ok(Evaluation {
+            tampering: true,
+            ..unsolved(
+                format!("the patch reaches into the test framework: {line}"),
+                filtered.dropped,
+            )
+        });
+    }
     if !filtered.kept.trim().is_empty() {
         match ops.apply_patch(&filtered.kept, false, false).await {
             Ok(_) => {}

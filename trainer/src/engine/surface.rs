@@ -98,9 +98,47 @@ fn named_by_script(path: &str, name: &str, script: &str) -> bool {
     word(path) || (name.contains('.') && word(name)) || (makefile && word("make"))
 }
 
+/// What code may not reach for: the test frameworks' internals and the interpreter's hooks
+/// that decide what a test run reports. A change to library code that patches
+/// `unittest.TestCase.run` or pytest's reporting makes every test "pass" without a fix; no
+/// bug fix needs it. Matched on added lines only, case-sensitively.
+const TAMPERING: [&str; 12] = [
+    "import unittest",
+    "from unittest",
+    "import pytest",
+    "from pytest",
+    "_pytest",
+    "TestCase",
+    "addSuccess",
+    "TestResult",
+    "sys.settrace",
+    "sys.setprofile",
+    "sys.excepthook",
+    "os._exit",
+];
+
+/// The first line a patch adds that reaches into the test framework or the interpreter's
+/// reporting hooks (see [`TAMPERING`]); `None` when there is none. Repositories that are
+/// themselves test frameworks would trip it: their pools are not supported for self-play.
+pub fn framework_tampering(patch: &str) -> Option<String> {
+    patch
+        .lines()
+        .filter(|l| l.starts_with('+') && !l.starts_with("+++"))
+        .find(|l| TAMPERING.iter().any(|t| l.contains(t)))
+        .map(|l| l[1..].trim().chars().take(120).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tampering_is_found_on_added_lines_only() {
+        let p = "--- a/pkg/a.py\n+++ b/pkg/a.py\n@@ -1,2 +1,3 @@\n-import unittest\n x = 1\n+import unittest as _u\n";
+        assert_eq!(framework_tampering(p).as_deref(), Some("import unittest as _u"));
+        let clean = "--- a/pkg/a.py\n+++ b/pkg/a.py\n@@ -1 +1 @@\n-import unittest\n+x = 2\n";
+        assert_eq!(framework_tampering(clean), None);
+    }
 
     #[test]
     fn the_surface_covers_tests_configuration_and_what_the_script_names() {

@@ -13,7 +13,7 @@ use super::artifacts::Artifacts;
 use super::diffs::touched_paths;
 use super::error::{InfraError, InfraKind, OpError};
 use super::ops::{Ops, TestRun, TestStatus};
-use super::surface::protected_reason;
+use super::surface::{framework_tampering, protected_reason};
 
 /// The checks, in the order they run. Their names are stable: they are metric labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -416,6 +416,13 @@ impl Validator<'_> {
             return Err(self.fail(
                 c,
                 format!("bug_inject.diff may change source files only; it touches {f} ({why})"),
+            ));
+        }
+        if let Some(line) = framework_tampering(bug) {
+            self.report.protected_change = true;
+            return Err(self.fail(
+                c,
+                format!("bug_inject.diff reaches into the test framework: {line}"),
             ));
         }
         if files.len() < self.cfg.min_changed_files {

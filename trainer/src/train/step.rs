@@ -378,7 +378,8 @@ pub async fn rollout<P: SandboxProvider + ?Sized>(
                     .with_label_values(&["solver"])
                     .inc();
             }
-            if !result.patch.dropped.is_empty() {
+            let tampering = result.evaluation.as_ref().is_some_and(|e| e.tampering);
+            if !result.patch.dropped.is_empty() || tampering {
                 ctx.metrics
                     .protected_changes
                     .with_label_values(&["solver"])
