@@ -100,6 +100,15 @@ struct ServeArgs {
     /// Worker threads (default: number of CPUs, at most 4).
     #[arg(long)]
     threads: Option<usize>,
+    /// Confine every command: a private mount namespace in which the state directory, the
+    /// directory of the token file and every --hide directory are covered by an empty
+    /// read-only tmpfs, and no capabilities. Needs CAP_SYS_ADMIN (in the sidecar's user
+    /// namespace); the sidecar refuses to start when it cannot do it.
+    #[arg(long)]
+    confine: bool,
+    /// Another directory commands must not see (with --confine); repeatable.
+    #[arg(long, value_name = "DIR", requires = "confine")]
+    hide: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -301,6 +310,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             },
         },
         idempotency_capacity: args.idempotency_capacity.max(1),
+        confine: if args.confine {
+            let mut hide = args.hide;
+            match crate::confine::parent_to_hide(&args.token_file) {
+                Some(d) => hide.push(d),
+                None => bail!(
+                    "--confine: the token file {} must be in a directory of its own (not /), \
+                     which commands cannot see",
+                    args.token_file.display()
+                ),
+            }
+            Some(hide)
+        } else {
+            None
+        },
     };
     let ready_file = args.ready_file;
     rt.block_on(async move {

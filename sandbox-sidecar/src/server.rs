@@ -36,6 +36,10 @@ pub struct ServeConfig {
     pub defaults: Defaults,
     /// Remembered request ids (oldest forgotten first).
     pub idempotency_capacity: usize,
+    /// Confine every command (see [`crate::confine`]): hide the state directory and these
+    /// directories, drop capabilities. `None`: no confinement (the seccomp filter still
+    /// applies).
+    pub confine: Option<Vec<PathBuf>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +59,18 @@ pub enum ServeError {
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "--confine: commands cannot be confined here ({0}); the sidecar needs CAP_SYS_ADMIN \
+         in its user namespace (run it under `bwrap --unshare-user` or as root in a pod \
+         with that capability), or start it without --confine"
+    )]
+    Confine(String),
+    #[error("--hide {path}: {source}")]
+    Hide {
+        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -115,6 +131,31 @@ pub async fn bind(cfg: ServeConfig) -> Result<Bound, ServeError> {
         path: state_dir.clone(),
         source,
     })?;
+    if let Some(extra) = &cfg.confine {
+        let mut hide = Vec::with_capacity(extra.len() + 1);
+        // Mount points are resolved by the kernel anyway; resolving here makes the error
+        // for a missing directory name the directory, not an errno of the probe.
+        for d in std::iter::once(&state_dir).chain(extra) {
+            let real = d.canonicalize().map_err(|source| ServeError::Hide {
+                path: d.clone(),
+                source,
+            })?;
+            if real == std::path::Path::new("/") {
+                return Err(ServeError::Hide {
+                    path: d.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "hiding / would hide everything",
+                    ),
+                });
+            }
+            if !hide.contains(&real) {
+                hide.push(real);
+            }
+        }
+        crate::confine::enable_confinement(hide);
+        probe_confinement().await?;
+    }
     let metrics = Arc::new(Metrics::new()?);
     let gauge = metrics.sessions_active.clone();
     let snapshots =
@@ -168,6 +209,22 @@ pub async fn bind(cfg: ServeConfig) -> Result<Bound, ServeError> {
         token: TokenCheck::new(&cfg.token),
         owned_state_dir: owned,
     })
+}
+
+/// Runs `true` the way every command will run, so a sidecar that cannot confine its
+/// commands refuses to start instead of failing each command.
+async fn probe_confinement() -> Result<(), ServeError> {
+    let spec = crate::child::CommandSpec::new("true");
+    let mut child = crate::child::spawn(&spec, false, process::Rlimits::default())
+        .map_err(|e| ServeError::Confine(e.to_string()))?;
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| ServeError::Confine(e.to_string()))?;
+    if !status.success() {
+        return Err(ServeError::Confine(format!("`true` ended with {status}")));
+    }
+    Ok(())
 }
 
 fn create_private_dir(p: &std::path::Path) -> std::io::Result<()> {
