@@ -106,6 +106,11 @@ struct ServeArgs {
     /// namespace); the sidecar refuses to start when it cannot do it.
     #[arg(long)]
     confine: bool,
+    /// A directory emptied (its content, never the directory itself nor the state
+    /// directory inside it) before a test run that asks for a clean start; repeatable.
+    /// Give only directories private to the sandbox (`/tmp`, `/dev/shm` under bwrap).
+    #[arg(long, value_name = "DIR")]
+    scratch_dir: Vec<PathBuf>,
     /// Another directory commands must not see (with --confine); repeatable.
     #[arg(long, value_name = "DIR", requires = "confine")]
     hide: Vec<PathBuf>,
@@ -310,6 +315,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             },
         },
         idempotency_capacity: args.idempotency_capacity.max(1),
+        scratch_dirs: args.scratch_dir,
         confine: if args.confine {
             let mut hide = args.hide;
             match crate::confine::parent_to_hide(&args.token_file) {

@@ -40,6 +40,9 @@ pub struct ServeConfig {
     /// directories, drop capabilities. `None`: no confinement (the seccomp filter still
     /// applies).
     pub confine: Option<Vec<PathBuf>>,
+    /// Directories emptied before a test run that asks for a clean start (`/tmp`,
+    /// `/dev/shm` where they are private to the sandbox).
+    pub scratch_dirs: Vec<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +159,10 @@ pub async fn bind(cfg: ServeConfig) -> Result<Bound, ServeError> {
         crate::confine::enable_confinement(hide);
         probe_confinement().await?;
     }
+    // Daemonised commands then stay our descendants, to be found and killed; see `cleanup`.
+    if let Err(e) = crate::cleanup::become_subreaper() {
+        tracing::warn!(error = %e, "cannot become a child subreaper: daemonised commands escape clean starts");
+    }
     let metrics = Arc::new(Metrics::new()?);
     let gauge = metrics.sessions_active.clone();
     let snapshots =
@@ -169,6 +176,7 @@ pub async fn bind(cfg: ServeConfig) -> Result<Bound, ServeError> {
         defaults: cfg.defaults.clone(),
         bash: bash.clone(),
         state_dir: state_dir.clone(),
+        scratch_dirs: cfg.scratch_dirs.clone(),
         sessions: Sessions::new(bash, Box::new(move |n| gauge.set(n))),
         snapshots: Mutex::new(snapshots),
         oracle: Mutex::new(Oracle::default()),
