@@ -660,7 +660,7 @@ impl Sidecar for SidecarService {
             .state
             .idem
             .run("ResetHistory", &req.request_id, &req, async move {
-                let out = history::reset_history(&state.ws).await?;
+                let out = history::reset_history(&state.ws, &state.state_dir).await?;
                 // The snapshot store must not keep the history either.
                 let st = state.clone();
                 blocking(move || {
