@@ -106,6 +106,13 @@ struct ServeArgs {
     /// namespace); the sidecar refuses to start when it cannot do it.
     #[arg(long)]
     confine: bool,
+    /// A snapshot or diff of a workspace whose regular files add up to more bytes than
+    /// this is refused (ResourceExhausted) instead of running into its deadline.
+    #[arg(long, default_value_t = 8 << 30)]
+    max_workspace_bytes: u64,
+    /// Likewise for the number of entries (files, directories, symlinks).
+    #[arg(long, default_value_t = 1_000_000)]
+    max_workspace_files: u64,
     /// A directory emptied (its content, never the directory itself nor the state
     /// directory inside it) before a test run that asks for a clean start; repeatable.
     /// Give only directories private to the sandbox (`/tmp`, `/dev/shm` under bwrap).
@@ -316,6 +323,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         idempotency_capacity: args.idempotency_capacity.max(1),
         scratch_dirs: args.scratch_dir,
+        walk_limits: crate::snapshot::WalkLimits {
+            max_bytes: args.max_workspace_bytes,
+            max_files: args.max_workspace_files,
+        },
         confine: if args.confine {
             let mut hide = args.hide;
             match crate::confine::parent_to_hide(&args.token_file) {

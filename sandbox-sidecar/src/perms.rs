@@ -14,19 +14,29 @@ pub fn is_permission_error(e: &io::Error) -> bool {
 /// Adds u+rwx (directories) or u+rw (files) to `path` itself, and u+wx to its parent when
 /// `parent_too` (needed to create, remove or rename entries). Symlinks are left alone.
 pub fn make_owner_accessible(path: &Path, parent_too: bool) -> io::Result<()> {
-    let m = std::fs::symlink_metadata(path)?;
-    if !m.file_type().is_symlink() {
-        let want = if m.is_dir() { 0o700 } else { 0o600 };
-        let mode = m.permissions().mode() & 0o7777;
-        if mode & want != want {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | want))?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_symlink() => {
+            let want = if m.is_dir() { 0o700 } else { 0o600 };
+            let mode = m.permissions().mode() & 0o7777;
+            if mode & want != want {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | want))?;
+            }
         }
+        Ok(_) => {}
+        // Not there yet (about to be created): only the parent matters.
+        Err(e) if parent_too && e.kind() == io::ErrorKind::NotFound => {}
+        // Not reachable: the parent needs its bits first.
+        Err(e) if parent_too && is_permission_error(&e) => {}
+        Err(e) => return Err(e),
     }
     if parent_too
         && let Some(parent) = path.parent()
         && !parent.as_os_str().is_empty()
     {
         make_owner_accessible(parent, false)?;
+        if std::fs::symlink_metadata(path).is_ok() {
+            make_owner_accessible(path, false)?;
+        }
     }
     Ok(())
 }

@@ -43,6 +43,8 @@ pub struct ServeConfig {
     /// Directories emptied before a test run that asks for a clean start (`/tmp`,
     /// `/dev/shm` where they are private to the sandbox).
     pub scratch_dirs: Vec<PathBuf>,
+    /// Caps of a snapshot's or diff's walk of the workspace.
+    pub walk_limits: crate::snapshot::WalkLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,11 +167,12 @@ pub async fn bind(cfg: ServeConfig) -> Result<Bound, ServeError> {
     }
     let metrics = Arc::new(Metrics::new()?);
     let gauge = metrics.sessions_active.clone();
-    let snapshots =
-        Snapshots::new(ws.clone(), &state_dir).map_err(|source| ServeError::StateDir {
+    let snapshots = Snapshots::new(ws.clone(), &state_dir)
+        .map_err(|source| ServeError::StateDir {
             path: state_dir.clone(),
             source,
-        })?;
+        })?
+        .with_limits(cfg.walk_limits);
     let bash = process::find_bash();
     let state = Arc::new(State {
         ws,
