@@ -100,6 +100,27 @@ struct ServeArgs {
     /// Worker threads (default: number of CPUs, at most 4).
     #[arg(long)]
     threads: Option<usize>,
+    /// Confine every command: a private mount namespace in which the state directory, the
+    /// directory of the token file and every --hide directory are covered by an empty
+    /// read-only tmpfs, and no capabilities. Needs CAP_SYS_ADMIN (in the sidecar's user
+    /// namespace); the sidecar refuses to start when it cannot do it.
+    #[arg(long)]
+    confine: bool,
+    /// A snapshot or diff of a workspace whose regular files add up to more bytes than
+    /// this is refused (ResourceExhausted) instead of running into its deadline.
+    #[arg(long, default_value_t = 8 << 30)]
+    max_workspace_bytes: u64,
+    /// Likewise for the number of entries (files, directories, symlinks).
+    #[arg(long, default_value_t = 1_000_000)]
+    max_workspace_files: u64,
+    /// A directory emptied (its content, never the directory itself nor the state
+    /// directory inside it) before a test run that asks for a clean start; repeatable.
+    /// Give only directories private to the sandbox (`/tmp`, `/dev/shm` under bwrap).
+    #[arg(long, value_name = "DIR")]
+    scratch_dir: Vec<PathBuf>,
+    /// Another directory commands must not see (with --confine); repeatable.
+    #[arg(long, value_name = "DIR", requires = "confine")]
+    hide: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -301,6 +322,25 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             },
         },
         idempotency_capacity: args.idempotency_capacity.max(1),
+        scratch_dirs: args.scratch_dir,
+        walk_limits: crate::snapshot::WalkLimits {
+            max_bytes: args.max_workspace_bytes,
+            max_files: args.max_workspace_files,
+        },
+        confine: if args.confine {
+            let mut hide = args.hide;
+            match crate::confine::parent_to_hide(&args.token_file) {
+                Some(d) => hide.push(d),
+                None => bail!(
+                    "--confine: the token file {} must be in a directory of its own (not /), \
+                     which commands cannot see",
+                    args.token_file.display()
+                ),
+            }
+            Some(hide)
+        } else {
+            None
+        },
     };
     let ready_file = args.ready_file;
     rt.block_on(async move {

@@ -23,6 +23,7 @@ pub mod reason {
     pub const NO_SHELL: &str = "no_shell";
     pub const REQUEST_ID_CONFLICT: &str = "request_id_conflict";
     pub const IO: &str = "io";
+    pub const WORKSPACE_TOO_LARGE: &str = "workspace_too_large";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,8 @@ pub enum SidecarError {
     NoShell(String),
     #[error("request id {0:?} was already used for a different request")]
     RequestIdConflict(String),
+    #[error("workspace too large: {0}")]
+    WorkspaceTooLarge(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -78,6 +81,11 @@ impl SidecarError {
             SidecarError::NoShell(_) => (Code::FailedPrecondition, reason::NO_SHELL),
             SidecarError::RequestIdConflict(_) => {
                 (Code::InvalidArgument, reason::REQUEST_ID_CONFLICT)
+            }
+            // Not ResourceExhausted: the client counts that as the sidecar's failure
+            // (retryable), while this is the workspace's state, which a retry won't change.
+            SidecarError::WorkspaceTooLarge(_) => {
+                (Code::FailedPrecondition, reason::WORKSPACE_TOO_LARGE)
             }
             SidecarError::Io { source, .. } => match source.kind() {
                 std::io::ErrorKind::NotFound => (Code::NotFound, reason::NOT_FOUND),

@@ -13,6 +13,7 @@ pub mod proto {
 
 pub mod auth;
 pub mod child;
+pub mod cleanup;
 pub mod cli;
 pub mod client;
 pub mod confine;
@@ -27,6 +28,7 @@ pub mod oracle;
 pub mod output;
 pub mod patch;
 pub mod paths;
+pub mod perms;
 pub mod process;
 pub mod server;
 pub mod service;

@@ -115,10 +115,15 @@ pub fn kill_all_tracked() {
     }
 }
 
-/// When the sidecar is PID 1 (a container's entrypoint), orphaned processes are re-parented
-/// to it and must be reaped, or they stay zombies. Reaps zombie children that are not ours.
+/// When the sidecar is PID 1 (a container's entrypoint) or a child subreaper, orphaned
+/// processes are re-parented to it and must be reaped, or they stay zombies. Reaps zombie children that are not ours.
 pub fn spawn_init_reaper() {
-    if std::process::id() != 1 {
+    let subreaper = {
+        let mut v: libc::c_int = 0;
+        // SAFETY: PR_GET_CHILD_SUBREAPER writes an int to the given address.
+        unsafe { libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &raw mut v, 0, 0, 0) == 0 && v != 0 }
+    };
+    if std::process::id() != 1 && !subreaper {
         return;
     }
     tokio::spawn(async {
@@ -138,7 +143,7 @@ pub fn spawn_init_reaper() {
     });
 }
 
-fn reap_orphans() {
+pub(crate) fn reap_orphans() {
     use nix::sys::wait::{WaitPidFlag, waitpid};
     let t = tracked();
     let me = std::process::id() as i32;

@@ -36,6 +36,15 @@ pub struct ServeConfig {
     pub defaults: Defaults,
     /// Remembered request ids (oldest forgotten first).
     pub idempotency_capacity: usize,
+    /// Confine every command (see [`crate::confine`]): hide the state directory and these
+    /// directories, drop capabilities. `None`: no confinement (the seccomp filter still
+    /// applies).
+    pub confine: Option<Vec<PathBuf>>,
+    /// Directories emptied before a test run that asks for a clean start (`/tmp`,
+    /// `/dev/shm` where they are private to the sandbox).
+    pub scratch_dirs: Vec<PathBuf>,
+    /// Caps of a snapshot's or diff's walk of the workspace.
+    pub walk_limits: crate::snapshot::WalkLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +64,18 @@ pub enum ServeError {
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "--confine: commands cannot be confined here ({0}); the sidecar needs CAP_SYS_ADMIN \
+         in its user namespace (run it under `bwrap --unshare-user` or as root in a pod \
+         with that capability), or start it without --confine"
+    )]
+    Confine(String),
+    #[error("--hide {path}: {source}")]
+    Hide {
+        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -115,19 +136,50 @@ pub async fn bind(cfg: ServeConfig) -> Result<Bound, ServeError> {
         path: state_dir.clone(),
         source,
     })?;
+    if let Some(extra) = &cfg.confine {
+        let mut hide = Vec::with_capacity(extra.len() + 1);
+        // Mount points are resolved by the kernel anyway; resolving here makes the error
+        // for a missing directory name the directory, not an errno of the probe.
+        for d in std::iter::once(&state_dir).chain(extra) {
+            let real = d.canonicalize().map_err(|source| ServeError::Hide {
+                path: d.clone(),
+                source,
+            })?;
+            if real == std::path::Path::new("/") {
+                return Err(ServeError::Hide {
+                    path: d.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "hiding / would hide everything",
+                    ),
+                });
+            }
+            if !hide.contains(&real) {
+                hide.push(real);
+            }
+        }
+        crate::confine::enable_confinement(hide);
+        probe_confinement().await?;
+    }
+    // Daemonised commands then stay our descendants, to be found and killed; see `cleanup`.
+    if let Err(e) = crate::cleanup::become_subreaper() {
+        tracing::warn!(error = %e, "cannot become a child subreaper: daemonised commands escape clean starts");
+    }
     let metrics = Arc::new(Metrics::new()?);
     let gauge = metrics.sessions_active.clone();
-    let snapshots =
-        Snapshots::new(ws.clone(), &state_dir).map_err(|source| ServeError::StateDir {
+    let snapshots = Snapshots::new(ws.clone(), &state_dir)
+        .map_err(|source| ServeError::StateDir {
             path: state_dir.clone(),
             source,
-        })?;
+        })?
+        .with_limits(cfg.walk_limits);
     let bash = process::find_bash();
     let state = Arc::new(State {
         ws,
         defaults: cfg.defaults.clone(),
         bash: bash.clone(),
         state_dir: state_dir.clone(),
+        scratch_dirs: cfg.scratch_dirs.clone(),
         sessions: Sessions::new(bash, Box::new(move |n| gauge.set(n))),
         snapshots: Mutex::new(snapshots),
         oracle: Mutex::new(Oracle::default()),
@@ -168,6 +220,22 @@ pub async fn bind(cfg: ServeConfig) -> Result<Bound, ServeError> {
         token: TokenCheck::new(&cfg.token),
         owned_state_dir: owned,
     })
+}
+
+/// Runs `true` the way every command will run, so a sidecar that cannot confine its
+/// commands refuses to start instead of failing each command.
+async fn probe_confinement() -> Result<(), ServeError> {
+    let spec = crate::child::CommandSpec::new("true");
+    let mut child = crate::child::spawn(&spec, false, process::Rlimits::default())
+        .map_err(|e| ServeError::Confine(e.to_string()))?;
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| ServeError::Confine(e.to_string()))?;
+    if !status.success() {
+        return Err(ServeError::Confine(format!("`true` ended with {status}")));
+    }
+    Ok(())
 }
 
 fn create_private_dir(p: &std::path::Path) -> std::io::Result<()> {

@@ -23,7 +23,7 @@ use crate::proto::sidecar_server::Sidecar;
 use crate::proto::*;
 use crate::session::{SessionOptions, Sessions};
 use crate::snapshot::Snapshots;
-use crate::{editor, files, history, patch, testparse};
+use crate::{cleanup, editor, files, history, patch, testparse};
 
 /// Output kept for parsing test results, far above the cap of what is returned.
 const TEST_PARSE_CAP: usize = 64 * 1024 * 1024;
@@ -43,6 +43,8 @@ pub struct State {
     pub defaults: Defaults,
     pub bash: Option<PathBuf>,
     pub state_dir: PathBuf,
+    /// See `serve --scratch-dir`.
+    pub scratch_dirs: Vec<PathBuf>,
     pub sessions: Sessions,
     pub snapshots: Mutex<Snapshots>,
     pub oracle: Mutex<Oracle>,
@@ -658,7 +660,7 @@ impl Sidecar for SidecarService {
             .state
             .idem
             .run("ResetHistory", &req.request_id, &req, async move {
-                let out = history::reset_history(&state.ws).await?;
+                let out = history::reset_history(&state.ws, &state.state_dir).await?;
                 // The snapshot store must not keep the history either.
                 let st = state.clone();
                 blocking(move || {
@@ -702,6 +704,36 @@ impl Sidecar for SidecarService {
 const SCRIPT_FD: i32 = 3;
 const SCRIPT_PATH: &str = "/proc/self/fd/3";
 
+/// How long killing leftover processes may keep retrying (a fork bomb keeps forking).
+const LEFTOVER_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Kills every process the sidecar started and closes every session, then empties the
+/// scratch directories (see `RunTestsRequest.clean_start`).
+async fn clean_slate(state: &Arc<State>) -> Result<(), Status> {
+    let none = std::collections::BTreeSet::new();
+    let n = none.clone();
+    blocking(move || Ok(cleanup::kill_descendants_except(&n, LEFTOVER_PATIENCE))).await?;
+    // The shells are dead: closing their sessions only waits for their reaping.
+    state.sessions.close_all().await;
+    blocking(move || Ok(cleanup::kill_descendants_except(&none, LEFTOVER_PATIENCE))).await?;
+    let dirs = state.scratch_dirs.clone();
+    let keep = state.state_dir.clone();
+    blocking(move || {
+        // Compared by name below: both must be real paths, or a differently spelled
+        // state directory inside a scratch directory would be emptied with it.
+        let keep = keep.canonicalize().unwrap_or(keep);
+        for d in &dirs {
+            let d = d
+                .canonicalize()
+                .map_err(|e| SidecarError::io(format!("scratch directory {}", d.display()), e))?;
+            cleanup::empty_dir(&d, &keep)
+                .map_err(|e| SidecarError::io(format!("emptying {}", d.display()), e))?;
+        }
+        Ok(())
+    })
+    .await
+}
+
 fn script_fd(
     name: &std::ffi::CStr,
     content: &[u8],
@@ -725,6 +757,10 @@ async fn run_tests(state: Arc<State>, r: RunTestsRequest) -> Result<RunTestsResp
         return Err(SidecarError::NoShell("bash is needed to run test scripts".into()).into());
     };
     let limits = r.limits.as_ref();
+    if r.clean_start {
+        clean_slate(&state).await?;
+    }
+    let before = blocking(|| Ok(cleanup::descendants())).await?;
     let script = script_fd(c"test-script", r.script.as_bytes())?;
     let mut cmd = CommandSpec::new(&bash);
     // stderr joins stdout so the parser sees the output in the order it was written.
@@ -745,6 +781,9 @@ async fn run_tests(state: Arc<State>, r: RunTestsRequest) -> Result<RunTestsResp
     )
     .await
     .map_err(|e| SidecarError::io("running the test script", e))?;
+    // A test script must not leave daemons behind (they would answer the next run).
+    let keep = before.clone();
+    blocking(move || Ok(cleanup::kill_descendants_except(&keep, LEFTOVER_PATIENCE))).await?;
     let full = outcome.stdout.into_bytes();
     let full_text = String::from_utf8_lossy(&full).into_owned();
     let mut shown = CappedOutput::new(state.cap(limits));
@@ -828,6 +867,7 @@ async fn run_tests(state: Arc<State>, r: RunTestsRequest) -> Result<RunTestsResp
         };
         (m, String::new(), String::new())
     };
+    blocking(move || Ok(cleanup::kill_descendants_except(&before, LEFTOVER_PATIENCE))).await?;
     Ok(RunTestsResponse {
         statuses: statuses.into_iter().map(|(k, v)| (k, v as i32)).collect(),
         run: Some(run),

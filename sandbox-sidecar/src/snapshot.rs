@@ -79,11 +79,66 @@ pub struct DiffResult {
     pub binary_files: Vec<String>,
 }
 
+/// The most a snapshot or diff walks before refusing (`serve --max-workspace-*`): an
+/// agent can make the workspace big enough to run every walk into its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalkLimits {
+    /// Sum of the sizes of regular files (as stat reports them: sparse files count whole).
+    pub max_bytes: u64,
+    /// Entries: files, directories and symlinks.
+    pub max_files: u64,
+}
+
+impl Default for WalkLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 8 << 30,
+            max_files: 1_000_000,
+        }
+    }
+}
+
 /// All snapshots of one workspace, sharing one content store.
 pub struct Snapshots {
     ws: Workspace,
     objects: PathBuf,
     manifests: HashMap<String, Arc<Manifest>>,
+    limits: WalkLimits,
+}
+
+/// Reads a file, giving the owner's bits back once if the agent locked it.
+fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    crate::perms::retry_accessible(path, || std::fs::read(path))
+}
+
+/// Counts what a walk saw against the limits.
+struct Tally<'a> {
+    limits: Option<&'a WalkLimits>,
+    files: u64,
+    bytes: u64,
+}
+
+impl Tally<'_> {
+    fn add(&mut self, m: &std::fs::Metadata) -> Result<()> {
+        let Some(l) = self.limits else { return Ok(()) };
+        self.files += 1;
+        if m.is_file() {
+            self.bytes = self.bytes.saturating_add(m.size());
+        }
+        if self.files > l.max_files {
+            return Err(SidecarError::WorkspaceTooLarge(format!(
+                "more than {} entries (--max-workspace-files {}); remove files or exclude them",
+                l.max_files, l.max_files
+            )));
+        }
+        if self.bytes > l.max_bytes {
+            return Err(SidecarError::WorkspaceTooLarge(format!(
+                "at least {} bytes in files, over --max-workspace-bytes {}; remove files or exclude them",
+                self.bytes, l.max_bytes
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Is `path` the same as `prefix` or under it (component-wise)?
@@ -120,7 +175,13 @@ impl Snapshots {
             ws,
             objects,
             manifests: HashMap::new(),
+            limits: WalkLimits::default(),
         })
+    }
+
+    pub fn with_limits(mut self, limits: WalkLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -132,17 +193,28 @@ impl Snapshots {
     }
 
     /// Walks the workspace (without following symlinks), skipping excluded paths, calling
-    /// `f` with each relative path and its metadata, parents before children.
+    /// `f` with each relative path and its metadata, parents before children. A directory
+    /// the agent locked gets its owner's bits back (u+rwx) and is read once more; with
+    /// `capped`, the walk stops with `WorkspaceTooLarge` past the limits.
     fn walk(
         &self,
         excludes: &[String],
+        capped: bool,
         f: &mut dyn FnMut(&str, &Path, &std::fs::Metadata) -> Result<()>,
     ) -> Result<()> {
+        let mut tally = Tally {
+            limits: capped.then_some(&self.limits),
+            files: 0,
+            bytes: 0,
+        };
         let mut stack = vec![self.ws.root().to_path_buf()];
         while let Some(dir) = stack.pop() {
-            let rd = std::fs::read_dir(&dir)
+            let listed = |d: &Path| -> std::io::Result<Vec<PathBuf>> {
+                let rd = std::fs::read_dir(d)?;
+                rd.map(|e| e.map(|e| e.path())).collect()
+            };
+            let mut children = crate::perms::retry_accessible(&dir, || listed(&dir))
                 .map_err(|e| SidecarError::io(format!("listing {}", dir.display()), e))?;
-            let mut children: Vec<_> = rd.flatten().map(|e| e.path()).collect();
             children.sort();
             for path in children.into_iter().rev() {
                 let Some(rel) = self.ws.relative(&path) else {
@@ -154,8 +226,15 @@ impl Snapshots {
                 let m = match std::fs::symlink_metadata(&path) {
                     Ok(m) => m,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) if crate::perms::is_permission_error(&e) => {
+                        // A directory readable but not searchable (u-x): fix it, stat again.
+                        crate::perms::make_owner_accessible(&dir, false)
+                            .and_then(|()| std::fs::symlink_metadata(&path))
+                            .map_err(|e| SidecarError::io(format!("stat {rel}"), e))?
+                    }
                     Err(e) => return Err(SidecarError::io(format!("stat {rel}"), e)),
                 };
+                tally.add(&m)?;
                 f(&rel, &path, &m)?;
                 if m.is_dir() {
                     stack.push(path);
@@ -189,7 +268,7 @@ impl Snapshots {
         let mut entries = BTreeMap::new();
         let mut bytes = 0u64;
         let mut files = 0u64;
-        self.walk(&excludes, &mut |rel, path, m| {
+        self.walk(&excludes, true, &mut |rel, path, m| {
             let ft = m.file_type();
             let entry = if ft.is_symlink() {
                 let target = std::fs::read_link(path)
@@ -202,8 +281,8 @@ impl Snapshots {
                     mode: m.permissions().mode() & 0o7777,
                 }
             } else if ft.is_file() {
-                let data = std::fs::read(path)
-                    .map_err(|e| SidecarError::io(format!("reading {rel}"), e))?;
+                let data =
+                    read_file(path).map_err(|e| SidecarError::io(format!("reading {rel}"), e))?;
                 bytes += data.len() as u64;
                 files += 1;
                 let hash = self
@@ -251,7 +330,7 @@ impl Snapshots {
         if m.size() != stat.size {
             return Ok(false);
         }
-        let data = std::fs::read(path)
+        let data = read_file(path)
             .map_err(|e| SidecarError::io(format!("reading {}", path.display()), e))?;
         Ok(hex::encode(Sha256::digest(&data)) == *hash)
     }
@@ -269,7 +348,7 @@ impl Snapshots {
         let mut present = BTreeSet::new();
         let mut to_remove: Vec<(PathBuf, bool)> = Vec::new();
         let mut to_restore: BTreeSet<String> = BTreeSet::new();
-        self.walk(&manifest.excludes, &mut |rel, path, m| {
+        self.walk(&manifest.excludes, false, &mut |rel, path, m| {
             if to_remove
                 .iter()
                 .any(|(p, is_dir)| *is_dir && path.starts_with(p))
@@ -308,11 +387,21 @@ impl Snapshots {
             Ok(())
         })?;
         for (path, is_dir) in &to_remove {
-            let r = if *is_dir {
-                std::fs::remove_dir_all(path)
-            } else {
-                std::fs::remove_file(path)
-            };
+            let r = crate::perms::retry_accessible(path, || {
+                if *is_dir {
+                    std::fs::remove_dir_all(path).or_else(|e| {
+                        // Somewhere inside, a directory the agent locked.
+                        if crate::perms::is_permission_error(&e) {
+                            crate::perms::make_tree_owner_accessible(path)?;
+                            std::fs::remove_dir_all(path)
+                        } else {
+                            Err(e)
+                        }
+                    })
+                } else {
+                    std::fs::remove_file(path)
+                }
+            });
             r.map_err(|e| SidecarError::io(format!("removing {}", path.display()), e))?;
             stats.removed += 1;
         }
@@ -326,18 +415,20 @@ impl Snapshots {
             let abs = self.ws.root().join(rel);
             match entry {
                 Entry::Dir { mode } => {
-                    std::fs::create_dir_all(&abs)
+                    crate::perms::retry_accessible(&abs, || std::fs::create_dir_all(&abs))
                         .map_err(|e| SidecarError::io(format!("mkdir {rel}"), e))?;
                     std::fs::set_permissions(&abs, std::fs::Permissions::from_mode(*mode))
                         .map_err(|e| SidecarError::io(format!("chmod {rel}"), e))?;
                 }
                 Entry::Symlink { target } => {
-                    std::os::unix::fs::symlink(target, &abs)
-                        .map_err(|e| SidecarError::io(format!("symlink {rel}"), e))?;
+                    crate::perms::retry_accessible(&abs, || {
+                        std::os::unix::fs::symlink(target, &abs)
+                    })
+                    .map_err(|e| SidecarError::io(format!("symlink {rel}"), e))?;
                 }
                 Entry::File { mode, stat, .. } => {
                     let data = self.read_entry_content(entry)?;
-                    write_atomic(&abs, &data, *mode)
+                    crate::perms::retry_accessible(&abs, || write_atomic(&abs, &data, *mode))
                         .map_err(|e| SidecarError::io(format!("restoring {rel}"), e))?;
                     restore_mtime(&abs, stat.mtime);
                 }
@@ -363,7 +454,7 @@ impl Snapshots {
         let mut current: BTreeMap<String, (PathBuf, std::fs::Metadata)> = BTreeMap::new();
         let mut skip: Vec<String> = manifest.excludes.clone();
         skip.push(".git".into());
-        self.walk(&skip, &mut |rel, path, m| {
+        self.walk(&skip, true, &mut |rel, path, m| {
             if (m.is_file() || m.file_type().is_symlink()) && wanted(rel) && !is_git_path(rel) {
                 current.insert(rel.to_string(), (path.to_path_buf(), m.clone()));
             }
@@ -407,7 +498,7 @@ impl Snapshots {
                 ),
                 Some((path, m)) => (
                     Some(
-                        std::fs::read(path)
+                        read_file(path)
                             .map_err(|e| SidecarError::io(format!("reading {rel}"), e))?,
                     ),
                     if m.permissions().mode() & 0o111 != 0 {

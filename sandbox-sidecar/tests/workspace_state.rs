@@ -300,24 +300,18 @@ async fn history_removal_leaves_no_objects() {
     let r = h.client.reset_history().await.unwrap();
     assert!(r.removed && r.initialized && r.git_available, "{r:?}");
     let ws = h.ws();
-    // An empty repository: no commits, no objects, no refs, no packs.
-    assert!(
-        std::process::Command::new("git")
-            .args(["rev-parse", "HEAD"])
-            .current_dir(&ws)
-            .output()
-            .unwrap()
-            .status
-            .code()
-            != Some(0)
+    // A new repository: one commit of the work tree as it is, nothing of the old history.
+    assert_eq!(git(&ws, &["log", "--oneline"]).lines().count(), 1);
+    assert_eq!(git(&ws, &["status", "--porcelain"]), "");
+    assert_eq!(
+        git(&ws, &["log", "-1", "--format=%an <%ae>|%cn <%ce>|%s"]).trim(),
+        "selfplay <selfplay@localhost>|selfplay <selfplay@localhost>|Initial commit"
     );
-    let count = git(&ws, &["count-objects", "-v"]);
-    assert!(
-        count.contains("count: 0") && count.contains("in-pack: 0"),
-        "{count}"
+    assert_eq!(
+        git(&ws, &["show", "HEAD:src/lib.py"]),
+        "SECRET_OLD_VERSION = 1\n"
     );
-    let objects: Vec<_> = walk_files(&ws.join(".git/objects"));
-    assert!(objects.is_empty(), "{objects:?}");
+    assert!(r.message.contains("initial commit"), "{r:?}");
     let cat = std::process::Command::new("git")
         .args(["cat-file", "-e", &old_commit])
         .current_dir(&ws)
