@@ -251,6 +251,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             (libc::RLIMIT_AS, a.rlimits.memory_bytes),
             (libc::RLIMIT_NPROC, a.rlimits.max_processes),
             (libc::RLIMIT_FSIZE, a.rlimits.max_file_size_bytes),
+            (libc::RLIMIT_CPU, a.rlimits.cpu_seconds),
         ];
         for (resource, value) in limits {
             if let Some(v) = value {
@@ -663,6 +664,7 @@ mod tests {
             memory_bytes: None,
             max_processes: Some(4321),
             max_file_size_bytes: Some(1024 * 512),
+            cpu_seconds: None,
         };
         let c = spawn(&spec, false, rl).unwrap();
         let pid = c.id();

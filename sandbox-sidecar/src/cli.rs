@@ -94,6 +94,9 @@ struct ServeArgs {
     /// Default RLIMIT_FSIZE of commands.
     #[arg(long)]
     max_file_size_bytes: Option<u64>,
+    /// Default RLIMIT_CPU of each process a command starts, in seconds.
+    #[arg(long)]
+    cpu_seconds: Option<u64>,
     /// How many request ids are remembered for idempotent retries.
     #[arg(long, default_value_t = 4096)]
     idempotency_capacity: usize,
@@ -319,6 +322,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 memory_bytes: args.memory_bytes,
                 max_processes: args.max_processes,
                 max_file_size_bytes: args.max_file_size_bytes,
+                cpu_seconds: args.cpu_seconds,
             },
         },
         idempotency_capacity: args.idempotency_capacity.max(1),

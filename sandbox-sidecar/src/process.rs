@@ -26,6 +26,8 @@ pub struct Rlimits {
     pub memory_bytes: Option<u64>,
     pub max_processes: Option<u64>,
     pub max_file_size_bytes: Option<u64>,
+    /// RLIMIT_CPU in seconds: a busy loop ends with SIGXCPU, then SIGKILL.
+    pub cpu_seconds: Option<u64>,
 }
 
 /// How long to keep reading a command's pipes after it exited and its group was killed;
@@ -53,6 +55,10 @@ pub fn prepare(cmd: &mut Command, rlimits: Rlimits) -> io::Result<()> {
             }
             if let Some(v) = rlimits.max_file_size_bytes {
                 setrlimit(Resource::RLIMIT_FSIZE, v, v).map_err(io::Error::from)?;
+            }
+            if let Some(v) = rlimits.cpu_seconds {
+                // The soft limit sends SIGXCPU; the hard one, a second later, SIGKILL.
+                setrlimit(Resource::RLIMIT_CPU, v, v.saturating_add(1)).map_err(io::Error::from)?;
             }
             match crate::confine::apply(&hardening) {
                 0 => Ok(()),

@@ -101,6 +101,7 @@ impl State {
                 memory_bytes: pick(l.memory_bytes, d.memory_bytes),
                 max_processes: pick(l.max_processes, d.max_processes),
                 max_file_size_bytes: pick(l.max_file_size_bytes, d.max_file_size_bytes),
+                cpu_seconds: pick(l.cpu_seconds, d.cpu_seconds),
             },
         }
     }

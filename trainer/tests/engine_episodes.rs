@@ -460,22 +460,3 @@ async fn budgets_and_format_errors_end_episodes() {
     assert_eq!(t.turns.len(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sidecar_dying_mid_episode_is_an_infrastructure_error() {
-    let (_dir, repo) = sample_repo();
-    let p = provider(&repo);
-    let s = settings();
-    let sb = p.acquire("default").await.unwrap();
-    // The session's shell is the sidecar's child: `kill -9 $PPID` kills the sidecar.
-    let policy = Arc::new(ScriptedPolicy::new(vec![(
-        INJECTOR_KEY,
-        vec![bash("echo hi"), bash("kill -9 $PPID"), bash("echo never")],
-    )]));
-    let r = run_injector(policy, sb.client(), &s).await;
-    assert_eq!(r.trajectory.end_reason, EndReason::InfraError);
-    assert_eq!(r.trajectory.turns.len(), 2);
-    assert!(r.infra_error.is_some());
-    assert!(r.validation.is_none() && r.failed_check.is_none());
-    assert_eq!(r.reward(0, 0, s.alpha), None, "masked, never −1");
-    sb.release().await.unwrap();
-}

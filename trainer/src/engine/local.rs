@@ -521,6 +521,7 @@ impl LocalProvider {
                 "--max-file-size-bytes={}",
                 limits.max_file_size_bytes
             ))
+            .arg(format!("--cpu-seconds={}", limits.cpu_seconds))
             .args(&self.serve_args)
             .current_dir(&workspace)
             // Nothing of the trainer's environment: what the sandbox needs, and what the

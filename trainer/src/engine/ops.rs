@@ -311,6 +311,9 @@ impl<'a> Ops<'a> {
     }
 
     /// Runs `script` with bash in the workspace root and `parser` (Python) on its output.
+    /// Every run starts clean: no process left from earlier commands or runs, and the
+    /// sandbox's private scratch directories (`/tmp`, `/dev/shm`) empty, so a script cannot
+    /// keep state between runs.
     pub async fn run_tests(
         &self,
         script: &str,
@@ -322,6 +325,7 @@ impl<'a> Ops<'a> {
             parser_script: parser.to_string(),
             limits: Some(sc::limits_with_timeout(timeout)),
             env: command_env(),
+            clean_start: true,
             ..Default::default()
         };
         // The script and then the parser each get the timeout.

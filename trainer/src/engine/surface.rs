@@ -135,7 +135,10 @@ mod tests {
     #[test]
     fn tampering_is_found_on_added_lines_only() {
         let p = "--- a/pkg/a.py\n+++ b/pkg/a.py\n@@ -1,2 +1,3 @@\n-import unittest\n x = 1\n+import unittest as _u\n";
-        assert_eq!(framework_tampering(p).as_deref(), Some("import unittest as _u"));
+        assert_eq!(
+            framework_tampering(p).as_deref(),
+            Some("import unittest as _u")
+        );
         let clean = "--- a/pkg/a.py\n+++ b/pkg/a.py\n@@ -1 +1 @@\n-import unittest\n+x = 2\n";
         assert_eq!(framework_tampering(clean), None);
     }
