@@ -78,9 +78,44 @@ pub fn kill_descendants_except(keep: &BTreeSet<i32>, patience: Duration) -> usiz
     killed.len()
 }
 
+/// Every mount point of this process's mount namespace (`/proc/self/mountinfo`'s fifth
+/// field, octal escapes decoded): a scratch directory may hold bind mounts (the workspace,
+/// the state directory, the token, a toolchain under `/tmp`) that emptying must leave alone.
+pub fn mount_points() -> Vec<std::path::PathBuf> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| {
+            let mut out = Vec::new();
+            let b = p.as_bytes();
+            let mut i = 0;
+            while i < b.len() {
+                let octal = b
+                    .get(i + 1..i + 4)
+                    .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+                match (b[i], octal) {
+                    (b'\\', Some(d)) => {
+                        out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                        i += 4;
+                    }
+                    (c, _) => {
+                        out.push(c);
+                        i += 1;
+                    }
+                }
+            }
+            let os: std::ffi::OsString = std::os::unix::ffi::OsStringExt::from_vec(out);
+            std::path::PathBuf::from(os)
+        })
+        .collect()
+}
+
 /// Removes everything inside `dir` (not `dir` itself), never following symlinks, and
-/// leaving `keep` (the state directory) and the directories leading to it in place.
-pub fn empty_dir(dir: &Path, keep: &Path) -> io::Result<()> {
+/// leaving each path of `keep` (the state directory, mount points) and the directories
+/// leading to it in place.
+pub fn empty_dir(dir: &Path, keep: &[std::path::PathBuf]) -> io::Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
@@ -92,10 +127,10 @@ pub fn empty_dir(dir: &Path, keep: &Path) -> io::Result<()> {
     let mut first_error = None;
     for e in entries.flatten() {
         let path = e.path();
-        if path == keep {
+        if keep.iter().any(|k| *k == path) {
             continue;
         }
-        let r = if keep.starts_with(&path) {
+        let r = if keep.iter().any(|k| k.starts_with(&path)) {
             // Only a real directory can lead to `keep`: starts_with compares names.
             match std::fs::symlink_metadata(&path) {
                 Ok(m) if m.is_dir() => empty_dir(&path, keep),

@@ -722,7 +722,8 @@ async fn clean_slate(state: &Arc<State>) -> Result<(), Status> {
     blocking(move || {
         // Compared by name below: both must be real paths, or a differently spelled
         // state directory inside a scratch directory would be emptied with it.
-        let keep = keep.canonicalize().unwrap_or(keep);
+        let mut keep = vec![keep.canonicalize().unwrap_or(keep)];
+        keep.extend(cleanup::mount_points());
         for d in &dirs {
             let d = d
                 .canonicalize()

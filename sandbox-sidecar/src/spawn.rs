@@ -25,6 +25,9 @@ pub const READY_PREFIX: &str = "listening on ";
 pub struct SpawnOptions {
     /// The `sandbox-sidecar` binary; `$SANDBOX_SIDECAR_BIN`, else `sandbox-sidecar` on PATH.
     pub binary: Option<PathBuf>,
+    /// Arguments before `serve`, for a program that serves as the sidecar among other
+    /// things (`trainer sidecar serve …`).
+    pub binary_args: Vec<String>,
     pub workspace: PathBuf,
     /// A random token when `None`.
     pub token: Option<String>,
@@ -43,6 +46,7 @@ impl SpawnOptions {
     pub fn new(workspace: impl Into<PathBuf>) -> Self {
         Self {
             binary: None,
+            binary_args: Vec::new(),
             workspace: workspace.into(),
             token: None,
             listen: None,
@@ -124,7 +128,8 @@ impl SpawnedSidecar {
         token: String,
     ) -> Result<Self, SpawnError> {
         let mut cmd = Command::new(binary);
-        cmd.arg("serve")
+        cmd.args(&opts.binary_args)
+            .arg("serve")
             .arg("--listen")
             .arg(opts.listen.as_deref().unwrap_or("127.0.0.1:0"))
             .arg("--workspace")

@@ -24,7 +24,7 @@ use selfplay_operator::broker::memory::MemoryBackend;
 use selfplay_operator::broker::service::service;
 use selfplay_operator::broker::{Broker, BrokerSettings};
 use selfplay_operator::metrics::Metrics;
-use selfplay_trainer::engine::local::find_sidecar_binary;
+use selfplay_trainer::engine::local::find_sidecar;
 use selfplay_trainer::engine::sample::materialize_sample_repo;
 use selfplay_trainer::train::cluster::{ClusterOptions, run_cluster};
 use serde_json::json;
@@ -117,13 +117,19 @@ async fn the_cluster_loop_trains_through_the_broker() {
     let port = free_port();
 
     // The sandbox "pods": real sidecars on 127.0.0.N:port with the pool's token.
-    let bin = find_sidecar_binary().expect("the sandbox-sidecar binary (cargo builds it)");
+    let sidecar =
+        find_sidecar().expect("the trainer binary serves as the sidecar (cargo builds it)");
     let mut sidecars = Vec::new();
     for i in 0..SANDBOXES {
         let ws = tmp.path().join(format!("sandbox-{i}"));
         materialize_sample_repo(&ws).expect("the sample repository");
         let mut o = SpawnOptions::new(&ws);
-        o.binary = Some(bin.clone());
+        o.binary = Some(sidecar.program.clone());
+        o.binary_args = sidecar
+            .args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         o.token = Some(POOL_TOKEN.into());
         o.listen = Some(format!("{}:{port}", pod_ip(i)));
         sidecars.push(SpawnedSidecar::spawn(o).await.expect("sidecar"));

@@ -8,7 +8,7 @@ mod engine_support;
 use std::sync::Arc;
 
 use engine_support::{
-    ScriptedPolicy, artifact_set, assets, bash, create, edit, provider, sample_repo,
+    ScriptedPolicy, artifact_set, bash, create, edit, provider, read_asset, sample_repo,
 };
 use selfplay_crds::run::FormatErrorPolicy;
 use selfplay_trainer::engine::episode::{Episode, run_episode, run_episodes};
@@ -31,10 +31,6 @@ fn settings() -> EngineSettings {
     s.episode.max_turns = 20;
     s.episode.max_tokens = 60_000;
     s
-}
-
-fn read_asset(p: &str) -> String {
-    std::fs::read_to_string(assets().join(p)).unwrap()
 }
 
 /// An injector that reads `git log`, reverts the code of a real commit, weakens the tests
@@ -459,4 +455,3 @@ async fn budgets_and_format_errors_end_episodes() {
     assert_eq!(t.end_reason, EndReason::FormatError);
     assert_eq!(t.turns.len(), 2);
 }
-

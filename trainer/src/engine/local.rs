@@ -171,7 +171,7 @@ impl LocalProviderConfig {
 }
 
 /// How to start a sidecar here: `$SELFPLAY_SIDECAR_BIN`; else this executable when it is
-/// the trainer; else a `sandbox-sidecar` or `trainer` next to the current executable or in
+/// the trainer; else a `trainer` or `sandbox-sidecar` next to the current executable or in
 /// its parent directory (test binaries live in `target/<profile>/deps`); else
 /// `sandbox-sidecar` on PATH.
 pub fn find_sidecar() -> Option<SidecarProgram> {
@@ -188,24 +188,20 @@ pub fn find_sidecar() -> Option<SidecarProgram> {
         let mut dir = exe.parent();
         for _ in 0..2 {
             let Some(d) = dir else { break };
-            let standalone = d.join(SIDECAR_NAME);
-            if standalone.is_file() {
-                return Some(SidecarProgram::standalone(standalone));
-            }
+            // The trainer first: cargo builds it for the trainer's own tests, so it is never
+            // older than the code under test, where a standalone binary may be.
             let trainer = d.join(TRAINER_NAME);
             if trainer.is_file() {
                 return Some(SidecarProgram::trainer(trainer));
+            }
+            let standalone = d.join(SIDECAR_NAME);
+            if standalone.is_file() {
+                return Some(SidecarProgram::standalone(standalone));
             }
             dir = d.parent();
         }
     }
     find_in_path(SIDECAR_NAME).map(SidecarProgram::standalone)
-}
-
-/// The standalone sidecar binary as [`find_sidecar`] would find it, for callers that need
-/// a file to copy into an image or a pod.
-pub fn find_sidecar_binary() -> Option<PathBuf> {
-    find_sidecar().map(|s| s.program)
 }
 
 /// What one pool's sandboxes get, resolved once.

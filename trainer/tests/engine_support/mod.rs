@@ -17,6 +17,11 @@ pub fn assets() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("assets")
 }
 
+/// A file of `trainer/assets/` as text.
+pub fn read_asset(p: &str) -> String {
+    std::fs::read_to_string(assets().join(p)).expect("asset")
+}
+
 pub fn artifact_set(name: &str) -> Artifacts {
     Artifacts::from_dir(&assets().join("artifacts").join(name)).expect("artifact set")
 }
