@@ -103,7 +103,9 @@ fn sandbox_pod_runs_the_sidecar_from_the_repository_image_restricted() {
             "--workspace",
             "/src/repo",
             "--token-file",
-            "/var/run/selfplay/token"
+            "/var/run/selfplay/token",
+            "--scratch-dir",
+            "/tmp"
         ]
     );
     assert_eq!(c.working_dir.as_deref(), Some("/src/repo"));

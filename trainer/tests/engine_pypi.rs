@@ -72,6 +72,12 @@ fn sha256(path: &Path) -> String {
 
 /// The sdist, downloaded once, checked, and unpacked into a fresh git repository.
 fn inflection_repo(dir: &Path) -> PathBuf {
+    inflection_repo_owned(dir, false)
+}
+
+/// As [`inflection_repo`]; with `archive_owners`, unpacked as root does by default, keeping
+/// the uid and gid the archive names (1001 for this sdist).
+fn inflection_repo_owned(dir: &Path, archive_owners: bool) -> PathBuf {
     let cache = target_dir().join("pypi-sdists");
     let sdist = cache.join(SDIST);
     if !sdist.exists() || sha256(&sdist) != SDIST_SHA256 {
@@ -97,16 +103,25 @@ fn inflection_repo(dir: &Path) -> PathBuf {
         "the sdist from PyPI is not the pinned one"
     );
     run(Command::new("tar")
-        .arg("--no-same-owner")
+        .arg(if archive_owners {
+            "--same-owner"
+        } else {
+            "--no-same-owner"
+        })
         .arg("-xzf")
         .arg(&sdist)
         .arg("-C")
         .arg(dir));
     let repo = dir.join("inflection-0.5.1");
+    // Files of another owner: git refuses such a repository unless told it is safe.
     run(Command::new("git").args(["init", "-q"]).current_dir(&repo));
-    run(Command::new("git").args(["add", "-A"]).current_dir(&repo));
+    run(Command::new("git")
+        .args(["-c", "safe.directory=*", "add", "-A"])
+        .current_dir(&repo));
     run(Command::new("git")
         .args([
+            "-c",
+            "safe.directory=*",
             "-c",
             "user.name=t",
             "-c",
@@ -234,4 +249,68 @@ async fn without_pytest_on_path_the_parser_check_fails() {
     assert_eq!(r.failed_check, Some(Check::ParserValid), "{r:#?}");
     let detail = &r.checks.last().unwrap().detail;
     assert!(detail.contains("No module named pytest"), "{detail}");
+}
+
+/// The first commands a user runs, as the user runs them: `trainer validate` and `trainer
+/// evaluate` on a repository whose files belong to another user (the archive's), with the
+/// test runner in a venv under `/tmp` first on PATH. The sandbox (bubblewrap where it is
+/// installed) sees that venv read-only, and its copy of the repository is its own.
+#[test]
+fn the_cli_works_on_a_foreign_owned_repository_with_a_venv_under_tmp() {
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let repo = inflection_repo_owned(dir.path(), true);
+    let venv = dir.path().join("venv");
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv));
+    run(Command::new(venv.join("bin/python")).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        PYTEST,
+    ]));
+    let path = format!(
+        "{}:{}",
+        venv.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let arts = assets().join("artifacts/pypi-inflection/valid");
+    let trainer = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
+            .args(args)
+            .env("PATH", &path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "trainer {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let repo_s = repo.to_string_lossy().into_owned();
+    let arts_s = arts.to_string_lossy().into_owned();
+    let v = trainer(&[
+        "validate",
+        "--repo",
+        &repo_s,
+        "--artifacts",
+        &arts_s,
+        "--json",
+    ]);
+    assert_eq!(v["valid"], true, "{v:#}");
+    let bug = std::fs::read_to_string(arts.join("bug_inject.diff")).unwrap();
+    let fix = dir.path().join("fix.diff");
+    std::fs::write(&fix, reverse_diff(&bug).unwrap()).unwrap();
+    let e = trainer(&[
+        "evaluate",
+        "--repo",
+        &repo_s,
+        "--artifacts",
+        &arts_s,
+        "--patch",
+        &fix.to_string_lossy(),
+        "--json",
+    ]);
+    assert_eq!(e["solved"], true, "{e:#}");
 }

@@ -113,7 +113,8 @@ async fn sandboxes_are_fresh_copies_with_the_host_toolchain() {
             .contains("Greedy"),
         "the source repository is untouched"
     );
-    // The repository's history came along, and the host's python3 and PATH are there.
+    // The repository's history came along, and the host's python3 and PATH (the directories
+    // that exist, once each, in order) are there.
     let (code, log) = sh(&a, "git log --oneline | wc -l").await;
     assert_eq!((code, log.trim()), (0, "5"));
     let (code, out) = sh(
@@ -123,7 +124,15 @@ async fn sandboxes_are_fresh_copies_with_the_host_toolchain() {
     .await;
     assert_eq!(code, 0, "{out}");
     assert!(out.starts_with("3\n"), "{out}");
-    assert!(out.contains(&std::env::var("PATH").unwrap()), "{out}");
+    let mut host: Vec<std::path::PathBuf> = Vec::new();
+    for d in std::env::split_paths(&std::env::var_os("PATH").unwrap()) {
+        if d.is_dir() && !host.contains(&d) {
+            host.push(d);
+        }
+    }
+    let inside: Vec<std::path::PathBuf> =
+        std::env::split_paths(out.lines().nth(1).unwrap_or("")).collect();
+    assert_eq!(inside, host, "{out}");
     a.release().await.unwrap();
     b.release().await.unwrap();
 }
@@ -225,4 +234,49 @@ fn the_bundle_holds_the_sample_repository() {
         .output()
         .unwrap();
     assert!(st.stdout.is_empty());
+}
+
+/// A repository whose files belong to another user (an archive unpacked as root keeps its
+/// uid): the workspace copy belongs to the sandbox's user, so a sandbox without
+/// capabilities can edit, patch and validate it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_owned_by_another_user_is_writable_in_its_sandbox() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: changing a file's owner needs root");
+        return;
+    }
+    assert!(bwrap_usable(), "bubblewrap is needed for this test");
+    let (_dir, repo) = sample_repo();
+    let chown = std::process::Command::new("chown")
+        .args(["-R", "1001:1001"])
+        .arg(&repo)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let p = provider_with(&repo, Isolation::Bubblewrap);
+    let sb = p.acquire("default").await.unwrap();
+    let (code, out) = sh(
+        &sb,
+        "stat -c %u tinytext/slug.py; echo '# edited' >> tinytext/slug.py && tail -1 tinytext/slug.py",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.ends_with("# edited\n"), "{out}");
+    assert!(!out.starts_with("1001"), "{out}");
+    sb.client()
+        .write_file("tinytext/new.py", b"x = 1\n".to_vec())
+        .await
+        .unwrap();
+    sb.release().await.unwrap();
+    // And the whole of validation works on it.
+    let sb = p.acquire("default").await.unwrap();
+    let report = selfplay_trainer::engine::validation::validate(
+        sb.client(),
+        &engine_support::artifact_set("valid"),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    sb.release().await.unwrap();
+    assert!(report.valid, "{report:#?}");
 }

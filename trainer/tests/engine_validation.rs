@@ -240,15 +240,22 @@ async fn broken_artifacts_are_recorded_failures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flaky_tests_are_dropped() {
-    let (_dir, repo) = sample_repo();
-    let p = provider(&repo);
-    // test_b flips between the runs (a counter file in the workspace); test_a and test_c pass.
-    let script = "n=$(cat .runs 2>/dev/null || echo 0); echo $((n+1)) > .runs\n\
-                  echo 'test_a ok'; echo 'test_c ok'\n\
-                  if [ $((n % 2)) -eq 0 ]; then echo 'test_b ok'; else echo 'test_b FAIL'; fi\n";
+    let (dir, repo) = sample_repo();
+    // A flaky environment: test_b flips between the runs. Validation gives a script no way
+    // to keep state between its runs (the workspace is reset and a sandbox's /tmp emptied),
+    // so the flip comes from outside: a counter file on the host, which a sandbox without
+    // isolation can write. test_a and test_c pass.
+    let p = provider_with(&repo, Isolation::Off);
+    let counter = dir.path().join("runs");
+    let script = format!(
+        "n=$(cat {c} 2>/dev/null || echo 0); echo $((n+1)) > {c}\n\
+         echo 'test_a ok'; echo 'test_c ok'\n\
+         if [ $((n % 2)) -eq 0 ]; then echo 'test_b ok'; else echo 'test_b FAIL'; fi\n",
+        c = counter.display()
+    );
     let parser = "import sys, json\nr = {}\nfor l in sys.stdin:\n    n, s = l.split()\n    r[n] = 'passed' if s == 'ok' else 'failed'\nprint(json.dumps(r))\n";
     let a = with("valid", |a| {
-        a.test_script = Some(script.into());
+        a.test_script = Some(script);
         a.test_parser = Some(parser.into());
     });
     let mut c = cfg();

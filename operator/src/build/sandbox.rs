@@ -71,6 +71,10 @@ pub fn sandbox_pod(pool: &ValidPool<'_>, cfg: &OperatorConfig) -> Pod {
             t.workdir.clone(),
             "--token-file".to_string(),
             SANDBOX_TOKEN_FILE.to_string(),
+            // The container's /tmp is its own: every test run of validation starts with it
+            // empty (and no process left), so a test script cannot keep state between runs.
+            "--scratch-dir".to_string(),
+            "/tmp".to_string(),
         ]),
         working_dir: Some(t.workdir.clone()),
         env: (!t.env.is_empty()).then(|| t.env.clone()),

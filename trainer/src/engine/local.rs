@@ -368,8 +368,10 @@ impl LocalProvider {
             .map_err(|e| acquire_err(format!("creating {}: {e}", work_dir.display())))?;
         // Nothing a sandbox must not see may come in through a toolchain directory.
         let mut hidden = cfg.hidden.clone();
-        hidden.push(work_dir.clone());
         hidden.extend(cfg.pools.values().cloned());
+        // Sandboxes are made in the work directory, under names of their own: a toolchain
+        // that holds it would show them, one beside them (a venv under /tmp) shows nothing.
+        let parents = [work_dir.clone()];
         let mut pools = BTreeMap::new();
         for (name, repo) in &cfg.pools {
             let settings = cfg.pool_settings.get(name).cloned().unwrap_or_default();
@@ -380,7 +382,7 @@ impl LocalProvider {
                     &std::env::var_os("PATH").unwrap_or_default(),
                 ),
             }
-            .without(&hidden);
+            .without(&hidden, &parents);
             let mut binds = toolchain.roots;
             if !is_system_path(&sidecar.program) {
                 binds.push(sidecar.program.clone());

@@ -89,10 +89,15 @@ impl Toolchain {
         self.roots.push(root);
     }
 
-    /// Leaves out every root that holds one of `hidden` (or lies inside one), with a
-    /// warning: a PATH entry must not open the run's output or a repository to the agent.
-    pub fn without(mut self, hidden: &[PathBuf]) -> Self {
-        let hides = |r: &Path| hidden.iter().any(|h| h.starts_with(r) || r.starts_with(h));
+    /// Leaves out every root that holds one of `hidden` or lies inside one, and every root
+    /// that holds one of `parents` (directories such as the one sandboxes are made in, which
+    /// may hold unrelated toolchains, a venv under `/tmp`), with a warning: a PATH entry must
+    /// not open the run's output, a repository or another sandbox to the agent.
+    pub fn without(mut self, hidden: &[PathBuf], parents: &[PathBuf]) -> Self {
+        let hides = |r: &Path| {
+            hidden.iter().any(|h| h.starts_with(r) || r.starts_with(h))
+                || parents.iter().any(|p| p.starts_with(r))
+        };
         self.roots.retain(|r| {
             let keep = !hides(r);
             if !keep {
@@ -195,7 +200,12 @@ mod tests {
         }
         assert!(!t.roots.iter().any(|r| is_system_path(r)));
         // A root that holds the run's files is left out.
-        let t = t.without(&[plain.join("out")]);
+        let t = t.without(&[plain.join("out")], &[]);
         assert!(!t.roots.contains(&plain) && !t.path.contains(&plain));
+        // A directory sandboxes are made in hides only what holds it.
+        let t = Toolchain::from_path(&[], &path).without(&[], &[tmp.path().to_path_buf()]);
+        assert!(t.roots.contains(&venv));
+        let t = Toolchain::from_path(&[], &path).without(&[], &[venv.join("bin/sandboxes")]);
+        assert!(!t.roots.contains(&venv));
     }
 }

@@ -195,9 +195,12 @@ pub async fn run_local(
 
     let (grpo, state) = build_trainer(&run, &dirs, opts.resume)?;
     let provider = Arc::new(local_provider(&run, &dirs.out, opts.isolation)?);
-    if !provider.isolated() {
-        tracing::info!("sandboxes are plain processes (bubblewrap not available)");
-    }
+    let sandboxes = if provider.isolated() {
+        "bubblewrap: no network, only the system and toolchain directories visible"
+    } else {
+        "plain processes: bubblewrap is not installed or does not work here"
+    };
+    let sp = &run.run.spec.self_play;
     let engine = engine_settings(&run, grpo.policy().source_dir().is_some());
     let pools = run
         .pools
@@ -231,6 +234,19 @@ pub async fn run_local(
         run.pools.len(),
         lp.grpo().map(|g| g.policy().version()).unwrap_or(0),
     );
+    eprintln!("sandboxes: {sandboxes}");
+    eprintln!(
+        "each step: {} injector episode(s) write a bug in a fresh sandbox; the seven checks \
+         validate it; {} solver episode(s) per valid bug try to fix it, graded in fresh \
+         sandboxes; then a GRPO update{}",
+        sp.injector_episodes_per_step.max(1),
+        sp.solver_group_size.max(2),
+        if run.run.spec.checkpoint.every_steps > 0 {
+            " and a checkpoint"
+        } else {
+            ""
+        },
+    );
 
     let interrupt = Interrupt::default();
     interrupt.listen();
@@ -254,6 +270,7 @@ pub async fn run_local(
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         pb.set_prefix((lp.step() + 1).to_string());
+        eprintln!("step {}/{target}: playing episodes…", lp.step() + 1);
         pb.enable_steady_tick(Duration::from_millis(250));
         let bar = Bar(pb.clone());
         let abandon = interrupt.1.notified();

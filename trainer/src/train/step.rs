@@ -605,6 +605,36 @@ mod tests {
     }
 
     #[test]
+    fn an_injector_out_of_turns_is_rewarded_like_one_that_submitted() {
+        use selfplay_crds::run::{TruncationMode, TruncationPolicy};
+        for mode in [TruncationMode::Mask, TruncationMode::ForceSubmit] {
+            let policy = TruncationPolicy {
+                mode,
+                discount: 0.5,
+            };
+            for reward in [-1.0, -0.8, 0.1] {
+                let mut t = trajectory(4);
+                t.role = Role::Injector;
+                let submitted = shaped_reward(reward, injector_end(&t), 3, &policy, None);
+                for end in [EndReason::OutOfTurns, EndReason::OutOfTokens] {
+                    t.end_reason = end;
+                    assert_eq!(
+                        shaped_reward(reward, injector_end(&t), 3, &policy, None),
+                        submitted,
+                        "{mode:?} {reward} {end:?}"
+                    );
+                }
+            }
+            let mut t = trajectory(4);
+            t.end_reason = EndReason::InfraError;
+            assert_eq!(
+                shaped_reward(-1.0, injector_end(&t), 3, &policy, None),
+                None
+            );
+        }
+    }
+
+    #[test]
     fn a_group_with_equal_rewards_carries_exactly_zero_advantage() {
         let t = trajectory(4);
         let members = [&t, &t, &t];
