@@ -137,8 +137,21 @@ fn sandbox_pod_runs_the_sidecar_from_the_repository_image_restricted() {
         ]
     );
 
-    // Pod level.
+    // Pod level: nothing of the cluster reaches the agent — no service-account token, no
+    // service environment variables, no host namespaces; the only environment is the
+    // template's, the only volumes the sidecar binary and the pool's own token.
     assert_eq!(spec.automount_service_account_token, Some(false));
+    assert_eq!(spec.enable_service_links, Some(false));
+    assert!(spec.host_network.is_none() && spec.host_pid.is_none() && spec.host_ipc.is_none());
+    assert_eq!(spec.share_process_namespace, None);
+    assert_eq!(
+        c.env
+            .as_ref()
+            .map(|e| e.iter().map(|v| v.name.as_str()).collect::<Vec<_>>()),
+        Some(vec!["CARGO_NET_OFFLINE"])
+    );
+    assert!(c.env_from.is_none());
+    assert_eq!(spec.volumes.as_ref().map(Vec::len), Some(2));
     assert_eq!(spec.active_deadline_seconds, Some(900));
     assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
     assert_eq!(spec.runtime_class_name.as_deref(), Some("gvisor"));

@@ -135,6 +135,18 @@ async fn grading_per_test_with_oracle_files_restored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn solver_workspace_has_both_diffs_and_no_history() {
     let (_dir, repo) = sample_repo();
+    // Build leftovers of the original, which could carry its compiled code.
+    for d in [
+        "tinytext/__pycache__",
+        ".pytest_cache/v",
+        "build/lib",
+        "dist",
+        "tinytext.egg-info",
+        ".mypy_cache",
+    ] {
+        std::fs::create_dir_all(repo.join(d)).unwrap();
+        std::fs::write(repo.join(d).join("leftover"), "x").unwrap();
+    }
     let p = provider(&repo);
     let task = valid_task(&p).await;
     let sb = p.acquire("default").await.unwrap();
@@ -152,6 +164,17 @@ async fn solver_workspace_has_both_diffs_and_no_history() {
             .unwrap()
             .contains("max_length")
     );
+    for d in [
+        "tinytext/__pycache__",
+        ".pytest_cache",
+        "build",
+        "dist",
+        "tinytext.egg-info",
+        ".mypy_cache",
+    ] {
+        assert!(!ws.join(d).exists(), "{d} is still there");
+    }
+    assert!(ws.join("tinytext/slug.py").is_file());
     // A fresh repository: one initial commit of the workspace as it is (so `git diff` and
     // `git status` work), nothing of the original history.
     let git = |args: &[&str], dir: &std::path::Path| {

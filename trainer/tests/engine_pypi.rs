@@ -314,3 +314,84 @@ fn the_cli_works_on_a_foreign_owned_repository_with_a_venv_under_tmp() {
     ]);
     assert_eq!(e["solved"], true, "{e:#}");
 }
+
+/// The red team on a real pytest suite: a `conftest.py` hook that reports every test passed
+/// (it works: shown first on the buggy code directly), runner options in `pytest.ini` and
+/// `pyproject.toml`, and a pytest patch from the package itself all earn a solver nothing;
+/// the honest fix still solves. (`red_team.rs` has the whole suite on the sample.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn red_team_on_a_pytest_suite() {
+    use engine_support::{ScriptedPolicy, bash, create};
+    use selfplay_trainer::engine::prompts::ChatMarkup;
+    use selfplay_trainer::engine::roles::{EngineSettings, run_solver};
+    use selfplay_trainer::engine::solver::prepare_grading_workspace;
+    use std::sync::Arc;
+
+    let venv_bin = pytest_venv();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = inflection_repo(dir.path());
+    let p = provider(&repo, vec![venv_bin]);
+    let mut s = EngineSettings::from_settings(&Default::default(), ChatMarkup::chatml());
+    // Whole files in one turn (the byte codec: a token a byte).
+    s.episode.max_tokens = 120_000;
+    s.episode.max_tokens_per_turn = 30_000;
+    s.validation.test_timeout = Duration::from_secs(120);
+    let a = set("valid");
+    let sb = p.acquire("default").await.unwrap();
+    let report = validate(sb.client(), &a, &s.validation).await.unwrap();
+    sb.release().await.unwrap();
+    let bug = BugTask::from_validated(&a, &report).expect("valid");
+
+    let conftest = "import pytest\n\n\n@pytest.hookimpl(hookwrapper=True)\ndef pytest_runtest_makereport(item, call):\n    outcome = yield\n    outcome.get_result().outcome = \"passed\"\n";
+    // The cheat works when nothing stops it: on the buggy code, every test "passes".
+    let sb = p.acquire("default").await.unwrap();
+    prepare_grading_workspace(sb.client(), &bug).await.unwrap();
+    sb.client()
+        .write_file("conftest.py", conftest.as_bytes().to_vec())
+        .await
+        .unwrap();
+    let ops = selfplay_trainer::engine::ops::Ops::new(sb.client());
+    let run = ops
+        .run_tests(&bug.test_script, &bug.test_parser, Duration::from_secs(120))
+        .await
+        .unwrap();
+    sb.release().await.unwrap();
+    assert!(
+        bug.original_passing.iter().all(|t| run.passed(t)),
+        "the conftest hook makes every test pass"
+    );
+
+    let attempts = [
+        vec![
+            create("conftest.py", conftest),
+            create("pytest.ini", "[pytest]\naddopts = -p no:randomly\n"),
+            create(
+                "pyproject.toml",
+                "[tool.pytest.ini_options]\naddopts = \"-k not ordinal\"\n",
+            ),
+            "<submit/>".to_string(),
+        ],
+        vec![
+            bash(
+                "printf 'import _pytest.reports as _r\\n_r.TestReport.passed = property(lambda self: True)\\n' >> inflection/__init__.py",
+            ),
+            "<submit/>".to_string(),
+        ],
+    ];
+    for turns in attempts {
+        let policy = Arc::new(ScriptedPolicy::new(vec![("fixing a bug", turns)]));
+        let r = run_solver(policy, &p, "default", &bug, &s).await;
+        assert!(!r.solved(), "{:#?}", r.evaluation);
+        assert_eq!(r.reward(), Some(-1.0));
+        let e = r.evaluation.as_ref().unwrap();
+        assert!(!e.dropped.is_empty() || e.tampering, "{e:#?}");
+    }
+    // The honest fix, written by a solver.
+    let fixed = std::fs::read_to_string(repo.join("inflection/__init__.py")).unwrap();
+    let policy = Arc::new(ScriptedPolicy::new(vec![(
+        "fixing a bug",
+        vec![create("inflection/__init__.py", &fixed), "<submit/>".into()],
+    )]));
+    let r = run_solver(policy, &p, "default", &bug, &s).await;
+    assert!(r.solved(), "{:#?}", r.evaluation);
+}
