@@ -127,7 +127,7 @@ pub fn empty_dir(dir: &Path, keep: &[std::path::PathBuf]) -> io::Result<()> {
     let mut first_error = None;
     for e in entries.flatten() {
         let path = e.path();
-        if keep.iter().any(|k| *k == path) {
+        if keep.contains(&path) {
             continue;
         }
         let r = if keep.iter().any(|k| k.starts_with(&path)) {

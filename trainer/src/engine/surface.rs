@@ -57,9 +57,7 @@ pub fn protected_reason(path: &str, listed: &[String], test_script: &str) -> Opt
         return Some("a listed test file");
     }
     let parts: Vec<&str> = path.split('/').collect();
-    let Some((name, dirs)) = parts.split_last() else {
-        return None;
-    };
+    let (name, dirs) = parts.split_last()?;
     if parts.first() == Some(&ARTIFACTS_DIR) {
         return Some("the artifacts directory");
     }

@@ -95,7 +95,7 @@ pub fn quantity_bytes(q: &str) -> Option<u64> {
         _ => return None,
     };
     let n: f64 = num.parse().ok()?;
-    (n >= 0.0 && n.is_finite()).then(|| (n * mult) as u64)
+    (n >= 0.0 && n.is_finite()).then_some((n * mult) as u64)
 }
 
 /// A validated run and its pools.
@@ -262,6 +262,17 @@ pub fn parse(text: &str, source: &str, base: &Path) -> Result<LocalRun, ConfigEr
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn quantities_in_bytes() {
+        assert_eq!(quantity_bytes("512Mi"), Some(512 << 20));
+        assert_eq!(quantity_bytes("4G"), Some(4_000_000_000));
+        assert_eq!(quantity_bytes("1073741824"), Some(1 << 30));
+        assert_eq!(quantity_bytes("1.5Gi"), Some(3 << 29));
+        assert_eq!(quantity_bytes("lots"), None);
+        assert_eq!(quantity_bytes("-1Gi"), None);
+    }
+
     use super::*;
 
     #[test]
