@@ -87,10 +87,10 @@ struct RenderArgs {
 #[derive(Args)]
 struct RunArgs {
     /// Address of /healthz, /readyz and /metrics.
-    #[arg(long, env = "SELFPLAY_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = "SELFPLAY_METRICS_LISTEN", default_value = "[::]:8080")]
     metrics_listen: SocketAddr,
     /// Address of the broker's gRPC service.
-    #[arg(long, env = "SELFPLAY_BROKER_LISTEN", default_value = "0.0.0.0:7443")]
+    #[arg(long, env = "SELFPLAY_BROKER_LISTEN", default_value = "[::]:7443")]
     broker_listen: SocketAddr,
     /// Watch only this namespace (all namespaces when unset).
     #[arg(long, env = "SELFPLAY_WATCH_NAMESPACE")]

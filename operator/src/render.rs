@@ -165,7 +165,7 @@ pub fn render(
                     name: run.metadata.name.clone().unwrap_or_default(),
                     source,
                 })?;
-                for w in &v.warnings {
+                for w in v.warnings.iter().chain(&v.notices) {
                     out.notes.push(format!("SelfPlayRun {}: {w}", v.name));
                 }
                 let resume: Option<ResumePoint> = v.spec.resume_from.as_ref().and_then(|name| {

@@ -42,6 +42,9 @@ pub struct ValidRun<'a> {
     pub resources: ResourceRequirements,
     /// Problems that do not stop the run but are reported as Degraded.
     pub warnings: Vec<String>,
+    /// Choices that work but that the user should know the cost of: published as Warning
+    /// events (and `render` notes) rather than a Degraded condition.
+    pub notices: Vec<String>,
 }
 
 fn owner_reference<K: Resource<DynamicType = ()>>(obj: &K) -> OwnerReference {
@@ -195,6 +198,13 @@ pub fn validate_run(run: &SelfPlayRun) -> Result<ValidRun<'_>, InvalidSpec> {
     if spec.trainer.gpus < 0 {
         problems.push("trainer.gpus must be at least 0".to_string());
     }
+    // The trainer trains on one device; more would hold GPUs idle that others could use.
+    if spec.trainer.gpus > 1 {
+        problems.push(format!(
+            "spec.trainer.gpus is {}: the trainer uses at most one GPU, set it to 0 or 1",
+            spec.trainer.gpus
+        ));
+    }
     if spec.backoff_limit < 0 {
         problems.push("backoffLimit must be at least 0".to_string());
     }
@@ -202,6 +212,13 @@ pub fn validate_run(run: &SelfPlayRun) -> Result<ValidRun<'_>, InvalidSpec> {
         warnings.push(format!(
             "trainer.nodes is {}; only 1 trainer node is supported, the run uses 1",
             spec.trainer.nodes
+        ));
+    }
+    let mut notices = Vec::new();
+    if spec.checkpoint.keep_last > 0 && spec.checkpoint.storage.pvc.is_none() {
+        notices.push(format!(
+            "checkpoint.keepLast is {} but checkpoint.storage.pvc is unset: checkpoints are kept in the trainer pod's emptyDir and lost with it, so a restarted trainer starts from the initial model",
+            spec.checkpoint.keep_last
         ));
     }
     if !problems.is_empty() {
@@ -226,6 +243,7 @@ pub fn validate_run(run: &SelfPlayRun) -> Result<ValidRun<'_>, InvalidSpec> {
         owner: owner_reference(run),
         resources,
         warnings,
+        notices,
         spec,
         name,
     })

@@ -353,3 +353,54 @@ async fn progress_and_checkpoints_reach_the_run() {
         name
     );
 }
+
+#[tokio::test]
+async fn release_never_deletes_a_pod_that_is_not_a_sandbox_held_by_the_run() {
+    let h = harness(MemoryBackend::new(), 1, 0).await;
+    // A trainer pod, and a sandbox claimed by another run: neither in the broker's cache.
+    let trainer: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "qwen-ssr-trainer-0", "namespace": NS, "uid": "uid-t",
+                     "labels": {"selfplay.dev/component": "trainer", "selfplay.dev/claimed-by": "qwen-ssr"}}
+    }))
+    .expect("pod");
+    h.backend.put_pod(trainer);
+    let mut other = sandbox(7);
+    other
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert("selfplay.dev/claimed-by".into(), "other-run".into());
+    h.backend.put_pod(other);
+
+    let c = client(&h.brokers[0].1, RUN_TOKEN);
+    for name in ["qwen-ssr-trainer-0", "pyrepo-007"] {
+        match c.release(name).await {
+            Err(selfplay_operator::broker::client::ClientError::Rpc(s)) => {
+                assert_eq!(s.code(), tonic::Code::PermissionDenied, "{name}: {s:?}")
+            }
+            other => panic!("{name}: expected PermissionDenied, got {other:?}"),
+        }
+        assert!(h.backend.pod(NS, name).is_some(), "{name} was deleted");
+    }
+    assert!(h.backend.deleted.lock().expect("lock").is_empty());
+}
+
+#[tokio::test]
+async fn ipv6_pod_ips_are_bracketed_in_the_sidecar_address() {
+    let mut h = harness(MemoryBackend::new(), 1, 0).await;
+    let mut pod = sandbox(0);
+    if let Some(s) = pod.status.as_mut() {
+        s.pod_ip = Some("fd00:10:244::7".into());
+    }
+    let stored = h.backend.put_pod(pod);
+    let (_, addr, writer, _) = &mut h.brokers[0];
+    writer.apply_watcher_event(&watcher::Event::Apply(stored));
+    let c = client(addr, RUN_TOKEN);
+    let lease = c
+        .acquire("pyrepo", Duration::from_secs(1))
+        .await
+        .expect("acquired");
+    assert_eq!(lease.address, "[fd00:10:244::7]:7070");
+    assert!(lease.address.parse::<std::net::SocketAddr>().is_ok());
+}

@@ -99,7 +99,7 @@ fn sandbox_pod_runs_the_sidecar_from_the_repository_image_restricted() {
             "/selfplay/bin/sandbox-sidecar",
             "serve",
             "--listen",
-            "0.0.0.0:7443",
+            "[::]:7443",
             "--workspace",
             "/src/repo",
             "--token-file",
@@ -385,8 +385,8 @@ fn trainer_pod_has_gpus_volumes_broker_credentials_and_resumes() {
         Some("/checkpoints/qwen-ssr/step-30")
     );
     // GPUs: requests equal limits; CPU and memory from the spec, memory limit filled in.
-    assert_eq!(q(c, "limits", "nvidia.com/gpu").as_deref(), Some("2"));
-    assert_eq!(q(c, "requests", "nvidia.com/gpu").as_deref(), Some("2"));
+    assert_eq!(q(c, "limits", "nvidia.com/gpu").as_deref(), Some("1"));
+    assert_eq!(q(c, "requests", "nvidia.com/gpu").as_deref(), Some("1"));
     assert_eq!(q(c, "requests", "cpu").as_deref(), Some("8"));
     assert_eq!(q(c, "limits", "memory").as_deref(), Some("32Gi"));
     // Broker address and credentials.
@@ -488,4 +488,35 @@ fn invalid_specs_are_refused_with_every_problem_named() {
     let mut run: SelfPlayRun = one("run-tiny.yaml");
     run.spec.trainer.nodes = 4;
     assert_eq!(validate_run(&run).expect("still valid").warnings.len(), 1);
+}
+
+#[test]
+fn more_than_one_gpu_is_refused_naming_the_field() {
+    let mut run: SelfPlayRun = one("run-gpu.yaml");
+    run.spec.trainer.gpus = 2;
+    let err = validate_run(&run).expect_err("refused");
+    assert!(
+        err.problems
+            .iter()
+            .any(|p| p.contains("spec.trainer.gpus is 2") && p.contains("one GPU")),
+        "{err}"
+    );
+    run.spec.trainer.gpus = 1;
+    assert!(validate_run(&run).is_ok());
+}
+
+#[test]
+fn checkpoints_without_a_pvc_are_noticed_at_admission() {
+    let run: SelfPlayRun = one("run-tiny.yaml"); // no checkpoint PVC, keepLast defaults to 3
+    let v = validate_run(&run).expect("valid");
+    assert!(v.warnings.is_empty(), "not Degraded: {:?}", v.warnings);
+    assert_eq!(v.notices.len(), 1);
+    assert!(
+        v.notices[0].contains("checkpoint.storage.pvc"),
+        "{:?}",
+        v.notices
+    );
+
+    let run: SelfPlayRun = one("run-gpu.yaml"); // checkpoints on a PVC
+    assert!(validate_run(&run).expect("valid").notices.is_empty());
 }

@@ -16,7 +16,7 @@ use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
 use selfplay_crds::{Checkpoint, RunPhase, SandboxPool, SelfPlayRun, SelfPlayRunStatus};
-use selfplay_operator::broker::{Backend, Claim, ClaimOutcome, KubeBackend};
+use selfplay_operator::broker::{Backend, Claim, ClaimOutcome, KubeBackend, Released};
 use selfplay_operator::config::OperatorConfig;
 use selfplay_operator::controller::{self, Context, Error, leader};
 use selfplay_operator::metrics::Metrics;
@@ -38,9 +38,12 @@ fn context(client: Client, pools: Vec<SandboxPool>, runs: Vec<SelfPlayRun>) -> F
     for p in pools {
         pw.apply_watcher_event(&watcher::Event::Apply(p));
     }
+    // As the run watcher does on start: a full list, then synced.
+    rw.apply_watcher_event(&watcher::Event::Init);
     for r in runs {
-        rw.apply_watcher_event(&watcher::Event::Apply(r));
+        rw.apply_watcher_event(&watcher::Event::InitApply(r));
     }
+    rw.apply_watcher_event(&watcher::Event::InitDone);
     let reporter = Reporter {
         controller: "selfplay-operator".into(),
         instance: Some("test".into()),
@@ -683,5 +686,166 @@ fn errors_have_low_cardinality_metric_labels() {
     assert_eq!(
         Error::MissingNamespace("x".into()).metric_label(),
         "missing_namespace"
+    );
+}
+
+#[tokio::test]
+async fn release_reads_the_pod_and_deletes_only_that_version_with_its_grace_period() {
+    let path = "/api/v1/namespaces/team-a/pods/pyrepo-ready-old";
+    let pods: Vec<Pod> = docs("sandboxes-mixed.yaml", "h");
+    let mut pod = to_json(
+        pods.iter()
+            .find(|p| p.metadata.name.as_deref() == Some("pyrepo-ready-old"))
+            .expect("pod"),
+    );
+    pod["metadata"]["uid"] = json!("uid-old");
+    let mut held = pod.clone();
+    held["metadata"]["labels"]["selfplay.dev/claimed-by"] = json!("qwen-ssr");
+
+    // Held by another run: read, refused, nothing deleted.
+    let (client, handle) = mock::client();
+    let backend = KubeBackend::new(client);
+    let mut theirs = pod.clone();
+    theirs["metadata"]["labels"]["selfplay.dev/claimed-by"] = json!("other");
+    let server = mock::serve(handle, vec![step("GET", path, Reply::Json(200, theirs))]);
+    let r = within(backend.release_sandbox(NS, "pyrepo-ready-old", "qwen-ssr"))
+        .await
+        .expect("ok");
+    assert!(matches!(r, Released::NotHeld(_)), "{r:?}");
+    assert_eq!(server.await.expect("server").len(), 1);
+
+    // Held by the run: deleted on condition of that UID and resourceVersion, not forced.
+    let (client, handle) = mock::client();
+    let backend = KubeBackend::new(client);
+    let server = mock::serve(
+        handle,
+        vec![
+            step("GET", path, Reply::Json(200, held.clone())),
+            step("DELETE", path, Reply::Json(200, held)),
+        ],
+    );
+    let r = within(backend.release_sandbox(NS, "pyrepo-ready-old", "qwen-ssr"))
+        .await
+        .expect("ok");
+    assert_eq!(r, Released::Deleted);
+    let seen = server.await.expect("server");
+    assert_eq!(seen[1].body["preconditions"]["uid"], "uid-old");
+    assert_eq!(seen[1].body["preconditions"]["resourceVersion"], "11");
+    assert_eq!(seen[1].body.get("gracePeriodSeconds"), None);
+}
+
+#[tokio::test]
+async fn a_run_recreated_with_a_new_token_is_let_in() {
+    use selfplay_operator::broker::{Broker, BrokerSettings};
+    use selfplay_operator::broker_proto as pb;
+    let (client, handle) = mock::client();
+    let run: SelfPlayRun = one("run-gpu.yaml");
+    let (runs, mut rw) = reflector::store::<SelfPlayRun>();
+    rw.apply_watcher_event(&watcher::Event::Apply(run.clone()));
+    let (pools, _pw) = reflector::store::<SandboxPool>();
+    let (sandboxes, _sw) = reflector::store::<Pod>();
+    let broker = Broker::new(
+        Arc::new(KubeBackend::new(client)),
+        sandboxes,
+        pools,
+        runs,
+        Arc::new(Notify::new()),
+        Metrics::new(),
+        BrokerSettings::default(),
+    );
+    let secret = |tok: &str| {
+        to_json(&k8s_openapi::api::core::v1::Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some("qwen-ssr-trainer-token".into()),
+                namespace: Some(NS.into()),
+                ..Default::default()
+            },
+            data: Some(
+                [(
+                    "token".to_string(),
+                    k8s_openapi::ByteString(tok.as_bytes().to_vec()),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        })
+    };
+    let secret_path = "/api/v1/namespaces/team-a/secrets/qwen-ssr-trainer-token";
+    let status_path = "/apis/selfplay.dev/v1alpha1/namespaces/team-a/selfplayruns/qwen-ssr/status?";
+    let server = mock::serve(
+        handle,
+        vec![
+            step("GET", secret_path, Reply::Json(200, secret("old-token"))),
+            step("PATCH", status_path, Reply::Json(200, to_json(&run))),
+            // The run was deleted and recreated: a new Secret, a new token.
+            step("GET", secret_path, Reply::Json(200, secret("new-token"))),
+            step("PATCH", status_path, Reply::Json(200, to_json(&run))),
+        ],
+    );
+    let report = |tok: &str| {
+        let mut req = tonic::Request::new(pb::ReportProgressRequest {
+            run: Some(pb::RunRef {
+                namespace: NS.into(),
+                name: "qwen-ssr".into(),
+            }),
+            progress: Some(pb::Progress {
+                step: 1,
+                ..Default::default()
+            }),
+        });
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {tok}").parse().expect("header"),
+        );
+        req
+    };
+    within(broker.report_progress(report("old-token")))
+        .await
+        .expect("old token accepted");
+    // Re-reads are rate-limited to one a second per Secret.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    within(broker.report_progress(report("new-token")))
+        .await
+        .expect("the new token is accepted without an operator restart");
+    assert_eq!(server.await.expect("server").len(), 4);
+}
+
+#[tokio::test]
+async fn pool_reconcile_waits_for_the_run_cache_before_writing_the_policy() {
+    let (client, handle) = mock::client();
+    let mut pool: SandboxPool = one("pool-basic.yaml");
+    pool.metadata.finalizers = Some(vec!["selfplay.dev/cleanup".into()]);
+    let (sandboxes, _sw) = reflector::store::<Pod>();
+    let (pools, _pw) = reflector::store::<SandboxPool>();
+    // The run watcher has not listed yet (operator start): its store is not ready.
+    let (runs, _rw) = reflector::store::<SelfPlayRun>();
+    let ctx = Context::new(
+        client,
+        OperatorConfig::default(),
+        Metrics::new(),
+        Reporter {
+            controller: "selfplay-operator".into(),
+            instance: Some("test".into()),
+        },
+        sandboxes,
+        pools,
+        runs,
+        Arc::new(Notify::new()),
+    );
+    let server = mock::serve(handle, vec![]);
+    let action = within(controller::pool::apply_pool(
+        &pool,
+        &ctx,
+        ts("2025-06-01T12:00:00Z"),
+    ))
+    .await
+    .expect("no error: it waits");
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(Duration::from_secs(1))
+    );
+    assert!(
+        server.await.expect("server").is_empty(),
+        "no request before the run cache is synced"
     );
 }

@@ -602,6 +602,11 @@ fn succeeded_trainer_finishes_the_run_for_good() {
     o.trainers = vec![trainer(0, TrainerPhase::Succeeded)];
     let prev = SelfPlayRunStatus {
         phase: Some(RunPhase::Running),
+        // totalSteps is 20: the trainer got there.
+        progress: Some(selfplay_crds::ProgressSnapshot {
+            step: 20,
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let plan = decide_run(&run.spec, Some(&prev), &o);
@@ -703,4 +708,83 @@ fn retention_keeps_the_last_k_ready_checkpoints() {
     );
     assert!(retention(&infos, 10, &[]).is_empty());
     assert_eq!(retention(&infos, 1, &[]).len(), 3);
+}
+
+// ---- defects found reading against a real cluster ----
+
+#[test]
+fn restart_without_a_pvc_starts_from_scratch_and_says_why() {
+    let run: SelfPlayRun = one("run-tiny.yaml"); // checkpoints in an emptyDir
+    let st = SelfPlayRunStatus {
+        restarts: 1,
+        phase: Some(RunPhase::Pending),
+        ..Default::default()
+    };
+    let mut o = obs(NOW);
+    o.trainers = vec![Trainer {
+        name: "smoke-trainer-0".into(),
+        ..trainer(0, TrainerPhase::Failed)
+    }];
+    o.latest_checkpoint = Some(ResumePoint {
+        checkpoint: "smoke-step-10".into(),
+        location: "/checkpoints/smoke/step-10".into(),
+        step: 10,
+    });
+    let plan = decide_run(&run.spec, Some(&st), &o);
+    assert_eq!(
+        plan.actions,
+        [RunAction::CreateTrainer {
+            attempt: 1,
+            resume: None
+        }],
+        "the checkpoint died with the emptyDir of attempt 0"
+    );
+    let c = find_condition(&plan.status.conditions, ConditionType::Progressing).expect("cond");
+    assert!(
+        c.message.contains("emptyDir") && c.message.contains("smoke-step-10"),
+        "{}",
+        c.message
+    );
+    assert!(
+        plan.events
+            .iter()
+            .any(|e| e.warning && e.reason == "CheckpointsLost")
+    );
+
+    // A resumeFrom checkpoint is unreachable without a PVC too: refused, not silently ignored.
+    let mut run = run;
+    run.spec.resume_from = Some("base-step-100".into());
+    let mut o = obs(NOW);
+    o.resume_from = ResumeFrom::Ready(ResumePoint {
+        checkpoint: "base-step-100".into(),
+        location: "/checkpoints/base/step-100".into(),
+        step: 100,
+    });
+    let plan = decide_run(&run.spec, None, &o);
+    assert!(plan.actions.is_empty());
+    assert_eq!(
+        cond(&plan.status, ConditionType::Degraded),
+        ("True", "CheckpointUnreachable")
+    );
+}
+
+#[test]
+fn exit_code_zero_before_the_target_step_is_a_failure() {
+    let run: SelfPlayRun = one("run-tiny.yaml"); // totalSteps 20, backoffLimit default
+    let prev = SelfPlayRunStatus {
+        phase: Some(RunPhase::Running),
+        progress: Some(selfplay_crds::ProgressSnapshot {
+            step: 7,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut o = obs(NOW);
+    o.trainers = vec![trainer(0, TrainerPhase::Succeeded)];
+    let plan = decide_run(&run.spec, Some(&prev), &o);
+    assert_ne!(plan.status.phase, Some(RunPhase::Succeeded));
+    assert_eq!(plan.status.restarts, 1);
+    let c = find_condition(&plan.status.conditions, ConditionType::Degraded).expect("cond");
+    assert_eq!(c.reason, "TrainerFailed");
+    assert!(c.message.contains("step 7 of 20"), "{}", c.message);
 }

@@ -8,11 +8,14 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Client, ResourceExt};
 use selfplay_crds::{Checkpoint, ProgressSnapshot};
 
-use crate::names::{ANNOTATION_CLAIM, BROKER_MANAGER, LABEL_CLAIMED_BY, TOKEN_KEY};
+use crate::names::{
+    ANNOTATION_CLAIM, BROKER_MANAGER, COMPONENT_SANDBOX, LABEL_CLAIMED_BY, LABEL_COMPONENT,
+    TOKEN_KEY,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -46,17 +49,23 @@ pub trait Backend: Send + Sync + 'static {
         pod: &Pod,
         claim: &Claim,
     ) -> impl Future<Output = Result<ClaimOutcome, BackendError>> + Send;
-    /// Deletes a released sandbox (gone already is fine).
-    fn delete_sandbox(
+    /// Deletes a sandbox that `run` gives back, read fresh from the API server: only a
+    /// sandbox pod claimed by that run, and only the very pod checked (UID and
+    /// resourceVersion preconditions). Gone already is fine.
+    fn release_sandbox(
         &self,
         namespace: &str,
         name: &str,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send;
-    /// The `token` key of a Secret, `None` when the Secret does not exist.
+        run: &str,
+    ) -> impl Future<Output = Result<Released, BackendError>> + Send;
+    /// The `token` key of a Secret, `None` when the Secret does not exist. `stale` is a
+    /// token the caller found wrong (a run recreated under the same name has a new one):
+    /// the backend reads the Secret again rather than answer from its cache.
     fn secret_token(
         &self,
         namespace: &str,
         name: &str,
+        stale: Option<&str>,
     ) -> impl Future<Output = Result<Option<String>, BackendError>> + Send;
     /// Writes a run's `status.progress`.
     fn write_progress(
@@ -90,25 +99,64 @@ pub fn claim_patch(pod: &Pod, claim: &Claim) -> Result<serde_json::Value, Backen
     }))
 }
 
+/// What became of a release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Released {
+    Deleted,
+    /// No such pod (released twice, or expired meanwhile).
+    Gone,
+    /// Not a sandbox this run holds: nothing was deleted.
+    NotHeld(String),
+}
+
+/// Why `run` may not delete `pod`, if it may not: trainers name the sandbox to release, and
+/// the operator's permissions must not delete any other pod on their word.
+pub fn release_refusal(pod: &Pod, run: &str) -> Option<String> {
+    let labels = pod.labels();
+    if labels.get(LABEL_COMPONENT).map(String::as_str) != Some(COMPONENT_SANDBOX) {
+        return Some(format!("{} is not a sandbox", pod.name_any()));
+    }
+    if labels.get(LABEL_CLAIMED_BY).map(String::as_str) != Some(run) {
+        return Some(format!(
+            "sandbox {} is not held by this run",
+            pod.name_any()
+        ));
+    }
+    None
+}
+
 /// A token as last read, and when.
 type CachedToken = (Option<String>, Instant);
 
 /// The backend on the real API server.
 pub struct KubeBackend {
     client: Client,
-    /// Token Secrets by (namespace, name): read once, re-read at most every few seconds on a
-    /// mismatch, so a wrong token cannot make the broker hammer the API server.
+    /// Token Secrets by (namespace, name). A run or pool deleted and recreated under the same
+    /// name gets a new token, so found tokens are re-read after `token_max_age`, and at once
+    /// (rate-limited by `TOKEN_MIN_REREAD`, so a wrong token cannot make the broker hammer
+    /// the API server) when a caller presents another one.
     tokens: Mutex<HashMap<(String, String), CachedToken>>,
+    token_max_age: Duration,
 }
 
-const TOKEN_REFRESH: Duration = Duration::from_secs(5);
+const TOKEN_MIN_REREAD: Duration = Duration::from_secs(1);
+const TOKEN_MAX_AGE: Duration = Duration::from_secs(30);
+/// Deleting a pod that changes under us (status updates) is retried this often.
+const RELEASE_TRIES: usize = 3;
 
 impl KubeBackend {
     pub fn new(client: Client) -> Self {
         Self {
             client,
             tokens: Mutex::new(HashMap::new()),
+            token_max_age: TOKEN_MAX_AGE,
         }
+    }
+
+    /// How long a found token is trusted without reading its Secret again.
+    pub fn with_token_max_age(mut self, age: Duration) -> Self {
+        self.token_max_age = age;
+        self
     }
 }
 
@@ -133,30 +181,62 @@ impl Backend for KubeBackend {
         }
     }
 
-    async fn delete_sandbox(&self, namespace: &str, name: &str) -> Result<(), BackendError> {
+    async fn release_sandbox(
+        &self,
+        namespace: &str,
+        name: &str,
+        run: &str,
+    ) -> Result<Released, BackendError> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        let dp = DeleteParams {
-            grace_period_seconds: Some(0),
-            ..Default::default()
-        };
-        match api.delete(name, &dp).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
-            Err(e) => Err(e.into()),
+        for _ in 0..RELEASE_TRIES {
+            let Some(pod) = api.get_opt(name).await? else {
+                return Ok(Released::Gone);
+            };
+            if let Some(why) = release_refusal(&pod, run) {
+                return Ok(Released::NotHeld(why));
+            }
+            // The pod's own grace period: the sidecar stops its processes cleanly, and a
+            // force delete (grace 0) would free the name before the kubelet has killed them.
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: pod.uid(),
+                    resource_version: pod.resource_version(),
+                }),
+                ..Default::default()
+            };
+            match api.delete(name, &dp).await {
+                Ok(_) => return Ok(Released::Deleted),
+                Err(kube::Error::Api(s)) if s.is_not_found() => return Ok(Released::Gone),
+                // Changed since read (a status update, a new pod of that name): check again.
+                Err(kube::Error::Api(s)) if s.is_conflict() => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
+        Err(BackendError::Other(format!(
+            "sandbox {name} kept changing; not released"
+        )))
     }
 
     async fn secret_token(
         &self,
         namespace: &str,
         name: &str,
+        stale: Option<&str>,
     ) -> Result<Option<String>, BackendError> {
         let key = (namespace.to_string(), name.to_string());
         if let Ok(cache) = self.tokens.lock()
             && let Some((tok, at)) = cache.get(&key)
-            && (tok.is_some() || at.elapsed() < TOKEN_REFRESH)
         {
-            return Ok(tok.clone());
+            let age = at.elapsed();
+            let trusted = match (tok, stale) {
+                _ if age < TOKEN_MIN_REREAD => true,
+                (Some(t), Some(s)) if t == s => false,
+                (Some(_), _) => age < self.token_max_age,
+                (None, _) => false,
+            };
+            if trusted {
+                return Ok(tok.clone());
+            }
         }
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
         let tok = api.get_opt(name).await?.and_then(|s| {
@@ -197,15 +277,6 @@ impl Backend for KubeBackend {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(false),
             Err(e) => Err(e.into()),
-        }
-    }
-}
-
-impl KubeBackend {
-    /// Forgets a cached token (when a run or pool is deleted).
-    pub fn forget_token(&self, namespace: &str, name: &str) {
-        if let Ok(mut cache) = self.tokens.lock() {
-            cache.remove(&(namespace.to_string(), name.to_string()));
         }
     }
 }

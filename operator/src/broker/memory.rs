@@ -11,7 +11,9 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use selfplay_crds::{Checkpoint, ProgressSnapshot};
 
-use crate::broker::backend::{Backend, BackendError, Claim, ClaimOutcome};
+use crate::broker::backend::{
+    Backend, BackendError, Claim, ClaimOutcome, Released, release_refusal,
+};
 use crate::names::LABEL_CLAIMED_BY;
 
 #[derive(Default)]
@@ -95,20 +97,34 @@ impl Backend for MemoryBackend {
         Ok(ClaimOutcome::Claimed(Box::new(current.clone())))
     }
 
-    async fn delete_sandbox(&self, namespace: &str, name: &str) -> Result<(), BackendError> {
-        if let Ok(mut pods) = self.pods.lock() {
-            pods.remove(&key(namespace, name));
+    async fn release_sandbox(
+        &self,
+        namespace: &str,
+        name: &str,
+        run: &str,
+    ) -> Result<Released, BackendError> {
+        let mut pods = self
+            .pods
+            .lock()
+            .map_err(|_| BackendError::Other("poisoned".into()))?;
+        let Some(pod) = pods.get(&key(namespace, name)) else {
+            return Ok(Released::Gone);
+        };
+        if let Some(why) = release_refusal(pod, run) {
+            return Ok(Released::NotHeld(why));
         }
+        pods.remove(&key(namespace, name));
         if let Ok(mut d) = self.deleted.lock() {
             d.push(key(namespace, name));
         }
-        Ok(())
+        Ok(Released::Deleted)
     }
 
     async fn secret_token(
         &self,
         namespace: &str,
         name: &str,
+        _stale: Option<&str>,
     ) -> Result<Option<String>, BackendError> {
         Ok(self
             .secrets

@@ -12,5 +12,5 @@ pub mod client;
 pub mod memory;
 pub mod service;
 
-pub use backend::{Backend, BackendError, Claim, ClaimOutcome, KubeBackend};
+pub use backend::{Backend, BackendError, Claim, ClaimOutcome, KubeBackend, Released};
 pub use service::{Broker, BrokerSettings};

@@ -13,7 +13,7 @@ use selfplay_crds::{Checkpoint, CheckpointSpec, ProgressSnapshot, SandboxPool, S
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
-use crate::broker::backend::{Backend, Claim, ClaimOutcome};
+use crate::broker::backend::{Backend, Claim, ClaimOutcome, Released};
 use crate::broker_proto as pb;
 use crate::decide::pool::Sandbox;
 use crate::decide::seconds_between;
@@ -77,6 +77,14 @@ fn finite(x: Option<f64>, field: &str) -> Result<Option<f64>, Status> {
             Err(Status::invalid_argument(format!("{field} is not finite")))
         }
         other => Ok(other),
+    }
+}
+
+/// `host:port` of a sidecar; an IPv6 pod IP is bracketed, or the port would read as part of it.
+pub fn sidecar_address(pod_ip: &str, port: i32) -> String {
+    match (pod_ip.parse::<std::net::IpAddr>(), u16::try_from(port)) {
+        (Ok(ip), Ok(port)) => std::net::SocketAddr::new(ip, port).to_string(),
+        _ => format!("{pod_ip}:{port}"),
     }
 }
 
@@ -177,13 +185,25 @@ impl<B: Backend> Broker<B> {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>`"))?;
-        let expected = self
+        let secret = run_token_secret(&run.name);
+        let mut expected = self
             .backend
-            .secret_token(&run.namespace, &run_token_secret(&run.name))
+            .secret_token(&run.namespace, &secret, None)
             .await
-            .map_err(grpc_err)?
-            .ok_or_else(|| Status::unauthenticated("unknown run or wrong token"))?;
-        if !same_token(given, &expected) {
+            .map_err(grpc_err)?;
+        if !expected.as_deref().is_some_and(|e| same_token(given, e)) {
+            // The run may have been recreated with a new token since the cache read it.
+            expected = self
+                .backend
+                .secret_token(
+                    &run.namespace,
+                    &secret,
+                    Some(expected.as_deref().unwrap_or("")),
+                )
+                .await
+                .map_err(grpc_err)?;
+        }
+        if !expected.as_deref().is_some_and(|e| same_token(given, e)) {
             return Err(Status::unauthenticated("unknown run or wrong token"));
         }
         self.runs
@@ -273,7 +293,7 @@ impl<B: Backend> Broker<B> {
             })?;
         let token = self
             .backend
-            .secret_token(&ns, &pool_token_secret(&body.pool))
+            .secret_token(&ns, &pool_token_secret(&body.pool), None)
             .await
             .map_err(grpc_err)?
             .ok_or_else(|| Status::unavailable("the pool's token Secret does not exist yet"))?;
@@ -320,7 +340,7 @@ impl<B: Backend> Broker<B> {
                         tracing::info!(run = %claim.run_name, namespace = %ns, pool = %body.pool, sandbox = %claimed.name_any(), "sandbox acquired");
                         return Ok(Response::new(pb::AcquireResponse {
                             sandbox: claimed.name_any(),
-                            address: format!("{ip}:{}", pool.spec.sidecar_port),
+                            address: sidecar_address(&ip, pool.spec.sidecar_port),
                             token,
                             workdir: pool.spec.template.workdir.clone(),
                             command_timeout_seconds: pool.spec.command_timeout_seconds.max(0)
@@ -364,22 +384,15 @@ impl<B: Backend> Broker<B> {
         if name.is_empty() {
             return Err(Status::invalid_argument("sandbox is required"));
         }
-        if let Some(pod) = self.sandboxes.get(&ObjectRef::new(name).within(&ns)) {
-            let holder = pod
-                .labels()
-                .get(crate::names::LABEL_CLAIMED_BY)
-                .cloned()
-                .or_else(|| self.recently_claimed_by(&pod.uid().unwrap_or_default()));
-            if holder.as_deref() != Some(run.name_any().as_str()) {
-                return Err(Status::permission_denied(format!(
-                    "sandbox {name} is not held by this run"
-                )));
-            }
-        }
-        self.backend
-            .delete_sandbox(&ns, name)
+        match self
+            .backend
+            .release_sandbox(&ns, name, &run.name_any())
             .await
-            .map_err(grpc_err)?;
+            .map_err(grpc_err)?
+        {
+            Released::NotHeld(why) => return Err(Status::permission_denied(why)),
+            Released::Deleted | Released::Gone => {}
+        }
         tracing::info!(run = %run.name_any(), namespace = %ns, sandbox = %name, "sandbox released");
         Ok(Response::new(pb::ReleaseResponse {}))
     }

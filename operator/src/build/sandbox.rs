@@ -66,7 +66,8 @@ pub fn sandbox_pod(pool: &ValidPool<'_>, cfg: &OperatorConfig) -> Pod {
             SIDECAR_BIN.to_string(),
             "serve".to_string(),
             "--listen".to_string(),
-            format!("0.0.0.0:{port}"),
+            // The IPv6 wildcard takes IPv4 too (dual stack), so single-stack IPv6 pods work.
+            format!("[::]:{port}"),
             "--workspace".to_string(),
             t.workdir.clone(),
             "--token-file".to_string(),

@@ -106,7 +106,8 @@ pub fn trainer_pod(
         "--checkpoint-dir".to_string(),
         checkpoint_dir(run),
         "--metrics-listen".to_string(),
-        format!("0.0.0.0:{TRAINER_METRICS_PORT}"),
+        // Dual stack: the IPv6 wildcard takes IPv4 too.
+        format!("[::]:{TRAINER_METRICS_PORT}"),
     ];
     if let Some(dir) = model_dir(run) {
         args.extend(["--model-dir".to_string(), dir]);

@@ -59,6 +59,18 @@ fn status_body(status: &selfplay_crds::SandboxPoolStatus) -> serde_json::Value {
     })
 }
 
+/// How soon a pool reconcile that found the caches unsynced comes back.
+const CACHE_WAIT: Duration = Duration::from_secs(1);
+
+/// Whether a reflector store has seen its initial list, without waiting for it.
+pub fn cache_synced<K>(store: &kube::runtime::reflector::Store<K>) -> bool
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
+}
+
 pub async fn apply_pool(
     pool: &SandboxPool,
     ctx: &Context,
@@ -84,6 +96,13 @@ pub async fn apply_pool(
             return Ok(Action::await_change());
         }
     };
+
+    // The NetworkPolicy's allow-list comes from the run cache: applied before that cache has
+    // synced (every operator start), it would be empty and cut trainers off their sandboxes.
+    if !cache_synced(&ctx.runs) {
+        tracing::debug!(pool = %name, namespace = %ns, "run cache not synced yet; retrying");
+        return Ok(Action::requeue(CACHE_WAIT));
+    }
 
     // Build and apply the pool's fixed children.
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);

@@ -87,6 +87,14 @@ pub async fn apply_run(run: &SelfPlayRun, ctx: &Context, now: Timestamp) -> Resu
         }
     };
 
+    // Notices once per generation: they need no status of their own, only to be seen.
+    if run.status.as_ref().and_then(|s| s.observed_generation) != generation {
+        for n in &valid.notices {
+            ctx.event(run, true, "NoPersistentCheckpoints", "Validate", n.clone())
+                .await;
+        }
+    }
+
     // Observe.
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let selector = selector_string(&trainer_selector_labels(&name));

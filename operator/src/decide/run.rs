@@ -3,7 +3,9 @@
 //! Pending → Running → Succeeded, with Suspended in between when `spec.suspend` is set and
 //! Failed when the trainer fails more than `backoffLimit` times or `activeDeadlineSeconds`
 //! (suspended time excluded) runs out. Succeeded and Failed are sticky: a finished run never
-//! gets a trainer again. Every new trainer resumes from the latest Ready checkpoint.
+//! gets a trainer again. Every new trainer resumes from the latest Ready checkpoint it can reach
+//! (on the run's PVC; an emptyDir dies with its pod). A trainer that exits 0 before the target
+//! step counts as a failure.
 
 use std::time::Duration;
 
@@ -232,8 +234,22 @@ pub fn decide_run(
         .filter(|c| c.status == "True")
         .map(|c| c.last_transition_time.0);
 
-    // A trainer that finished wins over everything else: its work is done.
-    if let Some(t) = current.filter(|t| t.phase == TrainerPhase::Succeeded && !t.terminating) {
+    // A trainer that finished wins over everything else, but only when its work is done: the
+    // trainer also exits 0 on SIGTERM (eviction, node drain), so exit code 0 alone proves nothing.
+    let target = spec.training.total_steps;
+    let reached = reached_step(previous, obs);
+    let exited_early = current
+        .filter(|t| t.phase == TrainerPhase::Succeeded && !t.terminating)
+        .filter(|_| reached < target)
+        .map(|t| {
+            format!(
+                "trainer {} exited with code 0 at step {reached} of {target}",
+                t.name
+            )
+        });
+    if let Some(t) = current.filter(|t| t.phase == TrainerPhase::Succeeded && !t.terminating)
+        && exited_early.is_none()
+    {
         finish(
             &mut st,
             &mut plan,
@@ -338,11 +354,12 @@ pub fn decide_run(
             }
             plan.requeue_after = shorter(plan.requeue_after, Duration::from_secs(5));
         }
-        Some(t) if t.phase == TrainerPhase::Failed => {
-            let why = t
-                .message
-                .clone()
-                .unwrap_or_else(|| "the trainer pod failed".into());
+        Some(t) if t.phase == TrainerPhase::Failed || exited_early.is_some() => {
+            let why = exited_early.clone().unwrap_or_else(|| {
+                t.message
+                    .clone()
+                    .unwrap_or_else(|| "the trainer pod failed".into())
+            });
             if c.st.restarts < spec.backoff_limit {
                 c.st.restarts += 1;
                 let wait = restart_backoff(c.st.restarts);
@@ -423,10 +440,28 @@ pub fn decide_run(
                 c.set(ConditionType::Degraded, true, "PoolsNotFound", &msg);
                 plan.requeue_after = shorter(plan.requeue_after, Duration::from_secs(30));
             } else {
+                // Without a PVC, every checkpoint lives in the emptyDir of the pod that wrote
+                // it, which a new pod never sees.
+                let persistent = spec.checkpoint.storage.pvc.is_some();
+                let mut lost: Option<String> = None;
                 let resume = match (&obs.latest_checkpoint, &obs.resume_from) {
-                    (Some(own), _) => Ok(Some(own.clone())),
+                    (Some(own), _) if persistent => Ok(Some(own.clone())),
+                    (Some(own), _) => {
+                        lost = Some(format!(
+                            "restarting from the initial model: checkpoint {} (step {}) was in the emptyDir of an earlier trainer pod; set spec.checkpoint.storage.pvc to resume after a restart",
+                            own.checkpoint, own.step
+                        ));
+                        Ok(None)
+                    }
                     (None, ResumeFrom::None) => Ok(None),
-                    (None, ResumeFrom::Ready(p)) => Ok(Some(p.clone())),
+                    (None, ResumeFrom::Ready(p)) if persistent => Ok(Some(p.clone())),
+                    (None, ResumeFrom::Ready(p)) => Err((
+                        "CheckpointUnreachable",
+                        format!(
+                            "resumeFrom checkpoint {} is not on a PersistentVolumeClaim this run mounts; set spec.checkpoint.storage.pvc to the PVC holding it",
+                            p.checkpoint
+                        ),
+                    )),
                     (None, ResumeFrom::NotReady(name)) => Err((
                         "CheckpointNotReady",
                         format!("resumeFrom checkpoint {name} does not exist or is not Ready"),
@@ -446,8 +481,18 @@ pub fn decide_run(
                                 "attempt {attempt}, resuming from {} (step {})",
                                 r.checkpoint, r.step
                             ),
-                            None => format!("attempt {attempt}, from the initial model"),
+                            None => match &lost {
+                                Some(why) => format!("attempt {attempt}, {why}"),
+                                None => format!("attempt {attempt}, from the initial model"),
+                            },
                         };
+                        if lost.is_some() {
+                            plan.events.push(RunEvent {
+                                warning: true,
+                                reason: "CheckpointsLost",
+                                note: note.clone(),
+                            });
+                        }
                         c.st.next_restart_time = None;
                         c.st.phase = Some(RunPhase::Pending);
                         c.set(ConditionType::Progressing, true, "TrainerCreated", &note);
@@ -496,6 +541,16 @@ pub fn decide_run(
     }
     plan.status = st;
     plan
+}
+
+/// The highest step the run is known to have completed: its last progress report or its
+/// latest Ready checkpoint, whichever is further.
+fn reached_step(previous: Option<&SelfPlayRunStatus>, obs: &RunObservation) -> i64 {
+    let reported = previous
+        .and_then(|p| p.progress.as_ref())
+        .map_or(0, |p| p.step);
+    let saved = obs.latest_checkpoint.as_ref().map_or(0, |c| c.step);
+    reported.max(saved)
 }
 
 /// Moves the run to Succeeded or Failed.
