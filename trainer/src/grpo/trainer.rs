@@ -327,7 +327,9 @@ impl GrpoTrainer {
             ..StepStats::default()
         };
         let Some(grads) = acc.grads else {
-            tracing::warn!("GRPO step with no policy tokens to train on; no update");
+            // Every group was dropped (equal rewards) or masked: nothing to learn from. The
+            // step's summary says so; it is not a fault.
+            tracing::debug!("GRPO step with no policy tokens to train on; no update");
             return Ok(stats);
         };
         let norm = global_grad_norm(&grads)?;

@@ -94,10 +94,13 @@ impl StepSummary {
                 .map(|l| format!("{l:.4}"))
                 .unwrap_or_else(|| "-".into()),
             self.seconds,
-            self.nonfinite
-                .as_deref()
-                .map(|e| format!(" | update skipped: {e}"))
-                .unwrap_or_default(),
+            match (&self.nonfinite, &self.stats) {
+                (Some(e), _) => format!(" | update skipped: {e}"),
+                (None, Some(st)) if st.tokens == 0 => {
+                    " | no update: every group's rewards were equal".to_string()
+                }
+                _ => String::new(),
+            },
         )
     }
 }
@@ -281,7 +284,8 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
             tokens_per_second: (r.rollout_seconds > 0.0)
                 .then(|| r.generated_tokens as f64 / r.rollout_seconds),
             sandbox_errors: r.sandbox_errors as i64,
-            loss: stats.map(|s| s.loss),
+            // No token trained (every group dropped or masked): no loss to report.
+            loss: stats.filter(|s| s.tokens > 0).map(|s| s.loss),
             last_update_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                 k8s_openapi::jiff::Timestamp::now(),
             )),
