@@ -200,12 +200,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // Leader election: a standby is healthy and ready, and waits.
     let leases: Api<Lease> = Api::namespaced(client.clone(), &args.lease_namespace);
-    let lease = leader::LeaseSettings {
-        name: args.lease_name.clone(),
-        identity: identity.clone(),
-        duration: Duration::from_secs(15),
-        renew_every: Duration::from_secs(5),
-    };
+    let lease = leader::LeaseSettings::new(args.lease_name.clone(), identity.clone());
     let (leader_tx, mut leader_rx) = watch::channel(false);
     tokio::spawn(leader::run(leases.clone(), lease.clone(), leader_tx));
     health.ready.store(true, Ordering::Relaxed);

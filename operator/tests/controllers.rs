@@ -535,12 +535,8 @@ async fn registered_checkpoint_becomes_ready_and_retention_prunes_old_ones() {
 
 #[tokio::test]
 async fn leader_election_creates_takes_over_expired_and_respects_live_leases() {
-    let settings = leader::LeaseSettings {
-        name: "selfplay-operator-leader".into(),
-        identity: "me".into(),
-        duration: Duration::from_secs(15),
-        renew_every: Duration::from_secs(5),
-    };
+    let settings = leader::LeaseSettings::new("selfplay-operator-leader".into(), "me".into());
+    let t0 = std::time::Instant::now();
     let path = "/apis/coordination.k8s.io/v1/namespaces/ops/leases";
     let lease = |holder: &str, renewed: &str| {
         json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
@@ -566,7 +562,9 @@ async fn leader_election_creates_takes_over_expired_and_respects_live_leases() {
         within(leader::try_acquire_or_renew(
             &api,
             &settings,
-            ts("2025-06-01T12:00:00Z")
+            &mut None,
+            ts("2025-06-01T12:00:00Z"),
+            t0,
         ))
         .await
         .expect("ok")
@@ -574,7 +572,8 @@ async fn leader_election_creates_takes_over_expired_and_respects_live_leases() {
     let seen = server.await.expect("server");
     assert_eq!(seen[1].body["spec"]["holderIdentity"], "me");
 
-    // Someone else's live lease: follow, write nothing.
+    // Someone else's lease, first seen now: follow and write nothing, however old its
+    // renewTime looks on our clock (the other machine's clock may be behind ours).
     let (client, handle) = mock::client();
     let api: Api<Lease> = Api::namespaced(client, "ops");
     let server = mock::serve(
@@ -582,21 +581,25 @@ async fn leader_election_creates_takes_over_expired_and_respects_live_leases() {
         vec![step(
             "GET",
             format!("{path}/selfplay-operator-leader"),
-            Reply::Json(200, lease("other", "2025-06-01T11:59:55.000000Z")),
+            Reply::Json(200, lease("other", "2025-06-01T11:00:00.000000Z")),
         )],
     );
+    let mut observed = None;
     assert!(
         !within(leader::try_acquire_or_renew(
             &api,
             &settings,
-            ts("2025-06-01T12:00:00Z")
+            &mut observed,
+            ts("2025-06-01T12:00:00Z"),
+            t0,
         ))
         .await
         .expect("ok")
     );
     server.await.expect("server");
 
-    // Expired: take over with a replace conditional on the version read; losing the race is a 409.
+    // The same record, unchanged for a lease duration on our clock: expired. Take over with a
+    // replace conditional on the version read; losing the race is a 409.
     let (client, handle) = mock::client();
     let api: Api<Lease> = Api::namespaced(client, "ops");
     let server = mock::serve(
@@ -605,7 +608,7 @@ async fn leader_election_creates_takes_over_expired_and_respects_live_leases() {
             step(
                 "GET",
                 format!("{path}/selfplay-operator-leader"),
-                Reply::Json(200, lease("other", "2025-06-01T11:50:00.000000Z")),
+                Reply::Json(200, lease("other", "2025-06-01T11:00:00.000000Z")),
             ),
             step(
                 "PUT",
@@ -618,7 +621,9 @@ async fn leader_election_creates_takes_over_expired_and_respects_live_leases() {
         !within(leader::try_acquire_or_renew(
             &api,
             &settings,
-            ts("2025-06-01T12:00:00Z")
+            &mut observed,
+            ts("2025-06-01T12:00:16Z"),
+            t0 + Duration::from_secs(16),
         ))
         .await
         .expect("ok")
@@ -628,6 +633,97 @@ async fn leader_election_creates_takes_over_expired_and_respects_live_leases() {
     assert_eq!(put["metadata"]["resourceVersion"], "7");
     assert_eq!(put["spec"]["holderIdentity"], "me");
     assert_eq!(put["spec"]["leaseTransitions"], 3);
+}
+
+/// Issue 17 defect 10: another replica's lease is judged by when we saw its record change, on
+/// our monotonic clock, never by comparing its renewTime with our wall clock.
+#[test]
+fn leader_election_uses_local_observation_times_not_the_holders_clock() {
+    let duration = Duration::from_secs(15);
+    let t0 = std::time::Instant::now();
+    let lease = |renewed: &str| -> Lease {
+        serde_json::from_value(json!({
+            "metadata": {"name": "l", "namespace": "ops"},
+            "spec": {"holderIdentity": "other", "leaseDurationSeconds": 15, "renewTime": renewed}
+        }))
+        .expect("lease")
+    };
+    let follow = leader::LeaseDecision::Follow {
+        holder: "other".into(),
+    };
+    let mut observed = None;
+    // The holder's clock is an hour behind ours: a wall-clock comparison would take over a
+    // live lease and leave two leaders.
+    let behind = lease("2025-06-01T11:00:00Z");
+    assert_eq!(
+        leader::decide_lease(Some(&behind), "me", &mut observed, t0, duration),
+        follow
+    );
+    // It keeps renewing: each change restarts our local timer.
+    let renewed = lease("2025-06-01T11:00:10Z");
+    let t14 = t0 + Duration::from_secs(14);
+    assert_eq!(
+        leader::decide_lease(Some(&renewed), "me", &mut observed, t14, duration),
+        follow
+    );
+    let t28 = t0 + Duration::from_secs(28);
+    assert_eq!(
+        leader::decide_lease(Some(&renewed), "me", &mut observed, t28, duration),
+        follow
+    );
+    // It stopped renewing: expired a lease duration after we last saw a change.
+    let t29 = t0 + Duration::from_secs(29);
+    assert_eq!(
+        leader::decide_lease(Some(&renewed), "me", &mut observed, t29, duration),
+        leader::LeaseDecision::TakeOver
+    );
+
+    // The holder's clock is ahead of ours and it died: a wall-clock comparison would follow
+    // a dead leader for an hour.
+    let mut observed = None;
+    let ahead = lease("2025-06-01T13:00:00Z");
+    assert_eq!(
+        leader::decide_lease(Some(&ahead), "me", &mut observed, t0, duration),
+        follow
+    );
+    assert_eq!(
+        leader::decide_lease(Some(&ahead), "me", &mut observed, t0 + duration, duration),
+        leader::LeaseDecision::TakeOver
+    );
+}
+
+/// Issue 17 defect 10: a leader that cannot renew stops leading at the renew deadline, which is
+/// shorter than the lease, so it is no longer acting when a follower may take over.
+#[tokio::test]
+async fn leader_stops_leading_at_the_renew_deadline_before_the_lease_expires() {
+    let settings = leader::LeaseSettings::new("selfplay-operator-leader".into(), "me".into());
+    assert!(settings.renew_deadline < settings.duration);
+    assert!(settings.renew_every < settings.renew_deadline);
+    let path = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/selfplay-operator-leader";
+    let ours = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "selfplay-operator-leader", "namespace": "ops", "resourceVersion": "7"},
+        "spec": {"holderIdentity": "me", "leaseDurationSeconds": 15, "renewTime": "2025-06-01T12:00:00.000000Z"}});
+    let (client, handle) = mock::client();
+    let api: Api<Lease> = Api::namespaced(client, "ops");
+    let server = mock::serve(
+        handle,
+        vec![
+            step("GET", path, Reply::Json(200, ours)),
+            step("PUT", format!("{path}?"), Reply::Echo),
+            step("GET", path, Reply::Error(500, "InternalError")),
+            step("GET", path, Reply::Error(500, "InternalError")),
+        ],
+    );
+    let t0 = std::time::Instant::now();
+    let mut elector = leader::Elector::default();
+    assert!(within(elector.round(&api, &settings, ts("2025-06-01T12:00:02Z"), t0)).await);
+    // A failed renewal within the deadline: still leading.
+    let t9 = t0 + Duration::from_secs(9);
+    assert!(within(elector.round(&api, &settings, ts("2025-06-01T12:00:11Z"), t9)).await);
+    // Past the renew deadline (10 s) but before the lease (15 s) runs out: stop.
+    let t11 = t0 + Duration::from_secs(11);
+    assert!(!within(elector.round(&api, &settings, ts("2025-06-01T12:00:13Z"), t11)).await);
+    server.await.expect("server");
 }
 
 #[tokio::test]
