@@ -737,6 +737,8 @@ async fn broker_claim_is_a_patch_conditional_on_the_pods_resource_version() {
     let claim = Claim {
         run_namespace: NS.into(),
         run_name: "qwen-ssr".into(),
+        run_uid: Some("run-uid-1".into()),
+        attempt: 2,
         at: ts("2025-06-01T12:00:00Z"),
     };
     let path = "/api/v1/namespaces/team-a/pods/pyrepo-ready-old?";
@@ -754,6 +756,15 @@ async fn broker_claim_is_a_patch_conditional_on_the_pods_resource_version() {
     assert_eq!(
         seen[0].body["metadata"]["labels"]["selfplay.dev/claimed-by"],
         "qwen-ssr"
+    );
+    // The claim names the run (by UID, not only by name) and the trainer attempt.
+    assert_eq!(
+        seen[0].body["metadata"]["labels"]["selfplay.dev/claim-attempt"],
+        "2"
+    );
+    assert_eq!(
+        seen[0].body["metadata"]["annotations"]["selfplay.dev/claim-run-uid"],
+        "run-uid-1"
     );
 
     let (client, handle) = mock::client();
@@ -944,4 +955,80 @@ async fn pool_reconcile_waits_for_the_run_cache_before_writing_the_policy() {
         server.await.expect("server").is_empty(),
         "no request before the run cache is synced"
     );
+}
+
+/// Issue 17 defect 5: a sandbox claimed by a run that no longer exists is reclaimed by the
+/// pool (deleted on condition it is unchanged) and no longer counts toward `max`.
+#[tokio::test]
+async fn pool_reclaims_a_sandbox_claimed_by_a_deleted_run() {
+    let (client, handle) = mock::client();
+    let mut pool: SandboxPool = one("pool-basic.yaml");
+    pool.metadata.finalizers = Some(vec!["selfplay.dev/cleanup".into()]);
+    pool.spec.warm = 0;
+    let run: SelfPlayRun = one("run-gpu.yaml");
+    let f = context(client, vec![pool.clone()], vec![run]);
+    let hash = template_hash(&pool.spec, &OperatorConfig::default());
+    let claimed = |name: &str, by: &str| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": NS, "resourceVersion": "42",
+                "creationTimestamp": "2025-06-01T11:30:00Z",
+                "labels": {"selfplay.dev/component": "sandbox", "selfplay.dev/pool": "pyrepo",
+                    "selfplay.dev/template-hash": hash, "selfplay.dev/claimed-by": by}},
+            "status": {"phase": "Running", "podIP": "10.0.0.9",
+                "conditions": [{"type": "Ready", "status": "True"}]}})
+    };
+    let pods = vec![
+        claimed("pyrepo-live", "qwen-ssr"),
+        claimed("pyrepo-leaked", "deleted-run"),
+    ];
+    let server = mock::serve(
+        handle,
+        vec![
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/secrets/pyrepo-sandbox-token",
+                Reply::Json(
+                    200,
+                    json!({"apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": "pyrepo-sandbox-token", "namespace": NS}}),
+                ),
+            ),
+            step(
+                "PATCH",
+                "/apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies/pyrepo-sandbox?",
+                Reply::Echo,
+            ),
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/pods?",
+                list("Pod", pods.clone()),
+            ),
+            step(
+                "DELETE",
+                "/api/v1/namespaces/team-a/pods/pyrepo-leaked?",
+                Reply::Json(200, pods[1].clone()),
+            ),
+            step(
+                "PATCH",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/sandboxpools/pyrepo/status?",
+                Reply::Json(200, to_json(&pool)),
+            ),
+            step("POST", EVENTS, Reply::Echo),
+        ],
+    );
+    let action = within(controller::pool::apply_pool(
+        &pool,
+        &f.ctx,
+        ts("2025-06-01T12:00:00Z"),
+    ))
+    .await;
+    assert!(action.is_ok(), "{action:?}");
+    let seen = server.await.expect("server");
+    assert_eq!(
+        seen[3].body["preconditions"]["resourceVersion"], "42",
+        "{}",
+        seen[3].body
+    );
+    assert_eq!(seen[4].body["status"]["claimed"], 1);
+    assert_eq!(seen[5].body["reason"], "SandboxesDeleted");
 }

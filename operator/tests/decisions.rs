@@ -15,7 +15,9 @@ use selfplay_crds::{Checkpoint, RunPhase, SandboxPool, SelfPlayRun, SelfPlayRunS
 use selfplay_operator::build::ResumePoint;
 use selfplay_operator::config::OperatorConfig;
 use selfplay_operator::decide::checkpoint::{CheckpointInfo, latest_ready, retention};
-use selfplay_operator::decide::pool::{DeleteReason, Sandbox, decide_pool, pool_status};
+use selfplay_operator::decide::pool::{
+    DeleteReason, Holder, Holders, Sandbox, StaleClaim, decide_pool, mark_stale_claims, pool_status,
+};
 use selfplay_operator::decide::run::{
     ResumeFrom, RunAction, RunObservation, Trainer, TrainerPhase, decide_run, restart_backoff,
 };
@@ -32,7 +34,7 @@ fn sandbox(name: &str, hash: &str, created: Timestamp, ready: bool) -> Sandbox {
         finished: false,
         claimed_by: None,
         template_hash: Some(hash.into()),
-        terminating: false,
+        ..Sandbox::default()
     }
 }
 
@@ -44,6 +46,80 @@ fn reasons(plan: &selfplay_operator::decide::pool::PoolPlan) -> Vec<(&str, Delet
 }
 
 // ---- pools ----
+
+/// Issue 17 defect 5: claims of a deleted, recreated or finished run, or of a replaced trainer
+/// attempt, go back to the pool instead of counting toward `max` until their TTL.
+#[test]
+fn pool_reclaims_claims_whose_run_or_attempt_is_gone() {
+    let pool: SandboxPool = one("pool-basic.yaml");
+    let now = ts(NOW);
+    let claimed = |name: &str, run: &str, uid: &str, attempt: i32| Sandbox {
+        claimed_by: Some(run.into()),
+        claim_run_uid: Some(uid.into()),
+        claim_attempt: Some(attempt),
+        ..sandbox(name, "h", ts("2025-06-01T11:55:00Z"), true)
+    };
+    let mut sandboxes = vec![
+        claimed("live", "a", "uid-a", 1),
+        claimed("old-attempt", "a", "uid-a", 0),
+        claimed("later-attempt", "a", "uid-a", 2),
+        claimed("recreated", "a", "uid-old", 1),
+        claimed("finished", "b", "uid-b", 0),
+        claimed("deleted", "c", "uid-c", 0),
+        // Claimed before claims carried a UID and an attempt: only the run's existence counts.
+        Sandbox {
+            claimed_by: Some("a".into()),
+            ..sandbox("legacy", "h", ts("2025-06-01T11:55:00Z"), true)
+        },
+    ];
+    let runs: Holders = [
+        (
+            "a".to_string(),
+            Holder {
+                uid: Some("uid-a".into()),
+                attempt: 1,
+                finished: false,
+            },
+        ),
+        (
+            "b".to_string(),
+            Holder {
+                uid: Some("uid-b".into()),
+                attempt: 0,
+                finished: true,
+            },
+        ),
+    ]
+    .into();
+    mark_stale_claims(&mut sandboxes, &runs);
+    let stale: Vec<(&str, Option<StaleClaim>)> = sandboxes
+        .iter()
+        .map(|s| (s.name.as_str(), s.stale_claim))
+        .collect();
+    assert_eq!(
+        stale,
+        [
+            ("live", None),
+            ("old-attempt", Some(StaleClaim::OldAttempt)),
+            ("later-attempt", None),
+            ("recreated", Some(StaleClaim::RunGone)),
+            ("finished", Some(StaleClaim::RunFinished)),
+            ("deleted", Some(StaleClaim::RunGone)),
+            ("legacy", None),
+        ]
+    );
+    let plan = decide_pool(&pool.spec, "h", &sandboxes, now);
+    assert_eq!(
+        reasons(&plan),
+        [
+            ("deleted", DeleteReason::Reclaimed),
+            ("finished", DeleteReason::Reclaimed),
+            ("old-attempt", DeleteReason::Reclaimed),
+            ("recreated", DeleteReason::Reclaimed),
+        ]
+    );
+    assert_eq!(plan.counts.claimed, 3);
+}
 
 #[test]
 fn pool_observes_fixture_pods_and_replaces_failed_and_expired_ones() {

@@ -15,7 +15,10 @@ use selfplay_crds::SandboxPool;
 use crate::build::{generate_token, pool_token_secret, sandbox_network_policy, sandbox_pod};
 use crate::controller::apply::{apply, apply_status, create, delete, ensure_secret};
 use crate::controller::{Context, Error, ReconcileTimer};
-use crate::decide::pool::{DeleteReason, Sandbox, decide_pool, invalid_pool_status, pool_status};
+use crate::decide::pool::{
+    DeleteReason, Holder, Holders, Sandbox, decide_pool, invalid_pool_status, mark_stale_claims,
+    pool_status,
+};
 use crate::decide::seconds_between;
 use crate::names::{FINALIZER, MANAGER, sandbox_selector_labels, selector_string};
 use crate::validate::validate_pool;
@@ -48,6 +51,26 @@ pub fn runs_using_pool(ctx: &Context, namespace: &str, pool: &str) -> Vec<String
                 && r.spec.pools.iter().any(|p| p.name == pool)
         })
         .map(|r| r.name_any())
+        .collect()
+}
+
+/// The runs of `namespace` from the (synced) run cache, to find leaked claims.
+pub fn holders(ctx: &Context, namespace: &str) -> Holders {
+    ctx.runs
+        .state()
+        .iter()
+        .filter(|r| r.namespace().as_deref() == Some(namespace))
+        .map(|r| {
+            let st = r.status.as_ref();
+            let holder = Holder {
+                uid: r.uid(),
+                attempt: st.map_or(0, |s| s.restarts),
+                finished: st
+                    .and_then(|s| s.phase)
+                    .is_some_and(selfplay_crds::RunPhase::is_terminal),
+            };
+            (r.name_any(), holder)
+        })
         .collect()
 }
 
@@ -129,7 +152,8 @@ pub async fn apply_pool(
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let selector = selector_string(&sandbox_selector_labels(&name));
     let list = pods.list(&ListParams::default().labels(&selector)).await?;
-    let sandboxes: Vec<Sandbox> = list.items.iter().filter_map(Sandbox::from_pod).collect();
+    let mut sandboxes: Vec<Sandbox> = list.items.iter().filter_map(Sandbox::from_pod).collect();
+    mark_stale_claims(&mut sandboxes, &holders(ctx, &ns));
     let plan = decide_pool(valid.spec, &valid.template_hash, &sandboxes, now);
 
     // Apply the decision.
@@ -138,7 +162,10 @@ pub async fn apply_pool(
         // Failed and expired sandboxes go whatever happened to them; the others only if unchanged.
         let rv = match reason {
             DeleteReason::Failed | DeleteReason::Expired => None,
-            DeleteReason::Outdated | DeleteReason::ScaleDown => plan.versions.get(pod).cloned(),
+            // A reclaimed sandbox released or re-labelled meanwhile is left alone.
+            DeleteReason::Outdated | DeleteReason::ScaleDown | DeleteReason::Reclaimed => {
+                plan.versions.get(pod).cloned()
+            }
         };
         if delete(&pods, pod, rv).await? {
             deleted += 1;
@@ -191,6 +218,7 @@ pub async fn apply_pool(
             DeleteReason::Expired,
             DeleteReason::Outdated,
             DeleteReason::ScaleDown,
+            DeleteReason::Reclaimed,
         ]
         .iter()
         .filter_map(|r| {

@@ -6,11 +6,15 @@ use k8s_openapi::jiff::Timestamp;
 use selfplay_crds::conditions::{ConditionStatus, ConditionType, set_condition};
 use selfplay_crds::{SandboxPoolSpec, SandboxPoolStatus};
 
+use std::collections::BTreeMap;
+
 use crate::decide::{seconds_between, time};
-use crate::names::{LABEL_CLAIMED_BY, LABEL_TEMPLATE_HASH};
+use crate::names::{
+    ANNOTATION_CLAIM_RUN_UID, LABEL_CLAIM_ATTEMPT, LABEL_CLAIMED_BY, LABEL_TEMPLATE_HASH,
+};
 
 /// What the pool controller needs to know about one sandbox pod.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Sandbox {
     pub name: String,
     /// The version the decision was made on; deletions for scale-down and rolling are
@@ -24,6 +28,58 @@ pub struct Sandbox {
     pub template_hash: Option<String>,
     /// Has a deletionTimestamp: already on its way out, counted nowhere.
     pub terminating: bool,
+    /// UID of the claiming run (claims made before runs were recorded have none).
+    pub claim_run_uid: Option<String>,
+    /// The claiming run's trainer attempt at claim time.
+    pub claim_attempt: Option<i32>,
+    /// Set by [`mark_stale_claims`]: the claim's holder is gone, and the sandbox goes back.
+    pub stale_claim: Option<StaleClaim>,
+}
+
+/// Why a claim no longer has a holder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StaleClaim {
+    /// No run of that name (deleted), or one of that name with another UID (recreated).
+    RunGone,
+    /// The run Succeeded or Failed.
+    RunFinished,
+    /// The trainer attempt that claimed it was replaced by a later one.
+    OldAttempt,
+}
+
+/// A run as the pool sees it, to tell live claims from leaked ones.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Holder {
+    pub uid: Option<String>,
+    /// The current trainer attempt (`status.restarts`).
+    pub attempt: i32,
+    pub finished: bool,
+}
+
+/// Runs of the pool's namespace, by name.
+pub type Holders = BTreeMap<String, Holder>;
+
+/// Marks the claimed sandboxes whose run was deleted or recreated, has finished, or has moved
+/// on to a later trainer attempt: nobody will release them, and until their TTL they would
+/// count toward `max`. `runs` must come from a synced cache.
+pub fn mark_stale_claims(sandboxes: &mut [Sandbox], runs: &Holders) {
+    for s in sandboxes.iter_mut() {
+        let Some(run) = s.claimed_by.as_deref() else {
+            continue;
+        };
+        s.stale_claim = match runs.get(run) {
+            None => Some(StaleClaim::RunGone),
+            Some(h) if s.claim_run_uid.is_some() && h.uid.is_some() && s.claim_run_uid != h.uid => {
+                Some(StaleClaim::RunGone)
+            }
+            Some(h) if h.finished => Some(StaleClaim::RunFinished),
+            // Only older: a claim by a later attempt than the cache shows means the cache lags.
+            Some(h) if s.claim_attempt.is_some_and(|a| a < h.attempt) => {
+                Some(StaleClaim::OldAttempt)
+            }
+            Some(_) => None,
+        };
+    }
 }
 
 impl Sandbox {
@@ -46,6 +102,15 @@ impl Sandbox {
             claimed_by: labels.and_then(|l| l.get(LABEL_CLAIMED_BY)).cloned(),
             template_hash: labels.and_then(|l| l.get(LABEL_TEMPLATE_HASH)).cloned(),
             terminating: meta.deletion_timestamp.is_some(),
+            claim_run_uid: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_CLAIM_RUN_UID))
+                .cloned(),
+            claim_attempt: labels
+                .and_then(|l| l.get(LABEL_CLAIM_ATTEMPT))
+                .and_then(|a| a.parse().ok()),
+            stale_claim: None,
         })
     }
 }
@@ -61,6 +126,8 @@ pub enum DeleteReason {
     Outdated,
     /// More unclaimed sandboxes than `warm`.
     ScaleDown,
+    /// Claimed by a run that is gone or finished, or by a replaced trainer attempt.
+    Reclaimed,
 }
 
 impl DeleteReason {
@@ -70,6 +137,7 @@ impl DeleteReason {
             Self::Expired => "Expired",
             Self::Outdated => "Outdated",
             Self::ScaleDown => "ScaleDown",
+            Self::Reclaimed => "Reclaimed",
         }
     }
 }
@@ -129,6 +197,8 @@ pub fn decide_pool(
             plan.delete.push((s.name.clone(), DeleteReason::Failed));
         } else if seconds_between(s.created, now) >= spec.sandbox_ttl_seconds {
             plan.delete.push((s.name.clone(), DeleteReason::Expired));
+        } else if s.stale_claim.is_some() {
+            plan.delete.push((s.name.clone(), DeleteReason::Reclaimed));
         } else if s.claimed_by.is_some() {
             // A claimed sandbox belongs to a trainer until released or expired, whatever its template.
             claimed += 1;
