@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
@@ -227,24 +227,35 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     .touched_objects()
     .inspect(move |_| notify.notify_waiters());
 
-    let pool_ctrl = Controller::new(
+    // Pools have no finalizer: their metric series go when the watch sees them deleted.
+    let (pool_store, pool_writer) = reflector::store::<SandboxPool>();
+    let m = metrics.clone();
+    let pool_stream = watcher(
         scoped::<SandboxPool>(&client, ns),
         watcher::Config::default(),
     )
-    .owns_stream(sandbox_stream)
-    .watches(
-        scoped::<SelfPlayRun>(&client, ns),
-        watcher::Config::default(),
-        |run: SelfPlayRun| {
-            let ns = run.metadata.namespace.clone().unwrap_or_default();
-            run.spec
-                .pools
-                .iter()
-                .map(|p| ObjectRef::new(&p.name).within(&ns))
-                .collect::<Vec<_>>()
-        },
-    )
-    .with_config(ControllerConfig::default().concurrency(4));
+    .default_backoff()
+    .map_ok(move |ev| {
+        controller::pool::on_pool_event(&m, &ev);
+        ev
+    })
+    .reflect(pool_writer)
+    .applied_objects();
+    let pool_ctrl = Controller::for_stream(pool_stream, pool_store)
+        .owns_stream(sandbox_stream)
+        .watches(
+            scoped::<SelfPlayRun>(&client, ns),
+            watcher::Config::default(),
+            |run: SelfPlayRun| {
+                let ns = run.metadata.namespace.clone().unwrap_or_default();
+                run.spec
+                    .pools
+                    .iter()
+                    .map(|p| ObjectRef::new(&p.name).within(&ns))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .with_config(ControllerConfig::default().concurrency(4));
     let run_ctrl = Controller::new(
         scoped::<SelfPlayRun>(&client, ns),
         watcher::Config::default(),

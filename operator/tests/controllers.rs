@@ -249,16 +249,18 @@ async fn scale_down_never_deletes_a_sandbox_claimed_meanwhile() {
     );
 }
 
+/// Issue 17 defect 11: a pool gets no finalizer (it would block namespace deletion once the
+/// operator is uninstalled); the reconcile goes straight to its work.
 #[tokio::test]
-async fn new_finalizer_is_added_before_anything_else() {
+async fn pool_reconcile_adds_no_finalizer() {
     let (client, handle) = mock::client();
-    let pool: SandboxPool = one("pool-basic.yaml");
+    let pool: SandboxPool = one("pool-invalid.yaml");
     let f = context(client, vec![pool.clone()], vec![]);
     let server = mock::serve(
         handle,
         vec![step(
             "PATCH",
-            "/apis/selfplay.dev/v1alpha1/namespaces/team-a/sandboxpools/pyrepo?",
+            "/apis/selfplay.dev/v1alpha1/namespaces/team-a/sandboxpools/broken/status?",
             Reply::Json(200, to_json(&pool)),
         )],
     );
@@ -267,9 +269,10 @@ async fn new_finalizer_is_added_before_anything_else() {
         .expect("reconcile");
     let seen = server.await.expect("server");
     assert!(
-        seen[0].body.to_string().contains("selfplay.dev/cleanup"),
-        "{}",
-        seen[0].body
+        seen.iter()
+            .all(|s| !s.body.to_string().contains("finalizers")),
+        "{:?}",
+        seen.iter().map(|s| &s.body).collect::<Vec<_>>()
     );
     assert!(
         f.ctx
@@ -277,6 +280,51 @@ async fn new_finalizer_is_added_before_anything_else() {
             .encode()
             .contains(r#"selfplay_operator_reconciliations_total{kind="SandboxPool"} 1"#)
     );
+}
+
+/// Issue 17 defect 11: the finalizer earlier versions added is removed (conditional on the
+/// version read, keeping anyone else's), and a deleted pool's series go on the delete event.
+#[tokio::test]
+async fn pool_legacy_finalizer_is_dropped_and_metrics_cleared_on_delete() {
+    let (client, handle) = mock::client();
+    let mut pool: SandboxPool = one("pool-basic.yaml");
+    pool.metadata.finalizers = Some(vec![
+        "selfplay.dev/cleanup".into(),
+        "example.com/keep".into(),
+    ]);
+    pool.metadata.resource_version = Some("77".into());
+    pool.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        ts("2025-06-01T12:00:00Z"),
+    ));
+    let f = context(client, vec![pool.clone()], vec![]);
+    f.ctx.metrics.set_pool_counts(NS, "pyrepo", 2, 1, 0);
+    let series = r#"selfplay_pool_sandboxes{namespace="team-a",pool="pyrepo",state="ready"} 2"#;
+    assert!(f.ctx.metrics.encode().contains(series));
+    let server = mock::serve(
+        handle,
+        vec![step(
+            "PATCH",
+            "/apis/selfplay.dev/v1alpha1/namespaces/team-a/sandboxpools/pyrepo?",
+            Reply::Json(200, to_json(&pool)),
+        )],
+    );
+    within(controller::pool::reconcile(
+        Arc::new(pool.clone()),
+        f.ctx.clone(),
+    ))
+    .await
+    .expect("reconcile");
+    let seen = server.await.expect("server");
+    assert_eq!(
+        seen[0].body["metadata"],
+        json!({"resourceVersion": "77", "finalizers": ["example.com/keep"]})
+    );
+    assert!(!f.ctx.metrics.encode().contains(series));
+
+    // Without a finalizer the reconcile never sees the deletion: the watch event clears it.
+    f.ctx.metrics.set_pool_counts(NS, "pyrepo", 2, 1, 0);
+    controller::pool::on_pool_event(&f.ctx.metrics, &watcher::Event::Delete(pool));
+    assert!(!f.ctx.metrics.encode().contains(series));
 }
 
 #[tokio::test]

@@ -6,9 +6,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use selfplay_crds::SandboxPool;
 
@@ -25,20 +25,48 @@ use crate::validate::validate_pool;
 
 pub const KIND: &str = "SandboxPool";
 
+/// Pools carry no finalizer: all the operator did on deletion was drop metric series, and a
+/// finalizer would keep every pool (and so its namespace) from being deleted once the operator
+/// is uninstalled. The series go on the watch's delete event instead ([`on_pool_event`]).
 pub async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ReconcileTimer::start(&ctx.metrics, KIND);
     let ns = pool
         .namespace()
         .ok_or_else(|| Error::MissingNamespace(pool.name_any()))?;
     let api: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, FINALIZER, pool, |event| async {
-        match event {
-            Finalizer::Apply(pool) => apply_pool(&pool, &ctx, Timestamp::now()).await,
-            Finalizer::Cleanup(pool) => cleanup_pool(&pool, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    drop_legacy_finalizer(&api, &pool).await?;
+    if pool.meta().deletion_timestamp.is_some() {
+        ctx.metrics.forget_pool(&ns, &pool.name_any());
+        return Ok(Action::await_change());
+    }
+    apply_pool(&pool, &ctx, Timestamp::now()).await
+}
+
+/// Removes the finalizer that earlier versions put on pools, conditional on the version read
+/// so that finalizers others add meanwhile are not lost.
+async fn drop_legacy_finalizer(api: &Api<SandboxPool>, pool: &SandboxPool) -> Result<(), Error> {
+    let finalizers = pool.finalizers();
+    if !finalizers.iter().any(|f| f == FINALIZER) {
+        return Ok(());
+    }
+    let rest: Vec<&String> = finalizers.iter().filter(|f| *f != FINALIZER).collect();
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": pool.resource_version(), "finalizers": rest}
+    });
+    api.patch(
+        &pool.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Drops a deleted pool's metric series; called on every event of the pool watch.
+pub fn on_pool_event(metrics: &crate::metrics::Metrics, event: &watcher::Event<SandboxPool>) {
+    if let watcher::Event::Delete(pool) = event {
+        metrics.forget_pool(&pool.namespace().unwrap_or_default(), &pool.name_any());
+    }
 }
 
 /// Names of the runs in `namespace` that use pool `pool`, from the run reflector.
@@ -251,20 +279,4 @@ pub async fn apply_pool(
         wait = wait.min(Duration::from_secs(15));
     }
     Ok(Action::requeue(wait))
-}
-
-/// On deletion: owned sandboxes, the policy and the Secret go by garbage collection; the
-/// operator drops the pool's metric series.
-pub async fn cleanup_pool(pool: &SandboxPool, ctx: &Context) -> Result<Action, Error> {
-    let ns = pool.namespace().unwrap_or_default();
-    ctx.metrics.forget_pool(&ns, &pool.name_any());
-    ctx.event(
-        pool,
-        false,
-        "Deleted",
-        "Cleanup",
-        "pool deleted; its sandboxes are garbage-collected".into(),
-    )
-    .await;
-    Ok(Action::await_change())
 }
