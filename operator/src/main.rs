@@ -306,30 +306,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
 
-    let m = metrics.clone();
     let pools_done = pool_ctrl
         .graceful_shutdown_on(stopped())
         .run(
             controller::pool::reconcile,
-            move |_, e, _| controller::on_error("SandboxPool", e, &m),
+            |obj, e, ctx| controller::on_error("SandboxPool", obj.as_ref(), e, &ctx),
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));
-    let m = metrics.clone();
     let runs_done = run_ctrl
         .graceful_shutdown_on(stopped())
         .run(
             controller::run::reconcile,
-            move |_, e, _| controller::on_error("SelfPlayRun", e, &m),
+            |obj, e, ctx| controller::on_error("SelfPlayRun", obj.as_ref(), e, &ctx),
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));
-    let m = metrics.clone();
     let ckpts_done = ckpt_ctrl
         .graceful_shutdown_on(stopped())
         .run(
             controller::checkpoint::reconcile,
-            move |_, e, _| controller::on_error("Checkpoint", e, &m),
+            |obj, e, ctx| controller::on_error("Checkpoint", obj.as_ref(), e, &ctx),
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));

@@ -1080,3 +1080,98 @@ async fn pool_reclaims_a_sandbox_claimed_by_a_deleted_run() {
     assert_eq!(seen[4].body["status"]["claimed"], 1);
     assert_eq!(seen[5].body["reason"], "SandboxesDeleted");
 }
+
+/// Issue 17 defect 7: a pod the API server refuses (here a ResourceQuota) makes the pool
+/// Degraded with the refusal's message and a Warning event, written before the reconcile
+/// fails into the error policy; no further creates are tried in that reconcile.
+#[tokio::test]
+async fn pool_create_refused_sets_degraded_with_the_reason_before_failing() {
+    let (client, handle) = mock::client();
+    let pool: SandboxPool = one("pool-basic.yaml");
+    let run: SelfPlayRun = one("run-gpu.yaml");
+    let f = context(client, vec![pool.clone()], vec![run]);
+    let server = mock::serve(
+        handle,
+        vec![
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/secrets/pyrepo-sandbox-token",
+                Reply::Json(
+                    200,
+                    json!({"apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": "pyrepo-sandbox-token", "namespace": NS}}),
+                ),
+            ),
+            step(
+                "PATCH",
+                "/apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies/pyrepo-sandbox?",
+                Reply::Echo,
+            ),
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/pods?",
+                list("Pod", vec![]),
+            ),
+            step(
+                "POST",
+                "/api/v1/namespaces/team-a/pods?",
+                Reply::Error(403, "Forbidden"),
+            ),
+            step(
+                "PATCH",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/sandboxpools/pyrepo/status?",
+                Reply::Json(200, to_json(&pool)),
+            ),
+            step("POST", EVENTS, Reply::Echo),
+        ],
+    );
+    let result = within(controller::pool::apply_pool(
+        &pool,
+        &f.ctx,
+        ts("2025-06-01T12:00:00Z"),
+    ))
+    .await;
+    assert!(matches!(result, Err(Error::Kube(_))), "{result:?}");
+    let seen = server.await.expect("server");
+    let st = &seen[4].body["status"];
+    let degraded = st["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Degraded"))
+        .cloned()
+        .expect("Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "CreateFailed");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot create sandbox pods")),
+        "{degraded}"
+    );
+    assert_eq!(st["replicas"], 0);
+    assert_eq!(seen[5].body["type"], "Warning");
+    assert_eq!(seen[5].body["reason"], "CreateFailed");
+}
+
+/// Issue 17 defect 7: the error policy backs off per object, exponentially, instead of a
+/// fixed 10 s; a successful reconcile resets it, and other objects are unaffected.
+#[tokio::test]
+async fn error_policy_backs_off_per_object_and_resets_on_success() {
+    use kube::runtime::controller::Action;
+    let (client, _handle) = mock::client();
+    let pool: SandboxPool = one("pool-basic.yaml");
+    let other: SandboxPool = one("pool-invalid.yaml");
+    let f = context(client, vec![], vec![]);
+    let err = || Error::MissingNamespace("x".into());
+    let secs = |n| Action::requeue(Duration::from_secs(n));
+    let fail = |p: &SandboxPool| controller::on_error("SandboxPool", p, &err(), &f.ctx);
+    assert_eq!(fail(&pool), secs(5));
+    assert_eq!(fail(&pool), secs(10));
+    assert_eq!(fail(&pool), secs(20));
+    assert_eq!(fail(&other), secs(5), "per object");
+    for _ in 0..10 {
+        fail(&pool);
+    }
+    assert_eq!(fail(&pool), secs(300), "capped");
+    f.ctx.backoff.succeeded("SandboxPool", &pool);
+    assert_eq!(fail(&pool), secs(5), "reset by a success");
+}

@@ -19,7 +19,7 @@ use crate::decide::pool::{
     DeleteReason, Holder, Holders, Sandbox, decide_pool, invalid_pool_status, mark_stale_claims,
     pool_status,
 };
-use crate::decide::seconds_between;
+use crate::decide::{mark_create_failed, seconds_between};
 use crate::names::{FINALIZER, MANAGER, sandbox_selector_labels, selector_string};
 use crate::validate::validate_pool;
 
@@ -39,7 +39,8 @@ pub async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Acti
         ctx.metrics.forget_pool(&ns, &pool.name_any());
         return Ok(Action::await_change());
     }
-    apply_pool(&pool, &ctx, Timestamp::now()).await
+    let result = apply_pool(&pool, &ctx, Timestamp::now()).await;
+    ctx.backoff.settle(KIND, pool.as_ref(), result)
 }
 
 /// Removes the finalizer that earlier versions put on pools, conditional on the version read
@@ -182,7 +183,17 @@ pub async fn apply_pool(
     let list = pods.list(&ListParams::default().labels(&selector)).await?;
     let mut sandboxes: Vec<Sandbox> = list.items.iter().filter_map(Sandbox::from_pod).collect();
     mark_stale_claims(&mut sandboxes, &holders(ctx, &ns));
-    let plan = decide_pool(valid.spec, &valid.template_hash, &sandboxes, now);
+    let mut plan = decide_pool(valid.spec, &valid.template_hash, &sandboxes, now);
+    let held = ctx.sandbox_crashes.lock().ok().and_then(|mut m| {
+        m.entry(format!("{ns}/{name}")).or_default().observe(
+            plan.deleted(DeleteReason::Failed) > 0,
+            plan.counts.ready > 0,
+            std::time::Instant::now(),
+        )
+    });
+    if held.is_some() {
+        plan.hold_creates();
+    }
 
     // Apply the decision.
     let mut deleted = 0;
@@ -200,12 +211,19 @@ pub async fn apply_pool(
             tracing::info!(pool = %name, namespace = %ns, pod = %pod, reason = reason.as_str(), "sandbox deleted");
         }
     }
+    let mut create_error = None;
+    let mut not_created = 0;
     for _ in 0..plan.create {
-        create(&pods, &sandbox_pod(&valid, &ctx.config)).await?;
+        if create_error.is_some() {
+            not_created += 1;
+        } else if let Err(e) = create(&pods, &sandbox_pod(&valid, &ctx.config)).await {
+            create_error = Some(e);
+            not_created += 1;
+        }
     }
 
     // Status.
-    let st = pool_status(
+    let mut st = pool_status(
         &name,
         valid.spec,
         &valid.template_hash,
@@ -214,6 +232,22 @@ pub async fn apply_pool(
         generation,
         now,
     );
+    if let Some(e) = create_error {
+        // Written before the error goes to the error policy (and its backoff).
+        st.replicas -= not_created;
+        let msg = e.to_string();
+        mark_create_failed(&mut st.conditions, "sandbox pods", &msg, generation, now);
+        apply_status(&pools, &name, MANAGER, &status_body(&st)).await?;
+        ctx.event(
+            pool,
+            true,
+            "CreateFailed",
+            "Scale",
+            format!("cannot create sandbox pods: {msg}"),
+        )
+        .await;
+        return Err(e.into());
+    }
     apply_status(&pools, &name, MANAGER, &status_body(&st)).await?;
     let c = plan.counts;
     ctx.metrics
@@ -227,6 +261,24 @@ pub async fn apply_pool(
             "SandboxesCreated",
             "Scale",
             format!("created {} sandbox pod(s)", plan.create),
+        )
+        .await;
+    }
+    // Once per episode, not every reconcile: only when the pool was not already saying so.
+    let was_pending = pool.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Degraded" && c.reason == "SandboxPending")
+    });
+    if let Some((pod, why)) = plan.stuck.first()
+        && !was_pending
+    {
+        ctx.event(
+            pool,
+            true,
+            "SandboxPending",
+            "Scale",
+            format!("{} sandbox pod(s) stuck; {pod}: {why}", plan.stuck.len()),
         )
         .await;
     }
@@ -277,6 +329,9 @@ pub async fn apply_pool(
     }
     if !plan.is_steady() {
         wait = wait.min(Duration::from_secs(15));
+    }
+    if let Some(until) = held {
+        wait = wait.min(until.saturating_duration_since(std::time::Instant::now()));
     }
     Ok(Action::requeue(wait))
 }

@@ -34,6 +34,56 @@ pub struct Sandbox {
     pub claim_attempt: Option<i32>,
     /// Set by [`mark_stale_claims`]: the claim's holder is gone, and the sandbox goes back.
     pub stale_claim: Option<StaleClaim>,
+    /// Why a pod that is not Ready is stuck, when the kubelet or scheduler says so
+    /// (unschedulable, image pull, missing PVC or Secret): `Reason: message`.
+    pub stuck: Option<String>,
+}
+
+/// Waiting reasons that do not resolve by themselves; `ContainerCreating` and
+/// `PodInitializing` are normal start-up and are not listed.
+const STUCK_WAITING: [&str; 6] = [
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "CrashLoopBackOff",
+];
+
+/// Why a pod is stuck before Ready, from its status: not schedulable (no node fits, an
+/// unbound PVC), or a container that cannot start.
+pub fn stuck_reason(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    if let Some(c) = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+    {
+        return Some(format!(
+            "{}: {}",
+            c.reason.as_deref().unwrap_or("Unschedulable"),
+            c.message.as_deref().unwrap_or_default()
+        ));
+    }
+    status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+        .filter_map(|cs| cs.state.as_ref()?.waiting.as_ref())
+        .find(|w| {
+            w.reason
+                .as_deref()
+                .is_some_and(|r| STUCK_WAITING.contains(&r))
+        })
+        .map(|w| {
+            format!(
+                "{}: {}",
+                w.reason.as_deref().unwrap_or_default(),
+                w.message.as_deref().unwrap_or_default()
+            )
+        })
 }
 
 /// Why a claim no longer has a holder.
@@ -111,6 +161,7 @@ impl Sandbox {
                 .and_then(|l| l.get(LABEL_CLAIM_ATTEMPT))
                 .and_then(|a| a.parse().ok()),
             stale_claim: None,
+            stuck: if ready { None } else { stuck_reason(pod) },
         })
     }
 }
@@ -165,9 +216,18 @@ pub struct PoolPlan {
     pub counts: PoolCounts,
     /// Unclaimed sandboxes from an older template remain (kept for availability) or were deleted.
     pub rolling: bool,
+    /// Sandboxes kept that are stuck before Ready, with why.
+    pub stuck: Vec<(String, String)>,
 }
 
 impl PoolPlan {
+    /// Creates nothing this time (sandboxes keep failing): the counts follow.
+    pub fn hold_creates(&mut self) {
+        self.counts.replicas -= self.create;
+        self.counts.pending -= self.create;
+        self.create = 0;
+    }
+
     pub fn deleted(&self, reason: DeleteReason) -> usize {
         self.delete.iter().filter(|(_, r)| *r == reason).count()
     }
@@ -255,6 +315,14 @@ pub fn decide_pool(
     plan.create = wanted.min((max - claimed - unclaimed_current - keep_outdated).max(0));
     plan.rolling = !outdated_ready.is_empty() || plan.deleted(DeleteReason::Outdated) > 0;
 
+    let deleted: std::collections::BTreeSet<&str> =
+        plan.delete.iter().map(|(n, _)| n.as_str()).collect();
+    plan.stuck = sandboxes
+        .iter()
+        .filter(|s| !s.terminating && !deleted.contains(s.name.as_str()))
+        .filter_map(|s| Some((s.name.clone(), s.stuck.clone()?)))
+        .collect();
+
     plan.counts = PoolCounts {
         replicas: claimed + unclaimed_current + keep_outdated + plan.create,
         ready: ready_current.min(warm) + keep_outdated,
@@ -332,6 +400,12 @@ pub fn pool_status(
             "SandboxFailed",
             format!("{failed} sandbox pod(s) failed and are replaced"),
         )
+    } else if let Some((pod, why)) = plan.stuck.first() {
+        (
+            ConditionStatus::True,
+            "SandboxPending",
+            format!("{} sandbox pod(s) stuck; {pod}: {why}", plan.stuck.len()),
+        )
     } else {
         (ConditionStatus::False, "Healthy", String::new())
     };
@@ -394,4 +468,32 @@ pub fn invalid_pool_status(
     );
     st.observed_generation = generation;
     st
+}
+
+/// Consecutive reconciles of a pool that found failed sandboxes, and until when replacements
+/// are held: a sandbox image that crashes at once would otherwise be deleted and recreated
+/// as fast as the watch reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CrashBackoff {
+    pub failures: u32,
+    pub hold_until: Option<std::time::Instant>,
+}
+
+impl CrashBackoff {
+    /// Updates with this reconcile's observation; returns until when creates are held.
+    /// `healthy`: a current sandbox is Ready, so the template works and the count resets.
+    pub fn observe(
+        &mut self,
+        failed_now: bool,
+        healthy: bool,
+        now: std::time::Instant,
+    ) -> Option<std::time::Instant> {
+        if failed_now {
+            self.failures = self.failures.saturating_add(1);
+            self.hold_until = Some(now + crate::controller::error_backoff(self.failures));
+        } else if healthy {
+            *self = Self::default();
+        }
+        self.hold_until.filter(|t| *t > now)
+    }
 }
