@@ -239,13 +239,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         controller::pool::on_pool_event(&m, &ev);
         ev
     })
-    .reflect(pool_writer)
-    .applied_objects();
+    .reflect(pool_writer);
+    let pool_stream = controller::predicates::changed_objects(
+        pool_stream,
+        controller::predicates::pool_for_pool_controller,
+    );
     let pool_ctrl = Controller::for_stream(pool_stream, pool_store)
         .owns_stream(sandbox_stream)
-        .watches(
-            scoped::<SelfPlayRun>(&client, ns),
-            watcher::Config::default(),
+        .watches_stream(
+            controller::predicates::changed_objects(
+                watcher(
+                    scoped::<SelfPlayRun>(&client, ns),
+                    watcher::Config::default(),
+                )
+                .default_backoff(),
+                controller::predicates::run_for_pools,
+            ),
             |run: SelfPlayRun| {
                 let ns = run.metadata.namespace.clone().unwrap_or_default();
                 run.spec
@@ -256,19 +265,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             },
         )
         .with_config(ControllerConfig::default().concurrency(4));
-    let run_ctrl = Controller::new(
+    let (run_store, run_writer) = reflector::store::<SelfPlayRun>();
+    let run_stream = watcher(
         scoped::<SelfPlayRun>(&client, ns),
         watcher::Config::default(),
     )
-    .owns(
-        scoped::<Pod>(&client, ns),
-        watcher::Config::default().labels(&format!("{LABEL_COMPONENT}={COMPONENT_TRAINER}")),
-    )
-    .owns(
-        scoped::<Checkpoint>(&client, ns),
-        watcher::Config::default(),
-    )
-    .with_config(ControllerConfig::default().concurrency(4));
+    .default_backoff()
+    .reflect(run_writer);
+    let run_stream = controller::predicates::changed_objects(
+        run_stream,
+        controller::predicates::run_for_run_controller,
+    );
+    let run_ctrl = Controller::for_stream(run_stream, run_store)
+        .owns(
+            scoped::<Pod>(&client, ns),
+            watcher::Config::default().labels(&format!("{LABEL_COMPONENT}={COMPONENT_TRAINER}")),
+        )
+        .owns(
+            scoped::<Checkpoint>(&client, ns),
+            watcher::Config::default(),
+        )
+        .with_config(ControllerConfig::default().concurrency(4));
     let ckpt_ctrl = Controller::new(
         scoped::<Checkpoint>(&client, ns),
         watcher::Config::default(),

@@ -1175,3 +1175,71 @@ async fn error_policy_backs_off_per_object_and_resets_on_success() {
     f.ctx.backoff.succeeded("SandboxPool", &pool);
     assert_eq!(fail(&pool), secs(5), "reset by a success");
 }
+
+/// Issue 17 defect 9: a progress report (the broker writes `status.progress` every step)
+/// reconciles neither the run nor its pools; what each of them reads still does, and a
+/// deleted run still reaches its pools.
+#[tokio::test]
+async fn progress_reports_trigger_no_reconciles_but_what_matters_does() {
+    use futures::StreamExt;
+    use kube::runtime::watcher::Event;
+    use selfplay_crds::ProgressSnapshot;
+    use selfplay_operator::controller::predicates;
+
+    let mut run: SelfPlayRun = one("run-gpu.yaml");
+    run.metadata.generation = Some(1);
+    run.status = Some(SelfPlayRunStatus::default());
+    let step = |run: &SelfPlayRun, n: i64| {
+        let mut r = run.clone();
+        if let Some(st) = r.status.as_mut() {
+            st.progress = Some(ProgressSnapshot {
+                step: n,
+                policy_version: n,
+                ..Default::default()
+            });
+        }
+        r
+    };
+    let mut restarted = step(&run, 3);
+    if let Some(st) = restarted.status.as_mut() {
+        st.restarts = 1;
+    }
+    let mut edited = restarted.clone();
+    edited.metadata.generation = Some(2);
+    let events = vec![
+        Event::Init,
+        Event::InitApply(run.clone()),
+        Event::InitDone,
+        Event::Apply(step(&run, 1)),
+        Event::Apply(step(&run, 2)),
+        Event::Apply(restarted.clone()),
+        Event::Apply(edited.clone()),
+        Event::Delete(edited.clone()),
+    ];
+    let seen = |pred: fn(&SelfPlayRun) -> Option<u64>| {
+        let events = events.clone();
+        async move {
+            predicates::changed_objects(futures::stream::iter(events.into_iter().map(Ok)), pred)
+                .filter_map(|r| async move { r.ok() })
+                .map(|r| {
+                    (
+                        r.metadata.generation,
+                        r.status.map_or(0, |s| s.restarts),
+                    )
+                })
+                .collect::<Vec<_>>()
+                .await
+        }
+    };
+    // Pools: the initial list, the new attempt (claims to reclaim), the deletion. The spec
+    // edit does not change the pools used.
+    assert_eq!(
+        seen(predicates::run_for_pools).await,
+        [(Some(1), 0), (Some(1), 1), (Some(2), 1)]
+    );
+    // The run itself: the initial list, its spec edit, the deletion.
+    assert_eq!(
+        seen(predicates::run_for_run_controller).await,
+        [(Some(1), 0), (Some(2), 1), (Some(2), 1)]
+    );
+}

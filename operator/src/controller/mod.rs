@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod http;
 pub mod leader;
 pub mod pool;
+pub mod predicates;
 pub mod run;
 
 use std::collections::HashMap;
