@@ -189,6 +189,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         )
     });
 
+    // Our own pod, when we know it (in a cluster): the Service routes trainers to the pod
+    // labelled as serving the broker. A restarted container may find the label still there.
+    let own_pod: Option<(Api<Pod>, String)> = args
+        .identity
+        .clone()
+        .map(|pod| (Api::namespaced(client.clone(), &args.lease_namespace), pod));
+    if let Some((pods, pod)) = &own_pod {
+        leader::mark_serving(pods, pod, false)
+            .await
+            .context("cannot unlabel this operator pod")?;
+    }
+
     let listener = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
         .context("binding --metrics-listen")?;
@@ -361,6 +373,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let broker_addr = args.broker_listen;
     let (pools_store, runs_store, health2) = (ctx.pools.clone(), ctx.runs.clone(), health.clone());
     let broker_stop = stopped();
+    let serving_pod = own_pod.clone();
     let broker_done = async move {
         let synced = async {
             sandboxes.wait_until_ready().await?;
@@ -371,6 +384,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             return Err(anyhow::anyhow!("caches never synced: {e}"));
         }
         health2.ready.store(true, Ordering::Relaxed);
+        if let Some((pods, pod)) = &serving_pod {
+            leader::mark_serving(pods, pod, true)
+                .await
+                .context("cannot label this pod as serving the broker")?;
+        }
         tracing::info!(%broker_addr, "caches synced; broker serving");
         tonic::transport::Server::builder()
             .add_service(selfplay_operator::broker::service::service(broker))
@@ -398,6 +416,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         r = &mut broker_done => r.and(Err(anyhow::anyhow!("broker stopped"))),
         _ = &mut work => Err(anyhow::anyhow!("controllers stopped")),
     };
+    // Trainers stop being routed here before another replica can take over.
+    if let Some((pods, pod)) = &own_pod
+        && let Err(e) = leader::mark_serving(pods, pod, false).await
+    {
+        tracing::warn!(error = %e, "cannot unlabel this operator pod");
+    }
     leader::release(&leases, &lease).await;
     result
 }

@@ -1221,12 +1221,7 @@ async fn progress_reports_trigger_no_reconciles_but_what_matters_does() {
         async move {
             predicates::changed_objects(futures::stream::iter(events.into_iter().map(Ok)), pred)
                 .filter_map(|r| async move { r.ok() })
-                .map(|r| {
-                    (
-                        r.metadata.generation,
-                        r.status.map_or(0, |s| s.restarts),
-                    )
-                })
+                .map(|r| (r.metadata.generation, r.status.map_or(0, |s| s.restarts)))
                 .collect::<Vec<_>>()
                 .await
         }
@@ -1242,4 +1237,39 @@ async fn progress_reports_trigger_no_reconciles_but_what_matters_does() {
         seen(predicates::run_for_run_controller).await,
         [(Some(1), 0), (Some(2), 1), (Some(2), 1)]
     );
+}
+
+/// Issue 17 defect 4: the Service routes trainers to the pod labelled as serving the broker;
+/// the leader sets the label on its own pod, and removes it (a merge patch to null) at start
+/// and shutdown, so that standbys, Ready for rolling updates, get no trainer connections.
+#[tokio::test]
+async fn leader_labels_its_own_pod_as_serving_the_broker() {
+    let (client, handle) = mock::client();
+    let pods: Api<Pod> = Api::namespaced(client, "ops");
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "selfplay-operator-0", "namespace": "ops"}});
+    let path = "/api/v1/namespaces/ops/pods/selfplay-operator-0?";
+    let server = mock::serve(
+        handle,
+        vec![
+            step("PATCH", path, Reply::Json(200, pod.clone())),
+            step("PATCH", path, Reply::Json(200, pod)),
+        ],
+    );
+    within(leader::mark_serving(&pods, "selfplay-operator-0", false))
+        .await
+        .expect("unlabel");
+    within(leader::mark_serving(&pods, "selfplay-operator-0", true))
+        .await
+        .expect("label");
+    let seen = server.await.expect("server");
+    assert_eq!(
+        seen[0].body,
+        json!({"metadata": {"labels": {"selfplay.dev/broker-serving": null}}})
+    );
+    assert_eq!(
+        seen[1].body,
+        json!({"metadata": {"labels": {"selfplay.dev/broker-serving": "true"}}})
+    );
+    assert_eq!(leader::LABEL_SERVING, "selfplay.dev/broker-serving");
 }

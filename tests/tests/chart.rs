@@ -432,7 +432,16 @@ fn service_and_monitors_select_what_they_should() {
     let pod_labels = d["spec"]["template"]["metadata"]["labels"]
         .as_object()
         .expect("pod labels");
+    // Trainers reach only the replica whose broker serves (issue 17 defect 4): the leader
+    // labels its pod; standbys, Ready for rolling updates, lack the label.
+    assert_eq!(
+        svc["spec"]["selector"]["selfplay.dev/broker-serving"], "true",
+        "the Service would send trainers to standby replicas"
+    );
     for (k, v) in svc["spec"]["selector"].as_object().expect("selector") {
+        if k == "selfplay.dev/broker-serving" {
+            continue;
+        }
         assert_eq!(
             pod_labels.get(k),
             Some(v),
@@ -829,6 +838,11 @@ fn rbac_is_least_privilege_and_matches_the_operator() {
     let lease_role = find(&objs, "Role", Some("selfplay-operator-leader-election"));
     for rule in lease_role["rules"].as_array().expect("rules") {
         let verbs = &rule["verbs"];
+        // The leader labels its own pod (generated name): patch on pods, nothing more.
+        if rule["resources"] == json!(["pods"]) {
+            assert_eq!(verbs, &json!(["patch"]), "{rule}");
+            continue;
+        }
         if verbs != &json!(["create"]) {
             assert_eq!(
                 rule["resourceNames"],

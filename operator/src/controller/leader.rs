@@ -249,3 +249,34 @@ pub async fn release(api: &Api<Lease>, s: &LeaseSettings) {
         }
     }
 }
+
+/// Label on the operator pod whose broker serves; the chart's Service selects it, so trainers
+/// reach the leader only. Readiness cannot do this: a standby that is never Ready would stall
+/// every rolling update (`maxUnavailable: 0`) behind the leader it is meant to replace.
+pub const LABEL_SERVING: &str = "selfplay.dev/broker-serving";
+
+/// The merge patch that marks (or unmarks) this replica's pod as the one serving the broker.
+pub fn serving_patch(serving: bool) -> serde_json::Value {
+    let value = if serving {
+        serde_json::Value::String("true".into())
+    } else {
+        serde_json::Value::Null
+    };
+    serde_json::json!({ "metadata": { "labels": { LABEL_SERVING: value } } })
+}
+
+/// Marks or unmarks our own pod. Unmarked at start (a restarted container may find the label
+/// its previous run left) and at shutdown; marked once the broker serves.
+pub async fn mark_serving(
+    pods: &Api<k8s_openapi::api::core::v1::Pod>,
+    pod: &str,
+    serving: bool,
+) -> Result<(), kube::Error> {
+    pods.patch(
+        pod,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&serving_patch(serving)),
+    )
+    .await
+    .map(|_| ())
+}
