@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
@@ -189,6 +189,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         )
     });
 
+    // Our own pod, when we know it (in a cluster): the Service routes trainers to the pod
+    // labelled as serving the broker. A restarted container may find the label still there.
+    let own_pod: Option<(Api<Pod>, String)> = args
+        .identity
+        .clone()
+        .map(|pod| (Api::namespaced(client.clone(), &args.lease_namespace), pod));
+    if let Some((pods, pod)) = &own_pod {
+        leader::mark_serving(pods, pod, false)
+            .await
+            .context("cannot unlabel this operator pod")?;
+    }
+
     let listener = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
         .context("binding --metrics-listen")?;
@@ -200,12 +212,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // Leader election: a standby is healthy and ready, and waits.
     let leases: Api<Lease> = Api::namespaced(client.clone(), &args.lease_namespace);
-    let lease = leader::LeaseSettings {
-        name: args.lease_name.clone(),
-        identity: identity.clone(),
-        duration: Duration::from_secs(15),
-        renew_every: Duration::from_secs(5),
-    };
+    let lease = leader::LeaseSettings::new(args.lease_name.clone(), identity.clone());
     let (leader_tx, mut leader_rx) = watch::channel(false);
     tokio::spawn(leader::run(leases.clone(), lease.clone(), leader_tx));
     health.ready.store(true, Ordering::Relaxed);
@@ -232,37 +239,65 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     .touched_objects()
     .inspect(move |_| notify.notify_waiters());
 
-    let pool_ctrl = Controller::new(
+    // Pools have no finalizer: their metric series go when the watch sees them deleted.
+    let (pool_store, pool_writer) = reflector::store::<SandboxPool>();
+    let m = metrics.clone();
+    let pool_stream = watcher(
         scoped::<SandboxPool>(&client, ns),
         watcher::Config::default(),
     )
-    .owns_stream(sandbox_stream)
-    .watches(
+    .default_backoff()
+    .map_ok(move |ev| {
+        controller::pool::on_pool_event(&m, &ev);
+        ev
+    })
+    .reflect(pool_writer);
+    let pool_stream = controller::predicates::changed_objects(
+        pool_stream,
+        controller::predicates::pool_for_pool_controller,
+    );
+    let pool_ctrl = Controller::for_stream(pool_stream, pool_store)
+        .owns_stream(sandbox_stream)
+        .watches_stream(
+            controller::predicates::changed_objects(
+                watcher(
+                    scoped::<SelfPlayRun>(&client, ns),
+                    watcher::Config::default(),
+                )
+                .default_backoff(),
+                controller::predicates::run_for_pools,
+            ),
+            |run: SelfPlayRun| {
+                let ns = run.metadata.namespace.clone().unwrap_or_default();
+                run.spec
+                    .pools
+                    .iter()
+                    .map(|p| ObjectRef::new(&p.name).within(&ns))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .with_config(ControllerConfig::default().concurrency(4));
+    let (run_store, run_writer) = reflector::store::<SelfPlayRun>();
+    let run_stream = watcher(
         scoped::<SelfPlayRun>(&client, ns),
         watcher::Config::default(),
-        |run: SelfPlayRun| {
-            let ns = run.metadata.namespace.clone().unwrap_or_default();
-            run.spec
-                .pools
-                .iter()
-                .map(|p| ObjectRef::new(&p.name).within(&ns))
-                .collect::<Vec<_>>()
-        },
     )
-    .with_config(ControllerConfig::default().concurrency(4));
-    let run_ctrl = Controller::new(
-        scoped::<SelfPlayRun>(&client, ns),
-        watcher::Config::default(),
-    )
-    .owns(
-        scoped::<Pod>(&client, ns),
-        watcher::Config::default().labels(&format!("{LABEL_COMPONENT}={COMPONENT_TRAINER}")),
-    )
-    .owns(
-        scoped::<Checkpoint>(&client, ns),
-        watcher::Config::default(),
-    )
-    .with_config(ControllerConfig::default().concurrency(4));
+    .default_backoff()
+    .reflect(run_writer);
+    let run_stream = controller::predicates::changed_objects(
+        run_stream,
+        controller::predicates::run_for_run_controller,
+    );
+    let run_ctrl = Controller::for_stream(run_stream, run_store)
+        .owns(
+            scoped::<Pod>(&client, ns),
+            watcher::Config::default().labels(&format!("{LABEL_COMPONENT}={COMPONENT_TRAINER}")),
+        )
+        .owns(
+            scoped::<Checkpoint>(&client, ns),
+            watcher::Config::default(),
+        )
+        .with_config(ControllerConfig::default().concurrency(4));
     let ckpt_ctrl = Controller::new(
         scoped::<Checkpoint>(&client, ns),
         watcher::Config::default(),
@@ -300,30 +335,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
 
-    let m = metrics.clone();
     let pools_done = pool_ctrl
         .graceful_shutdown_on(stopped())
         .run(
             controller::pool::reconcile,
-            move |_, e, _| controller::on_error("SandboxPool", e, &m),
+            |obj, e, ctx| controller::on_error("SandboxPool", obj.as_ref(), e, &ctx),
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));
-    let m = metrics.clone();
     let runs_done = run_ctrl
         .graceful_shutdown_on(stopped())
         .run(
             controller::run::reconcile,
-            move |_, e, _| controller::on_error("SelfPlayRun", e, &m),
+            |obj, e, ctx| controller::on_error("SelfPlayRun", obj.as_ref(), e, &ctx),
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));
-    let m = metrics.clone();
     let ckpts_done = ckpt_ctrl
         .graceful_shutdown_on(stopped())
         .run(
             controller::checkpoint::reconcile,
-            move |_, e, _| controller::on_error("Checkpoint", e, &m),
+            |obj, e, ctx| controller::on_error("Checkpoint", obj.as_ref(), e, &ctx),
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));
@@ -341,6 +373,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let broker_addr = args.broker_listen;
     let (pools_store, runs_store, health2) = (ctx.pools.clone(), ctx.runs.clone(), health.clone());
     let broker_stop = stopped();
+    let serving_pod = own_pod.clone();
     let broker_done = async move {
         let synced = async {
             sandboxes.wait_until_ready().await?;
@@ -351,6 +384,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             return Err(anyhow::anyhow!("caches never synced: {e}"));
         }
         health2.ready.store(true, Ordering::Relaxed);
+        if let Some((pods, pod)) = &serving_pod {
+            leader::mark_serving(pods, pod, true)
+                .await
+                .context("cannot label this pod as serving the broker")?;
+        }
         tracing::info!(%broker_addr, "caches synced; broker serving");
         tonic::transport::Server::builder()
             .add_service(selfplay_operator::broker::service::service(broker))
@@ -378,6 +416,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         r = &mut broker_done => r.and(Err(anyhow::anyhow!("broker stopped"))),
         _ = &mut work => Err(anyhow::anyhow!("controllers stopped")),
     };
+    // Trainers stop being routed here before another replica can take over.
+    if let Some((pods, pod)) = &own_pod
+        && let Err(e) = leader::mark_serving(pods, pod, false).await
+    {
+        tracing::warn!(error = %e, "cannot unlabel this operator pod");
+    }
     leader::release(&leases, &lease).await;
     result
 }

@@ -23,6 +23,11 @@ pub const LABEL_TEMPLATE_HASH: &str = "selfplay.dev/template-hash";
 pub const LABEL_ATTEMPT: &str = "selfplay.dev/attempt";
 /// Set on a sandbox pod when the broker hands it out: the claiming run's name.
 pub const LABEL_CLAIMED_BY: &str = "selfplay.dev/claimed-by";
+/// Set with `claimed-by`: the claiming run's trainer attempt (`status.restarts`).
+pub const LABEL_CLAIM_ATTEMPT: &str = "selfplay.dev/claim-attempt";
+/// Set with `claimed-by`: the claiming run's UID, so that a run recreated under the same
+/// name does not inherit the old one's sandboxes.
+pub const ANNOTATION_CLAIM_RUN_UID: &str = "selfplay.dev/claim-run-uid";
 /// Namespace/name of the claiming run and the claim time (RFC 3339).
 pub const ANNOTATION_CLAIM: &str = "selfplay.dev/claim";
 /// On a Checkpoint created by the broker: its size in bytes, as reported by the trainer.

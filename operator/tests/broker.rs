@@ -404,3 +404,48 @@ async fn ipv6_pod_ips_are_bracketed_in_the_sidecar_address() {
     assert_eq!(lease.address, "[fd00:10:244::7]:7070");
     assert!(lease.address.parse::<std::net::SocketAddr>().is_ok());
 }
+
+/// Issue 17 defect 4: a broker briefly unreachable (leader hand-over, operator restart) does
+/// not fail the trainer's progress report: the client retries with backoff within a deadline,
+/// and still gives up at once on a refusal.
+#[tokio::test]
+async fn progress_report_retries_until_the_broker_is_back() {
+    // A port with nothing listening yet: the broker "restarts" there a moment later.
+    let probe = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = probe.local_addr().expect("addr");
+    drop(probe);
+
+    let h = harness(MemoryBackend::new(), 1, 0).await;
+    let broker = h.brokers[0].0.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+        tonic::transport::Server::builder()
+            .add_service(service(broker))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+    });
+
+    let c = client(&format!("http://{addr}"), RUN_TOKEN);
+    let p = ProgressSnapshot {
+        step: 7,
+        policy_version: 7,
+        ..Default::default()
+    };
+    tokio::time::timeout(Duration::from_secs(20), c.report_progress(&p))
+        .await
+        .expect("within the retry deadline")
+        .expect("reported once the broker is back");
+    assert_eq!(
+        h.backend.progress.lock().expect("lock")[&(NS.to_string(), "qwen-ssr".to_string())].step,
+        7
+    );
+
+    // A refusal is final: no retrying a wrong token for a minute.
+    let bad = client(&format!("http://{addr}"), "wrong-token");
+    let started = std::time::Instant::now();
+    assert!(bad.report_progress(&p).await.is_err());
+    assert!(started.elapsed() < Duration::from_secs(2));
+}

@@ -249,16 +249,18 @@ async fn scale_down_never_deletes_a_sandbox_claimed_meanwhile() {
     );
 }
 
+/// Issue 17 defect 11: a pool gets no finalizer (it would block namespace deletion once the
+/// operator is uninstalled); the reconcile goes straight to its work.
 #[tokio::test]
-async fn new_finalizer_is_added_before_anything_else() {
+async fn pool_reconcile_adds_no_finalizer() {
     let (client, handle) = mock::client();
-    let pool: SandboxPool = one("pool-basic.yaml");
+    let pool: SandboxPool = one("pool-invalid.yaml");
     let f = context(client, vec![pool.clone()], vec![]);
     let server = mock::serve(
         handle,
         vec![step(
             "PATCH",
-            "/apis/selfplay.dev/v1alpha1/namespaces/team-a/sandboxpools/pyrepo?",
+            "/apis/selfplay.dev/v1alpha1/namespaces/team-a/sandboxpools/broken/status?",
             Reply::Json(200, to_json(&pool)),
         )],
     );
@@ -267,9 +269,10 @@ async fn new_finalizer_is_added_before_anything_else() {
         .expect("reconcile");
     let seen = server.await.expect("server");
     assert!(
-        seen[0].body.to_string().contains("selfplay.dev/cleanup"),
-        "{}",
-        seen[0].body
+        seen.iter()
+            .all(|s| !s.body.to_string().contains("finalizers")),
+        "{:?}",
+        seen.iter().map(|s| &s.body).collect::<Vec<_>>()
     );
     assert!(
         f.ctx
@@ -277,6 +280,51 @@ async fn new_finalizer_is_added_before_anything_else() {
             .encode()
             .contains(r#"selfplay_operator_reconciliations_total{kind="SandboxPool"} 1"#)
     );
+}
+
+/// Issue 17 defect 11: the finalizer earlier versions added is removed (conditional on the
+/// version read, keeping anyone else's), and a deleted pool's series go on the delete event.
+#[tokio::test]
+async fn pool_legacy_finalizer_is_dropped_and_metrics_cleared_on_delete() {
+    let (client, handle) = mock::client();
+    let mut pool: SandboxPool = one("pool-basic.yaml");
+    pool.metadata.finalizers = Some(vec![
+        "selfplay.dev/cleanup".into(),
+        "example.com/keep".into(),
+    ]);
+    pool.metadata.resource_version = Some("77".into());
+    pool.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        ts("2025-06-01T12:00:00Z"),
+    ));
+    let f = context(client, vec![pool.clone()], vec![]);
+    f.ctx.metrics.set_pool_counts(NS, "pyrepo", 2, 1, 0);
+    let series = r#"selfplay_pool_sandboxes{namespace="team-a",pool="pyrepo",state="ready"} 2"#;
+    assert!(f.ctx.metrics.encode().contains(series));
+    let server = mock::serve(
+        handle,
+        vec![step(
+            "PATCH",
+            "/apis/selfplay.dev/v1alpha1/namespaces/team-a/sandboxpools/pyrepo?",
+            Reply::Json(200, to_json(&pool)),
+        )],
+    );
+    within(controller::pool::reconcile(
+        Arc::new(pool.clone()),
+        f.ctx.clone(),
+    ))
+    .await
+    .expect("reconcile");
+    let seen = server.await.expect("server");
+    assert_eq!(
+        seen[0].body["metadata"],
+        json!({"resourceVersion": "77", "finalizers": ["example.com/keep"]})
+    );
+    assert!(!f.ctx.metrics.encode().contains(series));
+
+    // Without a finalizer the reconcile never sees the deletion: the watch event clears it.
+    f.ctx.metrics.set_pool_counts(NS, "pyrepo", 2, 1, 0);
+    controller::pool::on_pool_event(&f.ctx.metrics, &watcher::Event::Delete(pool));
+    assert!(!f.ctx.metrics.encode().contains(series));
 }
 
 #[tokio::test]
@@ -535,12 +583,8 @@ async fn registered_checkpoint_becomes_ready_and_retention_prunes_old_ones() {
 
 #[tokio::test]
 async fn leader_election_creates_takes_over_expired_and_respects_live_leases() {
-    let settings = leader::LeaseSettings {
-        name: "selfplay-operator-leader".into(),
-        identity: "me".into(),
-        duration: Duration::from_secs(15),
-        renew_every: Duration::from_secs(5),
-    };
+    let settings = leader::LeaseSettings::new("selfplay-operator-leader".into(), "me".into());
+    let t0 = std::time::Instant::now();
     let path = "/apis/coordination.k8s.io/v1/namespaces/ops/leases";
     let lease = |holder: &str, renewed: &str| {
         json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
@@ -566,7 +610,9 @@ async fn leader_election_creates_takes_over_expired_and_respects_live_leases() {
         within(leader::try_acquire_or_renew(
             &api,
             &settings,
-            ts("2025-06-01T12:00:00Z")
+            &mut None,
+            ts("2025-06-01T12:00:00Z"),
+            t0,
         ))
         .await
         .expect("ok")
@@ -574,7 +620,8 @@ async fn leader_election_creates_takes_over_expired_and_respects_live_leases() {
     let seen = server.await.expect("server");
     assert_eq!(seen[1].body["spec"]["holderIdentity"], "me");
 
-    // Someone else's live lease: follow, write nothing.
+    // Someone else's lease, first seen now: follow and write nothing, however old its
+    // renewTime looks on our clock (the other machine's clock may be behind ours).
     let (client, handle) = mock::client();
     let api: Api<Lease> = Api::namespaced(client, "ops");
     let server = mock::serve(
@@ -582,21 +629,25 @@ async fn leader_election_creates_takes_over_expired_and_respects_live_leases() {
         vec![step(
             "GET",
             format!("{path}/selfplay-operator-leader"),
-            Reply::Json(200, lease("other", "2025-06-01T11:59:55.000000Z")),
+            Reply::Json(200, lease("other", "2025-06-01T11:00:00.000000Z")),
         )],
     );
+    let mut observed = None;
     assert!(
         !within(leader::try_acquire_or_renew(
             &api,
             &settings,
-            ts("2025-06-01T12:00:00Z")
+            &mut observed,
+            ts("2025-06-01T12:00:00Z"),
+            t0,
         ))
         .await
         .expect("ok")
     );
     server.await.expect("server");
 
-    // Expired: take over with a replace conditional on the version read; losing the race is a 409.
+    // The same record, unchanged for a lease duration on our clock: expired. Take over with a
+    // replace conditional on the version read; losing the race is a 409.
     let (client, handle) = mock::client();
     let api: Api<Lease> = Api::namespaced(client, "ops");
     let server = mock::serve(
@@ -605,7 +656,7 @@ async fn leader_election_creates_takes_over_expired_and_respects_live_leases() {
             step(
                 "GET",
                 format!("{path}/selfplay-operator-leader"),
-                Reply::Json(200, lease("other", "2025-06-01T11:50:00.000000Z")),
+                Reply::Json(200, lease("other", "2025-06-01T11:00:00.000000Z")),
             ),
             step(
                 "PUT",
@@ -618,7 +669,9 @@ async fn leader_election_creates_takes_over_expired_and_respects_live_leases() {
         !within(leader::try_acquire_or_renew(
             &api,
             &settings,
-            ts("2025-06-01T12:00:00Z")
+            &mut observed,
+            ts("2025-06-01T12:00:16Z"),
+            t0 + Duration::from_secs(16),
         ))
         .await
         .expect("ok")
@@ -628,6 +681,97 @@ async fn leader_election_creates_takes_over_expired_and_respects_live_leases() {
     assert_eq!(put["metadata"]["resourceVersion"], "7");
     assert_eq!(put["spec"]["holderIdentity"], "me");
     assert_eq!(put["spec"]["leaseTransitions"], 3);
+}
+
+/// Issue 17 defect 10: another replica's lease is judged by when we saw its record change, on
+/// our monotonic clock, never by comparing its renewTime with our wall clock.
+#[test]
+fn leader_election_uses_local_observation_times_not_the_holders_clock() {
+    let duration = Duration::from_secs(15);
+    let t0 = std::time::Instant::now();
+    let lease = |renewed: &str| -> Lease {
+        serde_json::from_value(json!({
+            "metadata": {"name": "l", "namespace": "ops"},
+            "spec": {"holderIdentity": "other", "leaseDurationSeconds": 15, "renewTime": renewed}
+        }))
+        .expect("lease")
+    };
+    let follow = leader::LeaseDecision::Follow {
+        holder: "other".into(),
+    };
+    let mut observed = None;
+    // The holder's clock is an hour behind ours: a wall-clock comparison would take over a
+    // live lease and leave two leaders.
+    let behind = lease("2025-06-01T11:00:00Z");
+    assert_eq!(
+        leader::decide_lease(Some(&behind), "me", &mut observed, t0, duration),
+        follow
+    );
+    // It keeps renewing: each change restarts our local timer.
+    let renewed = lease("2025-06-01T11:00:10Z");
+    let t14 = t0 + Duration::from_secs(14);
+    assert_eq!(
+        leader::decide_lease(Some(&renewed), "me", &mut observed, t14, duration),
+        follow
+    );
+    let t28 = t0 + Duration::from_secs(28);
+    assert_eq!(
+        leader::decide_lease(Some(&renewed), "me", &mut observed, t28, duration),
+        follow
+    );
+    // It stopped renewing: expired a lease duration after we last saw a change.
+    let t29 = t0 + Duration::from_secs(29);
+    assert_eq!(
+        leader::decide_lease(Some(&renewed), "me", &mut observed, t29, duration),
+        leader::LeaseDecision::TakeOver
+    );
+
+    // The holder's clock is ahead of ours and it died: a wall-clock comparison would follow
+    // a dead leader for an hour.
+    let mut observed = None;
+    let ahead = lease("2025-06-01T13:00:00Z");
+    assert_eq!(
+        leader::decide_lease(Some(&ahead), "me", &mut observed, t0, duration),
+        follow
+    );
+    assert_eq!(
+        leader::decide_lease(Some(&ahead), "me", &mut observed, t0 + duration, duration),
+        leader::LeaseDecision::TakeOver
+    );
+}
+
+/// Issue 17 defect 10: a leader that cannot renew stops leading at the renew deadline, which is
+/// shorter than the lease, so it is no longer acting when a follower may take over.
+#[tokio::test]
+async fn leader_stops_leading_at_the_renew_deadline_before_the_lease_expires() {
+    let settings = leader::LeaseSettings::new("selfplay-operator-leader".into(), "me".into());
+    assert!(settings.renew_deadline < settings.duration);
+    assert!(settings.renew_every < settings.renew_deadline);
+    let path = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/selfplay-operator-leader";
+    let ours = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "selfplay-operator-leader", "namespace": "ops", "resourceVersion": "7"},
+        "spec": {"holderIdentity": "me", "leaseDurationSeconds": 15, "renewTime": "2025-06-01T12:00:00.000000Z"}});
+    let (client, handle) = mock::client();
+    let api: Api<Lease> = Api::namespaced(client, "ops");
+    let server = mock::serve(
+        handle,
+        vec![
+            step("GET", path, Reply::Json(200, ours)),
+            step("PUT", format!("{path}?"), Reply::Echo),
+            step("GET", path, Reply::Error(500, "InternalError")),
+            step("GET", path, Reply::Error(500, "InternalError")),
+        ],
+    );
+    let t0 = std::time::Instant::now();
+    let mut elector = leader::Elector::default();
+    assert!(within(elector.round(&api, &settings, ts("2025-06-01T12:00:02Z"), t0)).await);
+    // A failed renewal within the deadline: still leading.
+    let t9 = t0 + Duration::from_secs(9);
+    assert!(within(elector.round(&api, &settings, ts("2025-06-01T12:00:11Z"), t9)).await);
+    // Past the renew deadline (10 s) but before the lease (15 s) runs out: stop.
+    let t11 = t0 + Duration::from_secs(11);
+    assert!(!within(elector.round(&api, &settings, ts("2025-06-01T12:00:13Z"), t11)).await);
+    server.await.expect("server");
 }
 
 #[tokio::test]
@@ -641,6 +785,8 @@ async fn broker_claim_is_a_patch_conditional_on_the_pods_resource_version() {
     let claim = Claim {
         run_namespace: NS.into(),
         run_name: "qwen-ssr".into(),
+        run_uid: Some("run-uid-1".into()),
+        attempt: 2,
         at: ts("2025-06-01T12:00:00Z"),
     };
     let path = "/api/v1/namespaces/team-a/pods/pyrepo-ready-old?";
@@ -658,6 +804,15 @@ async fn broker_claim_is_a_patch_conditional_on_the_pods_resource_version() {
     assert_eq!(
         seen[0].body["metadata"]["labels"]["selfplay.dev/claimed-by"],
         "qwen-ssr"
+    );
+    // The claim names the run (by UID, not only by name) and the trainer attempt.
+    assert_eq!(
+        seen[0].body["metadata"]["labels"]["selfplay.dev/claim-attempt"],
+        "2"
+    );
+    assert_eq!(
+        seen[0].body["metadata"]["annotations"]["selfplay.dev/claim-run-uid"],
+        "run-uid-1"
     );
 
     let (client, handle) = mock::client();
@@ -848,4 +1003,273 @@ async fn pool_reconcile_waits_for_the_run_cache_before_writing_the_policy() {
         server.await.expect("server").is_empty(),
         "no request before the run cache is synced"
     );
+}
+
+/// Issue 17 defect 5: a sandbox claimed by a run that no longer exists is reclaimed by the
+/// pool (deleted on condition it is unchanged) and no longer counts toward `max`.
+#[tokio::test]
+async fn pool_reclaims_a_sandbox_claimed_by_a_deleted_run() {
+    let (client, handle) = mock::client();
+    let mut pool: SandboxPool = one("pool-basic.yaml");
+    pool.metadata.finalizers = Some(vec!["selfplay.dev/cleanup".into()]);
+    pool.spec.warm = 0;
+    let run: SelfPlayRun = one("run-gpu.yaml");
+    let f = context(client, vec![pool.clone()], vec![run]);
+    let hash = template_hash(&pool.spec, &OperatorConfig::default());
+    let claimed = |name: &str, by: &str| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": NS, "resourceVersion": "42",
+                "creationTimestamp": "2025-06-01T11:30:00Z",
+                "labels": {"selfplay.dev/component": "sandbox", "selfplay.dev/pool": "pyrepo",
+                    "selfplay.dev/template-hash": hash, "selfplay.dev/claimed-by": by}},
+            "status": {"phase": "Running", "podIP": "10.0.0.9",
+                "conditions": [{"type": "Ready", "status": "True"}]}})
+    };
+    let pods = vec![
+        claimed("pyrepo-live", "qwen-ssr"),
+        claimed("pyrepo-leaked", "deleted-run"),
+    ];
+    let server = mock::serve(
+        handle,
+        vec![
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/secrets/pyrepo-sandbox-token",
+                Reply::Json(
+                    200,
+                    json!({"apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": "pyrepo-sandbox-token", "namespace": NS}}),
+                ),
+            ),
+            step(
+                "PATCH",
+                "/apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies/pyrepo-sandbox?",
+                Reply::Echo,
+            ),
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/pods?",
+                list("Pod", pods.clone()),
+            ),
+            step(
+                "DELETE",
+                "/api/v1/namespaces/team-a/pods/pyrepo-leaked?",
+                Reply::Json(200, pods[1].clone()),
+            ),
+            step(
+                "PATCH",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/sandboxpools/pyrepo/status?",
+                Reply::Json(200, to_json(&pool)),
+            ),
+            step("POST", EVENTS, Reply::Echo),
+        ],
+    );
+    let action = within(controller::pool::apply_pool(
+        &pool,
+        &f.ctx,
+        ts("2025-06-01T12:00:00Z"),
+    ))
+    .await;
+    assert!(action.is_ok(), "{action:?}");
+    let seen = server.await.expect("server");
+    assert_eq!(
+        seen[3].body["preconditions"]["resourceVersion"], "42",
+        "{}",
+        seen[3].body
+    );
+    assert_eq!(seen[4].body["status"]["claimed"], 1);
+    assert_eq!(seen[5].body["reason"], "SandboxesDeleted");
+}
+
+/// Issue 17 defect 7: a pod the API server refuses (here a ResourceQuota) makes the pool
+/// Degraded with the refusal's message and a Warning event, written before the reconcile
+/// fails into the error policy; no further creates are tried in that reconcile.
+#[tokio::test]
+async fn pool_create_refused_sets_degraded_with_the_reason_before_failing() {
+    let (client, handle) = mock::client();
+    let pool: SandboxPool = one("pool-basic.yaml");
+    let run: SelfPlayRun = one("run-gpu.yaml");
+    let f = context(client, vec![pool.clone()], vec![run]);
+    let server = mock::serve(
+        handle,
+        vec![
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/secrets/pyrepo-sandbox-token",
+                Reply::Json(
+                    200,
+                    json!({"apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": "pyrepo-sandbox-token", "namespace": NS}}),
+                ),
+            ),
+            step(
+                "PATCH",
+                "/apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies/pyrepo-sandbox?",
+                Reply::Echo,
+            ),
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/pods?",
+                list("Pod", vec![]),
+            ),
+            step(
+                "POST",
+                "/api/v1/namespaces/team-a/pods?",
+                Reply::Error(403, "Forbidden"),
+            ),
+            step(
+                "PATCH",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/sandboxpools/pyrepo/status?",
+                Reply::Json(200, to_json(&pool)),
+            ),
+            step("POST", EVENTS, Reply::Echo),
+        ],
+    );
+    let result = within(controller::pool::apply_pool(
+        &pool,
+        &f.ctx,
+        ts("2025-06-01T12:00:00Z"),
+    ))
+    .await;
+    assert!(matches!(result, Err(Error::Kube(_))), "{result:?}");
+    let seen = server.await.expect("server");
+    let st = &seen[4].body["status"];
+    let degraded = st["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Degraded"))
+        .cloned()
+        .expect("Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "CreateFailed");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot create sandbox pods")),
+        "{degraded}"
+    );
+    assert_eq!(st["replicas"], 0);
+    assert_eq!(seen[5].body["type"], "Warning");
+    assert_eq!(seen[5].body["reason"], "CreateFailed");
+}
+
+/// Issue 17 defect 7: the error policy backs off per object, exponentially, instead of a
+/// fixed 10 s; a successful reconcile resets it, and other objects are unaffected.
+#[tokio::test]
+async fn error_policy_backs_off_per_object_and_resets_on_success() {
+    use kube::runtime::controller::Action;
+    let (client, _handle) = mock::client();
+    let pool: SandboxPool = one("pool-basic.yaml");
+    let other: SandboxPool = one("pool-invalid.yaml");
+    let f = context(client, vec![], vec![]);
+    let err = || Error::MissingNamespace("x".into());
+    let secs = |n| Action::requeue(Duration::from_secs(n));
+    let fail = |p: &SandboxPool| controller::on_error("SandboxPool", p, &err(), &f.ctx);
+    assert_eq!(fail(&pool), secs(5));
+    assert_eq!(fail(&pool), secs(10));
+    assert_eq!(fail(&pool), secs(20));
+    assert_eq!(fail(&other), secs(5), "per object");
+    for _ in 0..10 {
+        fail(&pool);
+    }
+    assert_eq!(fail(&pool), secs(300), "capped");
+    f.ctx.backoff.succeeded("SandboxPool", &pool);
+    assert_eq!(fail(&pool), secs(5), "reset by a success");
+}
+
+/// Issue 17 defect 9: a progress report (the broker writes `status.progress` every step)
+/// reconciles neither the run nor its pools; what each of them reads still does, and a
+/// deleted run still reaches its pools.
+#[tokio::test]
+async fn progress_reports_trigger_no_reconciles_but_what_matters_does() {
+    use futures::StreamExt;
+    use kube::runtime::watcher::Event;
+    use selfplay_crds::ProgressSnapshot;
+    use selfplay_operator::controller::predicates;
+
+    let mut run: SelfPlayRun = one("run-gpu.yaml");
+    run.metadata.generation = Some(1);
+    run.status = Some(SelfPlayRunStatus::default());
+    let step = |run: &SelfPlayRun, n: i64| {
+        let mut r = run.clone();
+        if let Some(st) = r.status.as_mut() {
+            st.progress = Some(ProgressSnapshot {
+                step: n,
+                policy_version: n,
+                ..Default::default()
+            });
+        }
+        r
+    };
+    let mut restarted = step(&run, 3);
+    if let Some(st) = restarted.status.as_mut() {
+        st.restarts = 1;
+    }
+    let mut edited = restarted.clone();
+    edited.metadata.generation = Some(2);
+    let events = vec![
+        Event::Init,
+        Event::InitApply(run.clone()),
+        Event::InitDone,
+        Event::Apply(step(&run, 1)),
+        Event::Apply(step(&run, 2)),
+        Event::Apply(restarted.clone()),
+        Event::Apply(edited.clone()),
+        Event::Delete(edited.clone()),
+    ];
+    let seen = |pred: fn(&SelfPlayRun) -> Option<u64>| {
+        let events = events.clone();
+        async move {
+            predicates::changed_objects(futures::stream::iter(events.into_iter().map(Ok)), pred)
+                .filter_map(|r| async move { r.ok() })
+                .map(|r| (r.metadata.generation, r.status.map_or(0, |s| s.restarts)))
+                .collect::<Vec<_>>()
+                .await
+        }
+    };
+    // Pools: the initial list, the new attempt (claims to reclaim), the deletion. The spec
+    // edit does not change the pools used.
+    assert_eq!(
+        seen(predicates::run_for_pools).await,
+        [(Some(1), 0), (Some(1), 1), (Some(2), 1)]
+    );
+    // The run itself: the initial list, its spec edit, the deletion.
+    assert_eq!(
+        seen(predicates::run_for_run_controller).await,
+        [(Some(1), 0), (Some(2), 1), (Some(2), 1)]
+    );
+}
+
+/// Issue 17 defect 4: the Service routes trainers to the pod labelled as serving the broker;
+/// the leader sets the label on its own pod, and removes it (a merge patch to null) at start
+/// and shutdown, so that standbys, Ready for rolling updates, get no trainer connections.
+#[tokio::test]
+async fn leader_labels_its_own_pod_as_serving_the_broker() {
+    let (client, handle) = mock::client();
+    let pods: Api<Pod> = Api::namespaced(client, "ops");
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "selfplay-operator-0", "namespace": "ops"}});
+    let path = "/api/v1/namespaces/ops/pods/selfplay-operator-0?";
+    let server = mock::serve(
+        handle,
+        vec![
+            step("PATCH", path, Reply::Json(200, pod.clone())),
+            step("PATCH", path, Reply::Json(200, pod)),
+        ],
+    );
+    within(leader::mark_serving(&pods, "selfplay-operator-0", false))
+        .await
+        .expect("unlabel");
+    within(leader::mark_serving(&pods, "selfplay-operator-0", true))
+        .await
+        .expect("label");
+    let seen = server.await.expect("server");
+    assert_eq!(
+        seen[0].body,
+        json!({"metadata": {"labels": {"selfplay.dev/broker-serving": null}}})
+    );
+    assert_eq!(
+        seen[1].body,
+        json!({"metadata": {"labels": {"selfplay.dev/broker-serving": "true"}}})
+    );
+    assert_eq!(leader::LABEL_SERVING, "selfplay.dev/broker-serving");
 }

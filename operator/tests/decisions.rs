@@ -15,7 +15,10 @@ use selfplay_crds::{Checkpoint, RunPhase, SandboxPool, SelfPlayRun, SelfPlayRunS
 use selfplay_operator::build::ResumePoint;
 use selfplay_operator::config::OperatorConfig;
 use selfplay_operator::decide::checkpoint::{CheckpointInfo, latest_ready, retention};
-use selfplay_operator::decide::pool::{DeleteReason, Sandbox, decide_pool, pool_status};
+use selfplay_operator::decide::pool::{
+    CrashBackoff, DeleteReason, Holder, Holders, Sandbox, StaleClaim, decide_pool,
+    mark_stale_claims, pool_status,
+};
 use selfplay_operator::decide::run::{
     ResumeFrom, RunAction, RunObservation, Trainer, TrainerPhase, decide_run, restart_backoff,
 };
@@ -32,7 +35,7 @@ fn sandbox(name: &str, hash: &str, created: Timestamp, ready: bool) -> Sandbox {
         finished: false,
         claimed_by: None,
         template_hash: Some(hash.into()),
-        terminating: false,
+        ..Sandbox::default()
     }
 }
 
@@ -44,6 +47,80 @@ fn reasons(plan: &selfplay_operator::decide::pool::PoolPlan) -> Vec<(&str, Delet
 }
 
 // ---- pools ----
+
+/// Issue 17 defect 5: claims of a deleted, recreated or finished run, or of a replaced trainer
+/// attempt, go back to the pool instead of counting toward `max` until their TTL.
+#[test]
+fn pool_reclaims_claims_whose_run_or_attempt_is_gone() {
+    let pool: SandboxPool = one("pool-basic.yaml");
+    let now = ts(NOW);
+    let claimed = |name: &str, run: &str, uid: &str, attempt: i32| Sandbox {
+        claimed_by: Some(run.into()),
+        claim_run_uid: Some(uid.into()),
+        claim_attempt: Some(attempt),
+        ..sandbox(name, "h", ts("2025-06-01T11:55:00Z"), true)
+    };
+    let mut sandboxes = vec![
+        claimed("live", "a", "uid-a", 1),
+        claimed("old-attempt", "a", "uid-a", 0),
+        claimed("later-attempt", "a", "uid-a", 2),
+        claimed("recreated", "a", "uid-old", 1),
+        claimed("finished", "b", "uid-b", 0),
+        claimed("deleted", "c", "uid-c", 0),
+        // Claimed before claims carried a UID and an attempt: only the run's existence counts.
+        Sandbox {
+            claimed_by: Some("a".into()),
+            ..sandbox("legacy", "h", ts("2025-06-01T11:55:00Z"), true)
+        },
+    ];
+    let runs: Holders = [
+        (
+            "a".to_string(),
+            Holder {
+                uid: Some("uid-a".into()),
+                attempt: 1,
+                finished: false,
+            },
+        ),
+        (
+            "b".to_string(),
+            Holder {
+                uid: Some("uid-b".into()),
+                attempt: 0,
+                finished: true,
+            },
+        ),
+    ]
+    .into();
+    mark_stale_claims(&mut sandboxes, &runs);
+    let stale: Vec<(&str, Option<StaleClaim>)> = sandboxes
+        .iter()
+        .map(|s| (s.name.as_str(), s.stale_claim))
+        .collect();
+    assert_eq!(
+        stale,
+        [
+            ("live", None),
+            ("old-attempt", Some(StaleClaim::OldAttempt)),
+            ("later-attempt", None),
+            ("recreated", Some(StaleClaim::RunGone)),
+            ("finished", Some(StaleClaim::RunFinished)),
+            ("deleted", Some(StaleClaim::RunGone)),
+            ("legacy", None),
+        ]
+    );
+    let plan = decide_pool(&pool.spec, "h", &sandboxes, now);
+    assert_eq!(
+        reasons(&plan),
+        [
+            ("deleted", DeleteReason::Reclaimed),
+            ("finished", DeleteReason::Reclaimed),
+            ("old-attempt", DeleteReason::Reclaimed),
+            ("recreated", DeleteReason::Reclaimed),
+        ]
+    );
+    assert_eq!(plan.counts.claimed, 3);
+}
 
 #[test]
 fn pool_observes_fixture_pods_and_replaces_failed_and_expired_ones() {
@@ -285,6 +362,7 @@ fn trainer(attempt: i32, phase: TrainerPhase) -> Trainer {
         phase,
         terminating: false,
         message: None,
+        stuck: None,
     }
 }
 
@@ -787,4 +865,146 @@ fn exit_code_zero_before_the_target_step_is_a_failure() {
     let c = find_condition(&plan.status.conditions, ConditionType::Degraded).expect("cond");
     assert_eq!(c.reason, "TrainerFailed");
     assert!(c.message.contains("step 7 of 20"), "{}", c.message);
+}
+
+/// Issue 17 defect 7: a sandbox stuck before Ready (image pull, unschedulable) makes the pool
+/// Degraded with the pod's own reason instead of an endless "WarmingUp".
+#[test]
+fn pool_reports_why_its_sandboxes_are_stuck_pending() {
+    let pool: SandboxPool = one("pool-basic.yaml");
+    let pod = |name: &str, status: serde_json::Value| -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "team-a", "resourceVersion": "1",
+                "creationTimestamp": "2025-06-01T11:58:00Z",
+                "labels": {"selfplay.dev/template-hash": "h"}},
+            "status": status
+        }))
+        .expect("pod")
+    };
+    let pull = pod(
+        "pull",
+        serde_json::json!({"phase": "Pending", "containerStatuses": [{
+            "name": "sandbox", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "ImagePullBackOff",
+                "message": "Back-off pulling image \"registry.example.com/envs/pyrepo:1.2\""}}}]}),
+    );
+    let unschedulable = pod(
+        "unschedulable",
+        serde_json::json!({"phase": "Pending", "conditions": [{"type": "PodScheduled",
+            "status": "False", "reason": "Unschedulable",
+            "message": "0/3 nodes are available: 3 Insufficient memory."}]}),
+    );
+    let starting = pod(
+        "starting",
+        serde_json::json!({"phase": "Pending", "containerStatuses": [{
+            "name": "sandbox", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "ContainerCreating"}}}]}),
+    );
+    let sandboxes: Vec<Sandbox> = [pull, unschedulable, starting]
+        .iter()
+        .filter_map(Sandbox::from_pod)
+        .collect();
+    let mut spec = pool.spec.clone();
+    spec.warm = 3;
+    let plan = decide_pool(&spec, "h", &sandboxes, ts(NOW));
+    let st = pool_status("pyrepo", &spec, "h", &plan, None, Some(1), ts(NOW));
+    let degraded = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .expect("Degraded");
+    assert_eq!(degraded.status, "True");
+    assert_eq!(degraded.reason, "SandboxPending");
+    assert!(
+        degraded.message.contains("2 sandbox pod(s) stuck")
+            && degraded.message.contains("ImagePullBackOff"),
+        "{}",
+        degraded.message
+    );
+
+    // Normal start-up is not stuck.
+    let only_starting: Vec<Sandbox> = sandboxes[2..].to_vec();
+    let plan = decide_pool(&spec, "h", &only_starting, ts(NOW));
+    let st = pool_status("pyrepo", &spec, "h", &plan, None, Some(1), ts(NOW));
+    assert!(
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "Degraded" && c.status == "False")
+    );
+}
+
+/// Issue 17 defect 7: a pool whose sandboxes keep failing replaces them after a growing delay,
+/// not in a tight delete/recreate loop; a Ready sandbox resets it.
+#[test]
+fn failing_sandboxes_are_replaced_with_backoff() {
+    let pool: SandboxPool = one("pool-basic.yaml");
+    let t0 = std::time::Instant::now();
+    let s = |d| Duration::from_secs(d);
+    let crashed = Sandbox {
+        finished: true,
+        ..sandbox("crashed", "h", ts("2025-06-01T11:59:00Z"), false)
+    };
+    let mut plan = decide_pool(&pool.spec, "h", &[crashed], ts(NOW));
+    assert_eq!(plan.create, 2);
+    let mut b = CrashBackoff::default();
+    let held = b.observe(plan.deleted(DeleteReason::Failed) > 0, false, t0);
+    assert_eq!(held, Some(t0 + s(5)));
+    plan.hold_creates();
+    assert_eq!(
+        (plan.create, plan.counts.replicas, plan.counts.pending),
+        (0, 0, 0)
+    );
+    // A reconcile in between (a watch event) keeps holding; after the delay, creates go.
+    assert_eq!(b.observe(false, false, t0 + s(1)), Some(t0 + s(5)));
+    assert_eq!(b.observe(false, false, t0 + s(5)), None);
+    // Failing again: twice as long, and so on up to the cap.
+    assert_eq!(b.observe(true, false, t0 + s(30)), Some(t0 + s(40)));
+    assert_eq!(b.observe(true, false, t0 + s(60)), Some(t0 + s(80)));
+    // A Ready sandbox: the template works, start over.
+    assert_eq!(b.observe(false, true, t0 + s(100)), None);
+    assert_eq!(b.observe(true, false, t0 + s(200)), Some(t0 + s(205)));
+}
+
+/// Issue 17 defect 7: a trainer stuck Pending (no node with a free GPU, an unbound PVC) makes
+/// the run Degraded with the pod's reason and one Warning event, not a silent
+/// "TrainerStarting".
+#[test]
+fn run_reports_a_trainer_stuck_pending() {
+    let run: SelfPlayRun = one("run-gpu.yaml");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "qwen-ssr-trainer-0", "namespace": "team-a",
+            "labels": {"selfplay.dev/attempt": "0"}},
+        "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+            "reason": "Unschedulable",
+            "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}]}
+    }))
+    .expect("pod");
+    let t = Trainer::from_pod(&pod).expect("trainer");
+    let mut o = obs(NOW);
+    o.trainers = vec![t];
+    let first = decide_run(&run.spec, None, &o);
+    let st = &first.status;
+    assert_eq!(
+        cond(st, ConditionType::Degraded),
+        ("True", "TrainerPending")
+    );
+    let msg = &find_condition(&st.conditions, ConditionType::Degraded)
+        .expect("Degraded")
+        .message;
+    assert!(msg.contains("Insufficient nvidia.com/gpu"), "{msg}");
+    assert!(
+        first
+            .events
+            .iter()
+            .any(|e| e.warning && e.reason == "TrainerPending"),
+        "{:?}",
+        first.events
+    );
+    // Still stuck next time: the condition stays, the event is not repeated.
+    let again = decide_run(&run.spec, Some(st), &o);
+    assert_eq!(
+        cond(&again.status, ConditionType::Degraded),
+        ("True", "TrainerPending")
+    );
+    assert!(again.events.iter().all(|e| e.reason != "TrainerPending"));
 }

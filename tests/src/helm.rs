@@ -82,8 +82,6 @@ podMonitor:
     - action: replace
       targetLabel: cluster
       replacement: gpu-a
-  sidecar:
-    enabled: true
 prometheusRule:
   enabled: true
   additionalLabels:

@@ -432,7 +432,16 @@ fn service_and_monitors_select_what_they_should() {
     let pod_labels = d["spec"]["template"]["metadata"]["labels"]
         .as_object()
         .expect("pod labels");
+    // Trainers reach only the replica whose broker serves (issue 17 defect 4): the leader
+    // labels its pod; standbys, Ready for rolling updates, lack the label.
+    assert_eq!(
+        svc["spec"]["selector"]["selfplay.dev/broker-serving"], "true",
+        "the Service would send trainers to standby replicas"
+    );
     for (k, v) in svc["spec"]["selector"].as_object().expect("selector") {
+        if k == "selfplay.dev/broker-serving" {
+            continue;
+        }
         assert_eq!(
             pod_labels.get(k),
             Some(v),
@@ -472,22 +481,24 @@ fn service_and_monitors_select_what_they_should() {
         "additionalLabels"
     );
 
-    // PodMonitors select the pods the operator creates, by the operator's labels.
-    for (name, component) in [
-        ("selfplay-trainer", "trainer"),
-        ("selfplay-sidecar", "sandbox"),
-    ] {
-        let pm = find(&objs, "PodMonitor", Some(name));
-        assert_eq!(
-            pm["metadata"]["labels"]["release"], "kube-prometheus-stack",
-            "additionalLabels"
-        );
-        let sel = &pm["spec"]["selector"]["matchLabels"];
-        assert_eq!(sel["selfplay.dev/component"], component);
-        assert_eq!(sel["app.kubernetes.io/managed-by"], "selfplay-operator");
-        assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
-        assert_eq!(pm["spec"]["namespaceSelector"], json!({"any": true}));
-    }
+    // The PodMonitor selects the pods the operator creates, by the operator's labels. There is
+    // none for sidecars: sandbox pods expose no metrics port, and their NetworkPolicy admits
+    // only trainers (issue 17 defect 11).
+    assert!(
+        objs.iter()
+            .all(|o| !(o["kind"] == "PodMonitor" && o["metadata"]["name"] == "selfplay-sidecar")),
+        "a sidecar PodMonitor would only report its targets down"
+    );
+    let pm = find(&objs, "PodMonitor", Some("selfplay-trainer"));
+    assert_eq!(
+        pm["metadata"]["labels"]["release"], "kube-prometheus-stack",
+        "additionalLabels"
+    );
+    let sel = &pm["spec"]["selector"]["matchLabels"];
+    assert_eq!(sel["selfplay.dev/component"], "trainer");
+    assert_eq!(sel["app.kubernetes.io/managed-by"], "selfplay-operator");
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
+    assert_eq!(pm["spec"]["namespaceSelector"], json!({"any": true}));
     let _ = fs::remove_dir_all(&dir);
 }
 
@@ -827,6 +838,11 @@ fn rbac_is_least_privilege_and_matches_the_operator() {
     let lease_role = find(&objs, "Role", Some("selfplay-operator-leader-election"));
     for rule in lease_role["rules"].as_array().expect("rules") {
         let verbs = &rule["verbs"];
+        // The leader labels its own pod (generated name): patch on pods, nothing more.
+        if rule["resources"] == json!(["pods"]) {
+            assert_eq!(verbs, &json!(["patch"]), "{rule}");
+            continue;
+        }
         if verbs != &json!(["create"]) {
             assert_eq!(
                 rule["resourceNames"],
@@ -943,26 +959,12 @@ fn monitors_select_the_pods_the_operator_creates() {
         "trainer pods have no port {port:?}"
     );
 
-    let pm_sidecar = find(&objs, "PodMonitor", Some("selfplay-sidecar"));
+    // Why there is no sidecar PodMonitor: sandbox pods expose no metrics port. Once they do,
+    // bring it back together with a pool NetworkPolicy rule for the monitoring namespace.
     assert!(
-        labels_match(
-            &pm_sidecar["spec"]["selector"]["matchLabels"],
-            &sandbox["metadata"]["labels"]
-        ),
-        "the sidecar PodMonitor does not select the operator's sandbox pods: {}",
-        sandbox["metadata"]["labels"]
+        !port_names(sandbox).contains(port),
+        "sandbox pods now expose {port:?}: add the sidecar PodMonitor and its NetworkPolicy rule"
     );
-    let sidecar_port = pm_sidecar["spec"]["podMetricsEndpoints"][0]["port"]
-        .as_str()
-        .expect("port");
-    if !port_names(sandbox).contains(sidecar_port) {
-        // Known gap, documented in the chart README (podMonitor.sidecar.enabled is off by default).
-        let _ = writeln!(
-            std::io::stderr(),
-            "\nNOTE {test}: sandbox pods expose no {sidecar_port:?} port yet (ports: {:?}); the sidecar PodMonitor finds no target until the operator adds one.\n",
-            port_names(sandbox)
-        );
-    }
 
     // The operator NetworkPolicy admits the trainer pods to the broker.
     let np = find(&objs, "NetworkPolicy", None);

@@ -13,8 +13,8 @@ use kube::{Client, ResourceExt};
 use selfplay_crds::{Checkpoint, ProgressSnapshot};
 
 use crate::names::{
-    ANNOTATION_CLAIM, BROKER_MANAGER, COMPONENT_SANDBOX, LABEL_CLAIMED_BY, LABEL_COMPONENT,
-    TOKEN_KEY,
+    ANNOTATION_CLAIM, ANNOTATION_CLAIM_RUN_UID, BROKER_MANAGER, COMPONENT_SANDBOX,
+    LABEL_CLAIM_ATTEMPT, LABEL_CLAIMED_BY, LABEL_COMPONENT, TOKEN_KEY,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,9 @@ pub enum ClaimOutcome {
 pub struct Claim {
     pub run_namespace: String,
     pub run_name: String,
+    pub run_uid: Option<String>,
+    /// The run's current trainer attempt: a later attempt does not inherit the claim.
+    pub attempt: i32,
     pub at: k8s_openapi::jiff::Timestamp,
 }
 
@@ -91,9 +94,13 @@ pub fn claim_patch(pod: &Pod, claim: &Claim) -> Result<serde_json::Value, Backen
     Ok(serde_json::json!({
         "metadata": {
             "resourceVersion": rv,
-            "labels": { LABEL_CLAIMED_BY: claim.run_name },
+            "labels": {
+                LABEL_CLAIMED_BY: claim.run_name,
+                LABEL_CLAIM_ATTEMPT: claim.attempt.to_string(),
+            },
             "annotations": {
                 ANNOTATION_CLAIM: format!("{}/{} at {}", claim.run_namespace, claim.run_name, claim.at),
+                ANNOTATION_CLAIM_RUN_UID: claim.run_uid,
             },
         }
     }))

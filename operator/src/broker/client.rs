@@ -38,12 +38,67 @@ pub struct SandboxLease {
     pub test_timeout: Duration,
 }
 
+/// How idempotent calls (progress, checkpoint registration, release) are retried: a broker
+/// briefly unreachable (a leader hand-over, an operator restart) must not crash the trainer
+/// and burn one of its restarts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Give up once this much time has passed since the first try.
+    pub deadline: Duration,
+    /// Each try's own gRPC deadline.
+    pub per_try: Duration,
+    pub first_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_secs(60),
+            per_try: Duration::from_secs(10),
+            first_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// A single try (no retries), as before retries existed.
+    pub fn none() -> Self {
+        Self {
+            deadline: Duration::ZERO,
+            ..Self::default()
+        }
+    }
+
+    /// The wait before try `n + 1` after `n` failed tries: doubling, capped.
+    pub fn backoff(&self, tries: u32) -> Duration {
+        let exp = tries.saturating_sub(1).min(16);
+        self.first_backoff
+            .saturating_mul(1u32 << exp)
+            .min(self.max_backoff)
+    }
+}
+
+/// Errors worth another try: the broker was unreachable or overloaded, or the try timed out.
+/// Refusals (bad token, finished run, invalid request) are final.
+pub fn retryable(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Aborted
+    )
+}
+
 /// Talks to the broker on behalf of one run. Cheap to clone; safe to use from many tasks.
 #[derive(Clone)]
 pub struct BrokerClient {
     inner: pb::broker_client::BrokerClient<Channel>,
     run: pb::RunRef,
     auth: MetadataValue<tonic::metadata::Ascii>,
+    retry: RetryPolicy,
 }
 
 /// Environment variables the operator sets in the trainer pod.
@@ -87,7 +142,41 @@ impl BrokerClient {
                 name: run.to_string(),
             },
             auth,
+            retry: RetryPolicy::default(),
         })
+    }
+
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Runs `call` (one try, given a request with its per-try deadline) until it succeeds,
+    /// fails for good, or the policy's deadline passes.
+    async fn retrying<B, T, F, Fut>(&self, body: B, mut call: F) -> Result<T, ClientError>
+    where
+        B: Clone,
+        F: FnMut(pb::broker_client::BrokerClient<Channel>, tonic::Request<B>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let start = tokio::time::Instant::now();
+        let mut tries = 0u32;
+        loop {
+            let mut req = self.request(body.clone());
+            req.set_timeout(self.retry.per_try);
+            tries += 1;
+            match call(self.inner.clone(), req).await {
+                Ok(v) => return Ok(v),
+                Err(status) => {
+                    let wait = self.retry.backoff(tries);
+                    if !retryable(status.code()) || start.elapsed() + wait > self.retry.deadline {
+                        return Err(status.into());
+                    }
+                    tracing::debug!(code = ?status.code(), tries, ?wait, "broker call failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
     }
 
     /// A client configured from the trainer pod's environment.
@@ -130,21 +219,27 @@ impl BrokerClient {
 
     /// Gives a sandbox back; the broker deletes it.
     pub async fn release(&self, sandbox: &str) -> Result<(), ClientError> {
-        let req = self.request(pb::ReleaseRequest {
+        let body = pb::ReleaseRequest {
             run: Some(self.run.clone()),
             sandbox: sandbox.to_string(),
-        });
-        self.inner.clone().release(req).await?;
+        };
+        // Idempotent: a sandbox released already is gone, which the broker accepts.
+        self.retrying(body, |mut c, req| async move { c.release(req).await })
+            .await?;
         Ok(())
     }
 
     /// Reports the run's progress (written to the run's `status.progress`).
     pub async fn report_progress(&self, progress: &ProgressSnapshot) -> Result<(), ClientError> {
-        let req = self.request(pb::ReportProgressRequest {
+        let body = pb::ReportProgressRequest {
             run: Some(self.run.clone()),
             progress: Some(proto_progress(progress)),
-        });
-        self.inner.clone().report_progress(req).await?;
+        };
+        self.retrying(
+            body,
+            |mut c, req| async move { c.report_progress(req).await },
+        )
+        .await?;
         Ok(())
     }
 
@@ -157,20 +252,21 @@ impl BrokerClient {
         size_bytes: i64,
         metrics: Option<&ProgressSnapshot>,
     ) -> Result<String, ClientError> {
-        let req = self.request(pb::RegisterCheckpointRequest {
+        let body = pb::RegisterCheckpointRequest {
             run: Some(self.run.clone()),
             step,
             policy_version,
             location: location.to_string(),
             size_bytes,
             metrics: metrics.map(proto_progress),
-        });
-        Ok(self
-            .inner
-            .clone()
-            .register_checkpoint(req)
-            .await?
-            .into_inner()
-            .checkpoint)
+        };
+        // Idempotent: the Checkpoint's name follows from the step, and one that exists
+        // already is accepted.
+        let r = self
+            .retrying(body, |mut c, req| async move {
+                c.register_checkpoint(req).await
+            })
+            .await?;
+        Ok(r.into_inner().checkpoint)
     }
 }

@@ -311,6 +311,8 @@ impl<B: Backend> Broker<B> {
         let claim = Claim {
             run_namespace: ns.clone(),
             run_name: run.name_any(),
+            run_uid: run.uid(),
+            attempt: run.status.as_ref().map_or(0, |s| s.restarts),
             at: Timestamp::now(),
         };
 

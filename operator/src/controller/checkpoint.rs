@@ -22,7 +22,8 @@ pub const KIND: &str = "Checkpoint";
 
 pub async fn reconcile(ckpt: Arc<Checkpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ReconcileTimer::start(&ctx.metrics, KIND);
-    reconcile_checkpoint(&ckpt, &ctx, Timestamp::now()).await
+    let result = reconcile_checkpoint(&ckpt, &ctx, Timestamp::now()).await;
+    ctx.backoff.settle(KIND, ckpt.as_ref(), result)
 }
 
 /// The Ready status of a checkpoint the trainer registered (it registers only complete ones).

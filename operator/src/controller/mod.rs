@@ -7,10 +7,12 @@ pub mod checkpoint;
 pub mod http;
 pub mod leader;
 pub mod pool;
+pub mod predicates;
 pub mod run;
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
@@ -37,6 +39,66 @@ pub struct Context {
     pub runs: Store<SelfPlayRun>,
     /// Notified whenever the sandbox reflector sees a change; wakes waiting acquires.
     pub sandboxes_changed: Arc<Notify>,
+    /// Consecutive failed reconciles per object, for the error policy's backoff.
+    pub backoff: ErrorBackoff,
+    /// Per pool (namespace/name): sandboxes failing in a row, and until when not to replace them.
+    pub sandbox_crashes: Mutex<HashMap<String, crate::decide::pool::CrashBackoff>>,
+}
+
+/// The error policy's delay after `failures` consecutive failed reconciles of one object:
+/// 5 s doubling up to 5 min, so that a quota or admission rejection does not hammer the API
+/// server every few seconds while a transient error is still retried soon.
+pub fn error_backoff(failures: u32) -> Duration {
+    const BASE: Duration = Duration::from_secs(5);
+    const MAX: Duration = Duration::from_secs(300);
+    let exp = failures.saturating_sub(1).min(16);
+    BASE.saturating_mul(1u32 << exp).min(MAX)
+}
+
+/// Per-object failure counts, keyed by kind/namespace/name.
+#[derive(Debug, Default)]
+pub struct ErrorBackoff {
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl ErrorBackoff {
+    fn key<K: Resource>(kind: &str, obj: &K) -> String {
+        format!(
+            "{kind}/{}/{}",
+            obj.meta().namespace.as_deref().unwrap_or_default(),
+            obj.meta().name.as_deref().unwrap_or_default()
+        )
+    }
+
+    /// Records a failure and returns how long to wait before the next try.
+    pub fn failed<K: Resource>(&self, kind: &str, obj: &K) -> Duration {
+        let Ok(mut m) = self.failures.lock() else {
+            return error_backoff(1);
+        };
+        let n = m.entry(Self::key(kind, obj)).or_insert(0);
+        *n = n.saturating_add(1);
+        error_backoff(*n)
+    }
+
+    /// Forgets the failures of an object whose reconcile succeeded.
+    pub fn succeeded<K: Resource>(&self, kind: &str, obj: &K) {
+        if let Ok(mut m) = self.failures.lock() {
+            m.remove(&Self::key(kind, obj));
+        }
+    }
+
+    /// Passes `result` through, resetting the object's backoff on success.
+    pub fn settle<K: Resource, T, E>(
+        &self,
+        kind: &str,
+        obj: &K,
+        result: Result<T, E>,
+    ) -> Result<T, E> {
+        if result.is_ok() {
+            self.succeeded(kind, obj);
+        }
+        result
+    }
 }
 
 impl Context {
@@ -60,6 +122,8 @@ impl Context {
             pools,
             runs,
             sandboxes_changed,
+            backoff: ErrorBackoff::default(),
+            sandbox_crashes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -151,16 +215,19 @@ impl Drop for ReconcileTimer<'_> {
     }
 }
 
-/// The `error_policy` of every controller: count the error by label and retry soon.
-pub fn on_error(
+/// The `error_policy` of every controller: count the error by label and retry `obj` after a
+/// backoff that grows with its consecutive failures (reset by its next successful reconcile).
+pub fn on_error<K: Resource>(
     kind: &'static str,
+    obj: &K,
     err: &Error,
-    metrics: &Metrics,
+    ctx: &Context,
 ) -> kube::runtime::controller::Action {
-    tracing::warn!(kind, error = %err, "reconcile failed");
-    metrics
+    let wait = ctx.backoff.failed(kind, obj);
+    tracing::warn!(kind, object = ?obj.meta().name, error = %err, retry_in = ?wait, "reconcile failed");
+    ctx.metrics
         .reconcile_errors
         .with_label_values(&[kind, err.metric_label()])
         .inc();
-    kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(10))
+    kube::runtime::controller::Action::requeue(wait)
 }

@@ -6,36 +6,68 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use selfplay_crds::SandboxPool;
 
 use crate::build::{generate_token, pool_token_secret, sandbox_network_policy, sandbox_pod};
 use crate::controller::apply::{apply, apply_status, create, delete, ensure_secret};
 use crate::controller::{Context, Error, ReconcileTimer};
-use crate::decide::pool::{DeleteReason, Sandbox, decide_pool, invalid_pool_status, pool_status};
-use crate::decide::seconds_between;
+use crate::decide::pool::{
+    DeleteReason, Holder, Holders, Sandbox, decide_pool, invalid_pool_status, mark_stale_claims,
+    pool_status,
+};
+use crate::decide::{mark_create_failed, seconds_between};
 use crate::names::{FINALIZER, MANAGER, sandbox_selector_labels, selector_string};
 use crate::validate::validate_pool;
 
 pub const KIND: &str = "SandboxPool";
 
+/// Pools carry no finalizer: all the operator did on deletion was drop metric series, and a
+/// finalizer would keep every pool (and so its namespace) from being deleted once the operator
+/// is uninstalled. The series go on the watch's delete event instead ([`on_pool_event`]).
 pub async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ReconcileTimer::start(&ctx.metrics, KIND);
     let ns = pool
         .namespace()
         .ok_or_else(|| Error::MissingNamespace(pool.name_any()))?;
     let api: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, FINALIZER, pool, |event| async {
-        match event {
-            Finalizer::Apply(pool) => apply_pool(&pool, &ctx, Timestamp::now()).await,
-            Finalizer::Cleanup(pool) => cleanup_pool(&pool, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    drop_legacy_finalizer(&api, &pool).await?;
+    if pool.meta().deletion_timestamp.is_some() {
+        ctx.metrics.forget_pool(&ns, &pool.name_any());
+        return Ok(Action::await_change());
+    }
+    let result = apply_pool(&pool, &ctx, Timestamp::now()).await;
+    ctx.backoff.settle(KIND, pool.as_ref(), result)
+}
+
+/// Removes the finalizer that earlier versions put on pools, conditional on the version read
+/// so that finalizers others add meanwhile are not lost.
+async fn drop_legacy_finalizer(api: &Api<SandboxPool>, pool: &SandboxPool) -> Result<(), Error> {
+    let finalizers = pool.finalizers();
+    if !finalizers.iter().any(|f| f == FINALIZER) {
+        return Ok(());
+    }
+    let rest: Vec<&String> = finalizers.iter().filter(|f| *f != FINALIZER).collect();
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": pool.resource_version(), "finalizers": rest}
+    });
+    api.patch(
+        &pool.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Drops a deleted pool's metric series; called on every event of the pool watch.
+pub fn on_pool_event(metrics: &crate::metrics::Metrics, event: &watcher::Event<SandboxPool>) {
+    if let watcher::Event::Delete(pool) = event {
+        metrics.forget_pool(&pool.namespace().unwrap_or_default(), &pool.name_any());
+    }
 }
 
 /// Names of the runs in `namespace` that use pool `pool`, from the run reflector.
@@ -48,6 +80,26 @@ pub fn runs_using_pool(ctx: &Context, namespace: &str, pool: &str) -> Vec<String
                 && r.spec.pools.iter().any(|p| p.name == pool)
         })
         .map(|r| r.name_any())
+        .collect()
+}
+
+/// The runs of `namespace` from the (synced) run cache, to find leaked claims.
+pub fn holders(ctx: &Context, namespace: &str) -> Holders {
+    ctx.runs
+        .state()
+        .iter()
+        .filter(|r| r.namespace().as_deref() == Some(namespace))
+        .map(|r| {
+            let st = r.status.as_ref();
+            let holder = Holder {
+                uid: r.uid(),
+                attempt: st.map_or(0, |s| s.restarts),
+                finished: st
+                    .and_then(|s| s.phase)
+                    .is_some_and(selfplay_crds::RunPhase::is_terminal),
+            };
+            (r.name_any(), holder)
+        })
         .collect()
 }
 
@@ -129,8 +181,19 @@ pub async fn apply_pool(
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let selector = selector_string(&sandbox_selector_labels(&name));
     let list = pods.list(&ListParams::default().labels(&selector)).await?;
-    let sandboxes: Vec<Sandbox> = list.items.iter().filter_map(Sandbox::from_pod).collect();
-    let plan = decide_pool(valid.spec, &valid.template_hash, &sandboxes, now);
+    let mut sandboxes: Vec<Sandbox> = list.items.iter().filter_map(Sandbox::from_pod).collect();
+    mark_stale_claims(&mut sandboxes, &holders(ctx, &ns));
+    let mut plan = decide_pool(valid.spec, &valid.template_hash, &sandboxes, now);
+    let held = ctx.sandbox_crashes.lock().ok().and_then(|mut m| {
+        m.entry(format!("{ns}/{name}")).or_default().observe(
+            plan.deleted(DeleteReason::Failed) > 0,
+            plan.counts.ready > 0,
+            std::time::Instant::now(),
+        )
+    });
+    if held.is_some() {
+        plan.hold_creates();
+    }
 
     // Apply the decision.
     let mut deleted = 0;
@@ -138,19 +201,29 @@ pub async fn apply_pool(
         // Failed and expired sandboxes go whatever happened to them; the others only if unchanged.
         let rv = match reason {
             DeleteReason::Failed | DeleteReason::Expired => None,
-            DeleteReason::Outdated | DeleteReason::ScaleDown => plan.versions.get(pod).cloned(),
+            // A reclaimed sandbox released or re-labelled meanwhile is left alone.
+            DeleteReason::Outdated | DeleteReason::ScaleDown | DeleteReason::Reclaimed => {
+                plan.versions.get(pod).cloned()
+            }
         };
         if delete(&pods, pod, rv).await? {
             deleted += 1;
             tracing::info!(pool = %name, namespace = %ns, pod = %pod, reason = reason.as_str(), "sandbox deleted");
         }
     }
+    let mut create_error = None;
+    let mut not_created = 0;
     for _ in 0..plan.create {
-        create(&pods, &sandbox_pod(&valid, &ctx.config)).await?;
+        if create_error.is_some() {
+            not_created += 1;
+        } else if let Err(e) = create(&pods, &sandbox_pod(&valid, &ctx.config)).await {
+            create_error = Some(e);
+            not_created += 1;
+        }
     }
 
     // Status.
-    let st = pool_status(
+    let mut st = pool_status(
         &name,
         valid.spec,
         &valid.template_hash,
@@ -159,6 +232,22 @@ pub async fn apply_pool(
         generation,
         now,
     );
+    if let Some(e) = create_error {
+        // Written before the error goes to the error policy (and its backoff).
+        st.replicas -= not_created;
+        let msg = e.to_string();
+        mark_create_failed(&mut st.conditions, "sandbox pods", &msg, generation, now);
+        apply_status(&pools, &name, MANAGER, &status_body(&st)).await?;
+        ctx.event(
+            pool,
+            true,
+            "CreateFailed",
+            "Scale",
+            format!("cannot create sandbox pods: {msg}"),
+        )
+        .await;
+        return Err(e.into());
+    }
     apply_status(&pools, &name, MANAGER, &status_body(&st)).await?;
     let c = plan.counts;
     ctx.metrics
@@ -172,6 +261,24 @@ pub async fn apply_pool(
             "SandboxesCreated",
             "Scale",
             format!("created {} sandbox pod(s)", plan.create),
+        )
+        .await;
+    }
+    // Once per episode, not every reconcile: only when the pool was not already saying so.
+    let was_pending = pool.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Degraded" && c.reason == "SandboxPending")
+    });
+    if let Some((pod, why)) = plan.stuck.first()
+        && !was_pending
+    {
+        ctx.event(
+            pool,
+            true,
+            "SandboxPending",
+            "Scale",
+            format!("{} sandbox pod(s) stuck; {pod}: {why}", plan.stuck.len()),
         )
         .await;
     }
@@ -191,6 +298,7 @@ pub async fn apply_pool(
             DeleteReason::Expired,
             DeleteReason::Outdated,
             DeleteReason::ScaleDown,
+            DeleteReason::Reclaimed,
         ]
         .iter()
         .filter_map(|r| {
@@ -222,21 +330,8 @@ pub async fn apply_pool(
     if !plan.is_steady() {
         wait = wait.min(Duration::from_secs(15));
     }
+    if let Some(until) = held {
+        wait = wait.min(until.saturating_duration_since(std::time::Instant::now()));
+    }
     Ok(Action::requeue(wait))
-}
-
-/// On deletion: owned sandboxes, the policy and the Secret go by garbage collection; the
-/// operator drops the pool's metric series.
-pub async fn cleanup_pool(pool: &SandboxPool, ctx: &Context) -> Result<Action, Error> {
-    let ns = pool.namespace().unwrap_or_default();
-    ctx.metrics.forget_pool(&ns, &pool.name_any());
-    ctx.event(
-        pool,
-        false,
-        "Deleted",
-        "Cleanup",
-        "pool deleted; its sandboxes are garbage-collected".into(),
-    )
-    .await;
-    Ok(Action::await_change())
 }

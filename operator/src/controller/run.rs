@@ -16,6 +16,7 @@ use crate::build::{generate_token, run_token_secret, trainer_config_map, trainer
 use crate::controller::apply::{apply, apply_status, create, delete, ensure_secret};
 use crate::controller::{Context, Error, ReconcileTimer};
 use crate::decide::checkpoint::{CheckpointInfo, latest_ready};
+use crate::decide::mark_create_failed;
 use crate::decide::run::{
     ResumeFrom, RunAction, RunObservation, Trainer, decide_run, invalid_run_status,
 };
@@ -30,14 +31,16 @@ pub async fn reconcile(run: Arc<SelfPlayRun>, ctx: Arc<Context>) -> Result<Actio
         .namespace()
         .ok_or_else(|| Error::MissingNamespace(run.name_any()))?;
     let api: Api<SelfPlayRun> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, crate::names::FINALIZER, run, |event| async {
+    let obj = run.clone();
+    let result = finalizer(&api, crate::names::FINALIZER, run, |event| async {
         match event {
             Finalizer::Apply(run) => apply_run(&run, &ctx, Timestamp::now()).await,
             Finalizer::Cleanup(run) => cleanup_run(&run, &ctx).await,
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.backoff.settle(KIND, obj.as_ref(), result)
 }
 
 fn status_body(status: &selfplay_crds::SelfPlayRunStatus) -> serde_json::Value {
@@ -168,11 +171,29 @@ pub async fn apply_run(run: &SelfPlayRun, ctx: &Context, now: Timestamp) -> Resu
                 .await?;
                 let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
                 apply(&cms, &trainer_config_map(&valid)?).await?;
-                create(
-                    &pods,
-                    &trainer_pod(&valid, *attempt, resume.as_ref(), &ctx.config),
-                )
-                .await?;
+                let pod = trainer_pod(&valid, *attempt, resume.as_ref(), &ctx.config);
+                if let Err(e) = create(&pods, &pod).await {
+                    // Say why in status before the error policy retries with backoff.
+                    let mut st = plan.status.clone();
+                    let msg = e.to_string();
+                    mark_create_failed(
+                        &mut st.conditions,
+                        "the trainer pod",
+                        &msg,
+                        run.meta().generation,
+                        now,
+                    );
+                    apply_status(&runs, &name, MANAGER, &status_body(&st)).await?;
+                    ctx.event(
+                        run,
+                        true,
+                        "CreateFailed",
+                        "CreateTrainer",
+                        format!("cannot create the trainer pod: {msg}"),
+                    )
+                    .await;
+                    return Err(e.into());
+                }
                 tracing::info!(run = %name, namespace = %ns, attempt, "trainer created");
             }
         }

@@ -16,3 +16,24 @@ pub fn seconds_between(earlier: Timestamp, later: Timestamp) -> i64 {
 pub fn time(ts: Timestamp) -> Time {
     Time(ts)
 }
+
+/// Marks an object Degraded because the API server refused to create one of its pods (quota,
+/// a missing RuntimeClass, Pod Security admission): the reason is the refusal's, for `kubectl
+/// describe` to show instead of a reconcile that fails before any status is written.
+pub fn mark_create_failed(
+    conditions: &mut Vec<selfplay_crds::conditions::Condition>,
+    what: &str,
+    error: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    selfplay_crds::conditions::set_condition(
+        conditions,
+        selfplay_crds::conditions::ConditionType::Degraded,
+        selfplay_crds::conditions::ConditionStatus::True,
+        "CreateFailed",
+        &format!("cannot create {what}: {error}"),
+        generation,
+        time(now),
+    );
+}

@@ -6,11 +6,15 @@ use k8s_openapi::jiff::Timestamp;
 use selfplay_crds::conditions::{ConditionStatus, ConditionType, set_condition};
 use selfplay_crds::{SandboxPoolSpec, SandboxPoolStatus};
 
+use std::collections::BTreeMap;
+
 use crate::decide::{seconds_between, time};
-use crate::names::{LABEL_CLAIMED_BY, LABEL_TEMPLATE_HASH};
+use crate::names::{
+    ANNOTATION_CLAIM_RUN_UID, LABEL_CLAIM_ATTEMPT, LABEL_CLAIMED_BY, LABEL_TEMPLATE_HASH,
+};
 
 /// What the pool controller needs to know about one sandbox pod.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Sandbox {
     pub name: String,
     /// The version the decision was made on; deletions for scale-down and rolling are
@@ -24,6 +28,108 @@ pub struct Sandbox {
     pub template_hash: Option<String>,
     /// Has a deletionTimestamp: already on its way out, counted nowhere.
     pub terminating: bool,
+    /// UID of the claiming run (claims made before runs were recorded have none).
+    pub claim_run_uid: Option<String>,
+    /// The claiming run's trainer attempt at claim time.
+    pub claim_attempt: Option<i32>,
+    /// Set by [`mark_stale_claims`]: the claim's holder is gone, and the sandbox goes back.
+    pub stale_claim: Option<StaleClaim>,
+    /// Why a pod that is not Ready is stuck, when the kubelet or scheduler says so
+    /// (unschedulable, image pull, missing PVC or Secret): `Reason: message`.
+    pub stuck: Option<String>,
+}
+
+/// Waiting reasons that do not resolve by themselves; `ContainerCreating` and
+/// `PodInitializing` are normal start-up and are not listed.
+const STUCK_WAITING: [&str; 6] = [
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "CrashLoopBackOff",
+];
+
+/// Why a pod is stuck before Ready, from its status: not schedulable (no node fits, an
+/// unbound PVC), or a container that cannot start.
+pub fn stuck_reason(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    if let Some(c) = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+    {
+        return Some(format!(
+            "{}: {}",
+            c.reason.as_deref().unwrap_or("Unschedulable"),
+            c.message.as_deref().unwrap_or_default()
+        ));
+    }
+    status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+        .filter_map(|cs| cs.state.as_ref()?.waiting.as_ref())
+        .find(|w| {
+            w.reason
+                .as_deref()
+                .is_some_and(|r| STUCK_WAITING.contains(&r))
+        })
+        .map(|w| {
+            format!(
+                "{}: {}",
+                w.reason.as_deref().unwrap_or_default(),
+                w.message.as_deref().unwrap_or_default()
+            )
+        })
+}
+
+/// Why a claim no longer has a holder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StaleClaim {
+    /// No run of that name (deleted), or one of that name with another UID (recreated).
+    RunGone,
+    /// The run Succeeded or Failed.
+    RunFinished,
+    /// The trainer attempt that claimed it was replaced by a later one.
+    OldAttempt,
+}
+
+/// A run as the pool sees it, to tell live claims from leaked ones.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Holder {
+    pub uid: Option<String>,
+    /// The current trainer attempt (`status.restarts`).
+    pub attempt: i32,
+    pub finished: bool,
+}
+
+/// Runs of the pool's namespace, by name.
+pub type Holders = BTreeMap<String, Holder>;
+
+/// Marks the claimed sandboxes whose run was deleted or recreated, has finished, or has moved
+/// on to a later trainer attempt: nobody will release them, and until their TTL they would
+/// count toward `max`. `runs` must come from a synced cache.
+pub fn mark_stale_claims(sandboxes: &mut [Sandbox], runs: &Holders) {
+    for s in sandboxes.iter_mut() {
+        let Some(run) = s.claimed_by.as_deref() else {
+            continue;
+        };
+        s.stale_claim = match runs.get(run) {
+            None => Some(StaleClaim::RunGone),
+            Some(h) if s.claim_run_uid.is_some() && h.uid.is_some() && s.claim_run_uid != h.uid => {
+                Some(StaleClaim::RunGone)
+            }
+            Some(h) if h.finished => Some(StaleClaim::RunFinished),
+            // Only older: a claim by a later attempt than the cache shows means the cache lags.
+            Some(h) if s.claim_attempt.is_some_and(|a| a < h.attempt) => {
+                Some(StaleClaim::OldAttempt)
+            }
+            Some(_) => None,
+        };
+    }
 }
 
 impl Sandbox {
@@ -46,6 +152,16 @@ impl Sandbox {
             claimed_by: labels.and_then(|l| l.get(LABEL_CLAIMED_BY)).cloned(),
             template_hash: labels.and_then(|l| l.get(LABEL_TEMPLATE_HASH)).cloned(),
             terminating: meta.deletion_timestamp.is_some(),
+            claim_run_uid: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_CLAIM_RUN_UID))
+                .cloned(),
+            claim_attempt: labels
+                .and_then(|l| l.get(LABEL_CLAIM_ATTEMPT))
+                .and_then(|a| a.parse().ok()),
+            stale_claim: None,
+            stuck: if ready { None } else { stuck_reason(pod) },
         })
     }
 }
@@ -61,6 +177,8 @@ pub enum DeleteReason {
     Outdated,
     /// More unclaimed sandboxes than `warm`.
     ScaleDown,
+    /// Claimed by a run that is gone or finished, or by a replaced trainer attempt.
+    Reclaimed,
 }
 
 impl DeleteReason {
@@ -70,6 +188,7 @@ impl DeleteReason {
             Self::Expired => "Expired",
             Self::Outdated => "Outdated",
             Self::ScaleDown => "ScaleDown",
+            Self::Reclaimed => "Reclaimed",
         }
     }
 }
@@ -97,9 +216,18 @@ pub struct PoolPlan {
     pub counts: PoolCounts,
     /// Unclaimed sandboxes from an older template remain (kept for availability) or were deleted.
     pub rolling: bool,
+    /// Sandboxes kept that are stuck before Ready, with why.
+    pub stuck: Vec<(String, String)>,
 }
 
 impl PoolPlan {
+    /// Creates nothing this time (sandboxes keep failing): the counts follow.
+    pub fn hold_creates(&mut self) {
+        self.counts.replicas -= self.create;
+        self.counts.pending -= self.create;
+        self.create = 0;
+    }
+
     pub fn deleted(&self, reason: DeleteReason) -> usize {
         self.delete.iter().filter(|(_, r)| *r == reason).count()
     }
@@ -129,6 +257,8 @@ pub fn decide_pool(
             plan.delete.push((s.name.clone(), DeleteReason::Failed));
         } else if seconds_between(s.created, now) >= spec.sandbox_ttl_seconds {
             plan.delete.push((s.name.clone(), DeleteReason::Expired));
+        } else if s.stale_claim.is_some() {
+            plan.delete.push((s.name.clone(), DeleteReason::Reclaimed));
         } else if s.claimed_by.is_some() {
             // A claimed sandbox belongs to a trainer until released or expired, whatever its template.
             claimed += 1;
@@ -184,6 +314,14 @@ pub fn decide_pool(
     }
     plan.create = wanted.min((max - claimed - unclaimed_current - keep_outdated).max(0));
     plan.rolling = !outdated_ready.is_empty() || plan.deleted(DeleteReason::Outdated) > 0;
+
+    let deleted: std::collections::BTreeSet<&str> =
+        plan.delete.iter().map(|(n, _)| n.as_str()).collect();
+    plan.stuck = sandboxes
+        .iter()
+        .filter(|s| !s.terminating && !deleted.contains(s.name.as_str()))
+        .filter_map(|s| Some((s.name.clone(), s.stuck.clone()?)))
+        .collect();
 
     plan.counts = PoolCounts {
         replicas: claimed + unclaimed_current + keep_outdated + plan.create,
@@ -262,6 +400,12 @@ pub fn pool_status(
             "SandboxFailed",
             format!("{failed} sandbox pod(s) failed and are replaced"),
         )
+    } else if let Some((pod, why)) = plan.stuck.first() {
+        (
+            ConditionStatus::True,
+            "SandboxPending",
+            format!("{} sandbox pod(s) stuck; {pod}: {why}", plan.stuck.len()),
+        )
     } else {
         (ConditionStatus::False, "Healthy", String::new())
     };
@@ -324,4 +468,32 @@ pub fn invalid_pool_status(
     );
     st.observed_generation = generation;
     st
+}
+
+/// Consecutive reconciles of a pool that found failed sandboxes, and until when replacements
+/// are held: a sandbox image that crashes at once would otherwise be deleted and recreated
+/// as fast as the watch reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CrashBackoff {
+    pub failures: u32,
+    pub hold_until: Option<std::time::Instant>,
+}
+
+impl CrashBackoff {
+    /// Updates with this reconcile's observation; returns until when creates are held.
+    /// `healthy`: a current sandbox is Ready, so the template works and the count resets.
+    pub fn observe(
+        &mut self,
+        failed_now: bool,
+        healthy: bool,
+        now: std::time::Instant,
+    ) -> Option<std::time::Instant> {
+        if failed_now {
+            self.failures = self.failures.saturating_add(1);
+            self.hold_until = Some(now + crate::controller::error_backoff(self.failures));
+        } else if healthy {
+            *self = Self::default();
+        }
+        self.hold_until.filter(|t| *t > now)
+    }
 }

@@ -41,6 +41,8 @@ pub struct Trainer {
     pub terminating: bool,
     /// Why it failed, from the container's termination state or the pod's status.
     pub message: Option<String>,
+    /// Why a Pending trainer is stuck (unschedulable GPU, unbound PVC, image pull).
+    pub stuck: Option<String>,
 }
 
 impl Trainer {
@@ -84,6 +86,11 @@ impl Trainer {
             phase,
             terminating: pod.metadata.deletion_timestamp.is_some(),
             message,
+            stuck: if phase == TrainerPhase::Pending {
+                crate::decide::pool::stuck_reason(pod)
+            } else {
+                None
+            },
         })
     }
 
@@ -410,16 +417,31 @@ pub fn decide_run(
                     &format!("trainer {} is starting", t.name),
                 );
             }
-            c.set(
-                ConditionType::Degraded,
-                !warnings.is_empty(),
-                if warnings.is_empty() {
-                    "Healthy"
-                } else {
-                    "Unsupported"
-                },
-                &warnings,
-            );
+            if let Some(why) = t.stuck.as_deref().filter(|_| !running) {
+                let msg = format!("trainer {} is stuck: {why}", t.name);
+                let already = c.st.conditions.iter().any(|x| {
+                    x.type_ == ConditionType::Degraded.as_str() && x.reason == "TrainerPending"
+                });
+                if !already {
+                    plan.events.push(RunEvent {
+                        warning: true,
+                        reason: "TrainerPending",
+                        note: msg.clone(),
+                    });
+                }
+                c.set(ConditionType::Degraded, true, "TrainerPending", &msg);
+            } else {
+                c.set(
+                    ConditionType::Degraded,
+                    !warnings.is_empty(),
+                    if warnings.is_empty() {
+                        "Healthy"
+                    } else {
+                        "Unsupported"
+                    },
+                    &warnings,
+                );
+            }
         }
         None => {
             let restart_at = c.st.next_restart_time.as_ref().map(|t| t.0);
