@@ -1,0 +1,16 @@
+# One-line builds. The work is in scripts/ so that it also runs without make.
+
+.PHONY: images images-cuda images-check-cuda
+
+# Static release binaries (target/images/) and the sandbox-sidecar, operator and CPU trainer
+# images, tagged with the crate version.
+images:
+	scripts/build-images.sh
+
+# Also the CUDA trainer (needs nvcc and a pullable nvidia/cuda base).
+images-cuda:
+	scripts/build-images.sh --cuda
+
+# The three images, then images/trainer-cuda.Dockerfile built on a local stand-in base.
+images-check-cuda:
+	scripts/build-images.sh --check-cuda
