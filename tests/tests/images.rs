@@ -51,7 +51,19 @@ fn docker_missing() -> Option<String> {
     }
 }
 
+/// Environment variable that turns the image tests on.
+const IMAGE_TESTS_ENV: &str = "SELFPLAY_IMAGE_TESTS";
+
 fn skip(test: &str) -> bool {
+    // The images hold static release binaries: a cold build of the three is about half an
+    // hour on two cores, more than the whole test suite, so `cargo test --workspace` (and
+    // CI) leaves these tests to `make images-test`.
+    if std::env::var_os(IMAGE_TESTS_ENV).is_none_or(|v| v != "1") {
+        eprintln!(
+            "\n\n!!!!! SKIPPING {test}: set {IMAGE_TESTS_ENV}=1 (or run `make images-test`) to build the images and run it\n\n"
+        );
+        return true;
+    }
     match docker_missing() {
         Some(reason) => {
             eprintln!("\n\n!!!!! SKIPPING {test}: {reason}\n\n");
