@@ -69,7 +69,9 @@ fn sandbox_pod_runs_the_sidecar_from_the_repository_image_restricted() {
     let pod = sandbox_pod(&v, &cfg());
     let spec = pod.spec.as_ref().expect("spec");
 
-    // The init container copies the static sidecar from the sidecar image into the emptyDir.
+    // The init container runs the static sidecar of the sidecar image, which installs itself
+    // into the emptyDir (the image is `FROM scratch`: there is no `cp`) at the path the
+    // sandbox container runs.
     let init = &spec.init_containers.as_ref().expect("init")[0];
     assert_eq!(
         init.image.as_deref(),
@@ -77,7 +79,7 @@ fn sandbox_pod_runs_the_sidecar_from_the_repository_image_restricted() {
     );
     assert_eq!(
         init.command.clone().expect("cmd"),
-        ["cp", "/sandbox-sidecar", "/selfplay/bin/sandbox-sidecar"]
+        ["/sandbox-sidecar", "install", "--to", "/selfplay/bin"]
     );
     assert_eq!(
         init.volume_mounts.as_ref().expect("mounts")[0].mount_path,

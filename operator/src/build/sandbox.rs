@@ -1,6 +1,6 @@
 //! The sandbox pod: the repository image running the sandbox sidecar as its entrypoint.
 //!
-//! An init container copies the static sidecar binary from the operator's sidecar image into
+//! An init container has the sidecar image's static binary install (copy) itself into
 //! an `emptyDir`; the repository image then runs it, so commands run with the repository's
 //! own toolchain. Restricted security, no service-account token, an `activeDeadlineSeconds`
 //! of the pool's TTL (the kubelet kills a sandbox even when the operator is down), and
@@ -43,10 +43,13 @@ pub fn sandbox_pod(pool: &ValidPool<'_>, cfg: &OperatorConfig) -> Pod {
         name: "install-sidecar".to_string(),
         image: Some(cfg.sidecar_image.clone()),
         image_pull_policy: cfg.image_pull_policy.clone(),
+        // The sidecar image is `FROM scratch`: no `cp`, so the binary copies itself (to
+        // SIDECAR_BIN_DIR/sandbox-sidecar, written atomically, i.e. to SIDECAR_BIN).
         command: Some(vec![
-            "cp".to_string(),
             cfg.sidecar_binary_path.clone(),
-            SIDECAR_BIN.to_string(),
+            "install".to_string(),
+            "--to".to_string(),
+            SIDECAR_BIN_DIR.to_string(),
         ]),
         resources: Some(init_container_resources()),
         security_context: Some(container_security()),
