@@ -126,6 +126,24 @@ fn agent_acted(t: &Trajectory) -> bool {
         .any(|turn| turn.tool.as_deref().is_some_and(|n| n != "submit"))
 }
 
+/// How an episode that a failure ended is scored, as `(infra_error, agent_failure)`: an
+/// infrastructure error is masked, a sandbox broken during the agent's commands earns the
+/// failing reward. `None` when the episode ended otherwise.
+fn episode_failure(t: &Trajectory) -> Option<(Option<InfraError>, Option<String>)> {
+    match t.end_reason {
+        EndReason::InfraError => Some((t.infra_error.clone(), None)),
+        EndReason::SandboxBroken => Some((
+            None,
+            Some(
+                t.infra_error
+                    .as_ref()
+                    .map_or_else(|| "the sandbox failed".to_string(), ToString::to_string),
+            ),
+        )),
+        _ => None,
+    }
+}
+
 /// Sorts a failure after the episode started: the agent's when it had run anything.
 fn blame(t: &Trajectory, e: InfraError) -> Result<InfraError, String> {
     if agent_acted(t) {
@@ -151,22 +169,9 @@ pub async fn finish_injector(
         infra_error: None,
         agent_failure: None,
     };
-    match result.trajectory.end_reason {
-        EndReason::InfraError => {
-            result.infra_error = result.trajectory.infra_error.clone();
-            return result;
-        }
-        EndReason::SandboxBroken => {
-            result.agent_failure = Some(
-                result
-                    .trajectory
-                    .infra_error
-                    .as_ref()
-                    .map_or_else(|| "the sandbox failed".to_string(), ToString::to_string),
-            );
-            return result;
-        }
-        _ => {}
+    if let Some(failure) = episode_failure(&result.trajectory) {
+        (result.infra_error, result.agent_failure) = failure;
+        return result;
     }
     match finish_injector_inner(client, settings).await {
         Ok((artifacts, report)) => {
@@ -314,22 +319,9 @@ pub async fn finish_solver(
     trajectory: Trajectory,
 ) -> SolverResult {
     let mut result = SolverResult::new(trajectory, task);
-    match result.trajectory.end_reason {
-        EndReason::InfraError => {
-            result.infra_error = result.trajectory.infra_error.clone();
-            return result;
-        }
-        EndReason::SandboxBroken => {
-            result.agent_failure = Some(
-                result
-                    .trajectory
-                    .infra_error
-                    .as_ref()
-                    .map_or_else(|| "the sandbox failed".to_string(), ToString::to_string),
-            );
-            return result;
-        }
-        _ => {}
+    if let Some(failure) = episode_failure(&result.trajectory) {
+        (result.infra_error, result.agent_failure) = failure;
+        return result;
     }
     let patch = async {
         Ops::new(client).session_close(AGENT_SESSION).await?;
