@@ -41,8 +41,13 @@ fn run(cmd: &mut Command) {
     );
 }
 
-/// A venv with pytest, reused when present.
+/// A venv with pytest, reused when present; made once however many tests ask at once.
 fn pytest_venv() -> PathBuf {
+    static VENV: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    VENV.get_or_init(make_pytest_venv).clone()
+}
+
+fn make_pytest_venv() -> PathBuf {
     let venv = target_dir().join("py-venvs/engine-pytest");
     let ready = venv.join(".ready");
     if !ready.exists() {
