@@ -85,6 +85,9 @@ fn inflection_repo(dir: &Path) -> PathBuf {
 fn inflection_repo_owned(dir: &Path, archive_owners: bool) -> PathBuf {
     let cache = target_dir().join("pypi-sdists");
     let sdist = cache.join(SDIST);
+    // Tests of this file run at once: one downloads, the others wait for it.
+    static DOWNLOAD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = DOWNLOAD.lock().unwrap_or_else(|e| e.into_inner());
     if !sdist.exists() || sha256(&sdist) != SDIST_SHA256 {
         std::fs::create_dir_all(&cache).unwrap();
         run(Command::new("python3")
