@@ -181,6 +181,21 @@ impl Conds<'_> {
             time(self.now),
         );
     }
+
+    /// Degraded as the spec's warnings say: `Unsupported` with them, `Healthy` without.
+    fn set_degraded_by(&mut self, warnings: &str) {
+        let reason = if warnings.is_empty() {
+            "Healthy"
+        } else {
+            "Unsupported"
+        };
+        self.set(
+            ConditionType::Degraded,
+            !warnings.is_empty(),
+            reason,
+            warnings,
+        );
+    }
 }
 
 fn shorter(a: Option<Duration>, b: Duration) -> Option<Duration> {
@@ -319,16 +334,7 @@ pub fn decide_run(
             "spec.suspend is true; the trainer is removed",
         );
         c.set(ConditionType::Progressing, false, "Suspended", "");
-        c.set(
-            ConditionType::Degraded,
-            !warnings.is_empty(),
-            if warnings.is_empty() {
-                "Healthy"
-            } else {
-                "Unsupported"
-            },
-            &warnings,
-        );
+        c.set_degraded_by(&warnings);
         st.phase = Some(RunPhase::Suspended);
         plan.status = st;
         return plan;
@@ -431,16 +437,7 @@ pub fn decide_run(
                 }
                 c.set(ConditionType::Degraded, true, "TrainerPending", &msg);
             } else {
-                c.set(
-                    ConditionType::Degraded,
-                    !warnings.is_empty(),
-                    if warnings.is_empty() {
-                        "Healthy"
-                    } else {
-                        "Unsupported"
-                    },
-                    &warnings,
-                );
+                c.set_degraded_by(&warnings);
             }
         }
         None => {
@@ -519,16 +516,7 @@ pub fn decide_run(
                         c.st.phase = Some(RunPhase::Pending);
                         c.set(ConditionType::Progressing, true, "TrainerCreated", &note);
                         if c.st.restarts == 0 {
-                            c.set(
-                                ConditionType::Degraded,
-                                !warnings.is_empty(),
-                                if warnings.is_empty() {
-                                    "Healthy"
-                                } else {
-                                    "Unsupported"
-                                },
-                                &warnings,
-                            );
+                            c.set_degraded_by(&warnings);
                         }
                         plan.events.push(RunEvent {
                             warning: false,
