@@ -8,7 +8,8 @@ mod engine_support;
 use std::sync::Arc;
 
 use engine_support::{
-    ScriptedPolicy, artifact_set, bash, create, edit, provider, read_asset, sample_repo,
+    ScriptedPolicy, artifact_set, bash, create, edit, provider, read_asset, sample_fix_calls,
+    sample_repo,
 };
 use selfplay_crds::run::FormatErrorPolicy;
 use selfplay_trainer::engine::episode::{Episode, run_episode, run_episodes};
@@ -77,23 +78,13 @@ fn injector_script() -> Vec<String> {
 
 /// A solver that fixes both files of the valid bug (the whole slug.py, the exports).
 fn full_fix() -> Vec<String> {
-    let slug = read_asset("sample-repo/tinytext/slug.py");
-    vec![
-        bash("ls tinytext && git log --oneline 2>&1 | head -2"),
-        create("tinytext/slug.py", &slug),
-        edit(
-            "tinytext/__init__.py",
-            "from .slug import slugify\n",
-            "from .slug import slugify\nfrom .stats import word_count, top_words\nfrom .case import snake_case, camel_case\n",
-        ),
-        edit(
-            "tinytext/__init__.py",
-            "__all__ = [\"wrap\", \"fill\", \"slugify\"]\n",
-            "__all__ = [\"wrap\", \"fill\", \"slugify\", \"word_count\", \"top_words\", \"snake_case\", \"camel_case\"]\n",
-        ),
-        bash("python3 -m unittest discover -s tests -t . 2>&1 | tail -1"),
-        "<submit/>".to_string(),
-    ]
+    let mut turns = vec![bash("ls tinytext && git log --oneline 2>&1 | head -2")];
+    turns.extend(sample_fix_calls());
+    turns.push(bash(
+        "python3 -m unittest discover -s tests -t . 2>&1 | tail -1",
+    ));
+    turns.push("<submit/>".to_string());
+    turns
 }
 
 fn decode(policy: &dyn Policy, ids: &[u32]) -> String {

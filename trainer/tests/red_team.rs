@@ -10,7 +10,9 @@ mod engine_support;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use engine_support::{ScriptedPolicy, artifact_set, bash, create, edit, read_asset, sample_repo};
+use engine_support::{
+    ScriptedPolicy, artifact_set, bash, create, read_asset, sample_fix_calls, sample_repo,
+};
 use selfplay_trainer::engine::local::{
     Isolation, LocalProvider, LocalProviderConfig, PoolSettings, SandboxLimits,
 };
@@ -125,12 +127,6 @@ fn assert_earns_nothing(r: &SolverResult, what: &str) {
         r.infra_error,
         r.agent_failure
     );
-}
-
-/// The sample's fix, as the files a solver would write: it is how the attacks below show
-/// that what they tried did not deliver it.
-fn the_fixed_slug() -> String {
-    read_asset("sample-repo/tinytext/slug.py")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,7 +319,9 @@ async fn limits_end_a_fork_bomb_a_memory_hog_a_cpu_hog_and_a_huge_file() {
             bash("head -c 64M /dev/zero > big; ls -l big | awk '{print $5}'"),
             bash("python3 -c 'x = bytearray(2 << 30)' 2>&1 | tail -1"),
             bash("python3 -c 'while True: pass'; echo cpu exit $?"),
-            bash("f() { f | f & }; f 2>/dev/null; sleep 2; echo bomb done"),
+            bash(
+                "f() { f | f & }; f 2>/dev/null; sleep 2; echo bomb done; echo processes $(ls /proc | grep -c '^[0-9]*$')",
+            ),
             "<submit/>".into(),
         ])
         .await;
@@ -333,6 +331,18 @@ async fn limits_end_a_fork_bomb_a_memory_hog_a_cpu_hog_and_a_huge_file() {
         "the file stopped at the limit: {seen}"
     );
     assert!(seen.contains("MemoryError"), "{seen}");
+    // The bomb stopped at the sandbox's limit (a pids cgroup where the trainer is root, whom
+    // the kernel exempts from RLIMIT_NPROC; the rlimit elsewhere), not at the host's.
+    let processes: usize = seen
+        .split("processes ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(usize::MAX);
+    assert!(
+        processes <= 140,
+        "{processes} processes in the sandbox: {seen}"
+    );
     assert!(
         seen.contains("cpu exit 1")
             || seen.contains("cpu exit 13")
@@ -550,20 +560,12 @@ async fn an_honest_fix_still_solves() {
     // The control of every attack above: the same bench, a real fix, +1.
     let b = Bench::new();
     let (r, _) = b
-        .solver(vec![
-            create("tinytext/slug.py", &the_fixed_slug()),
-            edit(
-                "tinytext/__init__.py",
-                "from .slug import slugify\n",
-                "from .slug import slugify\nfrom .stats import word_count, top_words\nfrom .case import snake_case, camel_case\n",
-            ),
-            edit(
-                "tinytext/__init__.py",
-                "__all__ = [\"wrap\", \"fill\", \"slugify\"]\n",
-                "__all__ = [\"wrap\", \"fill\", \"slugify\", \"word_count\", \"top_words\", \"snake_case\", \"camel_case\"]\n",
-            ),
-            "<submit/>".into(),
-        ])
+        .solver(
+            sample_fix_calls()
+                .into_iter()
+                .chain(["<submit/>".to_string()])
+                .collect(),
+        )
         .await;
     assert!(r.solved(), "{:#?}", r.evaluation);
     assert_eq!(r.reward(), Some(1.0));

@@ -543,6 +543,10 @@ impl LocalProvider {
                     .map_err(std::io::Error::from)
             });
         }
+        let cgroup = pids_cgroup(&format!("{}-{n}", std::process::id()), limits.max_processes);
+        if let Some(cg) = &cgroup {
+            join_cgroup(&mut cmd, cg)?;
+        }
         let listener_keep = listener;
         let mut child = cmd.spawn().map_err(|e| {
             acquire_err(format!("starting {}: {e}", self.sidecar.program.display()))
@@ -555,6 +559,7 @@ impl LocalProvider {
             pid,
             dir: Some(dir),
             isolated: self.bwrap.is_some(),
+            cgroup,
         };
         // The child holds its own copy of the listening socket now.
         drop(listener_keep);
@@ -687,6 +692,80 @@ struct LocalLease {
     pid: u32,
     dir: Option<tempfile::TempDir>,
     isolated: bool,
+    /// The sandbox's pids cgroup, removed once its processes are gone.
+    cgroup: Option<PathBuf>,
+}
+
+/// Where per-sandbox pids cgroups go: cgroup v1's pids hierarchy, or the v2 hierarchy
+/// (mounted at `/sys/fs/cgroup` or `/sys/fs/cgroup/unified`) when it has the pids
+/// controller.
+fn pids_cgroup_root() -> Option<PathBuf> {
+    let v1 = Path::new("/sys/fs/cgroup/pids");
+    if v1.join("cgroup.procs").is_file() {
+        return Some(v1.join("selfplay"));
+    }
+    for v2 in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+        let v2 = Path::new(v2);
+        let controllers =
+            std::fs::read_to_string(v2.join("cgroup.controllers")).unwrap_or_default();
+        if controllers.split_whitespace().any(|c| c == "pids") {
+            return Some(v2.join("selfplay"));
+        }
+    }
+    None
+}
+
+/// A pids cgroup holding at most `max` tasks, for one sandbox. RLIMIT_NPROC alone does not
+/// hold when the trainer runs as root: the kernel never applies it to the initial
+/// namespace's root user, which a bubblewrap sandbox's root maps to, and a fork bomb would
+/// take the host's process table. `None` where cgroups cannot be written (not root, a
+/// read-only cgroupfs): RLIMIT_NPROC then applies, as the user is not root.
+fn pids_cgroup(name: &str, max: u64) -> Option<PathBuf> {
+    let root = pids_cgroup_root()?;
+    if let Some(parent) = root.parent()
+        && std::fs::read_to_string(parent.join("cgroup.subtree_control"))
+            .is_ok_and(|c| !c.split_whitespace().any(|x| x == "pids"))
+    {
+        // cgroup v2: the parent must hand the pids controller down.
+        let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+pids");
+    }
+    let dir = root.join(name);
+    let made = std::fs::create_dir_all(&root)
+        .and_then(|()| std::fs::create_dir(&dir))
+        .and_then(|()| std::fs::write(dir.join("pids.max"), max.to_string()));
+    match made {
+        Ok(()) => Some(dir),
+        Err(e) => {
+            tracing::debug!(error = %e, "no pids cgroup for sandboxes");
+            let _ = std::fs::remove_dir(&dir);
+            None
+        }
+    }
+}
+
+/// Moves the child into `cgroup` between fork and exec.
+fn join_cgroup(cmd: &mut Command, cgroup: &Path) -> Result<(), InfraError> {
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())
+        .map_err(|e| acquire_err(format!("cgroup path: {e}")))?;
+    // SAFETY: runs between fork and exec; open, write and close are async-signal-safe and
+    // the path was built before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = nix::libc::open(procs.as_ptr(), nix::libc::O_WRONLY | nix::libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // "0": the writing process itself.
+            let n = nix::libc::write(fd, b"0".as_ptr().cast(), 1);
+            let err = std::io::Error::last_os_error();
+            nix::libc::close(fd);
+            if n != 1 {
+                return Err(err);
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 impl LocalLease {
@@ -728,6 +807,14 @@ impl LocalLease {
         }
         // Remove the files only once nothing can write into them any more.
         drop(self.dir.take());
+        if let Some(cg) = self.cgroup.take() {
+            for _ in 0..100 {
+                if std::fs::remove_dir(&cg).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
     }
 }
 

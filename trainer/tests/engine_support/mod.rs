@@ -143,6 +143,25 @@ pub fn bash(cmd: &str) -> String {
     format!("Let me run a command.\n<bash>\n{cmd}\n</bash>")
 }
 
+/// The fix of the sample's valid bug as a solver writes it: `slug.py` back as it was, and
+/// the package's exports restored with two edits.
+pub fn sample_fix_calls() -> Vec<String> {
+    let slug = read_asset("sample-repo/tinytext/slug.py");
+    vec![
+        create("tinytext/slug.py", &slug),
+        edit(
+            "tinytext/__init__.py",
+            "from .slug import slugify\n",
+            "from .slug import slugify\nfrom .stats import word_count, top_words\nfrom .case import snake_case, camel_case\n",
+        ),
+        edit(
+            "tinytext/__init__.py",
+            "__all__ = [\"wrap\", \"fill\", \"slugify\"]\n",
+            "__all__ = [\"wrap\", \"fill\", \"slugify\", \"word_count\", \"top_words\", \"snake_case\", \"camel_case\"]\n",
+        ),
+    ]
+}
+
 /// A create tool call.
 pub fn create(path: &str, content: &str) -> String {
     format!("<create path=\"{path}\">\n{content}</create>")
