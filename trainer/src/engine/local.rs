@@ -543,7 +543,7 @@ impl LocalProvider {
                     .map_err(std::io::Error::from)
             });
         }
-        let cgroup = pids_cgroup(&format!("{}-{n}", std::process::id()), limits.max_processes);
+        let cgroup = pids_cgroup(limits.max_processes);
         if let Some(cg) = &cgroup {
             join_cgroup(&mut cmd, cg)?;
         }
@@ -720,7 +720,14 @@ fn pids_cgroup_root() -> Option<PathBuf> {
 /// namespace's root user, which a bubblewrap sandbox's root maps to, and a fork bomb would
 /// take the host's process table. `None` where cgroups cannot be written (not root, a
 /// read-only cgroupfs): RLIMIT_NPROC then applies, as the user is not root.
-fn pids_cgroup(name: &str, max: u64) -> Option<PathBuf> {
+fn pids_cgroup(max: u64) -> Option<PathBuf> {
+    // Unique in this process whatever the number of providers, and across processes.
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
     let root = pids_cgroup_root()?;
     if let Some(parent) = root.parent()
         && std::fs::read_to_string(parent.join("cgroup.subtree_control"))
@@ -730,13 +737,15 @@ fn pids_cgroup(name: &str, max: u64) -> Option<PathBuf> {
         let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+pids");
     }
     let dir = root.join(name);
-    let made = std::fs::create_dir_all(&root)
-        .and_then(|()| std::fs::create_dir(&dir))
-        .and_then(|()| std::fs::write(dir.join("pids.max"), max.to_string()));
-    match made {
+    if let Err(e) = std::fs::create_dir_all(&root).and_then(|()| std::fs::create_dir(&dir)) {
+        tracing::debug!(error = %e, "no pids cgroup for sandboxes");
+        return None;
+    }
+    match std::fs::write(dir.join("pids.max"), max.to_string()) {
         Ok(()) => Some(dir),
         Err(e) => {
-            tracing::debug!(error = %e, "no pids cgroup for sandboxes");
+            tracing::debug!(error = %e, "no pids limit for sandboxes");
+            // Ours, just made, and empty.
             let _ = std::fs::remove_dir(&dir);
             None
         }
