@@ -13,11 +13,12 @@ pub mod checkpoint;
 pub mod conditions;
 pub mod pool;
 pub mod run;
+pub mod sandbox_pod;
 pub mod validate;
 
 pub use checkpoint::{Checkpoint, CheckpointSpec, CheckpointStatus};
 pub use conditions::{Condition, ConditionStatus, ConditionType};
-pub use pool::{SandboxPool, SandboxPoolSpec, SandboxPoolStatus, SandboxTemplate};
+pub use pool::{SandboxPool, SandboxPoolSpec, SandboxPoolStatus, SandboxProfile, SandboxTemplate};
 pub use run::{ProgressSnapshot, RunPhase, SelfPlayRun, SelfPlayRunSpec, SelfPlayRunStatus};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

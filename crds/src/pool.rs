@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{EnvVar, LocalObjectReference, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -81,6 +82,7 @@ pub struct SandboxPoolSpec {
 
 /// The pod template of one repository environment.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("!has(self.profile) || self.profile != 'ImageUser' || has(self.runtimeClassName)").message("profile ImageUser runs the image's own user (root included) and needs a sandboxed runtimeClassName (gVisor, Kata)").field_path(".profile"))]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxTemplate {
     /// Container image with the repository and its dependencies installed.
@@ -128,10 +130,42 @@ pub struct SandboxTemplate {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
 
-    /// Non-root user the sandbox runs as. Defaults to 65532.
+    /// Non-root user the sandbox runs as under the `Isolated` profile. Defaults to 65532.
     #[serde(default = "default_run_as_user")]
     #[schemars(range(min = 1))]
     pub run_as_user: i64,
+
+    /// Who the sandbox runs as and how it gets a writable repository. `Isolated` (the
+    /// default): `runAsUser`, never root; an init container copies `workdir` out of the image
+    /// into a volume mounted at the same path, owned by that user, so images whose repository
+    /// is root-owned (SWE-bench's `/testbed`) work, development-mode installs included.
+    /// `ImageUser`: the image's own user, root included, with the repository used in place;
+    /// only with a sandboxed `runtimeClassName` (gVisor, Kata), which it requires.
+    #[serde(default)]
+    pub profile: SandboxProfile,
+
+    /// Shell code that sets up the repository's environment, run once by bash when the
+    /// sandbox starts; the environment it leaves is every command's (e.g. `source
+    /// /opt/miniconda3/bin/activate testbed` for SWE-bench's images). Unset: under
+    /// `ImageUser`, the user's `~/.bashrc` when it is readable; under `Isolated`, nothing
+    /// (root's start-up files are not readable to the sandbox's user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub shell_init: Option<String>,
+
+    /// Size limit of the volume holding the repository copy (`Isolated`). Defaults to 8Gi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace_size_limit: Option<Quantity>,
+}
+
+/// Who a sandbox runs as; see [`SandboxTemplate::profile`].
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SandboxProfile {
+    /// A fixed non-root user on a copy of the repository.
+    #[default]
+    Isolated,
+    /// The image's own user on the repository in place; needs a sandboxed runtime class.
+    ImageUser,
 }
 
 /// `Always`, `IfNotPresent` or `Never`.

@@ -121,7 +121,7 @@ fn valid_examples_pass_and_decode() {
     }
     let count = |k: validate::Kind| kinds.iter().filter(|x| **x == k).count();
     assert_eq!(count(validate::Kind::SelfPlayRun), 1);
-    assert_eq!(count(validate::Kind::SandboxPool), 2);
+    assert_eq!(count(validate::Kind::SandboxPool), 3);
     assert_eq!(count(validate::Kind::Checkpoint), 1);
 
     let run: SelfPlayRun =

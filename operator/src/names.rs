@@ -38,16 +38,12 @@ pub const ANNOTATION_REGISTERED_AT: &str = "selfplay.dev/registered-at";
 pub const COMPONENT_SANDBOX: &str = "sandbox";
 pub const COMPONENT_TRAINER: &str = "trainer";
 
-/// Key of the token in both token Secrets.
-pub const TOKEN_KEY: &str = "token";
-/// Where a sandbox pod mounts its pool's token Secret.
-pub const SANDBOX_TOKEN_DIR: &str = "/var/run/selfplay";
-pub const SANDBOX_TOKEN_FILE: &str = "/var/run/selfplay/token";
-/// Where the init container puts the sidecar binary in the sandbox pod.
-pub const SIDECAR_BIN_DIR: &str = "/selfplay/bin";
-pub const SIDECAR_BIN: &str = "/selfplay/bin/sandbox-sidecar";
-/// Name of the sandbox pods' sidecar port.
-pub const SIDECAR_PORT_NAME: &str = "sidecar";
+/// Key of the token in both token Secrets, and the sandbox pod's paths and names: defined
+/// with the sandbox pod in the API crate (the trainer runs the same pod on one machine).
+pub use selfplay_crds::sandbox_pod::{
+    SANDBOX_TOKEN_DIR, SANDBOX_TOKEN_FILE, SIDECAR_BIN, SIDECAR_BIN_DIR, SIDECAR_PORT_NAME,
+    TOKEN_KEY,
+};
 /// Where the trainer pod finds the run file, and the model PVC.
 pub const TRAINER_CONFIG_DIR: &str = "/etc/selfplay";
 pub const TRAINER_RUN_FILE: &str = "/etc/selfplay/run.yaml";

@@ -120,6 +120,28 @@ pub fn validate_pool<'a>(
             spec.template.workdir
         ));
     }
+    let workdir = spec.template.workdir.trim_end_matches('/');
+    if spec.template.workdir.starts_with('/')
+        && (workdir.is_empty()
+            || ["/selfplay", "/var/run/selfplay", "/tmp", "/proc", "/dev", "/sys"]
+                .iter()
+                .any(|d| workdir == *d || workdir.starts_with(&format!("{d}/"))))
+    {
+        problems.push(format!(
+            "template.workdir {:?} is / or where the sandbox mounts its own files; the \
+             repository must live elsewhere (e.g. /testbed)",
+            spec.template.workdir
+        ));
+    }
+    if spec.template.profile == selfplay_crds::SandboxProfile::ImageUser
+        && spec.template.runtime_class_name.is_none()
+    {
+        problems.push(
+            "template.profile ImageUser runs the image's own user (root included) and needs a \
+             sandboxed template.runtimeClassName (gVisor, Kata)"
+                .to_string(),
+        );
+    }
     if spec.warm < 0 {
         problems.push(format!("warm is {}; it must be at least 0", spec.warm));
     }

@@ -135,13 +135,16 @@ fn sandbox_pod_runs_the_sidecar_from_the_repository_image_restricted() {
         mounts,
         [
             ("/selfplay/bin", Some(true)),
-            ("/var/run/selfplay", Some(true))
+            ("/var/run/selfplay", Some(true)),
+            ("/src/repo", None),
+            ("/selfplay/home", None)
         ]
     );
 
     // Pod level: nothing of the cluster reaches the agent — no service-account token, no
     // service environment variables, no host namespaces; the only environment is the
-    // template's, the only volumes the sidecar binary and the pool's own token.
+    // template's and git's safe.directory and HOME, the only volumes the sidecar binary, the
+    // pool's own token, the repository's copy and the home directory.
     assert_eq!(spec.automount_service_account_token, Some(false));
     assert_eq!(spec.enable_service_links, Some(false));
     assert!(spec.host_network.is_none() && spec.host_pid.is_none() && spec.host_ipc.is_none());
@@ -150,10 +153,16 @@ fn sandbox_pod_runs_the_sidecar_from_the_repository_image_restricted() {
         c.env
             .as_ref()
             .map(|e| e.iter().map(|v| v.name.as_str()).collect::<Vec<_>>()),
-        Some(vec!["CARGO_NET_OFFLINE"])
+        Some(vec![
+            "CARGO_NET_OFFLINE",
+            "GIT_CONFIG_COUNT",
+            "GIT_CONFIG_KEY_0",
+            "GIT_CONFIG_VALUE_0",
+            "HOME"
+        ])
     );
     assert!(c.env_from.is_none());
-    assert_eq!(spec.volumes.as_ref().map(Vec::len), Some(2));
+    assert_eq!(spec.volumes.as_ref().map(Vec::len), Some(4));
     assert_eq!(spec.active_deadline_seconds, Some(900));
     assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
     assert_eq!(spec.runtime_class_name.as_deref(), Some("gvisor"));
@@ -521,4 +530,124 @@ fn checkpoints_without_a_pvc_are_noticed_at_admission() {
 
     let run: SelfPlayRun = one("run-gpu.yaml"); // checkpoints on a PVC
     assert!(validate_run(&run).expect("valid").notices.is_empty());
+}
+
+fn env_of<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
+    c.env
+        .as_ref()?
+        .iter()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.as_deref())
+}
+
+fn mount_of<'a>(c: &'a Container, path: &str) -> Option<&'a str> {
+    c.volume_mounts
+        .as_ref()?
+        .iter()
+        .find(|m| m.mount_path == path)
+        .map(|m| m.name.as_str())
+}
+
+#[test]
+fn isolated_sandbox_copies_a_root_owned_repository_to_the_same_path() {
+    let pool: SandboxPool = one("pool-swebench.yaml");
+    let v = validate_pool(&pool, &cfg()).expect("valid");
+    let pod = sandbox_pod(&v, &cfg());
+    let spec = pod.spec.as_ref().expect("spec");
+    let inits = spec.init_containers.as_ref().expect("init containers");
+    assert_eq!(
+        inits.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        ["install-sidecar", "copy-repository"]
+    );
+    // The repository image's tree is copied by the sidecar itself, as the sandbox's user.
+    let copy = &inits[1];
+    assert_eq!(copy.image, Some(pool.spec.template.image.clone()));
+    assert_eq!(
+        copy.command.clone().expect("command"),
+        [
+            "/selfplay/bin/sandbox-sidecar",
+            "copy",
+            "--from",
+            "/testbed",
+            "--to",
+            "/selfplay/repo"
+        ]
+    );
+    assert_restricted(copy);
+    assert_eq!(mount_of(copy, "/selfplay/repo"), Some("selfplay-repo"));
+    assert_eq!(mount_of(copy, "/testbed"), None, "the copy reads the image's own /testbed");
+
+    // The sandbox sees the copy at the image's path, so development-mode installs resolve.
+    let c = only_container(&pod);
+    assert_restricted(c);
+    assert_eq!(mount_of(c, "/testbed"), Some("selfplay-repo"));
+    assert_eq!(mount_of(c, "/selfplay/home"), Some("selfplay-home"));
+    assert_eq!(env_of(c, "HOME"), Some("/selfplay/home"));
+    assert_eq!(env_of(c, "GIT_CONFIG_KEY_0"), Some("safe.directory"));
+    assert_eq!(env_of(c, "GIT_CONFIG_VALUE_0"), Some("*"));
+    let cmd = c.command.clone().expect("command");
+    let i = cmd
+        .iter()
+        .position(|a| a == "--env-from-shell")
+        .expect("the environment's activation");
+    assert_eq!(cmd[i + 1], "source /opt/miniconda3/bin/activate && conda activate testbed");
+    let pod_sc = spec.security_context.as_ref().expect("pod security");
+    assert_eq!(pod_sc.run_as_user, Some(65532));
+    assert_eq!(pod_sc.fs_group, Some(65532));
+    let repo = spec
+        .volumes
+        .as_ref()
+        .and_then(|v| v.iter().find(|v| v.name == "selfplay-repo"))
+        .and_then(|v| v.empty_dir.as_ref())
+        .expect("the repository's emptyDir");
+    assert_eq!(repo.size_limit.as_ref().map(|q| q.0.as_str()), Some("4Gi"));
+}
+
+#[test]
+fn image_user_sandbox_runs_the_images_user_in_place_without_capabilities() {
+    let pool: SandboxPool = one("pool-image-user.yaml");
+    let v = validate_pool(&pool, &cfg()).expect("valid");
+    let pod = sandbox_pod(&v, &cfg());
+    let spec = pod.spec.as_ref().expect("spec");
+    assert_eq!(spec.runtime_class_name.as_deref(), Some("gvisor"));
+    assert_eq!(
+        spec.init_containers
+            .as_ref()
+            .map(|i| i.iter().map(|c| c.name.as_str()).collect::<Vec<_>>()),
+        Some(vec!["install-sidecar"]),
+        "no copy: the repository is used in place"
+    );
+    let pod_sc = spec.security_context.as_ref().expect("pod security");
+    assert_eq!(pod_sc.run_as_user, None);
+    assert_eq!(pod_sc.run_as_non_root, None);
+    let c = only_container(&pod);
+    let sc = c.security_context.as_ref().expect("securityContext");
+    assert_eq!(sc.run_as_non_root, None, "the image's user, root included");
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+        Some(vec!["ALL".to_string()])
+    );
+    assert_eq!(mount_of(c, "/testbed"), None);
+    assert_eq!(env_of(c, "HOME"), None, "the image's HOME");
+    let cmd = c.command.clone().expect("command");
+    assert!(
+        cmd.windows(2)
+            .any(|w| w[0] == "--env-from-shell" && w[1].contains("$HOME/.bashrc")),
+        "the user's own start-up file: {cmd:?}"
+    );
+}
+
+#[test]
+fn image_user_without_a_runtime_class_and_odd_workdirs_are_rejected() {
+    let mut pool: SandboxPool = one("pool-image-user.yaml");
+    pool.spec.template.runtime_class_name = None;
+    let err = validate_pool(&pool, &cfg()).expect_err("root without a sandboxed runtime");
+    assert!(err.to_string().contains("runtimeClassName"), "{err}");
+    for workdir in ["/", "/selfplay/repo", "/tmp/x", "/var/run/selfplay"] {
+        let mut pool: SandboxPool = one("pool-swebench.yaml");
+        pool.spec.template.workdir = workdir.to_string();
+        let err = validate_pool(&pool, &cfg()).expect_err(workdir);
+        assert!(err.to_string().contains("template.workdir"), "{workdir}: {err}");
+    }
 }

@@ -45,7 +45,18 @@ fn main() -> ExitCode {
     // `trainer sidecar …` is the sidecar's own command line, with nothing of the trainer's
     // start-up (allocator tuning, logging) before it.
     let mut args = std::env::args_os();
-    if args.nth(1).as_deref() == Some(std::ffi::OsStr::new(TRAINER_SIDECAR_ARG)) {
+    // Under the sidecar's name (a static trainer bind-mounted into a Docker sandbox as
+    // `/selfplay/bin/sandbox-sidecar`), the trainer is the sidecar.
+    let argv0 = args.next();
+    if argv0
+        .as_deref()
+        .map(std::path::Path::new)
+        .and_then(|p| p.file_name())
+        .is_some_and(|n| n == "sandbox-sidecar")
+    {
+        return sandbox_sidecar::cli::main_with_args(argv0.into_iter().chain(args));
+    }
+    if args.next().as_deref() == Some(std::ffi::OsStr::new(TRAINER_SIDECAR_ARG)) {
         return sandbox_sidecar::cli::main_with_args(
             std::iter::once(std::ffi::OsString::from("sandbox-sidecar")).chain(args),
         );

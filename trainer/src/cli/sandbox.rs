@@ -93,11 +93,7 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
         eprintln!(
             "sandbox of pool {} ({}; {})",
             pool.name,
-            if provider.isolated() {
-                "bubblewrap"
-            } else {
-                "no isolation"
-            },
+            provider.describe(),
             if task.is_some() { "solver" } else { "injector" },
         );
         let sandbox = provider

@@ -12,9 +12,11 @@
 
 pub mod artifacts;
 pub mod diffs;
+pub mod docker;
 pub mod episode;
 pub mod error;
 pub mod local;
+pub mod machine;
 pub mod ops;
 pub mod policy;
 mod procs;

@@ -30,8 +30,6 @@ pub enum ConfigError {
         name: String,
         path: String,
     },
-    #[error("SandboxPool {name:?}: spec.source.localPath is required for a local run")]
-    NoLocalPath { name: String },
     #[error(
         "SandboxPool {name:?}: spec.source.localPath {path} is neither a directory nor a git bundle"
     )]
@@ -44,7 +42,9 @@ pub struct LocalPool {
     pub name: String,
     pub weight: u32,
     pub spec: SandboxPoolSpec,
-    pub repo_dir: PathBuf,
+    /// The repository on this machine (`spec.source.localPath`): bubblewrap sandboxes. `None`:
+    /// the repository is in `spec.template.image`, and sandboxes are Docker containers.
+    pub repo_dir: Option<PathBuf>,
     /// `spec.source.toolchain`, resolved.
     pub toolchain: Vec<PathBuf>,
 }
@@ -181,26 +181,27 @@ pub fn parse(text: &str, source: &str, base: &Path) -> Result<LocalRun, ConfigEr
                 name: pref.name.clone(),
                 path: source.to_string(),
             })?;
-        let rel = pool
-            .spec
-            .source
-            .as_ref()
-            .and_then(|s| s.local_path.as_deref())
-            .ok_or_else(|| ConfigError::NoLocalPath {
-                name: pref.name.clone(),
-            })?;
-        let repo_dir = if Path::new(rel).is_absolute() {
-            PathBuf::from(rel)
-        } else {
-            base.join(rel)
+        // No local path: the pool's sandboxes are containers of its image (Docker).
+        let rel = pool.spec.source.as_ref().and_then(|s| s.local_path.as_deref());
+        let repo_dir = match rel {
+            None => None,
+            Some(rel) => {
+                let repo_dir = if Path::new(rel).is_absolute() {
+                    PathBuf::from(rel)
+                } else {
+                    base.join(rel)
+                };
+                let builtin = source == BUILTIN_SOURCE;
+                if !(repo_dir.is_dir() || is_bundle(&repo_dir) && (builtin || repo_dir.is_file()))
+                {
+                    return Err(ConfigError::NotADirectory {
+                        name: pref.name.clone(),
+                        path: repo_dir,
+                    });
+                }
+                Some(repo_dir)
+            }
         };
-        let builtin = source == BUILTIN_SOURCE;
-        if !(repo_dir.is_dir() || is_bundle(&repo_dir) && (builtin || repo_dir.is_file())) {
-            return Err(ConfigError::NotADirectory {
-                name: pref.name.clone(),
-                path: repo_dir,
-            });
-        }
         let toolchain = pool
             .spec
             .source
@@ -279,7 +280,7 @@ mod tests {
     fn the_default_run_is_valid_and_points_at_the_sample_repo() {
         let run = load(None).expect("default");
         assert_eq!(run.pools.len(), 1);
-        assert!(is_bundle(&run.pools[0].repo_dir));
+        assert!(run.pools[0].repo_dir.as_deref().is_some_and(is_bundle));
         assert!(run.run.spec.model.tiny.is_some());
         assert!(run.warnings.is_empty(), "{:?}", run.warnings);
     }

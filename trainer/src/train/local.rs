@@ -12,7 +12,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use thiserror::Error;
 
 use crate::engine::error::InfraError;
+use crate::engine::docker::{DockerProvider, DockerProviderConfig};
 use crate::engine::local::{Isolation, LocalProvider, LocalProviderConfig};
+use crate::engine::machine::MachineProvider;
 use crate::engine::policy::Policy;
 use crate::engine::prompts::ChatMarkup;
 use crate::engine::roles::EngineSettings;
@@ -127,36 +129,104 @@ impl Interrupt {
     }
 }
 
-/// The sandbox provider of a local run: each pool's repository materialised under
-/// `out/repos/`, sandboxes under `out/sandboxes/`, none of them able to see `out`.
+/// The sandbox provider of a local run: each directory pool's repository materialised under
+/// `out/repos/`, its sandboxes under `out/sandboxes/`, none of them able to see `out`; image
+/// pools as Docker containers.
 pub fn local_provider(
     run: &LocalRun,
     out: &std::path::Path,
     isolation: Isolation,
-) -> Result<LocalProvider, LocalError> {
+) -> Result<MachineProvider, LocalError> {
     let mut repos = std::collections::BTreeMap::new();
+    let mut images = std::collections::BTreeMap::new();
     for p in &run.pools {
-        repos.insert(
-            p.name.clone(),
-            repository(&p.repo_dir, &out.join("repos").join(&p.name))?,
-        );
+        match &p.repo_dir {
+            Some(dir) => {
+                repos.insert(
+                    p.name.clone(),
+                    repository(dir, &out.join("repos").join(&p.name))?,
+                );
+            }
+            None => {
+                images.insert(p.name.clone(), p.spec.clone());
+            }
+        }
     }
-    Ok(LocalProvider::new(LocalProviderConfig {
-        pools: repos,
-        pool_settings: run
-            .pools
-            .iter()
-            .map(|p| (p.name.clone(), p.sandbox_settings()))
-            .collect(),
-        sidecar: None,
-        isolation,
-        // Under the output directory, so a run leaves nothing elsewhere.
-        work_dir: Some(out.join("sandboxes")),
-        serve_args: Vec::new(),
-        extra_path: Vec::new(),
-        // Sandboxes never see the run's files (episodes, checkpoints, the repositories).
-        hidden: vec![out.to_path_buf()],
-    })?)
+    let local = if repos.is_empty() {
+        None
+    } else {
+        Some(LocalProvider::new(LocalProviderConfig {
+            pool_settings: run
+                .pools
+                .iter()
+                .filter(|p| repos.contains_key(&p.name))
+                .map(|p| (p.name.clone(), p.sandbox_settings()))
+                .collect(),
+            pools: repos,
+            sidecar: None,
+            isolation,
+            // Under the output directory, so a run leaves nothing elsewhere.
+            work_dir: Some(out.join("sandboxes")),
+            serve_args: Vec::new(),
+            extra_path: Vec::new(),
+            // Sandboxes never see the run's files (episodes, checkpoints, the repositories).
+            hidden: vec![out.to_path_buf()],
+        })?)
+    };
+    let docker = if images.is_empty() {
+        None
+    } else {
+        let sidecar = find_static_sidecar().ok_or_else(|| {
+            InfraError::new(
+                crate::engine::error::InfraKind::Acquire,
+                format!(
+                    "pools {:?} run as Docker containers and need a statically linked sidecar: \
+                     run scripts/build-static-sidecar.sh (or `make images`), or set {STATIC_SIDECAR_ENV}",
+                    images.keys().collect::<Vec<_>>()
+                ),
+            )
+        })?;
+        Some(DockerProvider::new(DockerProviderConfig {
+            run: run.name(),
+            pools: images,
+            sidecar,
+            work_dir: out.join("sandboxes"),
+            docker: std::env::var("DOCKER").unwrap_or_else(|_| "docker".to_string()),
+            pids_limit: crate::engine::local::SandboxLimits::default().max_processes,
+        })?)
+    };
+    Ok(MachineProvider { local, docker })
+}
+
+/// Environment variable naming a statically linked sidecar for Docker sandboxes.
+pub const STATIC_SIDECAR_ENV: &str = "SELFPLAY_STATIC_SIDECAR";
+
+/// A statically linked sidecar for Docker sandboxes: `$SELFPLAY_STATIC_SIDECAR`; this
+/// executable when it is static (the trainer's image); else what
+/// `scripts/build-static-sidecar.sh` or `make images` built in the `target/` directory this
+/// executable lives in.
+pub fn find_static_sidecar() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(STATIC_SIDECAR_ENV) {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    if crate::engine::docker::is_static_elf(&exe) {
+        return Some(exe);
+    }
+    let triple = "x86_64-unknown-linux-gnu";
+    for target in exe.ancestors().skip(1).take(3) {
+        for rel in [
+            format!("static/{triple}/debug/sandbox-sidecar"),
+            format!("static/{triple}/release/sandbox-sidecar"),
+            format!("images/{triple}/release/sandbox-sidecar"),
+        ] {
+            let p = target.join(rel);
+            if crate::engine::docker::is_static_elf(&p) {
+                return Some(p);
+            }
+        }
+    }
+    None
 }
 
 /// Runs a local training run. `view` wraps the policy used for sampling (tests use a
@@ -195,11 +265,7 @@ pub async fn run_local(
 
     let (grpo, state) = build_trainer(&run, &dirs, opts.resume)?;
     let provider = Arc::new(local_provider(&run, &dirs.out, opts.isolation)?);
-    let sandboxes = if provider.isolated() {
-        "bubblewrap: no network, only the system and toolchain directories visible"
-    } else {
-        "plain processes: bubblewrap is not installed or does not work here"
-    };
+    let sandboxes = provider.describe();
     let sp = &run.run.spec.self_play;
     let engine = engine_settings(&run, grpo.policy().source_dir().is_some());
     let pools = run
