@@ -11,6 +11,7 @@
 
 pub mod checkpoint;
 pub mod conditions;
+pub mod environments;
 pub mod pool;
 pub mod run;
 pub mod sandbox_pod;
@@ -18,7 +19,10 @@ pub mod validate;
 
 pub use checkpoint::{Checkpoint, CheckpointSpec, CheckpointStatus};
 pub use conditions::{Condition, ConditionStatus, ConditionType};
-pub use pool::{SandboxPool, SandboxPoolSpec, SandboxPoolStatus, SandboxProfile, SandboxTemplate};
+pub use pool::{
+    Environment, EnvironmentsSource, SandboxPool, SandboxPoolSpec, SandboxPoolStatus,
+    SandboxProfile, SandboxTemplate,
+};
 pub use run::{ProgressSnapshot, RunPhase, SelfPlayRun, SelfPlayRunSpec, SelfPlayRunStatus};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

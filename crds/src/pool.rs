@@ -74,6 +74,18 @@ pub struct SandboxPoolSpec {
     #[schemars(range(min = 1, max = 86400))]
     pub test_timeout_seconds: i32,
 
+    /// Repository environments of this pool, each its own image (and, optionally, working
+    /// directory and activation); the template gives everything else. Injector episodes are
+    /// spread over them evenly; a bug's solvers run in its environment. Empty: the template's
+    /// image is the pool's one environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10000))]
+    pub environments: Vec<Environment>,
+
+    /// More environments, from a list in SWE-bench's instance format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environments_from: Option<EnvironmentsSource>,
+
     /// Port the sandbox sidecar listens on inside the pod. Defaults to 7070.
     #[serde(default = "default_sidecar_port")]
     #[schemars(range(min = 1024, max = 65535))]
@@ -156,6 +168,68 @@ pub struct SandboxTemplate {
     /// Size limit of the volume holding the repository copy (`Isolated`). Defaults to 8Gi.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace_size_limit: Option<Quantity>,
+}
+
+/// One repository environment of a pool: an image holding the repository and its
+/// dependencies, laid out as the template says unless overridden here.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Environment {
+    /// Unique in the pool; a label value (sandboxes carry it as `selfplay.dev/environment`).
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"))]
+    pub name: String,
+    /// The image.
+    #[schemars(length(min = 1))]
+    pub image: String,
+    /// Where the repository lives in this image; the template's `workdir` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("workdir must be an absolute path"))]
+    pub workdir: Option<String>,
+    /// This image's environment activation; the template's `shellInit` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub shell_init: Option<String>,
+    /// How this repository's tests run (e.g. `pytest -rA tests/`): a hint in the injector's
+    /// prompt, never trusted for grading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub test_command: Option<String>,
+}
+
+/// Environments listed in SWE-bench's instance format: a JSON array or JSON Lines of objects
+/// with `instance_id` and either `image_name` (SWE-smith, SWE-Gym, R2E-Gym) or the image
+/// derived from `instance_id` by `imagePattern`; `repo`, `version` and `base_commit` are kept
+/// for reference; `FAIL_TO_PASS`, `PASS_TO_PASS`, `problem_statement` and the patches are
+/// ignored by self-play (the policy writes its own bugs).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvironmentsSource {
+    /// A file on this machine (`trainer local`); relative to the run file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// A key of a ConfigMap in the pool's namespace (a cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<ConfigMapKey>,
+    /// Image of an instance without `image_name`; `{id}` is the instance id as SWE-bench
+    /// names its images (`__` becomes `_1776_`, lower case). Defaults to
+    /// `swebench/sweb.eval.x86_64.{id}:latest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pattern: Option<String>,
+    /// Working directory of these images. Defaults to `/testbed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// Activation of these images. Defaults to SWE-bench's
+    /// `source /opt/miniconda3/bin/activate && conda activate testbed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell_init: Option<String>,
+}
+
+/// A key of a ConfigMap.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapKey {
+    pub name: String,
+    pub key: String,
 }
 
 /// Who a sandbox runs as; see [`SandboxTemplate::profile`].
