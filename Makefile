@@ -19,3 +19,9 @@ images-check-cuda:
 # non-root user, the sidecar's install into a volume, the CUDA Dockerfile on a stand-in base.
 images-test:
 	SELFPLAY_IMAGE_TESTS=1 cargo test -p selfplay-tests --test images
+
+# The Docker path on one machine: the sample SWE-bench-style environment image (built from
+# Debian's packages), a static sidecar, and two training steps in Docker sandboxes.
+.PHONY: sample-env
+sample-env:
+	scripts/sample-env.sh

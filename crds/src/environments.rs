@@ -136,7 +136,6 @@ pub fn parse_instances(
                     .clone()
                     .unwrap_or_else(|| SWE_BENCH_SHELL_INIT.to_string()),
             ),
-            test_command: None,
         });
     }
     Ok(out)

@@ -189,11 +189,6 @@ pub struct Environment {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 4096))]
     pub shell_init: Option<String>,
-    /// How this repository's tests run (e.g. `pytest -rA tests/`): a hint in the injector's
-    /// prompt, never trusted for grading.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 4096))]
-    pub test_command: Option<String>,
 }
 
 /// Environments listed in SWE-bench's instance format: a JSON array or JSON Lines of objects

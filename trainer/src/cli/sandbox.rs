@@ -25,7 +25,8 @@ use crate::train::local::local_provider;
 pub struct SandboxArgs {
     /// A SelfPlayRun YAML with its SandboxPools (default: the built-in run).
     pub run: Option<PathBuf>,
-    /// The pool (default: the run's first).
+    /// The pool (default: the run's first), or `POOL/ENVIRONMENT` for one of a pool's
+    /// environments (default: its first).
     #[arg(long)]
     pub pool: Option<String>,
     /// Prepare the workspace as a solver's for the bug in --artifacts (bug and weakening
@@ -49,13 +50,31 @@ pub struct SandboxArgs {
 
 pub fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
     let run = config::load(args.run.as_deref())?;
-    let pool = match &args.pool {
+    let (pool_name, env) = match &args.pool {
+        Some(p) => {
+            let (p, e) = selfplay_crds::environments::split_key(p);
+            (Some(p), e)
+        }
+        None => (None, None),
+    };
+    let pool = match pool_name {
         Some(p) => run
             .pools
             .iter()
-            .find(|lp| &lp.name == p)
+            .find(|lp| lp.name == p)
             .with_context(|| format!("the run has no pool named {p:?}"))?,
         None => run.pools.first().context("the run names no pool")?,
+    };
+    // The key the provider serves: the pool, or one of its environments.
+    let key = match (env, pool.environments.first()) {
+        (Some(e), _) => {
+            if !pool.environments.iter().any(|x| x.name == e) {
+                anyhow::bail!("pool {} has no environment named {e:?}", pool.name);
+            }
+            selfplay_crds::environments::environment_key(&pool.name, e)
+        }
+        (None, Some(first)) => selfplay_crds::environments::environment_key(&pool.name, &first.name),
+        (None, None) => pool.name.clone(),
     };
     let timeout = Duration::from_secs(
         args.timeout_secs
@@ -92,12 +111,12 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
         let provider = local_provider(&run, scratch.path(), isolation)?;
         eprintln!(
             "sandbox of pool {} ({}; {})",
-            pool.name,
+            key,
             provider.describe(),
             if task.is_some() { "solver" } else { "injector" },
         );
         let sandbox = provider
-            .acquire(&pool.name)
+            .acquire(&key)
             .await
             .context("starting the sandbox")?;
         let result = drive(&sandbox, task.as_ref(), &args.command, timeout).await;

@@ -30,6 +30,8 @@ pub enum ConfigError {
         name: String,
         path: String,
     },
+    #[error("SandboxPool {name:?}: spec.environmentsFrom: {message}")]
+    Environments { name: String, message: String },
     #[error(
         "SandboxPool {name:?}: spec.source.localPath {path} is neither a directory nor a git bundle"
     )]
@@ -47,6 +49,9 @@ pub struct LocalPool {
     pub repo_dir: Option<PathBuf>,
     /// `spec.source.toolchain`, resolved.
     pub toolchain: Vec<PathBuf>,
+    /// The pool's environments (its list and `environmentsFrom.file`); empty: the template's
+    /// image is its one environment.
+    pub environments: Vec<selfplay_crds::Environment>,
 }
 
 impl LocalPool {
@@ -96,6 +101,39 @@ pub fn quantity_bytes(q: &str) -> Option<u64> {
     };
     let n: f64 = num.parse().ok()?;
     (n >= 0.0 && n.is_finite()).then_some((n * mult) as u64)
+}
+
+/// A pool's environments: its list, then those of `environmentsFrom.file` (relative to the
+/// run file's directory). A ConfigMap source needs a cluster.
+fn environments(
+    spec: &SandboxPoolSpec,
+    name: &str,
+    base: &Path,
+) -> Result<Vec<selfplay_crds::Environment>, ConfigError> {
+    let err = |message: String| ConfigError::Environments {
+        name: name.to_string(),
+        message,
+    };
+    let mut from_file = Vec::new();
+    if let Some(src) = &spec.environments_from {
+        if src.config_map.is_some() && src.file.is_none() {
+            return Err(err(
+                "configMap is read by the operator on a cluster; a local run needs file".into(),
+            ));
+        }
+        if let Some(f) = &src.file {
+            let path = if Path::new(f).is_absolute() {
+                PathBuf::from(f)
+            } else {
+                base.join(f)
+            };
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+            from_file = selfplay_crds::environments::parse_instances(&text, src)
+                .map_err(|e| err(format!("{}: {e}", path.display())))?;
+        }
+    }
+    selfplay_crds::environments::all_environments(spec, from_file).map_err(|e| err(e.to_string()))
 }
 
 /// A validated run and its pools.
@@ -219,12 +257,22 @@ pub fn parse(text: &str, source: &str, base: &Path) -> Result<LocalRun, ConfigEr
                     .collect()
             })
             .unwrap_or_default();
+        let environments = environments(&pool.spec, &pref.name, base)?;
+        if repo_dir.is_some() && !environments.is_empty() {
+            return Err(ConfigError::Environments {
+                name: pref.name.clone(),
+                message: "environments are images; a pool with spec.source.localPath has one \
+                          repository"
+                    .to_string(),
+            });
+        }
         local.push(LocalPool {
             name: pref.name.clone(),
             weight: pref.weight.max(1) as u32,
             spec: pool.spec.clone(),
             repo_dir,
             toolchain,
+            environments,
         });
     }
 

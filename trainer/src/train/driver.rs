@@ -2,7 +2,7 @@
 //! the sandbox provider, the progress reporter and the checkpoint sink (local files, or the
 //! operator's broker), so one loop serves both modes.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -136,6 +136,9 @@ pub struct TrainLoop<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink>
     pub metrics: TrainerMetrics,
     pub dirs: RunDirs,
     pub pools: Vec<(String, u32)>,
+    /// Pool → its environments' names (pools with one environment are absent): injector
+    /// episodes of such a pool are spread over them, as `POOL/ENVIRONMENT` sandbox keys.
+    pub environments: BTreeMap<String, Vec<String>>,
     pub view: PolicyView,
     grpo: Option<GrpoTrainer>,
     state: LoopState,
@@ -168,6 +171,7 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
             metrics,
             dirs,
             pools,
+            environments: BTreeMap::new(),
             view,
             grpo: Some(grpo),
             state,
@@ -206,6 +210,7 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
             metrics: &self.metrics,
             observer,
             pools: &self.pools,
+            environments: &self.environments,
         };
         let rollouts = rollout(&ctx, policy, step, &mut pending).await;
         self.state.pending = pending.into();

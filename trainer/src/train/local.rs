@@ -147,8 +147,16 @@ pub fn local_provider(
                     repository(dir, &out.join("repos").join(&p.name))?,
                 );
             }
-            None => {
+            None if p.environments.is_empty() => {
                 images.insert(p.name.clone(), p.spec.clone());
+            }
+            None => {
+                for e in &p.environments {
+                    images.insert(
+                        selfplay_crds::environments::environment_key(&p.name, &e.name),
+                        selfplay_crds::environments::spec_for(&p.spec, e),
+                    );
+                }
             }
         }
     }
@@ -289,6 +297,17 @@ pub async fn run_local(
         grpo,
         state,
     );
+    lp.environments = run
+        .pools
+        .iter()
+        .filter(|p| !p.environments.is_empty())
+        .map(|p| {
+            (
+                p.name.clone(),
+                p.environments.iter().map(|e| e.name.clone()).collect(),
+            )
+        })
+        .collect();
     if let Some(v) = view {
         lp.view = v;
     }

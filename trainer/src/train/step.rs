@@ -141,6 +141,8 @@ pub struct StepContext<'a, P: SandboxProvider + ?Sized> {
     pub observer: &'a dyn StepObserver,
     /// Pools with their weights, in spec order.
     pub pools: &'a [(String, u32)],
+    /// Pool → its environments' names, for pools with several.
+    pub environments: &'a BTreeMap<String, Vec<String>>,
 }
 
 /// The injector episodes' pools for `step`: a weighted round robin, the same for a given step
@@ -156,6 +158,30 @@ pub fn injector_pools(pools: &[(String, u32)], step: u64, count: usize) -> Vec<S
     let start = (step as usize).wrapping_mul(count) % wheel.len();
     (0..count)
         .map(|i| wheel[(start + i) % wheel.len()].clone())
+        .collect()
+}
+
+/// The sandbox keys of the injector episodes: each pick of a pool with environments becomes
+/// `POOL/ENVIRONMENT`, the pool's picks going round its environments, continuing from step to
+/// step, so that over a run every environment gets its share.
+pub fn spread_environments(
+    picked: Vec<String>,
+    environments: &BTreeMap<String, Vec<String>>,
+    step: u64,
+) -> Vec<String> {
+    let count = picked.len();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    picked
+        .into_iter()
+        .map(|pool| match environments.get(&pool) {
+            Some(envs) if !envs.is_empty() => {
+                let k = seen.entry(pool.clone()).or_insert(0);
+                let idx = ((step as usize).wrapping_mul(count) + *k) % envs.len();
+                *k += 1;
+                selfplay_crds::environments::environment_key(&pool, &envs[idx])
+            }
+            _ => pool,
+        })
         .collect()
 }
 
@@ -304,7 +330,11 @@ pub async fn rollout<P: SandboxProvider + ?Sized>(
     ctx.observer.planned(n_inj as u64);
 
     // 1–2. Injector episodes and their validation.
-    let pools = injector_pools(ctx.pools, step, n_inj);
+    let pools = spread_environments(
+        injector_pools(ctx.pools, step, n_inj),
+        ctx.environments,
+        step,
+    );
     let injectors: Vec<(String, (InjectorResult, Vec<InfraError>))> = futures::stream::iter(pools)
         .map(|pool| {
             let policy = policy.clone();
@@ -575,6 +605,25 @@ pub fn push_group(samples: &mut Vec<Sample>, members: &[&Trajectory], rewards: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn injector_episodes_go_round_a_pools_environments() {
+        let envs = BTreeMap::from([(
+            "swe".to_string(),
+            vec!["a".to_string(), "b".to_string(), "c".to_string()],
+        )]);
+        let mut count: BTreeMap<String, usize> = BTreeMap::new();
+        for step in 1..=6 {
+            let picked = injector_pools(&[("swe".to_string(), 1), ("local".to_string(), 1)], step, 4);
+            for k in spread_environments(picked, &envs, step) {
+                *count.entry(k).or_default() += 1;
+            }
+        }
+        assert_eq!(count["local"], 12);
+        for e in ["swe/a", "swe/b", "swe/c"] {
+            assert_eq!(count[e], 4, "{count:?}");
+        }
+    }
 
     #[test]
     fn injector_pools_follow_the_weights() {
