@@ -379,6 +379,28 @@ async fn docker_sandboxes_validate_and_grade_a_bug() {
         "no network but loopback: {out}"
     );
     assert!(out.contains("256"), "the pids limit: {out}");
+    // The agent cannot put a fake sidecar where the trainer connects, nor drop the lease.
+    let (_, out) = shell(
+        sb.client(),
+        "rm -f /selfplay/run/sidecar.sock; echo rm=$?; mv /selfplay/run/lease /tmp/l; echo mv=$?; \
+         touch /selfplay/run/x; echo touch=$?",
+    )
+    .await;
+    assert!(
+        out.contains("rm=1") && out.contains("mv=1") && out.contains("touch=1"),
+        "{out}"
+    );
+    assert_eq!(sb.external_failure().await, None, "a healthy sandbox");
+    sb.release().await.unwrap();
+
+    // Killed from outside while in use: not the agent's doing, so masked.
+    let sb = p.acquire("sample-env").await.unwrap();
+    run(Command::new("docker").args(["kill", sb.id()])).unwrap();
+    let why = sb.external_failure().await;
+    assert!(
+        why.as_deref().is_some_and(|w| w.contains("killed from outside")),
+        "{why:?}"
+    );
     sb.release().await.unwrap();
 
     // The trainer's validation of the valid bug, then grading in fresh sandboxes.

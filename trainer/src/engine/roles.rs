@@ -144,6 +144,23 @@ fn episode_failure(t: &Trajectory) -> Option<(Option<InfraError>, Option<String>
     }
 }
 
+/// A sandbox failure scored as the agent's becomes a masked infrastructure error when the
+/// provider shows the agent cannot have caused it (its container was killed from outside).
+pub async fn absolve(
+    sandbox: &super::sandbox::Sandbox,
+    agent_failure: &mut Option<String>,
+    infra_error: &mut Option<InfraError>,
+) {
+    if agent_failure.is_none() {
+        return;
+    }
+    if let Some(why) = sandbox.external_failure().await {
+        tracing::warn!(sandbox = sandbox.id(), %why, "sandbox failed from outside: episode masked");
+        *agent_failure = None;
+        *infra_error = Some(InfraError::new(InfraKind::Sidecar, why));
+    }
+}
+
 /// Sorts a failure after the episode started: the agent's when it had run anything.
 fn blame(t: &Trajectory, e: InfraError) -> Result<InfraError, String> {
     if agent_acted(t) {
@@ -431,6 +448,7 @@ pub async fn run_solver<P: SandboxProvider + ?Sized>(
         }
     };
     let mut result = play_solver(policy, sandbox.client(), task, settings).await;
+    absolve(&sandbox, &mut result.agent_failure, &mut result.infra_error).await;
     if let Err(e) = sandbox.release().await {
         tracing::warn!(error = %e, "sandbox release failed");
     }

@@ -14,6 +14,12 @@ use super::error::InfraError;
 /// (synchronously, best effort): an episode that panics leaves no process behind.
 pub trait Lease: Send + Sync {
     fn release(self: Box<Self>) -> BoxFuture<'static, Result<(), InfraError>>;
+
+    /// After the sandbox broke: why, when the agent inside cannot have caused it (a container
+    /// killed from outside). `None` (the default) leaves the failure to the agent.
+    fn external_failure(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(async { None })
+    }
 }
 
 /// One sandbox: a workspace holding a fresh copy of a repository, served by a sidecar.
@@ -69,6 +75,15 @@ impl Sandbox {
     /// The workspace on this machine's file system, when the provider is local.
     pub fn workspace_path(&self) -> Option<&Path> {
         self.workspace.as_deref()
+    }
+
+    /// Why the sandbox broke, when its agent cannot have caused it (see
+    /// [`Lease::external_failure`]).
+    pub async fn external_failure(&self) -> Option<String> {
+        match &self.lease {
+            Some(l) => l.external_failure().await,
+            None => None,
+        }
     }
 
     /// Tears the sandbox down (processes, files, or the pod).

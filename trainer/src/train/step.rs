@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::engine::error::InfraError;
 use crate::engine::policy::Policy;
 use crate::engine::roles::{
-    EngineSettings, InjectorResult, SolverResult, run_injector, run_solver,
+    EngineSettings, InjectorResult, SolverResult, absolve, run_injector, run_solver,
 };
 use crate::engine::sandbox::SandboxProvider;
 use crate::engine::solver::BugTask;
@@ -282,7 +282,8 @@ async fn injector_episode<P: SandboxProvider + ?Sized>(
                     };
                 }
             };
-            let r = run_injector(policy, sandbox.client(), ctx.engine).await;
+            let mut r = run_injector(policy, sandbox.client(), ctx.engine).await;
+            absolve(&sandbox, &mut r.agent_failure, &mut r.infra_error).await;
             if let Err(e) = sandbox.release().await {
                 tracing::warn!(error = %e, "sandbox release failed");
             }

@@ -412,6 +412,10 @@ impl DockerProvider {
         };
         let socket = run_dir.join(SOCKET);
         let client = run_plan(&self.cfg.docker, &plan, &socket, &token).await?;
+        // The socket exists: from now on the sandbox's user (the agent's too) may not replace
+        // it or the lease in the directory (a fake sidecar the trainer would reconnect to).
+        std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| acquire_err(format!("securing {}: {e}", run_dir.display())))?;
         Ok(Sandbox::new(
             plan.main.name.clone(),
             pool,
@@ -522,6 +526,30 @@ impl DockerLease {
 }
 
 impl Lease for DockerLease {
+    /// The agent cannot SIGKILL its sandbox's PID 1 (the kernel ignores it from inside the
+    /// container, and the sidecar's seccomp filter refuses signals to it): a container that
+    /// ended with exit 137 without the OOM killer was killed from outside (`docker kill`, the
+    /// engine). An out-of-memory kill, or any other end, may be the agent's doing.
+    fn external_failure(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(async move {
+            let main = self.containers.last()?;
+            let state = docker(
+                &self.docker,
+                &[
+                    "inspect".to_string(),
+                    "--format".to_string(),
+                    "{{.State.Running}} {{.State.OOMKilled}} {{.State.ExitCode}}".to_string(),
+                    main.clone(),
+                ],
+            )
+            .await
+            .ok()?;
+            let f: Vec<&str> = state.split_whitespace().collect();
+            (f.as_slice() == ["false", "false", "137"])
+                .then(|| format!("container {main} was killed from outside (exit 137)"))
+        })
+    }
+
     fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<(), InfraError>> {
         Box::pin(async move {
             let (rm, vrm) = self.args();
