@@ -34,6 +34,8 @@ pub struct CommandSpec {
     program: OsString,
     args: Vec<OsString>,
     clear_env: bool,
+    /// Replaces the sidecar's own environment as the starting point (see `base_env`).
+    base: Option<Arc<[(OsString, OsString)]>>,
     env: Vec<(OsString, OsString)>,
     cwd: Option<PathBuf>,
     /// Descriptors the child gets at the given numbers (above 2), open across exec.
@@ -46,6 +48,7 @@ impl CommandSpec {
             program: program.as_ref().to_owned(),
             args: Vec::new(),
             clear_env: false,
+            base: None,
             env: Vec::new(),
             cwd: None,
             fds: Vec::new(),
@@ -70,7 +73,17 @@ impl CommandSpec {
     /// Start from an empty environment instead of the sidecar's.
     pub fn env_clear(&mut self) -> &mut Self {
         self.clear_env = true;
+        self.base = None;
         self.env.clear();
+        self
+    }
+
+    /// Start from `base` instead of the sidecar's own environment (unless cleared): the
+    /// environment `serve --env-from-shell` captured. Shared, since every command of a
+    /// sidecar starts from the same one.
+    pub fn base_env(&mut self, base: Arc<[(OsString, OsString)]>) -> &mut Self {
+        self.clear_env = false;
+        self.base = Some(base);
         self
     }
 
@@ -102,13 +115,13 @@ impl CommandSpec {
         &self.program
     }
 
-    /// The child's environment: the sidecar's (unless cleared), then the given variables,
-    /// later ones winning.
+    /// The child's environment: the base (the sidecar's own unless given or cleared), then
+    /// the given variables, later ones winning.
     fn environment(&self) -> Vec<(OsString, OsString)> {
-        let mut out: Vec<(OsString, OsString)> = if self.clear_env {
-            Vec::new()
-        } else {
-            std::env::vars_os().collect()
+        let mut out: Vec<(OsString, OsString)> = match (&self.base, self.clear_env) {
+            (_, true) => Vec::new(),
+            (Some(base), false) => base.to_vec(),
+            (None, false) => std::env::vars_os().collect(),
         };
         for (k, v) in &self.env {
             match out.iter_mut().find(|(ok, _)| ok == k) {

@@ -36,7 +36,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Top {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Call a running server; prints JSON on stdout. Exit status 1: the request was
     /// refused; 2: the sidecar could not be reached or failed.
     Client(ClientArgs),
@@ -46,6 +46,20 @@ enum Top {
     Install {
         /// The directory to install into.
         #[arg(long)]
+        to: PathBuf,
+    },
+    /// Copy the contents of directory SRC into directory DST (created if missing):
+    /// files with their permission bits and times, directories with their modes plus
+    /// u+w, symlinks as they are (never followed), hard links as separate files; fifos,
+    /// sockets and devices are skipped with a warning. Nothing is chowned. Prints a
+    /// summary line. For an init container copying a root-owned repository for a
+    /// non-root sandbox, in an image that may have no `cp`.
+    Copy {
+        /// The directory whose contents are copied.
+        #[arg(long, value_name = "SRC")]
+        from: PathBuf,
+        /// The directory they are copied into.
+        #[arg(long, value_name = "DST")]
         to: PathBuf,
     },
 }
@@ -60,6 +74,23 @@ struct ServeArgs {
     /// of binding `--listen`; for sandboxes without network whose parent binds the port.
     #[arg(long, conflicts_with = "listen")]
     listen_fd: Option<i32>,
+    /// Serve on a Unix socket at PATH instead of TCP (a container without network, its
+    /// socket directory bind-mounted from the host). A stale socket at PATH is replaced;
+    /// the socket is made 0666 and removed at shutdown. Printed as `listening on
+    /// unix:PATH`, the address the client takes.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["listen", "listen_fd"])]
+    listen_unix: Option<PathBuf>,
+    /// Bash code run once before serving (`source /opt/miniconda3/bin/activate
+    /// testbed`), in the workspace, with the sidecar's environment; the environment it
+    /// leaves is the base of every command, test script and session. The sidecar does
+    /// not start when bash is missing or the script fails or takes over 60 s.
+    #[arg(long, value_name = "SCRIPT")]
+    env_from_shell: Option<String>,
+    /// A file the trainer holds an exclusive flock on for as long as it lives. Checked
+    /// every second; once the lock is free (its holder died) or the file cannot be
+    /// opened, the sidecar shuts down as on SIGTERM. It must be openable at startup.
+    #[arg(long, value_name = "PATH")]
+    lease_file: Option<PathBuf>,
     /// The workspace every path is relative to (the repository).
     #[arg(long)]
     workspace: PathBuf,
@@ -128,7 +159,7 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct ClientArgs {
-    /// The sidecar's address, `host:port` or `http://host:port`.
+    /// The sidecar's address: `host:port`, `http://host:port` or `unix:/path`.
     #[arg(long, env = "SIDECAR_ADDR")]
     addr: String,
     #[arg(long, env = "SIDECAR_TOKEN_FILE")]
@@ -250,7 +281,7 @@ where
         }
     };
     let code = match cli.command {
-        Top::Serve(args) => match serve(args) {
+        Top::Serve(args) => match serve(*args) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("sandbox-sidecar: {e:#}");
@@ -268,6 +299,25 @@ where
                 1
             }
         },
+        Top::Copy { from, to } => {
+            let mut warn = |p: &std::path::Path, kind: &str| {
+                eprintln!(
+                    "sandbox-sidecar: warning: skipped {}: {kind} (only files, directories \
+                     and symlinks are copied)",
+                    p.display()
+                );
+            };
+            match crate::copy::copy_tree(&from, &to, &mut warn) {
+                Ok(s) => {
+                    println!("copied {} to {}: {s}", from.display(), to.display());
+                    0
+                }
+                Err(e) => {
+                    eprintln!("sandbox-sidecar: copy: {e}");
+                    1
+                }
+            }
+        }
     };
     ExitCode::from(code)
 }
@@ -307,9 +357,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     rt.block_on(fill_blocking_pool());
-    let cfg = ServeConfig {
+    if let Some(lease) = &args.lease_file
+        && let crate::lease::Lease::Unopenable(e) = crate::lease::probe(lease)
+    {
+        bail!("--lease-file {}: {e}", lease.display());
+    }
+    let mut cfg = ServeConfig {
         listen: args.listen,
         listen_fd: args.listen_fd,
+        listen_unix: args.listen_unix,
         workspace: args.workspace,
         token,
         metrics_listen: args.metrics_listen,
@@ -345,9 +401,34 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         } else {
             None
         },
+        base_env: None,
     };
     let ready_file = args.ready_file;
+    let lease_file = args.lease_file;
+    let env_script = args.env_from_shell;
     rt.block_on(async move {
+        // Before anything slow: as PID 1 (a container's entrypoint) the kernel drops
+        // signals that have no handler, so until here SIGTERM would go unnoticed and
+        // `docker stop` would wait for its SIGKILL.
+        let mut signals = Signals::install().context("installing signal handlers")?;
+        if let Some(script) = env_script {
+            let bash = crate::process::find_bash();
+            let capture = crate::shellenv::capture(
+                &script,
+                bash.as_deref(),
+                &cfg.workspace,
+                crate::shellenv::TIMEOUT,
+            );
+            let env = tokio::select! {
+                r = capture => r?,
+                () = signals.recv() => {
+                    tracing::info!("terminated while running --env-from-shell");
+                    return Ok(());
+                }
+            };
+            tracing::info!(variables = env.len(), "environment from --env-from-shell");
+            cfg.base_env = Some(env);
+        }
         let bound = server::bind(cfg).await?;
         let mut out = std::io::stdout().lock();
         writeln!(out, "{}{}", crate::spawn::READY_PREFIX, bound.addr)?;
@@ -358,7 +439,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("writing {}", f.display()))?;
         }
         tracing::info!(addr = %bound.addr, metrics = ?bound.metrics_addr, "sandbox-sidecar ready");
-        bound.serve(shutdown_signal()).await?;
+        bound
+            .serve(async move {
+                let lease = async {
+                    match lease_file {
+                        Some(p) => crate::lease::watch(p, crate::lease::INTERVAL).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = signals.recv() => tracing::info!("shutting down"),
+                    why = lease => tracing::info!("shutting down: {why}"),
+                }
+            })
+            .await?;
         Ok(())
     })
 }
@@ -382,20 +476,27 @@ async fn fill_blocking_pool() {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, handled from the moment they are installed.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    tracing::info!("shutting down");
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 fn client_main(args: ClientArgs) -> u8 {

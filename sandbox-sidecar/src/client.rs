@@ -171,6 +171,9 @@ fn fill_id(id: &mut String) {
     }
 }
 
+/// The address prefix of a Unix socket: `unix:/run/sidecar/sock`.
+pub const UNIX_PREFIX: &str = "unix:";
+
 /// Accepts `host:port` or a full `http://host:port` URL.
 fn endpoint_url(addr: &str) -> String {
     if addr.contains("://") {
@@ -199,20 +202,60 @@ macro_rules! call {
 }
 
 impl SidecarClient {
-    /// Connects to `addr` (`127.0.0.1:7000` or `http://host:port`) with `token`.
+    /// Connects to `addr` (`127.0.0.1:7000`, `http://host:port`, or `unix:/abs/path` for a
+    /// Unix socket) with `token`. [`addr`](Self::addr) returns `addr` as given.
     pub async fn connect(addr: impl Into<String>, token: impl AsRef<str>) -> Result<Self> {
         let addr = addr.into();
-        let endpoint = Endpoint::from_shared(endpoint_url(&addr))
-            .map_err(|e| Error::InvalidAddress(format!("bad sidecar address {addr:?}: {e}")))?
+        let channel = match addr.strip_prefix(UNIX_PREFIX) {
+            Some(path) => Self::unix_channel(&addr, path).await?,
+            None => {
+                let endpoint =
+                    Self::tune(Endpoint::from_shared(endpoint_url(&addr)).map_err(|e| {
+                        Error::InvalidAddress(format!("bad sidecar address {addr:?}: {e}"))
+                    })?);
+                endpoint.connect().await.map_err(|source| Error::Connect {
+                    addr: addr.clone(),
+                    source,
+                })?
+            }
+        };
+        Self::from_channel(channel, addr, token)
+    }
+
+    fn tune(endpoint: Endpoint) -> Endpoint {
+        endpoint
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true);
-        let channel = endpoint.connect().await.map_err(|source| Error::Connect {
-            addr: addr.clone(),
-            source,
-        })?;
-        Self::from_channel(channel, addr, token)
+            .keep_alive_while_idle(true)
+    }
+
+    /// A channel whose every connection (the first and each reconnect after the sidecar
+    /// restarted) opens the socket at `path` afresh.
+    async fn unix_channel(addr: &str, path: &str) -> Result<Channel> {
+        // Relative paths would change meaning with the working directory between
+        // reconnects.
+        if !path.starts_with('/') {
+            return Err(Error::InvalidAddress(format!(
+                "bad sidecar address {addr:?}: a Unix socket address is unix:/absolute/path"
+            )));
+        }
+        let path = std::path::PathBuf::from(path);
+        // The URI is not dialled; it only fills the :authority of requests.
+        let endpoint = Self::tune(Endpoint::from_static("http://localhost"));
+        endpoint
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                }
+            }))
+            .await
+            .map_err(|source| Error::Connect {
+                addr: addr.to_string(),
+                source,
+            })
     }
 
     /// Wraps an existing channel (custom TLS, timeouts, ...).

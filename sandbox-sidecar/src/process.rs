@@ -123,6 +123,15 @@ pub fn kill_all_tracked() {
 
 /// When the sidecar is PID 1 (a container's entrypoint) or a child subreaper, orphaned
 /// processes are re-parented to it and must be reaped, or they stay zombies. Reaps zombie children that are not ours.
+///
+/// As PID 1 nothing else is needed: the kernel re-parents every orphan of the container to
+/// PID 1 whether or not `PR_SET_CHILD_SUBREAPER` is set (it is set anyway, harmlessly), and
+/// this task starts for either reason. Orphans that died before serving started (during
+/// `--env-from-shell`) are found by the first scan. The scan reads `/proc`, which must be
+/// the sidecar's own PID namespace's (Docker and Kubernetes mount it so); a waitpid(-1)
+/// instead would take the exit status of children tokio waits for. SIGTERM and SIGINT,
+/// which PID 1 would otherwise ignore, have handlers from the start of `serve` (see
+/// `cli::Signals`). `tests/pid1.rs` runs the sidecar as PID 1 of a new PID namespace.
 pub fn spawn_init_reaper() {
     let subreaper = {
         let mut v: libc::c_int = 0;

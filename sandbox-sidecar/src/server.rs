@@ -1,11 +1,12 @@
 //! Starting the server: the gRPC listener, the metrics/health listener, shutdown.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::StreamExt as _;
 
 use crate::auth::TokenCheck;
@@ -27,6 +28,10 @@ pub struct ServeConfig {
     /// `listen`: a sandbox without network (its own network namespace) can still serve
     /// on a socket its parent bound on the host's loopback.
     pub listen_fd: Option<i32>,
+    /// Serve on a Unix socket at this path instead of TCP (a container without network
+    /// whose socket directory is bind-mounted from the host). A stale socket there is
+    /// replaced; the socket is made 0666 and removed at shutdown.
+    pub listen_unix: Option<PathBuf>,
     pub workspace: PathBuf,
     pub token: String,
     pub metrics_listen: Option<SocketAddr>,
@@ -45,6 +50,27 @@ pub struct ServeConfig {
     pub scratch_dirs: Vec<PathBuf>,
     /// Caps of a snapshot's or diff's walk of the workspace.
     pub walk_limits: crate::snapshot::WalkLimits,
+    /// The environment every command, test script and session starts from (before a
+    /// request's own variables): what `serve --env-from-shell` captured. `None`: the
+    /// sidecar's own environment at startup.
+    pub base_env: Option<Vec<(OsString, OsString)>>,
+}
+
+/// Where the gRPC listener is bound; shown as the client's address syntax (`host:port`,
+/// `unix:/path`), which is what `listening on ` and the ready file carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listening {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Listening {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listening::Tcp(a) => write!(f, "{a}"),
+            Listening::Unix(p) => write!(f, "{}{}", crate::client::UNIX_PREFIX, p.display()),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +93,12 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen on the Unix socket {path}: {source}")]
+    BindUnix {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "--confine: commands cannot be confined here ({0}); the sidecar needs CAP_SYS_ADMIN \
          in its user namespace (run it under `bwrap --unshare-user` or as root in a pod \
@@ -85,11 +117,85 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, UnixSocketFile),
+}
+
+/// The socket file `--listen-unix` created, identified by device and inode so that
+/// shutdown removes only our own socket, not one a later sidecar bound at the same path.
+struct UnixSocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl UnixSocketFile {
+    fn remove(&self) {
+        use std::os::unix::fs::MetadataExt as _;
+        if let Ok(m) = std::fs::symlink_metadata(&self.path)
+            && m.dev() == self.dev
+            && m.ino() == self.ino
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Binds a Unix socket at `path`, replacing a stale socket left by a sidecar that died,
+/// and opens it to every user: the trainer connecting from the host is not the
+/// container's user, and the directory holding the socket is private on the host.
+fn bind_unix(path: &Path) -> Result<(UnixListener, UnixSocketFile), ServeError> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
+    let err = |source| ServeError::BindUnix {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            // A socket that still accepts belongs to a live server: taking over its path
+            // would cut that server off from its clients.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another server is listening on it",
+                )));
+            }
+            std::fs::remove_file(path).map_err(err)?;
+        }
+        Ok(_) => {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket (left in place)",
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    let file = (|| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        let m = std::fs::symlink_metadata(path)?;
+        Ok(UnixSocketFile {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    })();
+    match file {
+        Ok(f) => Ok((listener, f)),
+        Err(e) => {
+            let _ = std::fs::remove_file(path);
+            Err(err(e))
+        }
+    }
+}
+
 /// A bound, not yet serving, sidecar.
 pub struct Bound {
-    pub addr: SocketAddr,
+    pub addr: Listening,
     pub metrics_addr: Option<SocketAddr>,
-    listener: TcpListener,
+    listener: Listener,
     metrics_listener: Option<TcpListener>,
     state: Arc<State>,
     token: TokenCheck,
@@ -174,31 +280,26 @@ pub async fn bind(cfg: ServeConfig) -> Result<Bound, ServeError> {
         })?
         .with_limits(cfg.walk_limits);
     let bash = process::find_bash();
+    let base_env: Arc<[(OsString, OsString)]> = match &cfg.base_env {
+        Some(env) => env.clone().into(),
+        None => std::env::vars_os().collect(),
+    };
     let state = Arc::new(State {
         ws,
         defaults: cfg.defaults.clone(),
         bash: bash.clone(),
+        base_env: base_env.clone(),
         state_dir: state_dir.clone(),
         scratch_dirs: cfg.scratch_dirs.clone(),
-        sessions: Sessions::new(bash, Box::new(move |n| gauge.set(n))),
+        sessions: Sessions::new(bash, base_env, Box::new(move |n| gauge.set(n))),
         snapshots: Mutex::new(snapshots),
         oracle: Mutex::new(Oracle::default()),
         metrics,
         idem: IdempotencyCache::new(cfg.idempotency_capacity),
         started: Instant::now(),
     });
-    let listener = match cfg.listen_fd {
-        Some(fd) => inherited_listener(fd),
-        None => TcpListener::bind(cfg.listen).await,
-    }
-    .map_err(|source| ServeError::Bind {
-        addr: cfg.listen,
-        source,
-    })?;
-    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
-        addr: cfg.listen,
-        source,
-    })?;
+    // Metrics first: the Unix socket is a file that must not be left behind when a later
+    // step fails.
     let (metrics_listener, metrics_addr) = match cfg.metrics_listen {
         Some(m) => {
             let l = TcpListener::bind(m)
@@ -210,6 +311,22 @@ pub async fn bind(cfg: ServeConfig) -> Result<Bound, ServeError> {
             (Some(l), Some(a))
         }
         None => (None, None),
+    };
+    let (listener, addr) = if let Some(path) = &cfg.listen_unix {
+        let (l, file) = bind_unix(path)?;
+        (Listener::Unix(l, file), Listening::Unix(path.clone()))
+    } else {
+        let bind_err = |source| ServeError::Bind {
+            addr: cfg.listen,
+            source,
+        };
+        let l = match cfg.listen_fd {
+            Some(fd) => inherited_listener(fd),
+            None => TcpListener::bind(cfg.listen).await,
+        }
+        .map_err(bind_err)?;
+        let a = l.local_addr().map_err(bind_err)?;
+        (Listener::Tcp(l), Listening::Tcp(a))
     };
     Ok(Bound {
         addr,
@@ -299,13 +416,6 @@ impl Bound {
         .max_encoding_message_size(256 * 1024 * 1024);
         let svc =
             tonic::service::interceptor::InterceptedService::new(svc, move |req| token.check(req));
-        // Nagle's algorithm plus delayed ACKs would add tens of milliseconds to small calls.
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
-            if let Ok(s) = &s {
-                let _ = s.set_nodelay(true);
-            }
-            s
-        });
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
         tokio::spawn(async move {
@@ -315,16 +425,41 @@ impl Bound {
             st.sessions.close_all().await;
             let _ = stop_tx.send(());
         });
-        let result = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stop_rx.await;
-            })
-            .await;
+            .add_service(svc);
+        let stop = async {
+            let _ = stop_rx.await;
+        };
+        let (result, socket_file) = match listener {
+            Listener::Tcp(l) => {
+                // Nagle's algorithm plus delayed ACKs would add tens of milliseconds to
+                // small calls.
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(l).map(|s| {
+                    if let Ok(s) = &s {
+                        let _ = s.set_nodelay(true);
+                    }
+                    s
+                });
+                (
+                    router.serve_with_incoming_shutdown(incoming, stop).await,
+                    None,
+                )
+            }
+            Listener::Unix(l, file) => {
+                let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
+                (
+                    router.serve_with_incoming_shutdown(incoming, stop).await,
+                    Some(file),
+                )
+            }
+        };
         process::kill_all_tracked();
         state.sessions.close_all().await;
+        if let Some(f) = socket_file {
+            f.remove();
+        }
         if let Some(d) = owned_state_dir {
             let _ = std::fs::remove_dir_all(d);
         }

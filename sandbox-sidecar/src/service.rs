@@ -42,6 +42,10 @@ pub struct State {
     pub ws: Workspace,
     pub defaults: Defaults,
     pub bash: Option<PathBuf>,
+    /// What every command, test script and session starts from (see
+    /// `ServeConfig::base_env`), so that an environment activated once at startup
+    /// (`serve --env-from-shell`) reaches all of them.
+    pub base_env: Arc<[(std::ffi::OsString, std::ffi::OsString)]>,
     pub state_dir: PathBuf,
     /// See `serve --scratch-dir`.
     pub scratch_dirs: Vec<PathBuf>,
@@ -156,6 +160,8 @@ impl State {
         cmd.args(&args).current_dir(self.cwd(&req.cwd)?);
         if req.clear_env {
             cmd.env_clear();
+        } else {
+            cmd.base_env(self.base_env.clone());
         }
         cmd.envs(&req.env);
         Ok((cmd, program.to_string_lossy().into_owned()))
@@ -772,6 +778,7 @@ async fn run_tests(state: Arc<State>, r: RunTestsRequest) -> Result<RunTestsResp
         .arg(SCRIPT_PATH)
         .inherit_fd(script, SCRIPT_FD)
         .current_dir(state.ws.root())
+        .base_env(state.base_env.clone())
         .envs(&r.env);
     let outcome = process::run(
         &cmd,
@@ -822,7 +829,8 @@ async fn run_tests(state: Arc<State>, r: RunTestsRequest) -> Result<RunTestsResp
         let mut pcmd = CommandSpec::new(&interp);
         pcmd.arg(SCRIPT_PATH)
             .inherit_fd(parser, SCRIPT_FD)
-            .current_dir(state.ws.root());
+            .current_dir(state.ws.root())
+            .base_env(state.base_env.clone());
         let po = process::run(
             &pcmd,
             Some(full),

@@ -14,6 +14,7 @@
 //! pinned to one CPU) took 80–100 µs; this way, 40–56 µs.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -83,15 +84,22 @@ struct Slot {
 /// All sessions of one sidecar.
 pub struct Sessions {
     bash: Option<PathBuf>,
+    /// Every shell's environment before its own variables (see `State::base_env`).
+    base_env: Arc<[(OsString, OsString)]>,
     slots: std::sync::Mutex<HashMap<String, Arc<Mutex<Slot>>>>,
     active: Arc<std::sync::atomic::AtomicI64>,
     on_active_change: Box<dyn Fn(i64) + Send + Sync>,
 }
 
 impl Sessions {
-    pub fn new(bash: Option<PathBuf>, on_active_change: Box<dyn Fn(i64) + Send + Sync>) -> Self {
+    pub fn new(
+        bash: Option<PathBuf>,
+        base_env: Arc<[(OsString, OsString)]>,
+        on_active_change: Box<dyn Fn(i64) + Send + Sync>,
+    ) -> Self {
         Self {
             bash,
+            base_env,
             slots: std::sync::Mutex::new(HashMap::new()),
             active: Arc::new(std::sync::atomic::AtomicI64::new(0)),
             on_active_change,
@@ -176,7 +184,7 @@ impl Sessions {
                     .into(),
             ));
         };
-        let shell = spawn_shell(bash, id, &slot.options)
+        let shell = spawn_shell(bash, &self.base_env, id, &slot.options)
             .map_err(|e| SidecarError::io("starting bash", e))?;
         slot.shell = Some(shell);
         self.add_active(1);
@@ -288,13 +296,20 @@ fn validate_id(id: &str) -> Result<()> {
     Ok(())
 }
 
-fn spawn_shell(bash: &PathBuf, id: &str, options: &SessionOptions) -> io::Result<Shell> {
+fn spawn_shell(
+    bash: &PathBuf,
+    base_env: &[(OsString, OsString)],
+    id: &str,
+    options: &SessionOptions,
+) -> io::Result<Shell> {
     let nonce = hex::encode(rand::random::<[u8; 12]>());
     let cmd_file = crate::confine::memfd_with(c"session-command", b"")?;
     let mut cmd = Command::new(bash);
     cmd.arg("--noprofile")
         .arg("--norc")
         .current_dir(&options.cwd)
+        .env_clear()
+        .envs(base_env.iter().map(|(k, v)| (k, v)))
         .env("PAGER", "cat")
         .env("GIT_PAGER", "cat")
         .env("SANDBOX_SESSION", id)

@@ -144,3 +144,117 @@ pub fn processes_matching(needle: &str) -> Vec<String> {
     }
     out
 }
+
+/// A `serve` process started by a test itself (for flags `SpawnedSidecar` does not pass,
+/// or a wrapper such as `unshare`), with its token and directories.
+pub struct Served {
+    pub child: tokio::process::Child,
+    /// What it printed after `listening on `.
+    pub addr: String,
+    pub token: String,
+    _stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
+}
+
+impl Served {
+    pub async fn client(&self) -> SidecarClient {
+        SidecarClient::connect(self.addr.clone(), &self.token)
+            .await
+            .unwrap()
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub async fn exit_within(&mut self, limit: std::time::Duration) -> std::process::ExitStatus {
+        match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(s) => s.unwrap(),
+            Err(_) => panic!("still running after {limit:?}"),
+        }
+    }
+}
+
+/// Writes a token file in `dir/secret/` and creates `dir/ws`; returns the token file.
+pub fn serve_dirs(dir: &Path) -> (PathBuf, String) {
+    std::fs::create_dir_all(dir.join("ws")).unwrap();
+    std::fs::create_dir_all(dir.join("secret")).unwrap();
+    let token = "test-token-0123456789".to_string();
+    let tf = dir.join("secret/token");
+    std::fs::write(&tf, &token).unwrap();
+    (tf, token)
+}
+
+/// `PREFIX... sandbox-sidecar serve --workspace dir/ws --token-file ... --state-dir
+/// dir/state EXTRA...`, started, its `listening on` line read (10 s at most; its stderr is
+/// passed through).
+pub async fn serve(dir: &Path, prefix: &[&str], extra: &[&str]) -> Served {
+    use tokio::io::AsyncBufReadExt as _;
+    let (tf, token) = serve_dirs(dir);
+    let mut cmd = match prefix.split_first() {
+        Some((p, rest)) => {
+            let mut c = tokio::process::Command::new(p);
+            c.args(rest).arg(bin());
+            c
+        }
+        None => tokio::process::Command::new(bin()),
+    };
+    cmd.arg("serve")
+        .arg("--workspace")
+        .arg(dir.join("ws"))
+        .arg("--token-file")
+        .arg(&tf)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stdout.read_line(&mut line),
+    )
+    .await
+    .expect("no `listening on` line within 10 s")
+    .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix(sandbox_sidecar::spawn::READY_PREFIX)
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    Served {
+        child,
+        addr,
+        token,
+        _stdout: stdout,
+    }
+}
+
+/// Runs `serve` expecting it to fail at startup; returns (exit code, stdout, stderr).
+pub fn serve_failing(dir: &Path, extra: &[&str]) -> (Option<i32>, String, String) {
+    let (tf, _) = serve_dirs(dir);
+    let out = Command::new(bin())
+        .arg("serve")
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--workspace")
+        .arg(dir.join("ws"))
+        .arg("--token-file")
+        .arg(&tf)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn signal(child: &tokio::process::Child, sig: nix::sys::signal::Signal) {
+    let pid = child.id().expect("still running") as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+}
