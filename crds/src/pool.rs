@@ -176,7 +176,10 @@ pub struct SandboxTemplate {
 #[serde(rename_all = "camelCase")]
 pub struct Environment {
     /// Unique in the pool; a label value (sandboxes carry it as `selfplay.dev/environment`).
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// The image.
     #[schemars(length(min = 1))]
@@ -228,7 +231,9 @@ pub struct ConfigMapKey {
 }
 
 /// Who a sandbox runs as; see [`SandboxTemplate::profile`].
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum SandboxProfile {
     /// A fixed non-root user on a copy of the repository.
     #[default]

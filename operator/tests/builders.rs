@@ -575,7 +575,11 @@ fn isolated_sandbox_copies_a_root_owned_repository_to_the_same_path() {
     );
     assert_restricted(copy);
     assert_eq!(mount_of(copy, "/selfplay/repo"), Some("selfplay-repo"));
-    assert_eq!(mount_of(copy, "/testbed"), None, "the copy reads the image's own /testbed");
+    assert_eq!(
+        mount_of(copy, "/testbed"),
+        None,
+        "the copy reads the image's own /testbed"
+    );
 
     // The sandbox sees the copy at the image's path, so development-mode installs resolve.
     let c = only_container(&pod);
@@ -590,7 +594,10 @@ fn isolated_sandbox_copies_a_root_owned_repository_to_the_same_path() {
         .iter()
         .position(|a| a == "--env-from-shell")
         .expect("the environment's activation");
-    assert_eq!(cmd[i + 1], "source /opt/miniconda3/bin/activate && conda activate testbed");
+    assert_eq!(
+        cmd[i + 1],
+        "source /opt/miniconda3/bin/activate && conda activate testbed"
+    );
     let pod_sc = spec.security_context.as_ref().expect("pod security");
     assert_eq!(pod_sc.run_as_user, Some(65532));
     assert_eq!(pod_sc.fs_group, Some(65532));
@@ -648,6 +655,9 @@ fn image_user_without_a_runtime_class_and_odd_workdirs_are_rejected() {
         let mut pool: SandboxPool = one("pool-swebench.yaml");
         pool.spec.template.workdir = workdir.to_string();
         let err = validate_pool(&pool, &cfg()).expect_err(workdir);
-        assert!(err.to_string().contains("template.workdir"), "{workdir}: {err}");
+        assert!(
+            err.to_string().contains("template.workdir"),
+            "{workdir}: {err}"
+        );
     }
 }

@@ -62,6 +62,15 @@ enum Top {
         #[arg(long, value_name = "DST")]
         to: PathBuf,
     },
+    /// Do nothing until SIGTERM or SIGINT (or, with --lease-file, until the lease is free),
+    /// reaping orphans: the holder of a pod's shared volumes when Docker runs the pod (as
+    /// the kubelet's pause container holds a pod's namespaces): a tmpfs volume lives while
+    /// a container uses it, so the init containers' files survive until the sandbox runs.
+    Pause {
+        /// Stop once this file's exclusive lock can be taken (its holder is gone).
+        #[arg(long)]
+        lease_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -299,6 +308,7 @@ where
                 1
             }
         },
+        Top::Pause { lease_file } => pause(lease_file),
         Top::Copy { from, to } => {
             let mut warn = |p: &std::path::Path, kind: &str| {
                 eprintln!(
@@ -320,6 +330,58 @@ where
         }
     };
     ExitCode::from(code)
+}
+
+fn pause(lease_file: Option<PathBuf>) -> u8 {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sandbox-sidecar: pause: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int), Ok(mut chld)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::child()),
+        ) else {
+            eprintln!("sandbox-sidecar: pause: cannot install signal handlers");
+            return 1;
+        };
+        let lease = async {
+            match lease_file {
+                Some(p) => crate::lease::watch(p, std::time::Duration::from_secs(1)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(lease);
+        loop {
+            tokio::select! {
+                _ = term.recv() => return 0,
+                _ = int.recv() => return 0,
+                why = &mut lease => {
+                    eprintln!("sandbox-sidecar: pause: {why}");
+                    return 0;
+                }
+                // As PID 1, orphans of the container become ours: reap them.
+                _ = chld.recv() => {
+                    while let Ok(s) = nix::sys::wait::waitpid(
+                        None,
+                        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                    ) {
+                        if s == nix::sys::wait::WaitStatus::StillAlive {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    })
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -81,7 +81,9 @@ fn main() {
             docker: "docker".to_string(),
             pids_limit: 1024,
         })
-        .expect("docker provider (run images/sample-env/build.sh and scripts/build-static-sidecar.sh)");
+        .expect(
+            "docker provider (run images/sample-env/build.sh and scripts/build-static-sidecar.sh)",
+        );
         // Warm-up: page cache, image layers.
         once(&local, "default").await;
         once(&docker, "sample-env").await;
@@ -101,13 +103,24 @@ fn main() {
             du.push(b.0);
             dr.push(b.1);
         }
-        let isolation = if local.isolated() { "bubblewrap" } else { "no isolation" };
+        let isolation = if local.isolated() {
+            "bubblewrap"
+        } else {
+            "no isolation"
+        };
         println!("sandbox start-up, {rounds} rounds alternating (median / p90)");
-        println!("{:<40} {:>18} {:>18}", "sandbox", "acquire→answer", "release");
+        println!(
+            "{:<40} {:>18} {:>18}",
+            "sandbox", "acquire→answer", "release"
+        );
         let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1e3);
         for (name, up, rel) in [
             (format!("local ({isolation})"), &mut lu, &mut lr),
-            ("docker (pod: 1 init copy, sidecar PID 1)".to_string(), &mut du, &mut dr),
+            (
+                "docker (pod: 1 init copy, sidecar PID 1)".to_string(),
+                &mut du,
+                &mut dr,
+            ),
         ] {
             let (u50, u90) = (percentile(up, 0.5), percentile(up, 0.9));
             let (r50, r90) = (percentile(rel, 0.5), percentile(rel, 0.9));

@@ -31,11 +31,11 @@ use selfplay_operator::validate::validate_pool;
 use selfplay_tests::paths::{scratch_dir, target_dir, workspace_root};
 use selfplay_trainer::engine::artifacts::Artifacts;
 use selfplay_trainer::engine::diffs::reverse_diff;
-use selfplay_trainer::engine::ops::Ops;
 use selfplay_trainer::engine::docker::plan::{HostVolume, PlanOptions, plan_pod};
 use selfplay_trainer::engine::docker::{
     DockerProvider, DockerProviderConfig, OWNER_LABEL, owner_id, remove_plan, start_plan,
 };
+use selfplay_trainer::engine::ops::Ops;
 use selfplay_trainer::engine::sandbox::SandboxProvider as _;
 use selfplay_trainer::engine::solver::{BugTask, evaluate_patch, prepare_grading_workspace};
 use selfplay_trainer::engine::validation::{ValidationConfig, validate};
@@ -62,8 +62,7 @@ fn run(cmd: &mut Command) -> Result<String, String> {
 
 /// Why these tests cannot run here, if they cannot.
 fn missing() -> Option<String> {
-    if run(Command::new("docker").args(["version", "--format", "{{.Server.Version}}"])).is_err()
-    {
+    if run(Command::new("docker").args(["version", "--format", "{{.Server.Version}}"])).is_err() {
         return Some("the Docker daemon does not answer".to_string());
     }
     if run(Command::new("mmdebstrap").arg("--version")).is_err() {
@@ -137,12 +136,8 @@ fn pool() -> SandboxPool {
 }
 
 fn artifacts(name: &str) -> Artifacts {
-    Artifacts::from_dir(
-        &workspace_root()
-            .join("trainer/assets/artifacts")
-            .join(name),
-    )
-    .expect("artifact set")
+    Artifacts::from_dir(&workspace_root().join("trainer/assets/artifacts").join(name))
+        .expect("artifact set")
 }
 
 async fn shell(c: &SidecarClient, script: &str) -> (i32, String) {
@@ -162,7 +157,7 @@ async fn shell(c: &SidecarClient, script: &str) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operators_sandbox_pod_runs_a_swe_bench_style_image() {
-    let Some(_built) = setup("the_operators_sandbox_pod_runs_a_swe_bench_style_image") else {
+    let Some(built) = setup("the_operators_sandbox_pod_runs_a_swe_bench_style_image") else {
         return;
     };
     let pool = pool();
@@ -201,11 +196,18 @@ async fn the_operators_sandbox_pod_runs_a_swe_bench_style_image() {
         )]),
         skip_init: Vec::new(),
         pids_limit: Some(1024),
+        holder_binary: Some(built.sidecar.clone()),
+        holder_lease: None,
     };
     let plan = plan_pod(&pod, &opts).expect("the pod translates");
-    // Every init container runs: the sidecar installs itself, then copies the repository.
+    // Every init container runs: the sidecar installs itself, then copies the repository; a
+    // holder keeps the pod's volumes mounted in between.
+    assert!(plan.holder.is_some());
     assert_eq!(
-        plan.init.iter().map(|r| r.container.as_str()).collect::<Vec<_>>(),
+        plan.init
+            .iter()
+            .map(|r| r.container.as_str())
+            .collect::<Vec<_>>(),
         ["install-sidecar", "copy-repository"]
     );
     let started = Instant::now();
@@ -249,7 +251,7 @@ fn set_mode(p: &Path, mode: u32) {
 async fn drive(c: &SidecarClient) {
     let (code, out) = shell(
         c,
-        "id -u; echo HOME=$HOME; command -v python3; stat -c '%U %a' /testbed; \
+        "id -u; echo HOME=$HOME; command -v python3; stat -c '%u %a' /testbed/tinytext/__init__.py /testbed/.git; \
          git status --porcelain; echo status=$?; \
          cd / && python3 -c 'import tinytext; print(tinytext.__file__)'",
     )
@@ -262,7 +264,10 @@ async fn drive(c: &SidecarClient) {
         lines[2], "/opt/miniconda3/envs/testbed/bin/python3",
         "the environment the image activates: {out}"
     );
-    assert!(lines[3].starts_with("65532 "), "the copy is the user's: {out}");
+    assert!(
+        lines[3] == "65532 644" && lines[4].starts_with("65532 "),
+        "the copy is the user's, modes kept: {out}"
+    );
     assert!(
         out.contains("status=0") && !out.contains("dubious"),
         "git works in the copy, with nothing changed: {out}"
@@ -290,7 +295,11 @@ async fn drive(c: &SidecarClient) {
         .await
         .expect("the bug's diff applies");
     c.reset_history().await.expect("history reset");
-    let (code, out) = shell(c, "git log --oneline | wc -l; git status --porcelain | wc -l").await;
+    let (code, out) = shell(
+        c,
+        "git log --oneline | wc -l; git status --porcelain | wc -l",
+    )
+    .await;
     assert_eq!(code, 0, "{out}");
     assert_eq!(
         out.split_whitespace().collect::<Vec<_>>(),
@@ -368,11 +377,14 @@ async fn docker_sandboxes_validate_and_grade_a_bug() {
         sb.client(),
         "grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; ls /sys/class/net; \
          python3 -c 'import socket; socket.create_connection((\"10.0.0.1\", 80), timeout=2)' \
-           2>&1 | tail -1; cat /sys/fs/cgroup/pids.max /sys/fs/cgroup/pids/pids.max 2>/dev/null",
+           2>&1 | tail -1; cat /sys/fs/cgroup/pids.max /sys/fs/cgroup/pids/pids.max 2>/dev/null; true",
     )
     .await;
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("CapEff:\t0000000000000000"), "no capabilities: {out}");
+    assert!(
+        out.contains("CapEff:\t0000000000000000"),
+        "no capabilities: {out}"
+    );
     assert!(out.contains("NoNewPrivs:\t1"), "no privilege gain: {out}");
     assert!(
         out.lines().any(|l| l.trim() == "lo") && !out.contains("eth0"),
@@ -398,7 +410,8 @@ async fn docker_sandboxes_validate_and_grade_a_bug() {
     run(Command::new("docker").args(["kill", sb.id()])).unwrap();
     let why = sb.external_failure().await;
     assert!(
-        why.as_deref().is_some_and(|w| w.contains("killed from outside")),
+        why.as_deref()
+            .is_some_and(|w| w.contains("killed from outside")),
         "{why:?}"
     );
     sb.release().await.unwrap();
@@ -438,7 +451,10 @@ async fn no_container_outlives_a_killed_trainer() {
     };
     let dir = scratch_dir("docker-killed");
     let run_file = dir.join("run.yaml");
-    let pool = POOL_YAML.replace("  namespace: default\n  uid: 0b7e6c1e-5d7c-4a53-9a51-2b0c4c1f7d10\n", "");
+    let pool = POOL_YAML.replace(
+        "  namespace: default\n  uid: 0b7e6c1e-5d7c-4a53-9a51-2b0c4c1f7d10\n",
+        "",
+    );
     std::fs::write(
         &run_file,
         format!(
@@ -449,7 +465,7 @@ async fn no_container_outlives_a_killed_trainer() {
     .unwrap();
     let trainer = target_dir().join("debug/trainer");
     let mut child = Command::new(&trainer)
-        .args(["sandbox", "--run"])
+        .arg("sandbox")
         .arg(&run_file)
         .args(["--", "echo ready; sleep 600"])
         .env("SELFPLAY_STATIC_SIDECAR", &built.sidecar)
@@ -460,7 +476,10 @@ async fn no_container_outlives_a_killed_trainer() {
     let pid = child.id();
     let deadline = Instant::now() + Duration::from_secs(90);
     while containers_of(pid).is_empty() {
-        assert!(Instant::now() < deadline, "the trainer started no container");
+        assert!(
+            Instant::now() < deadline,
+            "the trainer started no container"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     // Let the sidecar answer and the command start.
@@ -493,7 +512,10 @@ async fn no_container_outlives_a_killed_trainer() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    eprintln!("container stopped {:?} after the trainer was killed", killed.elapsed());
+    eprintln!(
+        "container stopped {:?} after the trainer was killed",
+        killed.elapsed()
+    );
     drop(docker_provider(built, &dir.join("next"), "next"));
     assert!(
         containers_of(pid).is_empty(),

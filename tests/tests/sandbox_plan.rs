@@ -45,6 +45,8 @@ fn opts() -> PlanOptions {
         )]),
         skip_init: Vec::new(),
         pids_limit: Some(512),
+        holder_binary: Some("/opt/selfplay/sandbox-sidecar".into()),
+        holder_lease: None,
     }
 }
 
@@ -88,7 +90,10 @@ fn every_container_keeps_the_pods_restrictions() {
     assert_eq!(values(main, "--cpus"), ["1.5"]);
     assert_eq!(values(main, "--workdir"), ["/testbed"]);
     assert!(values(main, "--env").contains(&"HOME=/selfplay/home"));
-    assert_eq!(values(main, "--entrypoint"), ["/selfplay/bin/sandbox-sidecar"]);
+    assert_eq!(
+        values(main, "--entrypoint"),
+        ["/selfplay/bin/sandbox-sidecar"]
+    );
     let image_at = main
         .iter()
         .position(|a| a.starts_with("swebench/"))
@@ -119,7 +124,10 @@ fn the_local_pod_serves_a_unix_socket_and_holds_the_lease() {
     let c = &pod.spec.as_ref().unwrap().containers[0];
     let cmd = c.command.clone().unwrap();
     assert!(!cmd.contains(&"--listen".to_string()), "{cmd:?}");
-    assert_eq!(values(&cmd, "--listen-unix"), ["/selfplay/run/sidecar.sock"]);
+    assert_eq!(
+        values(&cmd, "--listen-unix"),
+        ["/selfplay/run/sidecar.sock"]
+    );
     assert_eq!(values(&cmd, "--lease-file"), ["/selfplay/run/lease"]);
     // Otherwise the operator's pod: same activation, same workspace.
     assert_eq!(

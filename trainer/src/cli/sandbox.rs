@@ -73,7 +73,9 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
             }
             selfplay_crds::environments::environment_key(&pool.name, e)
         }
-        (None, Some(first)) => selfplay_crds::environments::environment_key(&pool.name, &first.name),
+        (None, Some(first)) => {
+            selfplay_crds::environments::environment_key(&pool.name, &first.name)
+        }
         (None, None) => pool.name.clone(),
     };
     let timeout = Duration::from_secs(

@@ -220,7 +220,11 @@ pub fn parse(text: &str, source: &str, base: &Path) -> Result<LocalRun, ConfigEr
                 path: source.to_string(),
             })?;
         // No local path: the pool's sandboxes are containers of its image (Docker).
-        let rel = pool.spec.source.as_ref().and_then(|s| s.local_path.as_deref());
+        let rel = pool
+            .spec
+            .source
+            .as_ref()
+            .and_then(|s| s.local_path.as_deref());
         let repo_dir = match rel {
             None => None,
             Some(rel) => {
@@ -230,8 +234,7 @@ pub fn parse(text: &str, source: &str, base: &Path) -> Result<LocalRun, ConfigEr
                     base.join(rel)
                 };
                 let builtin = source == BUILTIN_SOURCE;
-                if !(repo_dir.is_dir() || is_bundle(&repo_dir) && (builtin || repo_dir.is_file()))
-                {
+                if !(repo_dir.is_dir() || is_bundle(&repo_dir) && (builtin || repo_dir.is_file())) {
                     return Err(ConfigError::NotADirectory {
                         name: pref.name.clone(),
                         path: repo_dir,

@@ -11,8 +11,8 @@ use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use thiserror::Error;
 
-use crate::engine::error::InfraError;
 use crate::engine::docker::{DockerProvider, DockerProviderConfig};
+use crate::engine::error::InfraError;
 use crate::engine::local::{Isolation, LocalProvider, LocalProviderConfig};
 use crate::engine::machine::MachineProvider;
 use crate::engine::policy::Policy;

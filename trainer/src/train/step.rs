@@ -615,7 +615,8 @@ mod tests {
         )]);
         let mut count: BTreeMap<String, usize> = BTreeMap::new();
         for step in 1..=6 {
-            let picked = injector_pools(&[("swe".to_string(), 1), ("local".to_string(), 1)], step, 4);
+            let picked =
+                injector_pools(&[("swe".to_string(), 1), ("local".to_string(), 1)], step, 4);
             for k in spread_environments(picked, &envs, step) {
                 *count.entry(k).or_default() += 1;
             }

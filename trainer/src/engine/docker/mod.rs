@@ -24,7 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::{HostPathVolumeSource, Pod, ResourceRequirements, Volume, VolumeMount};
+use k8s_openapi::api::core::v1::{
+    HostPathVolumeSource, Pod, ResourceRequirements, Volume, VolumeMount,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use sandbox_sidecar::SidecarClient;
 use selfplay_crds::SandboxPoolSpec;
@@ -116,8 +118,19 @@ async fn docker(bin: &str, args: &[String]) -> Result<String, String> {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         let err = String::from_utf8_lossy(&out.stderr);
-        let tail: String = err.trim().chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
-        Err(format!("{bin} {}: {tail}", args.first().map(String::as_str).unwrap_or("")))
+        let tail: String = err
+            .trim()
+            .chars()
+            .rev()
+            .take(2000)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        Err(format!(
+            "{bin} {}: {tail}",
+            args.first().map(String::as_str).unwrap_or("")
+        ))
     }
 }
 
@@ -139,7 +152,14 @@ pub fn reap_orphans(docker: &str) -> usize {
     let format = format!("{{{{.ID}}}} {{{{.Label \"{OWNER_LABEL}\"}}}}");
     if let Some(list) = docker_sync(
         docker,
-        &["ps", "-a", "--filter", &format!("label={OWNER_LABEL}"), "--format", &format],
+        &[
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label={OWNER_LABEL}"),
+            "--format",
+            &format,
+        ],
     ) {
         for line in list.lines() {
             if let Some((id, owner)) = line.split_once(' ')
@@ -153,7 +173,14 @@ pub fn reap_orphans(docker: &str) -> usize {
     let vformat = format!("{{{{.Name}}}} {{{{.Label \"{OWNER_LABEL}\"}}}}");
     if let Some(list) = docker_sync(
         docker,
-        &["volume", "ls", "--filter", &format!("label={OWNER_LABEL}"), "--format", &vformat],
+        &[
+            "volume",
+            "ls",
+            "--filter",
+            &format!("label={OWNER_LABEL}"),
+            "--format",
+            &vformat,
+        ],
     ) {
         for line in list.lines() {
             if let Some((name, owner)) = line.split_once(' ')
@@ -241,12 +268,18 @@ pub fn local_pod(pool: &str, spec: &SandboxPoolSpec) -> Pod {
             }),
             ..Default::default()
         });
-        for c in ps.containers.iter_mut().filter(|c| c.name == SANDBOX_CONTAINER) {
-            c.volume_mounts.get_or_insert_with(Vec::new).push(VolumeMount {
-                name: RUN_VOLUME.to_string(),
-                mount_path: RUN_DIR.to_string(),
-                ..Default::default()
-            });
+        for c in ps
+            .containers
+            .iter_mut()
+            .filter(|c| c.name == SANDBOX_CONTAINER)
+        {
+            c.volume_mounts
+                .get_or_insert_with(Vec::new)
+                .push(VolumeMount {
+                    name: RUN_VOLUME.to_string(),
+                    mount_path: RUN_DIR.to_string(),
+                    ..Default::default()
+                });
             if let Some(cmd) = c.command.as_mut() {
                 let mut out = Vec::with_capacity(cmd.len() + 4);
                 let mut it = cmd.drain(..);
@@ -293,7 +326,10 @@ impl DockerProvider {
         }
         let reaped = reap_orphans(&cfg.docker);
         if reaped > 0 {
-            tracing::warn!(reaped, "removed sandbox containers left by a trainer that is gone");
+            tracing::warn!(
+                reaped,
+                "removed sandbox containers left by a trainer that is gone"
+            );
         }
         let pid = std::process::id();
         let owner = owner_id(pid).unwrap_or_else(|| format!("{pid}-0"));
@@ -402,6 +438,8 @@ impl DockerProvider {
             ]),
             skip_init: vec![INSTALL_CONTAINER.to_string()],
             pids_limit: Some(self.cfg.pids_limit),
+            holder_binary: Some(self.bin_dir.join("sandbox-sidecar")),
+            holder_lease: Some(run_dir.join(LEASE)),
         };
         let plan = plan_pod(&pod, &opts).map_err(|e| acquire_err(e.to_string()))?;
         let lease = DockerLease {
@@ -433,6 +471,11 @@ pub async fn start_plan(bin: &str, plan: &PodPlan) -> Result<(), String> {
         let mut args = vec!["volume".to_string(), "create".to_string()];
         args.extend(v.create_args.iter().cloned());
         docker(bin, &args).await?;
+    }
+    if let Some(h) = &plan.holder {
+        docker(bin, &h.args)
+            .await
+            .map_err(|e| format!("the volumes' holder: {e}"))?;
     }
     for r in &plan.init {
         docker(bin, &r.args)
@@ -481,9 +524,17 @@ async fn run_plan(
         .await
         .unwrap_or_default();
         if !state.starts_with("running") && !state.starts_with("created") {
-            let logs = docker(bin, &["logs".to_string(), "--tail".to_string(), "20".to_string(), plan.main.name.clone()])
-                .await
-                .unwrap_or_default();
+            let logs = docker(
+                bin,
+                &[
+                    "logs".to_string(),
+                    "--tail".to_string(),
+                    "20".to_string(),
+                    plan.main.name.clone(),
+                ],
+            )
+            .await
+            .unwrap_or_default();
             let logs_err = std::process::Command::new(bin)
                 .args(["logs", "--tail", "20", &plan.main.name])
                 .output()

@@ -73,6 +73,11 @@ pub struct PlanOptions {
     pub skip_init: Vec<String>,
     /// `--pids-limit` of every container (the kubelet's pod PID limit on a node).
     pub pids_limit: Option<u64>,
+    /// The static sidecar on this machine, run as the pod's holder (`sandbox-sidecar pause`)
+    /// when the pod has `emptyDir`s; see [`PodPlan::holder`].
+    pub holder_binary: Option<PathBuf>,
+    /// A lease file on this machine the holder watches (it stops once the lease is free).
+    pub holder_lease: Option<PathBuf>,
 }
 
 /// A Docker volume to create before the containers run.
@@ -94,20 +99,26 @@ pub struct RunPlan {
     pub args: Vec<String>,
 }
 
-/// Everything to do, in order: create `volumes`, run each of `init` to completion, start
-/// `main` detached.
+/// Everything to do, in order: create `volumes`, start `holder`, run each of `init` to
+/// completion, start `main` detached.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodPlan {
     pub volumes: Vec<VolumePlan>,
+    /// Holds the tmpfs volumes mounted from before the first init container until the pod is
+    /// removed: Docker mounts a tmpfs volume afresh whenever no running container uses it, so
+    /// without a holder what an init container writes would be gone when the next starts
+    /// (the kubelet's pause container plays this part for a pod's namespaces).
+    pub holder: Option<RunPlan>,
     pub init: Vec<RunPlan>,
     pub main: RunPlan,
 }
 
 impl PodPlan {
-    /// Names of the Docker containers, init ones included.
+    /// Names of the Docker containers, the sandbox last.
     pub fn container_names(&self) -> Vec<String> {
-        self.init
+        self.holder
             .iter()
+            .chain(self.init.iter())
             .chain(std::iter::once(&self.main))
             .map(|r| r.name.clone())
             .collect()
@@ -183,11 +194,110 @@ pub fn plan_pod(pod: &Pod, opts: &PlanOptions) -> Result<PodPlan, PlanError> {
         }
         init.push(run_plan(c, &pod_sec, runtime, &sources, opts, true)?);
     }
-    let main = run_plan(&spec.containers[0], &pod_sec, runtime, &sources, opts, false)?;
+    let main = run_plan(
+        &spec.containers[0],
+        &pod_sec,
+        runtime,
+        &sources,
+        opts,
+        false,
+    )?;
+    let holder = if volume_plans.is_empty() {
+        None
+    } else {
+        let binary = opts
+            .holder_binary
+            .as_ref()
+            .ok_or_else(|| PlanError::Unsupported {
+                container: "(pod)".to_string(),
+                what: "emptyDir volumes without a holder binary".to_string(),
+            })?;
+        Some(holder_plan(
+            &spec.containers[0],
+            &pod_sec,
+            &volume_plans,
+            binary,
+            opts,
+        )?)
+    };
     Ok(PodPlan {
         volumes: volume_plans,
+        holder,
         init,
         main,
+    })
+}
+
+/// Where the holder sees its binary, lease and volumes (nothing else of it is used).
+const HOLDER_DIR: &str = "/selfplay-holder";
+
+/// The holder: the main container's image and user, nothing but the static sidecar pausing,
+/// with every tmpfs volume mounted.
+fn holder_plan(
+    main: &Container,
+    pod_sec: &PodSecurityContext,
+    volumes: &[VolumePlan],
+    binary: &std::path::Path,
+    opts: &PlanOptions,
+) -> Result<RunPlan, PlanError> {
+    let name = format!("{}-holder", opts.name_prefix);
+    let mut a = vec![
+        "run".to_string(),
+        "--detach".to_string(),
+        "--name".to_string(),
+        name.clone(),
+        "--network".to_string(),
+        "none".to_string(),
+    ];
+    for (k, v) in &opts.labels {
+        a.extend(["--label".to_string(), format!("{k}={v}")]);
+    }
+    security_args(main, pod_sec, &mut a)?;
+    a.extend([
+        "--memory".to_string(),
+        "32m".to_string(),
+        "--pids-limit".to_string(),
+        "8".to_string(),
+        "--mount".to_string(),
+        format!(
+            "type=bind,source={},target={HOLDER_DIR}/sandbox-sidecar,readonly",
+            binary.display()
+        ),
+    ]);
+    for (i, v) in volumes.iter().enumerate() {
+        a.extend([
+            "--mount".to_string(),
+            format!(
+                "type=volume,source={},target={HOLDER_DIR}/volume-{i}",
+                v.name
+            ),
+        ]);
+    }
+    let mut rest = vec!["pause".to_string()];
+    if let Some(lease) = &opts.holder_lease {
+        a.extend([
+            "--mount".to_string(),
+            format!(
+                "type=bind,source={},target={HOLDER_DIR}/lease,readonly",
+                lease.display()
+            ),
+        ]);
+        rest.extend(["--lease-file".to_string(), format!("{HOLDER_DIR}/lease")]);
+    }
+    a.extend([
+        "--entrypoint".to_string(),
+        format!("{HOLDER_DIR}/sandbox-sidecar"),
+    ]);
+    a.push(
+        main.image
+            .clone()
+            .ok_or_else(|| unsupported(main, "a container without an image"))?,
+    );
+    a.extend(rest);
+    Ok(RunPlan {
+        container: "holder".to_string(),
+        name,
+        args: a,
     })
 }
 
@@ -362,7 +472,10 @@ fn security_args(
         }
     }
     if sc.allow_privilege_escalation == Some(false) {
-        a.extend(["--security-opt".to_string(), "no-new-privileges".to_string()]);
+        a.extend([
+            "--security-opt".to_string(),
+            "no-new-privileges".to_string(),
+        ]);
     }
     let seccomp = sc
         .seccomp_profile
