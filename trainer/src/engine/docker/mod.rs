@@ -337,6 +337,12 @@ impl DockerProvider {
             acquire_err(format!("{what} {}: {e}", p.display()))
         };
         std::fs::create_dir_all(&cfg.work_dir).map_err(|e| io("creating", &cfg.work_dir, e))?;
+        // Docker resolves bind sources on its own side: they must be absolute.
+        let mut cfg = cfg;
+        cfg.work_dir = std::path::absolute(&cfg.work_dir)
+            .map_err(|e| io("resolving", &cfg.work_dir, e))?;
+        cfg.sidecar =
+            std::path::absolute(&cfg.sidecar).map_err(|e| io("resolving", &cfg.sidecar, e))?;
         let root = cfg.work_dir.join(format!("docker-{owner}"));
         std::fs::create_dir_all(&root).map_err(|e| io("creating", &root, e))?;
         // Private on the host: the sandboxes' sockets and tokens live below.
