@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use selfplay_crds::SandboxPool;
 use selfplay_trainer::engine::docker::{DockerProvider, DockerProviderConfig};
-use selfplay_trainer::engine::local::{LocalProvider, LocalProviderConfig};
+use selfplay_trainer::engine::local::{LocalProvider, LocalProviderConfig, SidecarProgram};
 use selfplay_trainer::engine::sample::materialize_sample_repo;
 use selfplay_trainer::engine::sandbox::SandboxProvider;
 
@@ -70,13 +70,15 @@ fn main() {
     rt.block_on(async {
         let mut local_cfg = LocalProviderConfig::single(&repo);
         local_cfg.work_dir = Some(work.path().join("local"));
+        // The same sidecar binary on both sides.
+        local_cfg.sidecar = Some(SidecarProgram::standalone(sidecar.clone()));
         std::fs::create_dir_all(work.path().join("local")).expect("dir");
         let local = LocalProvider::new(local_cfg).expect("local provider");
         let pool: SandboxPool = serde_yaml::from_str(POOL).expect("pool");
         let docker = DockerProvider::new(DockerProviderConfig {
             run: "bench".to_string(),
             pools: BTreeMap::from([("sample-env".to_string(), pool.spec)]),
-            sidecar,
+            sidecar: sidecar.clone(),
             work_dir: work.path().join("docker"),
             docker: "docker".to_string(),
             pids_limit: 1024,
