@@ -137,6 +137,7 @@ pub fn parse_instances(
                     .unwrap_or_else(|| SWE_BENCH_SHELL_INIT.to_string()),
             ),
             test_command: None,
+            warm: None,
         });
     }
     Ok(out)

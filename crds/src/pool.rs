@@ -49,7 +49,10 @@ pub struct SandboxPoolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<PoolSource>,
 
-    /// Number of Ready, unclaimed sandboxes the operator keeps. Defaults to 2.
+    /// Number of Ready, unclaimed sandboxes the operator keeps. Defaults to 2. With
+    /// `environments`, the warm sandboxes are spread round-robin over the environments that
+    /// set no `warm` of their own (the first `warm % n` get one more); a claim for an
+    /// environment with no warm sandbox starts one on demand.
     #[serde(default = "default_warm")]
     #[schemars(range(min = 0, max = 1000))]
     pub warm: i32,
@@ -176,7 +179,10 @@ pub struct SandboxTemplate {
 #[serde(rename_all = "camelCase")]
 pub struct Environment {
     /// Unique in the pool; a label value (sandboxes carry it as `selfplay.dev/environment`).
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// The image.
     #[schemars(length(min = 1))]
@@ -194,6 +200,11 @@ pub struct Environment {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 4096))]
     pub test_command: Option<String>,
+    /// Ready, unclaimed sandboxes kept for this environment alone, instead of a share of the
+    /// pool's `warm`. `0` keeps none: every claim starts one on demand (cold start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub warm: Option<i32>,
 }
 
 /// Environments listed in SWE-bench's instance format: a JSON array or JSON Lines of objects
@@ -233,7 +244,9 @@ pub struct ConfigMapKey {
 }
 
 /// Who a sandbox runs as; see [`SandboxTemplate::profile`].
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum SandboxProfile {
     /// A fixed non-root user on a copy of the repository.
     #[default]

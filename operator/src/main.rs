@@ -58,6 +58,14 @@ struct Images {
     /// Pull policy of the sidecar and trainer images (cluster default when unset).
     #[arg(long, env = "SELFPLAY_IMAGE_PULL_POLICY")]
     image_pull_policy: Option<String>,
+    /// Most sandbox pods one namespace may hold, warm and started on demand (0: no limit
+    /// beyond each pool's `max`).
+    #[arg(
+        long,
+        env = "SELFPLAY_MAX_SANDBOXES_PER_NAMESPACE",
+        default_value_t = 0
+    )]
+    max_sandboxes_per_namespace: u32,
 }
 
 impl Images {
@@ -68,6 +76,7 @@ impl Images {
             trainer_image: self.trainer_image.clone(),
             broker_address: self.broker_address.clone(),
             image_pull_policy: self.image_pull_policy.clone(),
+            max_sandboxes_per_namespace: self.max_sandboxes_per_namespace,
         }
     }
 }
@@ -361,15 +370,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .for_each(|_| futures::future::ready(()));
 
     // The broker serves once the caches it hands sandboxes out of are synced.
-    let broker = Arc::new(Broker::new(
-        Arc::new(KubeBackend::new(client.clone())),
-        sandboxes.clone(),
-        ctx.pools.clone(),
-        ctx.runs.clone(),
-        changed,
-        metrics.clone(),
-        BrokerSettings::default(),
-    ));
+    let broker = Arc::new(
+        Broker::new(
+            Arc::new(KubeBackend::new(client.clone())),
+            sandboxes.clone(),
+            ctx.pools.clone(),
+            ctx.runs.clone(),
+            changed,
+            metrics.clone(),
+            BrokerSettings {
+                pods: ctx.config.clone(),
+                ..BrokerSettings::default()
+            },
+        )
+        .with_environments(ctx.environments.clone()),
+    );
     let broker_addr = args.broker_listen;
     let (pools_store, runs_store, health2) = (ctx.pools.clone(), ctx.runs.clone(), health.clone());
     let broker_stop = stopped();

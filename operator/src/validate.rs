@@ -123,9 +123,16 @@ pub fn validate_pool<'a>(
     let workdir = spec.template.workdir.trim_end_matches('/');
     if spec.template.workdir.starts_with('/')
         && (workdir.is_empty()
-            || ["/selfplay", "/var/run/selfplay", "/tmp", "/proc", "/dev", "/sys"]
-                .iter()
-                .any(|d| workdir == *d || workdir.starts_with(&format!("{d}/"))))
+            || [
+                "/selfplay",
+                "/var/run/selfplay",
+                "/tmp",
+                "/proc",
+                "/dev",
+                "/sys",
+            ]
+            .iter()
+            .any(|d| workdir == *d || workdir.starts_with(&format!("{d}/"))))
     {
         problems.push(format!(
             "template.workdir {:?} is / or where the sandbox mounts its own files; the \

@@ -43,6 +43,9 @@ pub struct Context {
     pub backoff: ErrorBackoff,
     /// Per pool (namespace/name): sandboxes failing in a row, and until when not to replace them.
     pub sandbox_crashes: Mutex<HashMap<String, crate::decide::pool::CrashBackoff>>,
+    /// Pools' resolved environments, shared with the broker (which starts sandboxes of an
+    /// environment on demand).
+    pub environments: Arc<crate::environments::EnvironmentCache>,
 }
 
 /// The error policy's delay after `failures` consecutive failed reconciles of one object:
@@ -124,6 +127,7 @@ impl Context {
             sandboxes_changed,
             backoff: ErrorBackoff::default(),
             sandbox_crashes: Mutex::new(HashMap::new()),
+            environments: Arc::default(),
         }
     }
 
