@@ -6,6 +6,7 @@ pub mod apply;
 pub mod checkpoint;
 pub mod http;
 pub mod leader;
+pub mod namespaces;
 pub mod pool;
 pub mod predicates;
 pub mod run;
