@@ -136,6 +136,7 @@ pub fn parse_instances(
                     .clone()
                     .unwrap_or_else(|| SWE_BENCH_SHELL_INIT.to_string()),
             ),
+            warm: None,
         });
     }
     Ok(out)

@@ -49,7 +49,10 @@ pub struct SandboxPoolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<PoolSource>,
 
-    /// Number of Ready, unclaimed sandboxes the operator keeps. Defaults to 2.
+    /// Number of Ready, unclaimed sandboxes the operator keeps. Defaults to 2. With
+    /// `environments`, the warm sandboxes are spread round-robin over the environments that
+    /// set no `warm` of their own (the first `warm % n` get one more); a claim for an
+    /// environment with no warm sandbox starts one on demand.
     #[serde(default = "default_warm")]
     #[schemars(range(min = 0, max = 1000))]
     pub warm: i32,
@@ -192,6 +195,11 @@ pub struct Environment {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 4096))]
     pub shell_init: Option<String>,
+    /// Ready, unclaimed sandboxes kept for this environment alone, instead of a share of the
+    /// pool's `warm`. `0` keeps none: every claim starts one on demand (cold start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub warm: Option<i32>,
 }
 
 /// Environments listed in SWE-bench's instance format: a JSON array or JSON Lines of objects

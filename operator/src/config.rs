@@ -19,6 +19,10 @@ pub struct OperatorConfig {
     pub broker_address: String,
     /// Image pull policy of the sidecar and trainer images; the cluster's default when unset.
     pub image_pull_policy: Option<String>,
+    /// Most sandbox pods one namespace may hold, warm and on-demand together (0: no limit
+    /// beyond each pool's `max`). Sandboxes started on demand for hundreds of environments
+    /// would otherwise be bounded only by the sum of the pools' `max`.
+    pub max_sandboxes_per_namespace: u32,
 }
 
 impl Default for OperatorConfig {
@@ -29,6 +33,7 @@ impl Default for OperatorConfig {
             trainer_image: "ghcr.io/selfplay-dev/trainer:0.1.0".to_string(),
             broker_address: "http://selfplay-operator.selfplay-system.svc:7443".to_string(),
             image_pull_policy: None,
+            max_sandboxes_per_namespace: 0,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod build;
 pub mod config;
 pub mod controller;
 pub mod decide;
+pub mod environments;
 pub mod metrics;
 pub mod names;
 pub mod render;

@@ -58,6 +58,14 @@ struct Images {
     /// Pull policy of the sidecar and trainer images (cluster default when unset).
     #[arg(long, env = "SELFPLAY_IMAGE_PULL_POLICY")]
     image_pull_policy: Option<String>,
+    /// Most sandbox pods one namespace may hold, warm and started on demand (0: no limit
+    /// beyond each pool's `max`).
+    #[arg(
+        long,
+        env = "SELFPLAY_MAX_SANDBOXES_PER_NAMESPACE",
+        default_value_t = 0
+    )]
+    max_sandboxes_per_namespace: u32,
 }
 
 impl Images {
@@ -68,6 +76,7 @@ impl Images {
             trainer_image: self.trainer_image.clone(),
             broker_address: self.broker_address.clone(),
             image_pull_policy: self.image_pull_policy.clone(),
+            max_sandboxes_per_namespace: self.max_sandboxes_per_namespace,
         }
     }
 }
@@ -92,9 +101,15 @@ struct RunArgs {
     /// Address of the broker's gRPC service.
     #[arg(long, env = "SELFPLAY_BROKER_LISTEN", default_value = "[::]:7443")]
     broker_listen: SocketAddr,
-    /// Watch only this namespace (all namespaces when unset).
-    #[arg(long, env = "SELFPLAY_WATCH_NAMESPACE")]
-    watch_namespace: Option<String>,
+    /// Watch only these namespaces (comma-separated; all namespaces when empty). The
+    /// operator then needs a Role in each of them rather than a ClusterRole.
+    #[arg(
+        long,
+        env = "SELFPLAY_WATCH_NAMESPACES",
+        alias = "watch-namespace",
+        value_delimiter = ','
+    )]
+    watch_namespaces: Vec<String>,
     /// Namespace of the leader-election Lease (the operator's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
@@ -166,14 +181,51 @@ fn render(args: &RenderArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn scoped<K>(client: &Client, ns: Option<&str>) -> Api<K>
+/// A watch of `K` in the watched namespaces (all when none): one watcher, or one per
+/// namespace merged into one stream (`controller::namespaces`); `store` is the reader of the
+/// store the stream is reflected into (any reader for a stream that only triggers reconciles).
+fn watch_in<K>(
+    client: &Client,
+    namespaces: &[String],
+    cfg: watcher::Config,
+    store: reflector::Store<K>,
+) -> futures::stream::BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
-    match ns {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+    match namespaces {
+        [] => watcher(Api::<K>::all(client.clone()), cfg)
+            .default_backoff()
+            .boxed(),
+        [ns] => watcher(Api::<K>::namespaced(client.clone(), ns), cfg)
+            .default_backoff()
+            .boxed(),
+        many => {
+            let streams = many
+                .iter()
+                .map(|ns| {
+                    watcher(Api::<K>::namespaced(client.clone(), ns), cfg.clone())
+                        .default_backoff()
+                        .boxed()
+                })
+                .collect();
+            controller::namespaces::merge(many.to_vec(), streams, store).boxed()
+        }
     }
+}
+
+/// A reader of an empty store, for streams that are not reflected.
+fn no_store<K>() -> reflector::Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    reflector::store::<K>().0
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -223,18 +275,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("leader election stopped")?;
     health.ready.store(false, Ordering::Relaxed);
 
-    let ns = args.watch_namespace.as_deref();
+    let ns: &[String] = &args.watch_namespaces;
     let cfg = args.images.config();
 
     // The sandbox pod reflector: shared by the pool controller (as its owned stream) and the broker.
     let changed = Arc::new(Notify::new());
     let (sandboxes, sandbox_writer) = reflector::store::<Pod>();
     let notify = changed.clone();
-    let sandbox_stream = watcher(
-        scoped::<Pod>(&client, ns),
+    let sandbox_stream = watch_in(
+        &client,
+        ns,
         watcher::Config::default().labels(&format!("{LABEL_COMPONENT}={COMPONENT_SANDBOX}")),
+        sandboxes.clone(),
     )
-    .default_backoff()
     .reflect(sandbox_writer)
     .touched_objects()
     .inspect(move |_| notify.notify_waiters());
@@ -242,11 +295,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Pools have no finalizer: their metric series go when the watch sees them deleted.
     let (pool_store, pool_writer) = reflector::store::<SandboxPool>();
     let m = metrics.clone();
-    let pool_stream = watcher(
-        scoped::<SandboxPool>(&client, ns),
+    let pool_stream = watch_in(
+        &client,
+        ns,
         watcher::Config::default(),
+        pool_store.clone(),
     )
-    .default_backoff()
     .map_ok(move |ev| {
         controller::pool::on_pool_event(&m, &ev);
         ev
@@ -260,11 +314,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .owns_stream(sandbox_stream)
         .watches_stream(
             controller::predicates::changed_objects(
-                watcher(
-                    scoped::<SelfPlayRun>(&client, ns),
+                watch_in(
+                    &client,
+                    ns,
                     watcher::Config::default(),
-                )
-                .default_backoff(),
+                    no_store::<SelfPlayRun>(),
+                ),
                 controller::predicates::run_for_pools,
             ),
             |run: SelfPlayRun| {
@@ -278,29 +333,44 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         )
         .with_config(ControllerConfig::default().concurrency(4));
     let (run_store, run_writer) = reflector::store::<SelfPlayRun>();
-    let run_stream = watcher(
-        scoped::<SelfPlayRun>(&client, ns),
+    let run_stream = watch_in(
+        &client,
+        ns,
         watcher::Config::default(),
+        run_store.clone(),
     )
-    .default_backoff()
     .reflect(run_writer);
     let run_stream = controller::predicates::changed_objects(
         run_stream,
         controller::predicates::run_for_run_controller,
     );
     let run_ctrl = Controller::for_stream(run_stream, run_store)
-        .owns(
-            scoped::<Pod>(&client, ns),
-            watcher::Config::default().labels(&format!("{LABEL_COMPONENT}={COMPONENT_TRAINER}")),
+        .owns_stream(
+            watch_in(
+                &client,
+                ns,
+                watcher::Config::default()
+                    .labels(&format!("{LABEL_COMPONENT}={COMPONENT_TRAINER}")),
+                no_store::<Pod>(),
+            )
+            .touched_objects(),
         )
-        .owns(
-            scoped::<Checkpoint>(&client, ns),
-            watcher::Config::default(),
+        .owns_stream(
+            watch_in(
+                &client,
+                ns,
+                watcher::Config::default(),
+                no_store::<Checkpoint>(),
+            )
+            .touched_objects(),
         )
         .with_config(ControllerConfig::default().concurrency(4));
-    let ckpt_ctrl = Controller::new(
-        scoped::<Checkpoint>(&client, ns),
-        watcher::Config::default(),
+    let (ckpt_store, ckpt_writer) = reflector::store::<Checkpoint>();
+    let ckpt_ctrl = Controller::for_stream(
+        watch_in(&client, ns, watcher::Config::default(), ckpt_store.clone())
+            .reflect(ckpt_writer)
+            .applied_objects(),
+        ckpt_store,
     );
 
     let reporter = Reporter {
@@ -361,15 +431,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .for_each(|_| futures::future::ready(()));
 
     // The broker serves once the caches it hands sandboxes out of are synced.
-    let broker = Arc::new(Broker::new(
-        Arc::new(KubeBackend::new(client.clone())),
-        sandboxes.clone(),
-        ctx.pools.clone(),
-        ctx.runs.clone(),
-        changed,
-        metrics.clone(),
-        BrokerSettings::default(),
-    ));
+    let broker = Arc::new(
+        Broker::new(
+            Arc::new(KubeBackend::new(client.clone())),
+            sandboxes.clone(),
+            ctx.pools.clone(),
+            ctx.runs.clone(),
+            changed,
+            metrics.clone(),
+            BrokerSettings {
+                pods: ctx.config.clone(),
+                ..BrokerSettings::default()
+            },
+        )
+        .with_environments(ctx.environments.clone()),
+    );
     let broker_addr = args.broker_listen;
     let (pools_store, runs_store, health2) = (ctx.pools.clone(), ctx.runs.clone(), health.clone());
     let broker_stop = stopped();

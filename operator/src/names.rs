@@ -18,6 +18,8 @@ pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const LABEL_COMPONENT: &str = "selfplay.dev/component";
 pub const LABEL_POOL: &str = "selfplay.dev/pool";
 pub const LABEL_RUN: &str = "selfplay.dev/run";
+/// On a sandbox pod of a pool with environments: the environment it was made for.
+pub const LABEL_ENVIRONMENT: &str = "selfplay.dev/environment";
 pub const LABEL_TEMPLATE_HASH: &str = "selfplay.dev/template-hash";
 /// Trainer attempt: `status.restarts` when the trainer pod was created.
 pub const LABEL_ATTEMPT: &str = "selfplay.dev/attempt";

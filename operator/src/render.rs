@@ -153,9 +153,31 @@ pub fn render(
                 ))?);
                 out.objects
                     .push(serde_json::to_value(sandbox_network_policy(&v, &users))?);
-                for _ in 0..v.spec.warm {
-                    out.objects
-                        .push(serde_json::to_value(sandbox_pod(&v, cfg))?);
+                // The warm sandboxes, per environment when the pool has them (a ConfigMap
+                // source is read on the cluster; here only the listed ones are known).
+                let envs = if crate::environments::config_map_source(v.spec).is_some() {
+                    out.notes.push(format!(
+                        "SandboxPool {}: environmentsFrom.configMap is read on the cluster; only the listed environments are rendered",
+                        v.name
+                    ));
+                    v.spec.environments.clone()
+                } else {
+                    crate::environments::resolve(v.spec, None).unwrap_or_default()
+                };
+                if envs.is_empty() {
+                    for _ in 0..v.spec.warm {
+                        out.objects
+                            .push(serde_json::to_value(sandbox_pod(&v, cfg))?);
+                    }
+                } else {
+                    let warm = crate::decide::pool::warm_targets(v.spec.warm, &envs);
+                    for (env, n) in envs.iter().zip(warm) {
+                        for _ in 0..n {
+                            out.objects.push(serde_json::to_value(
+                                crate::build::environment_sandbox_pod(&v, env, cfg),
+                            )?);
+                        }
+                    }
                 }
             }
             Doc::Run(run) => {

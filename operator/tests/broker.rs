@@ -77,8 +77,10 @@ async fn harness(backend: MemoryBackend, brokers: usize, pods: usize) -> Harness
         let (runs, mut rw) = reflector::store::<SelfPlayRun>();
         rw.apply_watcher_event(&watcher::Event::Apply(one::<SelfPlayRun>("run-gpu.yaml")));
         let changed = Arc::new(Notify::new());
+        // These tests are about warm sandboxes: no cold starts (tests/cold_start.rs has those).
         let settings = BrokerSettings {
             default_wait: Duration::from_millis(300),
+            cold_start: false,
             ..Default::default()
         };
         let broker = Arc::new(Broker::new(

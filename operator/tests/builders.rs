@@ -21,6 +21,7 @@ fn cfg() -> OperatorConfig {
         trainer_image: "registry.example.com/selfplay/trainer:1".into(),
         broker_address: "http://selfplay-operator.selfplay.svc:7443".into(),
         image_pull_policy: None,
+        ..OperatorConfig::default()
     }
 }
 
@@ -660,4 +661,39 @@ fn image_user_without_a_runtime_class_and_odd_workdirs_are_rejected() {
             "{workdir}: {err}"
         );
     }
+}
+
+/// A pool's environment's sandbox: the template with the environment's image, working
+/// directory and activation, labelled with the environment and hashed on its own (so that
+/// adding an environment rolls no other).
+#[test]
+fn environment_sandbox_pods_use_the_environments_image_and_carry_its_label() {
+    use selfplay_operator::build::{environment_sandbox_pod, environment_template_hash};
+    let pool: SandboxPool = common::one("pool-envs.yaml");
+    let v = validate_pool(&pool, &cfg()).expect("valid");
+    let env = &pool.spec.environments[0];
+    let pod = environment_sandbox_pod(&v, env, &cfg());
+    let labels = pod.metadata.labels.clone().expect("labels");
+    assert_eq!(labels["selfplay.dev/environment"], "astropy-12907");
+    assert_eq!(labels["selfplay.dev/pool"], "pyrepo");
+    let hash = environment_template_hash(&v, env, &cfg());
+    assert_eq!(labels["selfplay.dev/template-hash"], hash);
+    assert_ne!(hash, v.template_hash);
+    assert_ne!(
+        hash,
+        environment_template_hash(&v, &pool.spec.environments[1], &cfg())
+    );
+    let c = only_container(&pod);
+    assert_eq!(
+        c.image.as_deref(),
+        Some("swebench/sweb.eval.x86_64.astropy_1776_astropy-12907:latest")
+    );
+    assert_eq!(c.working_dir.as_deref(), Some("/testbed"));
+    let cmd = c.command.clone().expect("command").join(" ");
+    assert!(
+        cmd.contains(
+            "--env-from-shell source /opt/miniconda3/bin/activate && conda activate testbed"
+        ),
+        "{cmd}"
+    );
 }

@@ -1273,3 +1273,252 @@ async fn leader_labels_its_own_pod_as_serving_the_broker() {
     );
     assert_eq!(leader::LABEL_SERVING, "selfplay.dev/broker-serving");
 }
+
+// ---- environments ----
+
+fn existing_token() -> Reply {
+    Reply::Json(
+        200,
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "pyrepo-sandbox-token"}}),
+    )
+}
+
+/// Issue 17: a pool whose environments come from a ConfigMap that does not exist is
+/// Degraded, naming it, with a Warning event (once), and makes no sandbox of the wrong image.
+#[tokio::test]
+async fn pool_with_a_missing_environments_config_map_is_degraded_and_says_which() {
+    let mut pool: SandboxPool = one("pool-envs.yaml");
+    pool.spec.environments_from = Some(selfplay_crds::EnvironmentsSource {
+        config_map: Some(selfplay_crds::pool::ConfigMapKey {
+            name: "swe-bench-lite".into(),
+            key: "instances.jsonl".into(),
+        }),
+        ..Default::default()
+    });
+    let (client, handle) = mock::client();
+    let f = context(client, vec![pool.clone()], vec![]);
+    let server = mock::serve(
+        handle,
+        vec![
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/configmaps/swe-bench-lite",
+                Reply::Error(404, "NotFound"),
+            ),
+            step(
+                "PATCH",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/sandboxpools/pyrepo/status?",
+                Reply::Json(200, to_json(&pool)),
+            ),
+            step("POST", EVENTS, Reply::Echo),
+        ],
+    );
+    let action = within(controller::pool::apply_pool(
+        &pool,
+        &f.ctx,
+        ts("2025-06-01T12:00:00Z"),
+    ))
+    .await
+    .expect("reconciled");
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(Duration::from_secs(30))
+    );
+    let seen = server.await.expect("server");
+    let degraded = seen[1].body["status"]["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .cloned()
+        .expect("Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "EnvironmentsUnavailable");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("ConfigMap \"swe-bench-lite\" does not exist")),
+        "{degraded}"
+    );
+    assert_eq!(seen[2].body["type"], "Warning");
+    assert_eq!(seen[2].body["reason"], "EnvironmentsUnavailable");
+
+    // Next time, already saying so: no second event.
+    let mut said: SandboxPool = pool.clone();
+    said.status = serde_json::from_value(seen[1].body["status"].clone()).ok();
+    let (client, handle) = mock::client();
+    let f = context(client, vec![said.clone()], vec![]);
+    let server = mock::serve(
+        handle,
+        vec![
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/configmaps/swe-bench-lite",
+                Reply::Error(404, "NotFound"),
+            ),
+            step(
+                "PATCH",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/sandboxpools/pyrepo/status?",
+                Reply::Json(200, to_json(&pool)),
+            ),
+        ],
+    );
+    within(controller::pool::apply_pool(
+        &said,
+        &f.ctx,
+        ts("2025-06-01T12:00:10Z"),
+    ))
+    .await
+    .expect("reconciled");
+    assert_eq!(server.await.expect("server").len(), 2);
+}
+
+/// Issue 17: a pool's environments from its ConfigMap: warm sandboxes spread over them,
+/// each made from its environment's image and labelled with it; the list is cached for the
+/// broker.
+#[tokio::test]
+async fn pool_with_environments_from_a_config_map_creates_labelled_sandboxes() {
+    let mut pool: SandboxPool = one("pool-envs.yaml");
+    pool.spec.warm = 3;
+    pool.spec.max = 8;
+    pool.spec.environments_from = Some(selfplay_crds::EnvironmentsSource {
+        config_map: Some(selfplay_crds::pool::ConfigMapKey {
+            name: "swe-bench-lite".into(),
+            key: "instances.jsonl".into(),
+        }),
+        ..Default::default()
+    });
+    let (client, handle) = mock::client();
+    let f = context(client, vec![pool.clone()], vec![]);
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "swe-bench-lite", "namespace": NS, "resourceVersion": "77"},
+        "data": {"instances.jsonl": "{\"instance_id\": \"sympy__sympy-20590\", \"image_name\": \"example/sympy:1\"}\n"}});
+    let server = mock::serve(
+        handle,
+        vec![
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/configmaps/swe-bench-lite",
+                Reply::Json(200, cm),
+            ),
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/secrets/pyrepo-sandbox-token",
+                existing_token(),
+            ),
+            step(
+                "PATCH",
+                "/apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies/pyrepo-sandbox?",
+                Reply::Echo,
+            ),
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/pods?",
+                list("Pod", vec![]),
+            ),
+            step("POST", "/api/v1/namespaces/team-a/pods?", Reply::Echo),
+            step("POST", "/api/v1/namespaces/team-a/pods?", Reply::Echo),
+            step("POST", "/api/v1/namespaces/team-a/pods?", Reply::Echo),
+            step(
+                "PATCH",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/sandboxpools/pyrepo/status?",
+                Reply::Json(200, to_json(&pool)),
+            ),
+            step("POST", EVENTS, Reply::Echo),
+        ],
+    );
+    within(controller::pool::apply_pool(
+        &pool,
+        &f.ctx,
+        ts("2025-06-01T12:00:00Z"),
+    ))
+    .await
+    .expect("reconciled");
+    let seen = server.await.expect("server");
+    let made: Vec<(String, String)> = seen[4..7]
+        .iter()
+        .map(|s| {
+            (
+                s.body["metadata"]["labels"]["selfplay.dev/environment"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                s.body["spec"]["containers"][0]["image"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        made,
+        vec![
+            (
+                "astropy-12907".to_string(),
+                "swebench/sweb.eval.x86_64.astropy_1776_astropy-12907:latest".to_string()
+            ),
+            (
+                "django-11099".to_string(),
+                "swebench/sweb.eval.x86_64.django_1776_django-11099:latest".to_string()
+            ),
+            (
+                "sympy__sympy-20590".to_string(),
+                "example/sympy:1".to_string()
+            ),
+        ]
+    );
+    let cached = f
+        .ctx
+        .environments
+        .get(&pool)
+        .expect("cached for the broker");
+    assert_eq!(cached.len(), 3);
+}
+
+/// The Kubernetes backend's cold start: one create carrying the claim, and a delete when
+/// the sandbox is given up.
+#[tokio::test]
+async fn kube_backend_creates_a_claimed_sandbox_and_deletes_it_when_given_up() {
+    use selfplay_operator::broker::backend::claim_at_creation;
+    let (client, handle) = mock::client();
+    let backend = KubeBackend::new(client);
+    let mut pod: Pod = serde_json::from_value(json!({
+        "metadata": {"generateName": "pyrepo-", "namespace": NS}
+    }))
+    .expect("pod");
+    claim_at_creation(
+        &mut pod,
+        &Claim {
+            run_namespace: NS.into(),
+            run_name: "qwen-ssr".into(),
+            run_uid: Some("uid-r".into()),
+            attempt: 2,
+            at: ts("2025-06-01T12:00:00Z"),
+        },
+    );
+    let server = mock::serve(
+        handle,
+        vec![
+            step("POST", "/api/v1/namespaces/team-a/pods?", Reply::Echo),
+            step(
+                "DELETE",
+                "/api/v1/namespaces/team-a/pods/pyrepo-0?",
+                Reply::Error(404, "NotFound"),
+            ),
+        ],
+    );
+    let created = within(backend.create_sandbox(&pod)).await.expect("created");
+    assert_eq!(created.metadata.name.as_deref(), Some("pyrepo-0"));
+    within(backend.delete_sandbox(NS, "pyrepo-0"))
+        .await
+        .expect("gone already is fine");
+    let seen = server.await.expect("server");
+    assert_eq!(
+        seen[0].body["metadata"]["labels"],
+        json!({"selfplay.dev/claimed-by": "qwen-ssr", "selfplay.dev/claim-attempt": "2"})
+    );
+    assert_eq!(
+        seen[0].body["metadata"]["annotations"]["selfplay.dev/claim-run-uid"],
+        "uid-r"
+    );
+}

@@ -1008,3 +1008,179 @@ fn run_reports_a_trainer_stuck_pending() {
     );
     assert!(again.events.iter().all(|e| e.reason != "TrainerPending"));
 }
+
+// ---- environments ----
+
+fn env(name: &str, warm: Option<i32>) -> selfplay_crds::Environment {
+    selfplay_crds::Environment {
+        name: name.into(),
+        image: format!("img/{name}"),
+        warm,
+        ..Default::default()
+    }
+}
+
+fn in_env(s: Sandbox, e: &str) -> Sandbox {
+    Sandbox {
+        environment: Some(e.into()),
+        ..s
+    }
+}
+
+/// Issue 17: hundreds of images never mean a warm pod per image: `warm` is spread
+/// round-robin over the environments without their own count.
+#[test]
+fn warm_sandboxes_are_spread_over_environments_and_overridden_per_environment() {
+    use selfplay_operator::decide::pool::warm_targets;
+    let many: Vec<_> = (0..500).map(|i| env(&format!("e{i}"), None)).collect();
+    let t = warm_targets(3, &many);
+    assert_eq!(t.iter().sum::<i32>(), 3);
+    assert_eq!(&t[..4], &[1, 1, 1, 0]);
+    let t = warm_targets(
+        5,
+        &[
+            env("a", None),
+            env("b", Some(0)),
+            env("c", None),
+            env("d", Some(4)),
+        ],
+    );
+    assert_eq!(t, vec![3, 0, 2, 4]);
+    assert_eq!(warm_targets(0, &[env("a", None)]), vec![0]);
+}
+
+#[test]
+fn pool_with_environments_keeps_each_environment_warm_within_the_pools_max() {
+    use selfplay_operator::decide::pool::{EnvironmentTarget, decide_pool_environments};
+    let mut pool: SandboxPool = one("pool-full.yaml");
+    pool.spec.max = 6;
+    let now = ts(NOW);
+    let target = |name: &str, warm: i32| EnvironmentTarget {
+        name: name.into(),
+        template_hash: format!("h-{name}"),
+        warm,
+    };
+    let targets = [target("a", 2), target("b", 1), target("c", 4)];
+    let sandboxes = vec![
+        // a: one Ready, one claimed (not warm).
+        in_env(sandbox("a1", "h-a", now, true), "a"),
+        in_env(
+            Sandbox {
+                claimed_by: Some("r".into()),
+                ..sandbox("a2", "h-a", now, true)
+            },
+            "a",
+        ),
+        // b: from an older template of b: replaced.
+        in_env(sandbox("b-old", "h-old", now, false), "b"),
+        // an environment no longer listed: its unclaimed sandbox goes, a claimed one stays.
+        in_env(sandbox("gone-1", "h-x", now, true), "removed"),
+        in_env(
+            Sandbox {
+                claimed_by: Some("r".into()),
+                ..sandbox("gone-2", "h-x", now, true)
+            },
+            "removed",
+        ),
+    ];
+    let plan = decide_pool_environments(&pool.spec, &targets, &sandboxes, now);
+    let deleted = reasons(&plan);
+    assert_eq!(
+        deleted,
+        vec![
+            ("b-old", DeleteReason::Outdated),
+            ("gone-1", DeleteReason::Outdated)
+        ]
+    );
+    // Kept: a1, a2, gone-2 (3 of max 6): a wants 1, b 1, c 4, but only 3 fit, in order.
+    assert_eq!(
+        plan.environment_creates,
+        vec![
+            ("a".to_string(), 1),
+            ("b".to_string(), 1),
+            ("c".to_string(), 1)
+        ]
+    );
+    assert_eq!(plan.create, 3);
+    assert_eq!(
+        (plan.counts.replicas, plan.counts.claimed, plan.counts.ready),
+        (6, 2, 1)
+    );
+
+    // A namespace-wide limit takes creates away from the last environments first.
+    let mut limited = plan.clone();
+    limited.limit_creates(1);
+    assert_eq!(limited.environment_creates, vec![("a".to_string(), 1)]);
+    assert_eq!((limited.create, limited.counts.replicas), (1, 4));
+}
+
+#[test]
+fn environments_come_from_the_pool_and_its_config_map() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use selfplay_operator::environments::{EnvironmentsUnavailable, resolve};
+    let mut pool: SandboxPool = one("pool-envs.yaml");
+    assert_eq!(
+        resolve(&pool.spec, None)
+            .expect("listed")
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect::<Vec<_>>(),
+        vec!["astropy-12907", "django-11099"]
+    );
+    pool.spec.environments_from = Some(selfplay_crds::EnvironmentsSource {
+        config_map: Some(selfplay_crds::pool::ConfigMapKey {
+            name: "swe-bench-lite".into(),
+            key: "instances.jsonl".into(),
+        }),
+        ..Default::default()
+    });
+    assert_eq!(
+        resolve(&pool.spec, None),
+        Err(EnvironmentsUnavailable::ConfigMapMissing(
+            "swe-bench-lite".into()
+        ))
+    );
+    let cm = |data: &str| -> ConfigMap {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "swe-bench-lite"},
+            "data": {"instances.jsonl": data}
+        }))
+        .expect("cm")
+    };
+    let ok = resolve(
+        &pool.spec,
+        Some(&cm("{\"instance_id\": \"sympy__sympy-20590\"}\n")),
+    )
+    .expect("parsed");
+    assert_eq!(ok.len(), 3);
+    assert_eq!(ok[2].name, "sympy__sympy-20590");
+    assert_eq!(ok[2].workdir.as_deref(), Some("/testbed"));
+    let err = resolve(&pool.spec, Some(&cm("{\"repo\": \"x\"}\n"))).expect_err("malformed");
+    assert!(
+        err.to_string()
+            .contains("ConfigMap \"swe-bench-lite\" key \"instances.jsonl\": instance list, entry 1: no instance_id"),
+        "{err}"
+    );
+    let dup = resolve(
+        &pool.spec,
+        Some(&cm("{\"instance_id\": \"django-11099\"}\n")),
+    )
+    .expect_err("duplicate");
+    assert!(dup.to_string().contains("listed twice"), "{dup}");
+    let no_key: ConfigMap =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "swe-bench-lite"}}))
+            .expect("cm");
+    assert!(matches!(
+        resolve(&pool.spec, Some(&no_key)),
+        Err(EnvironmentsUnavailable::KeyMissing { .. })
+    ));
+    // A file is the trainer's, not the cluster's.
+    pool.spec.environments_from = Some(selfplay_crds::EnvironmentsSource {
+        file: Some("instances.jsonl".into()),
+        ..Default::default()
+    });
+    assert_eq!(
+        resolve(&pool.spec, None),
+        Err(EnvironmentsUnavailable::FileOnCluster)
+    );
+}

@@ -13,6 +13,9 @@ use crate::tools::{run, run_ok};
 /// plumbing: digests, extra labels, relabelings, disabled alerts, HA).
 pub const ALL_FEATURES_VALUES: &str = r#"
 replicaCount: 2
+clusterWide: true
+sandboxes:
+  maxPerNamespace: 64
 commonLabels:
   team: ml-infra
 crds:

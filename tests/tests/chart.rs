@@ -87,9 +87,12 @@ fn rendered_objects_are_valid_kubernetes_1_33_objects() {
         ("defaults", vec![], vec!["--include-crds"]),
         ("all-features", vec![&all], vec![]),
         (
-            "one-namespace",
+            "two-namespaces",
             vec![],
-            vec!["--set", "watchNamespace=ml,grafanaDashboard.enabled=false"],
+            vec![
+                "--set",
+                "watchNamespaces={ml,research},grafanaDashboard.enabled=false",
+            ],
         ),
     ];
     let mut files = Vec::new();
@@ -249,8 +252,8 @@ fn values_schema_rejects_bad_values() {
         );
     }
     let err =
-        lint(&helm, &[], &["--set", "watchNamespace=Not_A_Namespace"]).expect_err("must fail");
-    assert!(err.contains("/watchNamespace"), "{err}");
+        lint(&helm, &[], &["--set", "watchNamespaces={Not_A_Namespace}"]).expect_err("must fail");
+    assert!(err.contains("/watchNamespaces"), "{err}");
 }
 
 #[test]
@@ -337,32 +340,66 @@ fn deployment_is_hardened_probed_and_leader_elected() {
         1
     );
 
-    // One watched namespace: the rules become a Role there; the Lease Role stays at home.
-    let one = render(&helm, &[], &["--set", "watchNamespace=ml"]);
+    // Namespaced by default: the rules are a Role in the release namespace, and the
+    // operator is told to watch only it.
+    let args_of = |objs: &[Value]| -> Vec<Value> {
+        find(objs, "Deployment", None)["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .expect("args")
+            .clone()
+    };
+    let default = render(&helm, &[], &[]);
     assert!(
-        !one.iter()
+        !default
+            .iter()
             .any(|o| o["kind"] == "ClusterRole" || o["kind"] == "ClusterRoleBinding")
     );
     assert_eq!(
-        find(&one, "Role", Some("selfplay-operator"))["metadata"]["namespace"],
-        "ml"
-    );
-    assert_eq!(
-        find(&one, "RoleBinding", Some("selfplay-operator"))["metadata"]["namespace"],
-        "ml"
-    );
-    assert_eq!(
-        find(&one, "Role", Some("selfplay-operator-leader-election"))["metadata"]["namespace"],
+        find(&default, "Role", Some("selfplay-operator"))["metadata"]["namespace"],
         "selfplay-system"
     );
-    let args =
-        find(&one, "Deployment", None)["spec"]["template"]["spec"]["containers"][0]["args"].clone();
+    assert!(args_of(&default).contains(&json!("--watch-namespaces=selfplay-system")));
+
+    // Listed namespaces: a Role and RoleBinding in each; the Lease Role stays at home.
+    let two = render(&helm, &[], &["--set", "watchNamespaces={ml,research}"]);
     assert!(
-        args.as_array()
-            .expect("args")
-            .contains(&json!("--watch-namespace=ml")),
-        "{args}"
+        !two.iter()
+            .any(|o| o["kind"] == "ClusterRole" || o["kind"] == "ClusterRoleBinding")
     );
+    for kind in ["Role", "RoleBinding"] {
+        let mut nss: Vec<String> = two
+            .iter()
+            .filter(|o| o["kind"] == kind && o["metadata"]["name"] == "selfplay-operator")
+            .map(|o| {
+                o["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect();
+        nss.sort();
+        assert_eq!(nss, vec!["ml", "research"], "{kind}");
+    }
+    assert_eq!(
+        find(&two, "Role", Some("selfplay-operator-leader-election"))["metadata"]["namespace"],
+        "selfplay-system"
+    );
+    assert!(
+        args_of(&two).contains(&json!("--watch-namespaces=ml,research")),
+        "{:?}",
+        args_of(&two)
+    );
+
+    // Cluster-wide only when asked: a ClusterRole, and no namespace flag.
+    let wide = render(&helm, &[], &["--set", "clusterWide=true"]);
+    assert_eq!(
+        find(&wide, "ClusterRole", Some("selfplay-operator"))["kind"],
+        "ClusterRole"
+    );
+    assert!(!args_of(&wide).iter().any(|a| {
+        a.as_str()
+            .is_some_and(|a| a.starts_with("--watch-namespaces"))
+    }));
 }
 
 /// The operator binary accepts exactly the arguments the chart gives it: `operator run
@@ -384,11 +421,11 @@ fn operator_accepts_the_rendered_arguments() {
         ("defaults", vec![], vec![]),
         ("all-features", vec![all.as_path()], vec![]),
         (
-            "one-namespace",
+            "two-namespaces",
             vec![],
             vec![
                 "--set",
-                "watchNamespace=ml,logFormat=text,sidecar.binaryPath=/bin/sidecar",
+                "watchNamespaces={ml,research},logFormat=text,sidecar.binaryPath=/bin/sidecar",
             ],
         ),
     ] {
@@ -812,12 +849,24 @@ fn rbac_is_least_privilege_and_matches_the_operator() {
     let Some(helm) = available(helm(), test) else {
         return;
     };
-    let objs = render(&helm, &[], &[]);
+    // Cluster-wide, where a mistake would reach furthest; the namespaced default has the same
+    // rules (deployment_is_hardened_probed_and_leader_elected checks where they are bound).
+    let objs = render(&helm, &[], &["--set", "clusterWide=true"]);
     let roles: Vec<&Value> = objs
         .iter()
         .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
         .collect();
     assert_eq!(roles.len(), 2, "one ClusterRole and the Lease Role");
+    let namespaced = render(&helm, &[], &[]);
+    assert_eq!(
+        from_roles(
+            namespaced
+                .iter()
+                .filter(|o| o["kind"] == "Role" && o["metadata"]["name"] == "selfplay-operator")
+        ),
+        from_roles(roles.iter().copied().filter(|r| r["kind"] == "ClusterRole")),
+        "the namespaced Role grants what the ClusterRole does"
+    );
     let granted = from_roles(roles.iter().copied());
     for p in &granted {
         assert!(

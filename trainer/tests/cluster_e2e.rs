@@ -159,6 +159,8 @@ async fn the_cluster_loop_trains_through_the_broker() {
         metrics.clone(),
         BrokerSettings {
             default_wait: Duration::from_secs(5),
+            // The sandboxes are the sidecar processes started above; nothing could start more.
+            cold_start: false,
             ..Default::default()
         },
     ));

@@ -77,3 +77,17 @@ app.kubernetes.io/component: operator
 {{- printf "http://%s.%s.svc:%d" (include "selfplay.operatorName" .) .Release.Namespace (int .Values.broker.port) }}
 {{- end }}
 {{- end }}
+
+{{/*
+The namespaces the operator watches (a JSON list): watchNamespaces, or the release namespace
+when it is empty; empty with clusterWide (all namespaces).
+*/}}
+{{- define "selfplay.watchNamespaces" -}}
+{{- if .Values.clusterWide -}}
+{{- list | toJson -}}
+{{- else if .Values.watchNamespaces -}}
+{{- .Values.watchNamespaces | uniq | toJson -}}
+{{- else -}}
+{{- list .Release.Namespace | toJson -}}
+{{- end -}}
+{{- end }}

@@ -52,6 +52,14 @@ pub trait Backend: Send + Sync + 'static {
         pod: &Pod,
         claim: &Claim,
     ) -> impl Future<Output = Result<ClaimOutcome, BackendError>> + Send;
+    /// Creates a sandbox pod (already claimed, for a cold start); returns it as created.
+    fn create_sandbox(&self, pod: &Pod) -> impl Future<Output = Result<Pod, BackendError>> + Send;
+    /// Deletes a sandbox started on demand that never became usable.
+    fn delete_sandbox(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
     /// Deletes a sandbox that `run` gives back, read fresh from the API server: only a
     /// sandbox pod claimed by that run, and only the very pod checked (UID and
     /// resourceVersion preconditions). Gone already is fine.
@@ -104,6 +112,23 @@ pub fn claim_patch(pod: &Pod, claim: &Claim) -> Result<serde_json::Value, Backen
             },
         }
     }))
+}
+
+/// Puts the claim's labels and annotations (those of [`claim_patch`]) on a pod about to be
+/// created: a sandbox started for one caller is claimed from its creation, so no other
+/// acquire can take it and the pool never counts it as warm.
+pub fn claim_at_creation(pod: &mut Pod, claim: &Claim) {
+    let labels = pod.labels_mut();
+    labels.insert(LABEL_CLAIMED_BY.to_string(), claim.run_name.clone());
+    labels.insert(LABEL_CLAIM_ATTEMPT.to_string(), claim.attempt.to_string());
+    let annotations = pod.annotations_mut();
+    annotations.insert(
+        ANNOTATION_CLAIM.to_string(),
+        format!("{}/{} at {}", claim.run_namespace, claim.run_name, claim.at),
+    );
+    if let Some(uid) = &claim.run_uid {
+        annotations.insert(ANNOTATION_CLAIM_RUN_UID.to_string(), uid.clone());
+    }
 }
 
 /// What became of a release.
@@ -184,6 +209,21 @@ impl Backend for KubeBackend {
             Err(kube::Error::Api(s)) if s.is_conflict() || s.is_not_found() => {
                 Ok(ClaimOutcome::Lost)
             }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn create_sandbox(&self, pod: &Pod) -> Result<Pod, BackendError> {
+        let api: Api<Pod> =
+            Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+        Ok(api.create(&PostParams::default(), pod).await?)
+    }
+
+    async fn delete_sandbox(&self, namespace: &str, name: &str) -> Result<(), BackendError> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
             Err(e) => Err(e.into()),
         }
     }

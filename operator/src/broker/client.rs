@@ -29,6 +29,10 @@ pub struct SandboxLease {
     /// The sandbox's name (its pod), for `release`.
     pub sandbox: String,
     pub pool: String,
+    /// Its environment; empty for a pool without environments.
+    pub environment: String,
+    /// Started for this acquire (no warm sandbox was there).
+    pub cold_start: bool,
     /// `ip:port` of the sandbox sidecar.
     pub address: String,
     /// The sidecar's auth token.
@@ -197,24 +201,48 @@ impl BrokerClient {
         req
     }
 
-    /// Waits up to `wait` for a Ready sandbox of `pool`.
+    /// Waits up to `wait` for a Ready sandbox of `pool`: a pool name, or `POOL/ENVIRONMENT`
+    /// for one environment of a pool with environments (passed through as given).
     pub async fn acquire(&self, pool: &str, wait: Duration) -> Result<SandboxLease, ClientError> {
         let mut req = self.request(pb::AcquireRequest {
             run: Some(self.run.clone()),
             pool: pool.to_string(),
             wait_timeout_ms: wait.as_millis().min(u128::from(u64::MAX)) as u64,
+            environment: String::new(),
         });
         req.set_timeout(wait + Duration::from_secs(10));
         let r = self.inner.clone().acquire(req).await?.into_inner();
         Ok(SandboxLease {
             sandbox: r.sandbox,
             pool: r.pool,
+            environment: r.environment,
+            cold_start: r.cold_start,
             address: r.address,
             token: r.token,
             workdir: r.workdir,
             command_timeout: Duration::from_secs(u64::from(r.command_timeout_seconds)),
             test_timeout: Duration::from_secs(u64::from(r.test_timeout_seconds)),
         })
+    }
+
+    /// The environment names of `pool` (empty for a pool without environments), in the
+    /// pool's order.
+    pub async fn list_environments(&self, pool: &str) -> Result<Vec<String>, ClientError> {
+        let body = pb::ListEnvironmentsRequest {
+            run: Some(self.run.clone()),
+            pool: pool.to_string(),
+        };
+        let r = self
+            .retrying(
+                body,
+                |mut c, req| async move { c.list_environments(req).await },
+            )
+            .await?;
+        Ok(r.into_inner()
+            .environments
+            .into_iter()
+            .map(|e| e.name)
+            .collect())
     }
 
     /// Gives a sandbox back; the broker deletes it.

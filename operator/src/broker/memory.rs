@@ -28,6 +28,9 @@ pub struct MemoryBackend {
     pub progress: Mutex<HashMap<(String, String), ProgressSnapshot>>,
     pub checkpoints: Mutex<HashMap<(String, String), Checkpoint>>,
     pub deleted: Mutex<Vec<(String, String)>>,
+    /// Pods created through [`Backend::create_sandbox`], in order (names given here, as the
+    /// API server does from `generateName`).
+    pub created: Mutex<Vec<Pod>>,
 }
 
 fn key(ns: &str, name: &str) -> (String, String) {
@@ -95,6 +98,38 @@ impl Backend for MemoryBackend {
         current.metadata.resource_version =
             Some(self.version.fetch_add(1, Ordering::SeqCst).to_string());
         Ok(ClaimOutcome::Claimed(Box::new(current.clone())))
+    }
+
+    async fn create_sandbox(&self, pod: &Pod) -> Result<Pod, BackendError> {
+        let mut pod = pod.clone();
+        let n = self.version.fetch_add(1, Ordering::SeqCst);
+        if pod.metadata.name.is_none() {
+            let prefix = pod.metadata.generate_name.clone().unwrap_or_default();
+            pod.metadata.name = Some(format!("{prefix}{n:05x}"));
+        }
+        pod.metadata.uid = Some(format!("uid-created-{n}"));
+        pod.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        let stored = self.put_pod(pod);
+        if let Ok(mut c) = self.created.lock() {
+            c.push(stored.clone());
+        }
+        Ok(stored)
+    }
+
+    async fn delete_sandbox(&self, namespace: &str, name: &str) -> Result<(), BackendError> {
+        let mut pods = self
+            .pods
+            .lock()
+            .map_err(|_| BackendError::Other("poisoned".into()))?;
+        if pods.remove(&key(namespace, name)).is_some()
+            && let Ok(mut d) = self.deleted.lock()
+        {
+            d.push(key(namespace, name));
+        }
+        Ok(())
     }
 
     async fn release_sandbox(

@@ -9,6 +9,6 @@ pub mod security;
 pub mod trainer;
 
 pub use network_policy::sandbox_network_policy;
-pub use sandbox::sandbox_pod;
+pub use sandbox::{environment_sandbox_pod, environment_template_hash, sandbox_pod};
 pub use secret::{generate_token, pool_token_secret, run_token_secret};
 pub use trainer::{ResumePoint, trainer_config_map, trainer_pod};

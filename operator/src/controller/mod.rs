@@ -6,6 +6,7 @@ pub mod apply;
 pub mod checkpoint;
 pub mod http;
 pub mod leader;
+pub mod namespaces;
 pub mod pool;
 pub mod predicates;
 pub mod run;
@@ -43,6 +44,9 @@ pub struct Context {
     pub backoff: ErrorBackoff,
     /// Per pool (namespace/name): sandboxes failing in a row, and until when not to replace them.
     pub sandbox_crashes: Mutex<HashMap<String, crate::decide::pool::CrashBackoff>>,
+    /// Pools' resolved environments, shared with the broker (which starts sandboxes of an
+    /// environment on demand).
+    pub environments: Arc<crate::environments::EnvironmentCache>,
 }
 
 /// The error policy's delay after `failures` consecutive failed reconciles of one object:
@@ -124,6 +128,7 @@ impl Context {
             sandboxes_changed,
             backoff: ErrorBackoff::default(),
             sandbox_crashes: Mutex::new(HashMap::new()),
+            environments: Arc::default(),
         }
     }
 

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -12,14 +12,21 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use selfplay_crds::SandboxPool;
 
-use crate::build::{generate_token, pool_token_secret, sandbox_network_policy, sandbox_pod};
+use crate::build::{
+    environment_sandbox_pod, environment_template_hash, generate_token, pool_token_secret,
+    sandbox_network_policy, sandbox_pod,
+};
 use crate::controller::apply::{apply, apply_status, create, delete, ensure_secret};
 use crate::controller::{Context, Error, ReconcileTimer};
 use crate::decide::pool::{
-    DeleteReason, Holder, Holders, Sandbox, decide_pool, invalid_pool_status, mark_stale_claims,
-    pool_status,
+    DeleteReason, ENVIRONMENTS_UNAVAILABLE, EnvironmentTarget, Holder, Holders, Sandbox,
+    decide_pool, decide_pool_environments, environments_unavailable_status, invalid_pool_status,
+    mark_stale_claims, pool_status, warm_targets,
 };
 use crate::decide::{mark_create_failed, seconds_between};
+use crate::environments::{
+    EnvironmentsUnavailable, SOURCE_MAX_AGE, config_map_source, has_environments,
+};
 use crate::names::{FINALIZER, MANAGER, sandbox_selector_labels, selector_string};
 use crate::validate::validate_pool;
 
@@ -111,6 +118,40 @@ fn status_body(status: &selfplay_crds::SandboxPoolStatus) -> serde_json::Value {
     })
 }
 
+/// How soon a pool whose environments could not be read tries again: the ConfigMap is not
+/// watched (that would take `list`/`watch` on every ConfigMap of the namespace), so its
+/// creation or repair is noticed by this retry.
+const ENVIRONMENTS_RETRY: Duration = Duration::from_secs(30);
+
+/// The pool's environments: from the spec, or read from its ConfigMap (at most every
+/// [`SOURCE_MAX_AGE`], and parsed only when the ConfigMap changed). `Ok(Err(_))`: the
+/// ConfigMap is missing or malformed.
+pub async fn pool_environments(
+    pool: &SandboxPool,
+    ctx: &Context,
+) -> Result<Result<Arc<Vec<selfplay_crds::Environment>>, EnvironmentsUnavailable>, Error> {
+    if let Some(envs) = ctx.environments.fresh(pool, SOURCE_MAX_AGE) {
+        return Ok(Ok(envs));
+    }
+    let Some((cm_name, _)) = config_map_source(&pool.spec) else {
+        return Ok(crate::environments::resolve(&pool.spec, None).map(Arc::new));
+    };
+    let ns = pool.namespace().unwrap_or_default();
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let cm = cms.get_opt(cm_name).await?;
+    let version = cm.as_ref().and_then(|c| c.resource_version());
+    if let Some(envs) = ctx.environments.cached_if_version(pool, version.as_deref()) {
+        return Ok(Ok(envs));
+    }
+    match crate::environments::resolve(&pool.spec, cm.as_ref()) {
+        Ok(envs) => Ok(Ok(ctx.environments.put(pool, version, envs))),
+        Err(e) => {
+            ctx.environments.forget(pool);
+            Ok(Err(e))
+        }
+    }
+}
+
 /// How soon a pool reconcile that found the caches unsynced comes back.
 const CACHE_WAIT: Duration = Duration::from_secs(1);
 
@@ -156,6 +197,40 @@ pub async fn apply_pool(
         return Ok(Action::requeue(CACHE_WAIT));
     }
 
+    // Resolve the environments; without them no sandbox of the wrong image is made.
+    let environments = if has_environments(valid.spec) {
+        match pool_environments(pool, ctx).await? {
+            Ok(envs) => Some(envs),
+            Err(why) => {
+                let msg = why.to_string();
+                let already = pool.status.as_ref().is_some_and(|s| {
+                    s.conditions.iter().any(|c| {
+                        c.type_ == "Degraded"
+                            && c.reason == ENVIRONMENTS_UNAVAILABLE
+                            && c.message == msg
+                    })
+                });
+                let st =
+                    environments_unavailable_status(pool.status.as_ref(), &msg, generation, now);
+                apply_status(&pools, &name, MANAGER, &status_body(&st)).await?;
+                if !already {
+                    ctx.event(
+                        pool,
+                        true,
+                        ENVIRONMENTS_UNAVAILABLE,
+                        "ReadEnvironments",
+                        msg,
+                    )
+                    .await;
+                }
+                return Ok(Action::requeue(ENVIRONMENTS_RETRY));
+            }
+        }
+    } else {
+        None
+    };
+    let environments = environments.filter(|e| !e.is_empty());
+
     // Build and apply the pool's fixed children.
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     if ensure_secret(
@@ -183,7 +258,35 @@ pub async fn apply_pool(
     let list = pods.list(&ListParams::default().labels(&selector)).await?;
     let mut sandboxes: Vec<Sandbox> = list.items.iter().filter_map(Sandbox::from_pod).collect();
     mark_stale_claims(&mut sandboxes, &holders(ctx, &ns));
-    let mut plan = decide_pool(valid.spec, &valid.template_hash, &sandboxes, now);
+    let mut plan = match &environments {
+        None => decide_pool(valid.spec, &valid.template_hash, &sandboxes, now),
+        Some(envs) => {
+            let targets: Vec<EnvironmentTarget> = envs
+                .iter()
+                .zip(warm_targets(valid.spec.warm, envs))
+                .map(|(e, warm)| EnvironmentTarget {
+                    name: e.name.clone(),
+                    template_hash: environment_template_hash(&valid, e, &ctx.config),
+                    warm,
+                })
+                .collect();
+            decide_pool_environments(valid.spec, &targets, &sandboxes, now)
+        }
+    };
+    if ctx.config.max_sandboxes_per_namespace > 0 {
+        // The namespace's sandboxes from the cache: the limit is a guard, not a lock, and
+        // the broker checks it again before it starts one on demand.
+        let in_namespace = ctx
+            .sandboxes
+            .state()
+            .iter()
+            .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .count() as i64;
+        let allowed = i64::from(ctx.config.max_sandboxes_per_namespace) - in_namespace
+            + plan.delete.len() as i64;
+        plan.limit_creates(allowed.clamp(0, i64::from(i32::MAX)) as i32);
+    }
     let held = ctx.sandbox_crashes.lock().ok().and_then(|mut m| {
         m.entry(format!("{ns}/{name}")).or_default().observe(
             plan.deleted(DeleteReason::Failed) > 0,
@@ -213,10 +316,21 @@ pub async fn apply_pool(
     }
     let mut create_error = None;
     let mut not_created = 0;
-    for _ in 0..plan.create {
+    let to_create: Vec<k8s_openapi::api::core::v1::Pod> = match &environments {
+        None => (0..plan.create)
+            .map(|_| sandbox_pod(&valid, &ctx.config))
+            .collect(),
+        Some(envs) => plan
+            .environment_creates
+            .iter()
+            .filter_map(|(env, n)| Some((envs.iter().find(|e| &e.name == env)?, *n)))
+            .flat_map(|(env, n)| (0..n).map(|_| environment_sandbox_pod(&valid, env, &ctx.config)))
+            .collect(),
+    };
+    for pod in &to_create {
         if create_error.is_some() {
             not_created += 1;
-        } else if let Err(e) = create(&pods, &sandbox_pod(&valid, &ctx.config)).await {
+        } else if let Err(e) = create(&pods, pod).await {
             create_error = Some(e);
             not_created += 1;
         }

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 
 use crate::decide::{seconds_between, time};
 use crate::names::{
-    ANNOTATION_CLAIM_RUN_UID, LABEL_CLAIM_ATTEMPT, LABEL_CLAIMED_BY, LABEL_TEMPLATE_HASH,
+    ANNOTATION_CLAIM_RUN_UID, LABEL_CLAIM_ATTEMPT, LABEL_CLAIMED_BY, LABEL_ENVIRONMENT,
+    LABEL_TEMPLATE_HASH,
 };
 
 /// What the pool controller needs to know about one sandbox pod.
@@ -37,6 +38,9 @@ pub struct Sandbox {
     /// Why a pod that is not Ready is stuck, when the kubelet or scheduler says so
     /// (unschedulable, image pull, missing PVC or Secret): `Reason: message`.
     pub stuck: Option<String>,
+    /// The environment it was made for (`selfplay.dev/environment`); none in a pool without
+    /// environments.
+    pub environment: Option<String>,
 }
 
 /// Waiting reasons that do not resolve by themselves; `ContainerCreating` and
@@ -162,6 +166,7 @@ impl Sandbox {
                 .and_then(|a| a.parse().ok()),
             stale_claim: None,
             stuck: if ready { None } else { stuck_reason(pod) },
+            environment: labels.and_then(|l| l.get(LABEL_ENVIRONMENT)).cloned(),
         })
     }
 }
@@ -218,6 +223,9 @@ pub struct PoolPlan {
     pub rolling: bool,
     /// Sandboxes kept that are stuck before Ready, with why.
     pub stuck: Vec<(String, String)>,
+    /// With environments: how many of `create` each environment gets, in environment order
+    /// (empty for a pool without environments, whose `create` are all of the template).
+    pub environment_creates: Vec<(String, i32)>,
 }
 
 impl PoolPlan {
@@ -226,6 +234,26 @@ impl PoolPlan {
         self.counts.replicas -= self.create;
         self.counts.pending -= self.create;
         self.create = 0;
+        self.environment_creates.clear();
+    }
+
+    /// Creates at most `allowed` of the planned sandboxes (a namespace-wide limit), taking
+    /// them from the environments in order; the counts follow.
+    pub fn limit_creates(&mut self, allowed: i32) {
+        let allowed = allowed.max(0);
+        if self.create <= allowed {
+            return;
+        }
+        let cut = self.create - allowed;
+        self.counts.replicas -= cut;
+        self.counts.pending -= cut;
+        self.create = allowed;
+        let mut left = allowed;
+        for (_, n) in self.environment_creates.iter_mut() {
+            *n = (*n).min(left);
+            left -= *n;
+        }
+        self.environment_creates.retain(|(_, n)| *n > 0);
     }
 
     pub fn deleted(&self, reason: DeleteReason) -> usize {
@@ -329,6 +357,93 @@ pub fn decide_pool(
         claimed,
         pending: (unclaimed_current - ready_current.min(warm)) + plan.create,
     };
+    plan
+}
+
+/// One environment of a pool as the decision sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnvironmentTarget {
+    pub name: String,
+    /// Hash of the pod this environment's sandboxes are made from.
+    pub template_hash: String,
+    /// Ready, unclaimed sandboxes to keep for it.
+    pub warm: i32,
+}
+
+/// How many warm sandboxes each environment gets: its own `warm` when it sets one; the
+/// pool's `warm` spread round-robin over the others (the first `warm % n` get one more), so
+/// that hundreds of images never mean a warm pod per image.
+pub fn warm_targets(pool_warm: i32, environments: &[selfplay_crds::Environment]) -> Vec<i32> {
+    let shared = environments.iter().filter(|e| e.warm.is_none()).count() as i32;
+    let pool_warm = pool_warm.max(0);
+    let mut i = 0;
+    environments
+        .iter()
+        .map(|e| match e.warm {
+            Some(w) => w.max(0),
+            None => {
+                let w = pool_warm / shared + i32::from(i < pool_warm % shared);
+                i += 1;
+                w
+            }
+        })
+        .collect()
+}
+
+/// Decides the next step of a pool with environments: each environment is kept at its own
+/// warm count from its own template (as [`decide_pool`] does for a pool), sandboxes of
+/// environments no longer listed go unless claimed, and `max` bounds the pool as a whole.
+pub fn decide_pool_environments(
+    spec: &SandboxPoolSpec,
+    targets: &[EnvironmentTarget],
+    sandboxes: &[Sandbox],
+    now: Timestamp,
+) -> PoolPlan {
+    let known: std::collections::BTreeSet<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+    let mut by_env: BTreeMap<&str, Vec<Sandbox>> = BTreeMap::new();
+    let mut orphans = Vec::new();
+    for s in sandboxes {
+        match s.environment.as_deref().filter(|e| known.contains(e)) {
+            Some(e) => by_env.entry(e).or_default().push(s.clone()),
+            None => orphans.push(s.clone()),
+        }
+    }
+    // A removed environment (or a sandbox from before the pool had environments): nothing
+    // is kept warm for it, its claimed sandboxes stay with their holders.
+    let mut orphan_spec = spec.clone();
+    orphan_spec.warm = 0;
+    let mut plan = decide_pool(&orphan_spec, "", &orphans, now);
+    plan.create = 0;
+    let mut wanted = Vec::new();
+    for t in targets {
+        let mut env_spec = spec.clone();
+        env_spec.warm = t.warm;
+        let sub = by_env.remove(t.name.as_str()).unwrap_or_default();
+        let p = decide_pool(&env_spec, &t.template_hash, &sub, now);
+        plan.delete.extend(p.delete);
+        plan.versions.extend(p.versions);
+        plan.stuck.extend(p.stuck);
+        plan.rolling |= p.rolling;
+        plan.counts.replicas += p.counts.replicas - p.create;
+        plan.counts.ready += p.counts.ready;
+        plan.counts.claimed += p.counts.claimed;
+        plan.counts.pending += p.counts.pending - p.create;
+        if p.create > 0 {
+            wanted.push((t.name.clone(), p.create));
+        }
+    }
+    // `max` is the pool's, across its environments.
+    let mut room = (spec.max.max(0) - plan.counts.replicas).max(0);
+    for (name, n) in wanted {
+        let n = n.min(room);
+        if n > 0 {
+            room -= n;
+            plan.create += n;
+            plan.environment_creates.push((name, n));
+        }
+    }
+    plan.counts.replicas += plan.create;
+    plan.counts.pending += plan.create;
     plan
 }
 
@@ -469,6 +584,41 @@ pub fn invalid_pool_status(
     st.observed_generation = generation;
     st
 }
+
+/// The pool's status when its environments cannot be read (a missing or malformed
+/// ConfigMap): Degraded, naming the cause; the counts and the rest are left as they were,
+/// and the sandboxes alone (claimed ones keep serving).
+pub fn environments_unavailable_status(
+    previous: Option<&SandboxPoolStatus>,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> SandboxPoolStatus {
+    let mut st = previous.cloned().unwrap_or_default();
+    set_condition(
+        &mut st.conditions,
+        ConditionType::Degraded,
+        ConditionStatus::True,
+        ENVIRONMENTS_UNAVAILABLE,
+        message,
+        generation,
+        time(now),
+    );
+    set_condition(
+        &mut st.conditions,
+        ConditionType::Progressing,
+        ConditionStatus::False,
+        ENVIRONMENTS_UNAVAILABLE,
+        message,
+        generation,
+        time(now),
+    );
+    st.observed_generation = generation;
+    st
+}
+
+/// Reason of the Degraded condition and Warning event of a pool whose environments cannot be read.
+pub const ENVIRONMENTS_UNAVAILABLE: &str = "EnvironmentsUnavailable";
 
 /// Consecutive reconciles of a pool that found failed sandboxes, and until when replacements
 /// are held: a sandbox image that crashes at once would otherwise be deleted and recreated

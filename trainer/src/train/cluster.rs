@@ -104,6 +104,60 @@ impl SandboxProvider for BrokerProvider {
     }
 }
 
+/// The injector episodes' wheel over the run's pools and their environments (as the
+/// broker lists them): every pool keeps its weight's share, spread evenly over its
+/// environments (keys `POOL/ENVIRONMENT`), and pools are interleaved so that consecutive
+/// episodes visit different pools. A pool without environments is its bare name; without
+/// any environments the pools are returned as they are.
+pub fn environment_wheel(
+    pools: &[(String, u32)],
+    environments: &[Vec<String>],
+) -> Vec<(String, u32)> {
+    if environments.iter().all(Vec::is_empty) {
+        return pools.to_vec();
+    }
+    let most = environments
+        .iter()
+        .map(|e| e.len().max(1))
+        .max()
+        .unwrap_or(1);
+    // Each pool's slots, its environments in turn: weight × the most environments of any
+    // pool, so that a pool of 500 images and one of a single repository keep their weights.
+    let mut lanes: Vec<(i64, Vec<String>)> = pools
+        .iter()
+        .enumerate()
+        .map(|(i, (pool, w))| {
+            let envs = environments.get(i).filter(|e| !e.is_empty());
+            let slots = (*w).max(1) as usize * most;
+            let keys = (0..slots)
+                .map(|k| match envs {
+                    Some(e) => selfplay_crds::environments::environment_key(pool, &e[k % e.len()]),
+                    None => pool.clone(),
+                })
+                .collect();
+            (0, keys)
+        })
+        .collect();
+    let total: i64 = lanes.iter().map(|l| l.1.len() as i64).sum();
+    let sizes: Vec<i64> = lanes.iter().map(|l| l.1.len() as i64).collect();
+    let mut next = vec![0usize; lanes.len()];
+    let mut wheel = Vec::with_capacity(total as usize);
+    // Smooth weighted round robin (as nginx balances upstreams): no pool's slots bunch up.
+    for _ in 0..total {
+        for (lane, size) in lanes.iter_mut().zip(&sizes) {
+            lane.0 += size;
+        }
+        let Some(best) = (0..lanes.len()).max_by_key(|&i| (lanes[i].0, std::cmp::Reverse(i)))
+        else {
+            break;
+        };
+        lanes[best].0 -= total;
+        wheel.push((lanes[best].1[next[best]].clone(), 1));
+        next[best] += 1;
+    }
+    wheel
+}
+
 /// Progress to the run's status, through the broker.
 pub struct BrokerReporter(BrokerClient);
 
@@ -200,9 +254,24 @@ pub async fn run_cluster(opts: ClusterOptions, broker: BrokerClient) -> anyhow::
         .iter()
         .map(|p| (p.name.clone(), p.weight.max(1) as u32))
         .collect();
+    // A pool's environments are the broker's to know (they may come from a ConfigMap): asked
+    // once, at start; a bug's solvers and grading go to its environment by its key.
+    let mut environments = Vec::with_capacity(pools.len());
+    for (pool, _) in &pools {
+        let names = broker
+            .list_environments(pool)
+            .await
+            .map_err(|e| anyhow::anyhow!("listing the environments of pool {pool}: {e}"))?;
+        tracing::info!(%pool, environments = names.len(), "pool");
+        environments.push(names);
+    }
+    let pools = environment_wheel(&pools, &environments);
+    let mut keys: Vec<String> = pools.iter().map(|p| p.0.clone()).collect();
+    keys.sort();
+    keys.dedup();
     let provider = Arc::new(BrokerProvider {
         broker: broker.clone(),
-        pools: pools.iter().map(|p| p.0.clone()).collect(),
+        pools: keys,
     });
     let keep = spec.checkpoint.keep_last.max(1) as usize;
     let total = spec.training.total_steps.max(1) as u64;
@@ -250,4 +319,30 @@ fn resume(
     });
     tracing::info!(checkpoint = %dir.display(), step = state.step, "resuming");
     Ok((grpo, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::environment_wheel;
+
+    #[test]
+    fn environments_share_their_pools_weight_and_pools_interleave() {
+        let pools = vec![("swe".to_string(), 2), ("own".to_string(), 1)];
+        let plain = environment_wheel(&pools, &[vec![], vec![]]);
+        assert_eq!(plain, pools);
+
+        let envs = vec![
+            vec!["x".to_string(), "y".to_string(), "z".to_string()],
+            vec![],
+        ];
+        let wheel = environment_wheel(&pools, &envs);
+        let count = |k: &str| wheel.iter().filter(|(w, _)| w == k).count();
+        assert_eq!(wheel.len(), 9);
+        assert_eq!((count("swe/x"), count("swe/y"), count("swe/z")), (2, 2, 2));
+        assert_eq!(count("own"), 3, "the pool's weight kept: 2:1");
+        // Never three of one pool in a row.
+        for w in wheel.windows(3) {
+            assert!(!w.iter().all(|(k, _)| k.starts_with("swe/")), "{wheel:?}");
+        }
+    }
 }
