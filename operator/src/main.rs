@@ -295,17 +295,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Pools have no finalizer: their metric series go when the watch sees them deleted.
     let (pool_store, pool_writer) = reflector::store::<SandboxPool>();
     let m = metrics.clone();
-    let pool_stream = watch_in(
-        &client,
-        ns,
-        watcher::Config::default(),
-        pool_store.clone(),
-    )
-    .map_ok(move |ev| {
-        controller::pool::on_pool_event(&m, &ev);
-        ev
-    })
-    .reflect(pool_writer);
+    let pool_stream = watch_in(&client, ns, watcher::Config::default(), pool_store.clone())
+        .map_ok(move |ev| {
+            controller::pool::on_pool_event(&m, &ev);
+            ev
+        })
+        .reflect(pool_writer);
     let pool_stream = controller::predicates::changed_objects(
         pool_stream,
         controller::predicates::pool_for_pool_controller,
@@ -333,13 +328,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         )
         .with_config(ControllerConfig::default().concurrency(4));
     let (run_store, run_writer) = reflector::store::<SelfPlayRun>();
-    let run_stream = watch_in(
-        &client,
-        ns,
-        watcher::Config::default(),
-        run_store.clone(),
-    )
-    .reflect(run_writer);
+    let run_stream =
+        watch_in(&client, ns, watcher::Config::default(), run_store.clone()).reflect(run_writer);
     let run_stream = controller::predicates::changed_objects(
         run_stream,
         controller::predicates::run_for_run_controller,

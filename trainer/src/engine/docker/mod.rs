@@ -339,8 +339,8 @@ impl DockerProvider {
         std::fs::create_dir_all(&cfg.work_dir).map_err(|e| io("creating", &cfg.work_dir, e))?;
         // Docker resolves bind sources on its own side: they must be absolute.
         let mut cfg = cfg;
-        cfg.work_dir = std::path::absolute(&cfg.work_dir)
-            .map_err(|e| io("resolving", &cfg.work_dir, e))?;
+        cfg.work_dir =
+            std::path::absolute(&cfg.work_dir).map_err(|e| io("resolving", &cfg.work_dir, e))?;
         cfg.sidecar =
             std::path::absolute(&cfg.sidecar).map_err(|e| io("resolving", &cfg.sidecar, e))?;
         let root = cfg.work_dir.join(format!("docker-{owner}"));
