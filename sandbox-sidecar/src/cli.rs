@@ -492,14 +492,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             cfg.base_env = Some(env);
         }
         let bound = server::bind(cfg).await?;
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{}{}", crate::spawn::READY_PREFIX, bound.addr)?;
-        out.flush()?;
-        drop(out);
+        // The ready file first: whoever reads `listening on` may look for it at once.
         if let Some(f) = ready_file {
             std::fs::write(&f, bound.addr.to_string())
                 .with_context(|| format!("writing {}", f.display()))?;
         }
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}{}", crate::spawn::READY_PREFIX, bound.addr)?;
+        out.flush()?;
+        drop(out);
         tracing::info!(addr = %bound.addr, metrics = ?bound.metrics_addr, "sandbox-sidecar ready");
         bound
             .serve(async move {

@@ -69,6 +69,14 @@ async fn daemons_and_scratch_files_do_not_survive() {
         )
         .await
         .unwrap();
+    // The daemons fork on their own time (setsid forks again): wait until both run.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while (common::processes_matching("sleep 1002").is_empty()
+        || common::processes_matching("sleep 1003").is_empty())
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert_eq!(common::processes_matching("sleep 1002").len(), 1);
     assert_eq!(common::processes_matching("sleep 1003").len(), 1);
 
