@@ -1656,3 +1656,80 @@ async fn finished_run_before_its_ttl_is_kept_and_requeued_for_it() {
     let seen = server.await.expect("server");
     assert!(seen.iter().all(|s| s.method != "DELETE"));
 }
+
+#[tokio::test]
+async fn suspending_a_running_run_deletes_its_trainer_and_reports_suspended() {
+    let (client, handle) = mock::client();
+    let mut run: SelfPlayRun = one("run-gpu.yaml");
+    run.metadata.finalizers = Some(vec!["selfplay.dev/cleanup".into()]);
+    run.spec.suspend = true;
+    run.status = Some(SelfPlayRunStatus {
+        phase: Some(RunPhase::Running),
+        start_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(ts(
+            "2025-06-01T10:00:00Z",
+        ))),
+        ..Default::default()
+    });
+    let f = context(
+        client,
+        vec![one("pool-basic.yaml"), one("pool-full.yaml")],
+        vec![run.clone()],
+    );
+    let trainer = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "qwen-ssr-trainer-0", "namespace": NS, "labels": {"selfplay.dev/component": "trainer", "selfplay.dev/run": "qwen-ssr", "selfplay.dev/attempt": "0"}},
+        "status": {"phase": "Running"}});
+    let server = mock::serve(
+        handle,
+        vec![
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/pods?",
+                list("Pod", vec![trainer.clone()]),
+            ),
+            step(
+                "GET",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/checkpoints?",
+                list("Checkpoint", docs::<Value>("checkpoints.yaml", "")),
+            ),
+            step(
+                "DELETE",
+                "/api/v1/namespaces/team-a/pods/qwen-ssr-trainer-0?",
+                Reply::Json(200, trainer),
+            ),
+            step(
+                "PATCH",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/selfplayruns/qwen-ssr/status?",
+                Reply::Json(200, to_json(&run)),
+            ),
+            step("POST", EVENTS, Reply::Echo),
+        ],
+    );
+    within(controller::run::apply_run(
+        &run,
+        &f.ctx,
+        ts("2025-06-01T11:00:00Z"),
+    ))
+    .await
+    .expect("reconcile");
+    let seen = server.await.expect("server");
+    assert!(
+        seen.iter()
+            .all(|s| !(s.method == "DELETE" && s.uri.contains("checkpoints"))),
+        "checkpoints are kept for the resume"
+    );
+    assert!(
+        seen.iter()
+            .all(|s| s.method != "POST" || s.uri.starts_with(EVENTS))
+    );
+    let status = &seen[3].body["status"];
+    assert_eq!(status["phase"], "Suspended");
+    let suspended = status["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "Suspended")
+        .expect("Suspended condition");
+    assert_eq!(suspended["status"], "True");
+    assert_eq!(status["latestCheckpoint"], "qwen-ssr-step-30");
+    assert_eq!(seen[4].body["reason"], "Suspended");
+}

@@ -1318,3 +1318,35 @@ fn finished_run_without_a_completion_time_counts_from_when_it_is_seen() {
     assert_eq!(plan.status.completion_time, Some(Time(ts(NOW))));
     assert_eq!(plan.requeue_after, Some(Duration::from_secs(60)));
 }
+
+#[test]
+fn run_created_suspended_never_gets_a_trainer_until_unsuspended() {
+    // How a queue (Kueue) holds a run: created with suspend: true, admitted by setting it false.
+    let mut run: SelfPlayRun = one("run-gpu.yaml");
+    run.spec.suspend = true;
+    let plan = decide_run(&run.spec, None, &obs(NOW));
+    assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+    assert_eq!(plan.status.phase, Some(RunPhase::Suspended));
+    assert_eq!(
+        cond(&plan.status, ConditionType::Suspended),
+        ("True", "Suspended")
+    );
+    assert_eq!(plan.status.start_time, None, "the deadline has not started");
+    let queued = plan.status;
+
+    run.spec.suspend = false;
+    let plan = decide_run(&run.spec, Some(&queued), &obs("2025-06-01T15:00:00Z"));
+    assert_eq!(
+        plan.actions,
+        [RunAction::CreateTrainer {
+            attempt: 0,
+            resume: None
+        }]
+    );
+    // Time spent queued before the first start is not "suspended time": it was never active.
+    assert_eq!(plan.status.suspended_seconds, 0);
+    assert_eq!(
+        cond(&plan.status, ConditionType::Suspended),
+        ("False", "Resumed")
+    );
+}
