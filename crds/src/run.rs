@@ -85,6 +85,14 @@ pub struct SelfPlayRunSpec {
     #[schemars(range(min = 1))]
     pub active_deadline_seconds: Option<i64>,
 
+    /// Seconds after the run finished (Succeeded or Failed, from `status.completionTime`) at
+    /// which the operator deletes it, and with it its trainer pod, ConfigMap, token Secret and
+    /// Checkpoint objects (owner references); checkpoint files on a PVC stay. 0 deletes it as
+    /// soon as it finished; unset keeps it. Like a Job's field of the same name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i64>,
+
     /// Name of a `Checkpoint` in the run's namespace to start from instead of `model`'s weights.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]

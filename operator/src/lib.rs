@@ -17,7 +17,6 @@ pub mod names;
 pub mod render;
 pub mod validate;
 
-/// Generated gRPC types and service of `proto/broker.proto`.
-pub mod broker_proto {
-    tonic::include_proto!("selfplay.broker.v1");
-}
+/// Generated gRPC types and service of the broker's protocol (`broker/proto/broker.proto`,
+/// compiled in the `selfplay-broker` crate, which the trainer's client shares).
+pub use selfplay_broker::proto as broker_proto;

@@ -1522,3 +1522,214 @@ async fn kube_backend_creates_a_claimed_sandbox_and_deletes_it_when_given_up() {
         "uid-r"
     );
 }
+
+/// A run that Succeeded at 10:00 with `ttlSecondsAfterFinished: 3600`, as the cache holds it.
+fn expired_run() -> SelfPlayRun {
+    let mut run: SelfPlayRun = one("run-gpu.yaml");
+    run.metadata.finalizers = Some(vec!["selfplay.dev/cleanup".into()]);
+    run.metadata.resource_version = Some("42".into());
+    run.spec.ttl_seconds_after_finished = Some(3600);
+    run.status = Some(SelfPlayRunStatus {
+        phase: Some(RunPhase::Succeeded),
+        completion_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(ts(
+            "2025-06-01T10:00:00Z",
+        ))),
+        ..Default::default()
+    });
+    run
+}
+
+fn expired_run_script(run: &SelfPlayRun, delete_reply: Reply) -> Vec<mock::Step> {
+    vec![
+        step(
+            "GET",
+            "/api/v1/namespaces/team-a/pods?",
+            list("Pod", vec![]),
+        ),
+        step(
+            "GET",
+            "/apis/selfplay.dev/v1alpha1/namespaces/team-a/checkpoints?",
+            list("Checkpoint", vec![]),
+        ),
+        step("POST", EVENTS, Reply::Echo),
+        step(
+            "DELETE",
+            "/apis/selfplay.dev/v1alpha1/namespaces/team-a/selfplayruns/qwen-ssr?",
+            match delete_reply {
+                Reply::Echo => Reply::Json(200, to_json(run)),
+                other => other,
+            },
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn finished_run_is_deleted_once_its_ttl_is_over_and_only_that_version() {
+    let (client, handle) = mock::client();
+    let run = expired_run();
+    let f = context(
+        client,
+        vec![one("pool-basic.yaml"), one("pool-full.yaml")],
+        vec![run.clone()],
+    );
+    let server = mock::serve(handle, expired_run_script(&run, Reply::Echo));
+    let action = within(controller::run::apply_run(
+        &run,
+        &f.ctx,
+        ts("2025-06-01T11:00:00Z"),
+    ))
+    .await
+    .expect("reconcile");
+    // The deletion comes back as a watch event; nothing to requeue, no status to write.
+    assert_eq!(action, kube::runtime::controller::Action::await_change());
+    let seen = server.await.expect("server");
+    assert_eq!(seen.len(), 4, "no status patch after the delete");
+    assert_eq!(seen[2].body["reason"], "TTLExpired");
+    assert_eq!(
+        seen[3].body["preconditions"],
+        json!({"uid": "6f1c2a3e-0000-4000-8000-0000000000a1", "resourceVersion": "42"}),
+        "{}",
+        seen[3].body
+    );
+    assert_eq!(seen[3].body["propagationPolicy"], "Background");
+}
+
+#[tokio::test]
+async fn finished_run_changed_since_it_was_read_is_not_deleted_but_looked_at_again() {
+    let (client, handle) = mock::client();
+    let run = expired_run();
+    let f = context(client, vec![], vec![run.clone()]);
+    let server = mock::serve(
+        handle,
+        expired_run_script(&run, Reply::Error(409, "Conflict")),
+    );
+    let action = within(controller::run::apply_run(
+        &run,
+        &f.ctx,
+        ts("2025-06-01T11:00:00Z"),
+    ))
+    .await
+    .expect("a failed precondition is no error");
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(Duration::from_secs(5))
+    );
+    assert_eq!(server.await.expect("server").len(), 4);
+}
+
+#[tokio::test]
+async fn finished_run_before_its_ttl_is_kept_and_requeued_for_it() {
+    let (client, handle) = mock::client();
+    let run = expired_run();
+    let f = context(client, vec![], vec![run.clone()]);
+    let server = mock::serve(
+        handle,
+        vec![
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/pods?",
+                list("Pod", vec![]),
+            ),
+            step(
+                "GET",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/checkpoints?",
+                list("Checkpoint", vec![]),
+            ),
+            step(
+                "PATCH",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/selfplayruns/qwen-ssr/status?",
+                Reply::Json(200, to_json(&run)),
+            ),
+        ],
+    );
+    let action = within(controller::run::apply_run(
+        &run,
+        &f.ctx,
+        ts("2025-06-01T10:45:00Z"),
+    ))
+    .await
+    .expect("reconcile");
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(Duration::from_secs(900))
+    );
+    let seen = server.await.expect("server");
+    assert!(seen.iter().all(|s| s.method != "DELETE"));
+}
+
+#[tokio::test]
+async fn suspending_a_running_run_deletes_its_trainer_and_reports_suspended() {
+    let (client, handle) = mock::client();
+    let mut run: SelfPlayRun = one("run-gpu.yaml");
+    run.metadata.finalizers = Some(vec!["selfplay.dev/cleanup".into()]);
+    run.spec.suspend = true;
+    run.status = Some(SelfPlayRunStatus {
+        phase: Some(RunPhase::Running),
+        start_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(ts(
+            "2025-06-01T10:00:00Z",
+        ))),
+        ..Default::default()
+    });
+    let f = context(
+        client,
+        vec![one("pool-basic.yaml"), one("pool-full.yaml")],
+        vec![run.clone()],
+    );
+    let trainer = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "qwen-ssr-trainer-0", "namespace": NS, "labels": {"selfplay.dev/component": "trainer", "selfplay.dev/run": "qwen-ssr", "selfplay.dev/attempt": "0"}},
+        "status": {"phase": "Running"}});
+    let server = mock::serve(
+        handle,
+        vec![
+            step(
+                "GET",
+                "/api/v1/namespaces/team-a/pods?",
+                list("Pod", vec![trainer.clone()]),
+            ),
+            step(
+                "GET",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/checkpoints?",
+                list("Checkpoint", docs::<Value>("checkpoints.yaml", "")),
+            ),
+            step(
+                "DELETE",
+                "/api/v1/namespaces/team-a/pods/qwen-ssr-trainer-0?",
+                Reply::Json(200, trainer),
+            ),
+            step(
+                "PATCH",
+                "/apis/selfplay.dev/v1alpha1/namespaces/team-a/selfplayruns/qwen-ssr/status?",
+                Reply::Json(200, to_json(&run)),
+            ),
+            step("POST", EVENTS, Reply::Echo),
+        ],
+    );
+    within(controller::run::apply_run(
+        &run,
+        &f.ctx,
+        ts("2025-06-01T11:00:00Z"),
+    ))
+    .await
+    .expect("reconcile");
+    let seen = server.await.expect("server");
+    assert!(
+        seen.iter()
+            .all(|s| !(s.method == "DELETE" && s.uri.contains("checkpoints"))),
+        "checkpoints are kept for the resume"
+    );
+    assert!(
+        seen.iter()
+            .all(|s| s.method != "POST" || s.uri.starts_with(EVENTS))
+    );
+    let status = &seen[3].body["status"];
+    assert_eq!(status["phase"], "Suspended");
+    let suspended = status["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "Suspended")
+        .expect("Suspended condition");
+    assert_eq!(suspended["status"], "True");
+    assert_eq!(status["latestCheckpoint"], "qwen-ssr-step-30");
+    assert_eq!(seen[4].body["reason"], "Suspended");
+}

@@ -1184,3 +1184,169 @@ fn environments_come_from_the_pool_and_its_config_map() {
         Err(EnvironmentsUnavailable::FileOnCluster)
     );
 }
+
+/// A run that Succeeded at 12:00 with `ttlSecondsAfterFinished: ttl`.
+fn finished_run(ttl: Option<i64>) -> (SelfPlayRun, SelfPlayRunStatus) {
+    let mut run: SelfPlayRun = one("run-tiny.yaml");
+    run.spec.ttl_seconds_after_finished = ttl;
+    let st = SelfPlayRunStatus {
+        phase: Some(RunPhase::Succeeded),
+        completion_time: Some(Time(ts(NOW))),
+        ..Default::default()
+    };
+    (run, st)
+}
+
+#[test]
+fn finished_run_is_kept_until_its_ttl_then_deleted() {
+    let (run, st) = finished_run(Some(3600));
+
+    // 10 minutes after: not due; wake up when the remaining 50 minutes are over.
+    let plan = decide_run(&run.spec, Some(&st), &obs("2025-06-01T12:10:00Z"));
+    assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+    assert_eq!(plan.requeue_after, Some(Duration::from_secs(3000)));
+    assert_eq!(plan.status.phase, Some(RunPhase::Succeeded));
+
+    // One second before: still kept.
+    let plan = decide_run(&run.spec, Some(&st), &obs("2025-06-01T12:59:59Z"));
+    assert!(plan.actions.is_empty());
+    assert_eq!(plan.requeue_after, Some(Duration::from_secs(1)));
+
+    // Due (and long past due): the run itself is deleted, nothing else happens.
+    for (now, ago) in [
+        ("2025-06-01T13:00:00Z", 3600),
+        ("2025-06-03T12:00:00Z", 172800),
+    ] {
+        let plan = decide_run(&run.spec, Some(&st), &obs(now));
+        assert_eq!(
+            plan.actions,
+            [RunAction::DeleteRun {
+                finished_seconds_ago: ago
+            }],
+            "at {now}"
+        );
+    }
+
+    // A leftover trainer is stopped in the same reconcile, before the run goes.
+    let mut o = obs("2025-06-01T13:00:00Z");
+    o.trainers = vec![trainer(0, TrainerPhase::Running)];
+    let plan = decide_run(&run.spec, Some(&st), &o);
+    assert_eq!(
+        plan.actions,
+        [
+            RunAction::DeleteTrainer {
+                name: "qwen-ssr-trainer-0".into(),
+                reason: "RunFinished"
+            },
+            RunAction::DeleteRun {
+                finished_seconds_ago: 3600
+            }
+        ]
+    );
+}
+
+#[test]
+fn finished_run_without_a_ttl_is_kept() {
+    let (run, st) = finished_run(None);
+    let plan = decide_run(&run.spec, Some(&st), &obs("2030-01-01T00:00:00Z"));
+    assert!(plan.actions.is_empty());
+    assert_eq!(plan.requeue_after, None);
+    assert_eq!(plan.status.phase, Some(RunPhase::Succeeded));
+    assert_eq!(plan.status.completion_time, st.completion_time);
+
+    // Failed runs too.
+    let failed = SelfPlayRunStatus {
+        phase: Some(RunPhase::Failed),
+        ..st
+    };
+    let plan = decide_run(&run.spec, Some(&failed), &obs("2030-01-01T00:00:00Z"));
+    assert!(plan.actions.is_empty());
+}
+
+#[test]
+fn ttl_of_zero_deletes_on_the_reconcile_after_the_one_that_finished() {
+    let (run, _) = finished_run(Some(0));
+    let running = SelfPlayRunStatus {
+        phase: Some(RunPhase::Running),
+        progress: Some(selfplay_crds::ProgressSnapshot {
+            step: 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut o = obs(NOW);
+    o.trainers = vec![trainer(0, TrainerPhase::Succeeded)];
+
+    // The reconcile that sees the trainer succeed writes Succeeded (and its events) first.
+    let plan = decide_run(&run.spec, Some(&running), &o);
+    assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+    assert_eq!(plan.status.phase, Some(RunPhase::Succeeded));
+    assert_eq!(plan.status.completion_time, Some(Time(ts(NOW))));
+    assert_eq!(plan.requeue_after, Some(Duration::from_secs(1)));
+
+    // The next one deletes it.
+    let plan = decide_run(&run.spec, Some(&plan.status), &o);
+    assert_eq!(
+        plan.actions,
+        [RunAction::DeleteRun {
+            finished_seconds_ago: 0
+        }]
+    );
+}
+
+#[test]
+fn run_failing_its_deadline_wakes_up_when_its_ttl_is_due() {
+    let mut run: SelfPlayRun = one("run-gpu.yaml");
+    run.spec.active_deadline_seconds = Some(3600);
+    run.spec.ttl_seconds_after_finished = Some(600);
+    let st = SelfPlayRunStatus {
+        phase: Some(RunPhase::Running),
+        start_time: Some(Time(ts("2025-06-01T10:00:00Z"))),
+        ..Default::default()
+    };
+    let plan = decide_run(&run.spec, Some(&st), &obs("2025-06-01T11:00:00Z"));
+    assert_eq!(plan.status.phase, Some(RunPhase::Failed));
+    assert_eq!(plan.requeue_after, Some(Duration::from_secs(600)));
+}
+
+#[test]
+fn finished_run_without_a_completion_time_counts_from_when_it_is_seen() {
+    let (run, mut st) = finished_run(Some(60));
+    st.completion_time = None;
+    let plan = decide_run(&run.spec, Some(&st), &obs(NOW));
+    assert!(plan.actions.is_empty());
+    assert_eq!(plan.status.completion_time, Some(Time(ts(NOW))));
+    assert_eq!(plan.requeue_after, Some(Duration::from_secs(60)));
+}
+
+#[test]
+fn run_created_suspended_never_gets_a_trainer_until_unsuspended() {
+    // How a queue (Kueue) holds a run: created with suspend: true, admitted by setting it false.
+    let mut run: SelfPlayRun = one("run-gpu.yaml");
+    run.spec.suspend = true;
+    let plan = decide_run(&run.spec, None, &obs(NOW));
+    assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+    assert_eq!(plan.status.phase, Some(RunPhase::Suspended));
+    assert_eq!(
+        cond(&plan.status, ConditionType::Suspended),
+        ("True", "Suspended")
+    );
+    assert_eq!(plan.status.start_time, None, "the deadline has not started");
+    let queued = plan.status;
+
+    run.spec.suspend = false;
+    let plan = decide_run(&run.spec, Some(&queued), &obs("2025-06-01T15:00:00Z"));
+    assert_eq!(
+        plan.actions,
+        [RunAction::CreateTrainer {
+            attempt: 0,
+            resume: None
+        }]
+    );
+    // Time spent queued before the first start is not "suspended time": it was never active.
+    assert_eq!(plan.status.suspended_seconds, 0);
+    assert_eq!(
+        cond(&plan.status, ConditionType::Suspended),
+        ("False", "Resumed")
+    );
+}

@@ -8,7 +8,8 @@
 //! authenticate with their run's token; trainer pods need no RBAC on the API server.
 
 pub mod backend;
-pub mod client;
+/// The client, for the operator's tests and bench; the trainer uses `selfplay-broker` directly.
+pub use selfplay_broker::client;
 pub mod memory;
 pub mod service;
 

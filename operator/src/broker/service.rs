@@ -912,7 +912,9 @@ pub fn checkpoint_object(
 }
 
 #[tonic::async_trait]
-impl<B: Backend> pb::broker_server::Broker for Arc<Broker<B>> {
+// On the broker itself, not on an `Arc` of it: the trait is the `selfplay-broker` crate's, and
+// the orphan rule wants a local type.
+impl<B: Backend> pb::broker_server::Broker for Broker<B> {
     async fn acquire(
         &self,
         req: Request<pb::AcquireRequest>,
@@ -946,8 +948,6 @@ impl<B: Backend> pb::broker_server::Broker for Arc<Broker<B>> {
 }
 
 /// The tonic service of a broker, ready for `tonic::transport::Server::add_service`.
-pub fn service<B: Backend>(
-    broker: Arc<Broker<B>>,
-) -> pb::broker_server::BrokerServer<Arc<Broker<B>>> {
-    pb::broker_server::BrokerServer::new(broker)
+pub fn service<B: Backend>(broker: Arc<Broker<B>>) -> pb::broker_server::BrokerServer<Broker<B>> {
+    pb::broker_server::BrokerServer::from_arc(broker)
 }

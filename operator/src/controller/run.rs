@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, DeleteParams, ListParams, Preconditions, PropagationPolicy};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
@@ -158,6 +158,25 @@ pub async fn apply_run(run: &SelfPlayRun, ctx: &Context, now: Timestamp) -> Resu
     let plan = decide_run(&run.spec, run.status.as_ref(), &obs);
     for action in &plan.actions {
         match action {
+            RunAction::DeleteRun {
+                finished_seconds_ago,
+            } => {
+                let note = format!(
+                    "finished {finished_seconds_ago}s ago, ttlSecondsAfterFinished is {}",
+                    run.spec.ttl_seconds_after_finished.unwrap_or_default()
+                );
+                // The event first: once the run is gone, so is the object it would name.
+                ctx.event(run, false, "TTLExpired", "Delete", note).await;
+                return Ok(if delete_expired_run(&runs, run).await? {
+                    tracing::info!(run = %name, namespace = %ns, finished_seconds_ago, "finished run deleted (ttlSecondsAfterFinished)");
+                    // The deletion comes back as a watch event; the finalizer cleans up then.
+                    Action::await_change()
+                } else {
+                    // Changed since it was read (a longer TTL, a report): decide again on the
+                    // new version. Progress reports do not trigger a reconcile by themselves.
+                    Action::requeue(Duration::from_secs(5))
+                });
+            }
             RunAction::DeleteTrainer { name: pod, reason } => {
                 delete(&pods, pod, None).await?;
                 tracing::info!(run = %name, namespace = %ns, pod = %pod, reason, "trainer deleted");
@@ -218,6 +237,28 @@ pub async fn apply_run(run: &SelfPlayRun, ctx: &Context, now: Timestamp) -> Resu
         Some(d) => Action::requeue(d),
         None => Action::requeue(Duration::from_secs(300)),
     })
+}
+
+/// Deletes a finished run, but only the version the decision saw: a run recreated under the
+/// same name (another UID) or edited meanwhile (say, a longer TTL) is left alone. `Ok(false)`
+/// when the preconditions failed; gone already is `Ok(true)`.
+async fn delete_expired_run(api: &Api<SelfPlayRun>, run: &SelfPlayRun) -> Result<bool, Error> {
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: run.meta().uid.clone(),
+            resource_version: run.meta().resource_version.clone(),
+        }),
+        // The trainer pod, ConfigMap, token Secret and Checkpoints are garbage-collected by
+        // their owner references after the run is gone, without holding its deletion up.
+        propagation_policy: Some(PropagationPolicy::Background),
+        ..Default::default()
+    };
+    match api.delete(&run.name_any(), &dp).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.is_not_found() => Ok(true),
+        Err(kube::Error::Api(s)) if s.is_conflict() => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// On deletion: stop the trainer first (GPUs are freed at once, and no checkpoint is

@@ -5,7 +5,8 @@
 //! (suspended time excluded) runs out. Succeeded and Failed are sticky: a finished run never
 //! gets a trainer again. Every new trainer resumes from the latest Ready checkpoint it can reach
 //! (on the run's PVC; an emptyDir dies with its pod). A trainer that exits 0 before the target
-//! step counts as a failure.
+//! step counts as a failure. A finished run with `ttlSecondsAfterFinished` is deleted that long
+//! after its completion time.
 
 use std::time::Duration;
 
@@ -139,6 +140,11 @@ pub enum RunAction {
         name: String,
         reason: &'static str,
     },
+    /// Delete the run itself: it finished `ttlSecondsAfterFinished` ago. Its children go by
+    /// owner references, the trainer first by the finalizer.
+    DeleteRun {
+        finished_seconds_ago: i64,
+    },
 }
 
 /// A Kubernetes Event to record on the run.
@@ -245,6 +251,17 @@ pub fn decide_run(
                 reason: "RunFinished",
             });
         }
+        if let Some(ttl) = spec.ttl_seconds_after_finished {
+            // A run finished without a completionTime (set by hand, or by an older operator)
+            // counts from when this operator first sees it finished, rather than never expiring.
+            let completed = st.completion_time.get_or_insert_with(|| time(now)).0;
+            match ttl_remaining(ttl, completed, now) {
+                None => plan.actions.push(RunAction::DeleteRun {
+                    finished_seconds_ago: seconds_between(completed, now),
+                }),
+                Some(wait) => plan.requeue_after = shorter(plan.requeue_after, wait),
+            }
+        }
         plan.status = st;
         return plan;
     }
@@ -280,6 +297,7 @@ pub fn decide_run(
             "TrainerSucceeded",
             &format!("trainer {} completed", t.name),
         );
+        ttl_wake_up(spec, &st, &mut plan, now);
         plan.status = st;
         return plan;
     }
@@ -299,6 +317,7 @@ pub fn decide_run(
                 "the run was active for {active}s, past activeDeadlineSeconds ({deadline}s)"
             );
             finish(&mut st, &mut plan, obs, false, "DeadlineExceeded", &msg);
+            ttl_wake_up(spec, &st, &mut plan, now);
             plan.status = st;
             return plan;
         }
@@ -549,8 +568,29 @@ pub fn decide_run(
             Duration::from_secs((deadline - active).max(1) as u64),
         );
     }
+    ttl_wake_up(spec, &st, &mut plan, now);
     plan.status = st;
     plan
+}
+
+/// How long until a run that completed at `completed` is due for deletion; `None` when due.
+fn ttl_remaining(ttl: i64, completed: Timestamp, now: Timestamp) -> Option<Duration> {
+    let left = ttl.saturating_sub(seconds_between(completed, now));
+    (left > 0).then(|| Duration::from_secs(left as u64))
+}
+
+/// The run finished in this very reconcile: wake up when its TTL runs out. Deleting it now,
+/// even with a TTL of 0, would lose the status and events this reconcile is about to write;
+/// the next reconcile deletes it.
+fn ttl_wake_up(spec: &SelfPlayRunSpec, st: &SelfPlayRunStatus, plan: &mut RunPlan, now: Timestamp) {
+    if let (Some(ttl), Some(completed), true) = (
+        spec.ttl_seconds_after_finished,
+        st.completion_time.as_ref(),
+        st.phase.is_some_and(RunPhase::is_terminal),
+    ) {
+        let wait = ttl_remaining(ttl, completed.0, now).unwrap_or(Duration::from_secs(1));
+        plan.requeue_after = shorter(plan.requeue_after, wait);
+    }
 }
 
 /// The highest step the run is known to have completed: its last progress report or its

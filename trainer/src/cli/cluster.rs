@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use selfplay_operator::broker::client::BrokerClient;
+use selfplay_broker::BrokerClient;
 
 use crate::train::cluster::{ClusterOptions, run_cluster};
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use sandbox_sidecar::SidecarClient;
+use selfplay_broker::BrokerClient;
 use selfplay_crds::ProgressSnapshot;
-use selfplay_operator::broker::client::BrokerClient;
 
 use crate::engine::error::{InfraError, InfraKind};
 use crate::engine::policy::Policy;

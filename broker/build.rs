@@ -1,4 +1,4 @@
-//! Compiles `proto/broker.proto` with a vendored `protoc`, so a build needs no system protoc.
+//! Compiles `proto/broker.proto` (client and service trait) with a vendored `protoc`, so a build needs no system protoc.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;

@@ -6,7 +6,7 @@ use selfplay_crds::ProgressSnapshot;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::broker_proto as pb;
+use crate::proto as pb;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
