@@ -327,6 +327,13 @@ async fn one_full_step_trains_and_checkpoints() {
         before.len()
     );
 
+    // The curves: one TensorBoard event file in the run's directory, grown by the step's
+    // summary past its file-version record (tensorboard_events.rs has TensorBoard read one).
+    let events = event_files(&out);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let size = std::fs::metadata(&events[0]).expect("event file").len();
+    assert!(size > 100, "{} holds {size} bytes", events[0].display());
+
     // The metrics endpoint served while it ran.
     let addr = outcome.metrics_addr.expect("metrics addr");
     let body = reqwest_get(addr).await;
@@ -429,6 +436,19 @@ async fn resume_continues_from_the_latest_checkpoint() {
     );
 }
 
+/// TensorBoard event files directly in `dir`.
+fn event_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .expect("out dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains("tfevents"))
+        })
+        .collect()
+}
+
 /// Processes whose command line mentions `needle` (the sidecars of a run's sandboxes name
 /// their workspace, which lives under the run's output directory).
 fn processes_mentioning(needle: &str) -> Vec<String> {
@@ -478,6 +498,10 @@ fn ctrl_c_abandons_the_step_keeps_the_checkpoint_and_leaves_no_process() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("abandoning the current step"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("curves: tensorboard --logdir {}", out.display())),
+        "{stderr}"
+    );
     let status: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("status.json")).expect("status"))
             .expect("json");

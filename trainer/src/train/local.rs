@@ -27,8 +27,9 @@ use super::driver::{
     read_loop_state,
 };
 use super::metrics::TrainerMetrics;
-use super::report::{LocalCheckpoints, StatusFile};
+use super::report::{LocalCheckpoints, ReportError, StatusFile};
 use super::step::StepObserver;
+use super::tensorboard::EventWriter;
 
 #[derive(Debug, Error)]
 pub enum LocalError {
@@ -44,6 +45,8 @@ pub enum LocalError {
     Sandbox(#[from] InfraError),
     #[error(transparent)]
     Loop(#[from] LoopError),
+    #[error(transparent)]
+    Report(#[from] ReportError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -320,6 +323,19 @@ pub async fn run_local(
         lp.grpo().map(|g| g.policy().version()).unwrap_or(0),
     );
     eprintln!("sandboxes: {sandboxes}");
+    // A resumed run redoes the steps after its checkpoint, and a fresh run in the same
+    // directory all of them: the new event file says from which step, and TensorBoard drops
+    // the older files' points from there on.
+    let mut curves = EventWriter::create(&dirs.out, lp.step() + 1)?;
+    eprintln!(
+        "curves: tensorboard --logdir {} (this run's event file: {})",
+        dirs.out.display(),
+        curves
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
     eprintln!(
         "each step: {} injector episode(s) write a bug in a fresh sandbox; the seven checks \
          validate it; {} solver episode(s) per valid bug try to fix it, graded in fresh \
@@ -367,6 +383,7 @@ pub async fn run_local(
         match result {
             Some(Ok(summary)) => {
                 println!("{}", summary.line());
+                curves.write_step(&summary)?;
                 summaries.push(summary);
             }
             Some(Err(e)) => return Err(e.into()),

@@ -8,3 +8,4 @@ pub mod local;
 pub mod metrics;
 pub mod report;
 pub mod step;
+pub mod tensorboard;
