@@ -160,12 +160,55 @@ fn env(name: &str, value: &str) -> EnvVar {
     }
 }
 
+fn quantities(pairs: &[(&str, &str)]) -> BTreeMap<String, Quantity> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
+        .collect()
+}
+
+/// Fills missing CPU and memory limits from the requests, or from `defaults`: every
+/// container the operator makes has limits, and a sandbox run by Docker gets the same ones.
+pub fn with_limits(
+    user: Option<&ResourceRequirements>,
+    defaults: ResourceRequirements,
+) -> ResourceRequirements {
+    let Some(user) = user else { return defaults };
+    let mut out = user.clone();
+    let requests = out.requests.clone().unwrap_or_default();
+    let default_limits = defaults.limits.unwrap_or_default();
+    let limits = out.limits.get_or_insert_with(Default::default);
+    for key in ["cpu", "memory"] {
+        if !limits.contains_key(key)
+            && let Some(q) = requests.get(key).or_else(|| default_limits.get(key))
+        {
+            limits.insert(key.to_string(), q.clone());
+        }
+    }
+    out
+}
+
+/// Sandbox container resources when the pool sets none: 1 CPU and 2Gi, limits included.
+pub fn default_sandbox_resources() -> ResourceRequirements {
+    let q = quantities(&[("cpu", "1"), ("memory", "2Gi")]);
+    ResourceRequirements {
+        requests: Some(q.clone()),
+        limits: Some(q),
+        ..Default::default()
+    }
+}
+
+/// The sandbox container's resources: the template's, limits filled in.
+pub fn sandbox_resources(spec: &SandboxPoolSpec) -> ResourceRequirements {
+    with_limits(
+        spec.template.resources.as_ref(),
+        default_sandbox_resources(),
+    )
+}
+
 /// A small init container's resources.
 pub fn init_container_resources() -> ResourceRequirements {
-    let q: BTreeMap<String, Quantity> = [("cpu", "100m"), ("memory", "64Mi")]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
-        .collect();
+    let q = quantities(&[("cpu", "100m"), ("memory", "64Mi")]);
     ResourceRequirements {
         requests: Some(q.clone()),
         limits: Some(q),

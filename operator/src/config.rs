@@ -45,15 +45,8 @@ fn quantities(pairs: &[(&str, &str)]) -> BTreeMap<String, Quantity> {
         .collect()
 }
 
-/// Sandbox container resources when the pool sets none: 1 CPU and 2Gi, limits included.
-pub fn default_sandbox_resources() -> ResourceRequirements {
-    let q = quantities(&[("cpu", "1"), ("memory", "2Gi")]);
-    ResourceRequirements {
-        requests: Some(q.clone()),
-        limits: Some(q),
-        ..Default::default()
-    }
-}
+/// Sandbox container resources when the pool sets none (defined with the sandbox pod).
+pub use selfplay_crds::sandbox_pod::default_sandbox_resources;
 
 /// Trainer container CPU and memory when the run sets none (GPUs come from `trainer.gpus`).
 pub fn default_trainer_resources() -> ResourceRequirements {
@@ -64,12 +57,5 @@ pub fn default_trainer_resources() -> ResourceRequirements {
     }
 }
 
-/// The sidecar-install init container's resources: copying one file.
-pub fn init_container_resources() -> ResourceRequirements {
-    let q = quantities(&[("cpu", "100m"), ("memory", "64Mi")]);
-    ResourceRequirements {
-        requests: Some(q.clone()),
-        limits: Some(q),
-        ..Default::default()
-    }
-}
+/// The sidecar-install init container's resources (defined with the sandbox pod).
+pub use selfplay_crds::sandbox_pod::init_container_resources;

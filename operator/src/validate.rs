@@ -8,8 +8,9 @@ use kube::{Resource, ResourceExt};
 use selfplay_crds::{SandboxPool, SandboxPoolSpec, SelfPlayRun, SelfPlayRunSpec};
 use sha2::{Digest, Sha256};
 
-use crate::config::{OperatorConfig, default_sandbox_resources, default_trainer_resources};
+use crate::config::{OperatorConfig, default_trainer_resources};
 use crate::names::MAX_LABEL_VALUE;
+use selfplay_crds::sandbox_pod::with_limits;
 
 /// Why a spec cannot be acted on; every problem found, not just the first.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -68,26 +69,6 @@ fn check_label_value(kind: &str, name: &str, problems: &mut Vec<String>) {
             "{kind} name {name:?} is longer than {MAX_LABEL_VALUE} characters (it is used as a label value)"
         ));
     }
-}
-
-/// Fills missing CPU and memory limits from the requests, or from the defaults.
-fn with_limits(
-    user: Option<&ResourceRequirements>,
-    defaults: ResourceRequirements,
-) -> ResourceRequirements {
-    let Some(user) = user else { return defaults };
-    let mut out = user.clone();
-    let requests = out.requests.clone().unwrap_or_default();
-    let default_limits = defaults.limits.unwrap_or_default();
-    let limits = out.limits.get_or_insert_with(Default::default);
-    for key in ["cpu", "memory"] {
-        if !limits.contains_key(key)
-            && let Some(q) = requests.get(key).or_else(|| default_limits.get(key))
-        {
-            limits.insert(key.to_string(), q.clone());
-        }
-    }
-    out
 }
 
 /// Hash of the sandbox pod shape: the template, the port and TTL, and the sidecar image.
@@ -180,10 +161,7 @@ pub fn validate_pool<'a>(
         namespace: pool.namespace().unwrap_or_else(|| "default".to_string()),
         owner: owner_reference(pool),
         template_hash: template_hash(spec, cfg),
-        resources: with_limits(
-            spec.template.resources.as_ref(),
-            default_sandbox_resources(),
-        ),
+        resources: selfplay_crds::sandbox_pod::sandbox_resources(spec),
         spec,
         name,
     })

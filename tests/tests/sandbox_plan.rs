@@ -188,3 +188,25 @@ fn what_cannot_be_honoured_is_refused() {
         Err(PlanError::RootUser { .. })
     ));
 }
+
+/// A pool giving only requests gets limits from them on one machine as on a cluster: a
+/// Docker sandbox is never unlimited.
+#[test]
+fn the_local_pod_has_the_operators_limits() {
+    let pool: SandboxPool = serde_yaml::from_str(&POOL.replace(
+        "limits: {cpu: 1500m, memory: 3Gi}",
+        "requests: {cpu: 500m, memory: 1Gi}",
+    ))
+    .unwrap();
+    let mut o = opts();
+    o.host_volumes.insert(
+        "selfplay-run".to_string(),
+        HostVolume {
+            path: "/run/sb-1/run".into(),
+            read_only: false,
+        },
+    );
+    let plan = plan_pod(&local_pod("astropy", &pool.spec), &o).expect("plan");
+    assert_eq!(values(&plan.main.args, "--memory"), ["1073741824"]);
+    assert_eq!(values(&plan.main.args, "--cpus"), ["0.5"]);
+}

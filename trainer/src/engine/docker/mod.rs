@@ -24,10 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::{
-    HostPathVolumeSource, Pod, ResourceRequirements, Volume, VolumeMount,
-};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::api::core::v1::{HostPathVolumeSource, Pod, Volume, VolumeMount};
 use sandbox_sidecar::SidecarClient;
 use selfplay_crds::SandboxPoolSpec;
 use selfplay_crds::sandbox_pod::{
@@ -225,21 +222,6 @@ pub fn is_static_elf(path: &Path) -> bool {
     has_load
 }
 
-/// A sandbox pod's resources when the pool names none: the operator's defaults.
-fn resources(spec: &SandboxPoolSpec) -> ResourceRequirements {
-    spec.template.resources.clone().unwrap_or_else(|| {
-        let q: BTreeMap<String, Quantity> = [("cpu", "1"), ("memory", "2Gi")]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
-            .collect();
-        ResourceRequirements {
-            requests: Some(q.clone()),
-            limits: Some(q),
-            ..Default::default()
-        }
-    })
-}
-
 /// The pool's sandbox pod with the one-machine transport: the sidecar serves a Unix socket
 /// in [`RUN_DIR`] (a host directory) and holds the trainer's lease.
 pub fn local_pod(pool: &str, spec: &SandboxPoolSpec) -> Pod {
@@ -247,7 +229,7 @@ pub fn local_pod(pool: &str, spec: &SandboxPoolSpec) -> Pod {
         pool,
         namespace: "local",
         spec,
-        resources: resources(spec),
+        resources: selfplay_crds::sandbox_pod::sandbox_resources(spec),
         labels: BTreeMap::new(),
         owner: None,
         // Never run: the binary is bind-mounted instead (see the module's docs).
@@ -530,28 +512,23 @@ async fn run_plan(
         .await
         .unwrap_or_default();
         if !state.starts_with("running") && !state.starts_with("created") {
-            let logs = docker(
-                bin,
-                &[
-                    "logs".to_string(),
-                    "--tail".to_string(),
-                    "20".to_string(),
-                    plan.main.name.clone(),
-                ],
-            )
-            .await
-            .unwrap_or_default();
-            let logs_err = std::process::Command::new(bin)
+            // What the sidecar said (it logs to stderr) and printed.
+            let logs = std::process::Command::new(bin)
                 .args(["logs", "--tail", "20", &plan.main.name])
                 .output()
-                .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                .map(|o| {
+                    format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    )
+                })
                 .unwrap_or_default();
             return Err(acquire_err(format!(
-                "sandbox container {} stopped before its sidecar answered ({}): {}{}",
+                "sandbox container {} stopped before its sidecar answered ({}): {}",
                 plan.main.name,
                 state.trim(),
-                logs.trim(),
-                logs_err.trim()
+                logs.trim()
             )));
         }
         if started.elapsed() > STARTUP_TIMEOUT {
