@@ -403,6 +403,14 @@ async fn docker_sandboxes_validate_and_grade_a_bug() {
         "{out}"
     );
     assert_eq!(sb.external_failure().await, None, "a healthy sandbox");
+    // An agent that tries to break its sandbox to escape a failing reward (or to pass for
+    // an outside kill, which is masked): its PID 1 cannot be signalled from inside.
+    let _ = sb
+        .client()
+        .exec_shell("kill -9 1; kill -TERM 1; kill -INT 1; kill -9 -1", None)
+        .await;
+    sb.client().health().await.expect("the sidecar survives its agent");
+    assert_eq!(sb.external_failure().await, None);
     sb.release().await.unwrap();
 
     // Killed from outside while in use: not the agent's doing, so masked.
