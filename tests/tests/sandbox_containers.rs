@@ -409,7 +409,10 @@ async fn docker_sandboxes_validate_and_grade_a_bug() {
         .client()
         .exec_shell("kill -9 1; kill -TERM 1; kill -INT 1; kill -9 -1", None)
         .await;
-    sb.client().health().await.expect("the sidecar survives its agent");
+    sb.client()
+        .health()
+        .await
+        .expect("the sidecar survives its agent");
     assert_eq!(sb.external_failure().await, None);
     sb.release().await.unwrap();
 
