@@ -179,7 +179,7 @@ fn run(
 
 /// Whether a stop string appears in the decoded tail of `tokens` (enough tokens to hold the
 /// longest stop string, since every token decodes to at least one character or a part of one).
-fn stop_hit(
+pub(crate) fn stop_hit(
     codec: &dyn TokenCodec,
     tokens: &[u32],
     stop: &[String],
