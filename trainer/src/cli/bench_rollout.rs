@@ -52,8 +52,8 @@ pub struct RolloutArgs {
     pub layers: usize,
     #[arg(long, default_value_t = 32000)]
     pub vocab: usize,
-    /// Nucleus of the sampling (1 samples the full distribution).
-    #[arg(long, default_value_t = 0.95)]
+    /// Nucleus of the sampling (1, a run's default, samples the full distribution).
+    #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
 }
 
@@ -61,6 +61,9 @@ pub struct RolloutArgs {
 #[derive(Clone, Copy, Debug)]
 struct Measure {
     tokens_per_s: f64,
+    /// Tokens per second of the process's CPU time: what batching saves on a machine whose
+    /// cores other work also uses, where wall time mostly measures the share it got.
+    tokens_per_cpu_s: f64,
     prefill_per_episode: f64,
 }
 
@@ -110,10 +113,16 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let mut out = std::io::stdout().lock();
-    let base: Vec<(bool, f64)> = results
+    let base: Vec<(bool, f64, f64)> = results
         .iter()
         .filter(|r| r.0 == args.episodes[0])
-        .map(|r| (r.1, median(r.2.iter().map(|m| m.tokens_per_s))))
+        .map(|r| {
+            (
+                r.1,
+                median(r.2.iter().map(|m| m.tokens_per_s)),
+                median(r.2.iter().map(|m| m.tokens_per_cpu_s)),
+            )
+        })
         .collect();
     if !args.json {
         writeln!(
@@ -132,17 +141,18 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
         )?;
         writeln!(
             out,
-            "{:>8} {:>8} {:>12} {:>10} {:>16}",
-            "episodes", "mode", "tokens/s", "speedup", "prefill/episode"
+            "{:>8} {:>8} {:>12} {:>10} {:>14} {:>10} {:>16}",
+            "episodes", "mode", "tokens/s", "speedup", "tokens/cpu-s", "speedup", "prefill/episode"
         )?;
     }
     for (n, session, runs) in &results {
         let tps = median(runs.iter().map(|m| m.tokens_per_s));
+        let cpu_tps = median(runs.iter().map(|m| m.tokens_per_cpu_s));
         let prefill = median(runs.iter().map(|m| m.prefill_per_episode));
-        let speedup = base
+        let (speedup, cpu_speedup) = base
             .iter()
             .find(|b| b.0 == *session)
-            .map_or(f64::NAN, |b| tps / b.1);
+            .map_or((f64::NAN, f64::NAN), |b| (tps / b.1, cpu_tps / b.2));
         if args.json {
             serde_json::to_writer(
                 &mut out,
@@ -150,6 +160,7 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
                     "episodes": n,
                     "tokens_per_s": tps,
                     "prefill_tokens": prefill,
+                    "tokens_per_cpu_s": cpu_tps,
                     "session": session,
                 }),
             )?;
@@ -157,11 +168,13 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
         } else {
             writeln!(
                 out,
-                "{:>8} {:>8} {:>12.1} {:>9.2}x {:>16.0}",
+                "{:>8} {:>8} {:>12.1} {:>9.2}x {:>14.1} {:>9.2}x {:>16.0}",
                 n,
                 if *session { "session" } else { "replay" },
                 tps,
                 speedup,
+                cpu_tps,
+                cpu_speedup,
                 prefill
             )?;
         }
@@ -216,6 +229,7 @@ fn play(
     };
     let vocab = args.vocab as u64;
     let before = policy.rollout_stats();
+    let cpu_before = process_cpu_seconds();
     let started = Instant::now();
     let sampled: Vec<anyhow::Result<usize>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..n)
@@ -258,6 +272,7 @@ fn play(
             .collect()
     });
     let seconds = started.elapsed().as_secs_f64();
+    let cpu = process_cpu_seconds() - cpu_before;
     let mut total = 0;
     for r in sampled {
         total += r?;
@@ -265,8 +280,28 @@ fn play(
     let after = policy.rollout_stats();
     Ok(Measure {
         tokens_per_s: total as f64 / seconds,
+        tokens_per_cpu_s: total as f64 / cpu,
         prefill_per_episode: (after.prefill_tokens - before.prefill_tokens) as f64 / n as f64,
     })
+}
+
+/// User and system CPU time of this process (Linux `/proc/self/stat`, in USER_HZ = 100 ticks
+/// a second); NaN elsewhere.
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the parenthesised command name, which may hold spaces.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return f64::NAN;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    match (tick(11), tick(12)) {
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => f64::NAN,
+    }
 }
 
 fn median(values: impl Iterator<Item = f64>) -> f64 {

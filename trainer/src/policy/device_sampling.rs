@@ -104,10 +104,13 @@ fn nucleus(s: &Tensor, w: &Tensor, rows: &[RowDraw], dev: &Device) -> Result<Ten
     // mass(s ≥ lo) ≥ target always; mass(s ≥ hi) < target always (nothing is above 0).
     let mut lo = s.min_keepdim(D::Minus1)?;
     let mut hi = lo.ones_like()?;
+    let zeros = w.zeros_like()?;
     for _ in 0..BISECTION_STEPS {
         let mid = ((&lo + &hi)? * 0.5)?;
-        let inside = s.broadcast_ge(&mid)?.to_dtype(DType::F32)?;
-        let mass = (w * inside)?.sum_keepdim(D::Minus1)?;
+        let mass = s
+            .broadcast_ge(&mid)?
+            .where_cond(w, &zeros)?
+            .sum_keepdim(D::Minus1)?;
         let enough = mass.ge(&target)?;
         lo = enough.where_cond(&mid, &lo)?;
         hi = enough.where_cond(&hi, &mid)?;
