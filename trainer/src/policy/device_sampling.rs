@@ -263,7 +263,7 @@ mod tests {
 
     #[test]
     fn greedy_rows_take_the_first_maximum_and_mix_with_sampled_rows() {
-        let z = vec![vec![0.0f32, 3.0, 3.0, 1.0], vec![5.0, 0.0, 0.0, 0.0]];
+        let z = [vec![0.0f32, 3.0, 3.0, 1.0], vec![5.0, 0.0, 0.0, 0.0]];
         let lt = Tensor::from_vec(z.concat(), (2, 4), &Device::Cpu).unwrap();
         // (Exact ties at a nucleus boundary are all kept, unlike the full sort: see the
         // module doc; the greedy row here ties on purpose, the nucleus rows below do not.)
