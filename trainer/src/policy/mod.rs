@@ -91,7 +91,9 @@ pub fn compute_dtype(requested: DType, device: &Device) -> DType {
 /// The model, its codec and the state sampling needs; implements [`Policy`].
 ///
 /// Weights are updated in place by the optimiser (`crate::grpo`); an update holds the write
-/// half of `weights_lock` and generation the read half, so a generation never sees half an update.
+/// half of `weights_lock` and each decoding step the read half, so a step never sees half an
+/// update. A session's cache keeps the keys and values of the weights its turns ran with: the
+/// training loop plays a step's episodes to their end before it updates.
 /// Generation goes through a continuous batching scheduler (`batcher`): concurrent calls and
 /// sessions decode together, each conversation with its own random stream drawn from `rng`.
 pub struct CandlePolicy {
