@@ -21,8 +21,12 @@ use crate::train::tensorboard::EventWriter;
 #[derive(clap::Args, Debug)]
 pub struct SftArgs {
     /// Model directory (config.json, *.safetensors, tokenizer.json), e.g. a checkpoint.
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(long, required_unless_present = "tiny", conflicts_with = "tiny")]
+    pub model: Option<PathBuf>,
+    /// Start from the tiny byte-level model of `trainer local`'s `model.tiny` instead:
+    /// SEED,HIDDEN_SIZE,LAYERS (e.g. 0,64,2, the built-in default's).
+    #[arg(long, value_name = "SEED,HIDDEN,LAYERS")]
+    pub tiny: Option<String>,
     /// JSONL of chat records ({"messages": [...]}) and/or episode records, or a directory
     /// searched for episodes.jsonl files (a `trainer local` output directory).
     #[arg(long)]
@@ -95,13 +99,20 @@ pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
             checkpoints.display()
         );
     }
-    let policy = CandlePolicy::load(&args.model, None, dtype, &device, args.seed)
-        .with_context(|| format!("loading the model in {}", args.model.display()))?;
+    let policy = match (&args.model, &args.tiny) {
+        (Some(dir), _) => CandlePolicy::load(dir, None, dtype, &device, args.seed)
+            .with_context(|| format!("loading the model in {}", dir.display()))?,
+        (None, Some(spec)) => {
+            let (seed, hidden, layers) = parse_tiny(spec)?;
+            CandlePolicy::tiny(seed, hidden, layers, dtype, &device)?
+        }
+        (None, None) => bail!("give --model DIR or --tiny SEED,HIDDEN,LAYERS"),
+    };
     let cfg = policy.model().config();
     let context = cfg.max_position_embeddings;
     let max_tokens = args.max_tokens.unwrap_or(context).min(context);
     // The engine marks up turns in ChatML for every model loaded from a directory
-    // (train/local.rs, train/cluster.rs), and this command always loads one.
+    // (train/local.rs, train/cluster.rs), and what this command writes is one.
     let markup = ChatMarkup::chatml();
     let data = load_dataset(
         &args.data,
@@ -208,4 +219,21 @@ pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
 
 fn checkpoint_dir(checkpoints: &Path, step: u64) -> PathBuf {
     checkpoints.join(format!("step-{step}"))
+}
+
+/// `SEED,HIDDEN,LAYERS` of `--tiny`.
+fn parse_tiny(spec: &str) -> anyhow::Result<(u64, usize, usize)> {
+    let parts: Vec<&str> = spec.split(',').map(str::trim).collect();
+    let [seed, hidden, layers] = parts.as_slice() else {
+        bail!("--tiny takes SEED,HIDDEN,LAYERS (e.g. 0,64,2), got `{spec}`");
+    };
+    let num = |s: &str, what: &str| {
+        s.parse::<u64>()
+            .with_context(|| format!("--tiny: {what} `{s}` is not a number"))
+    };
+    Ok((
+        num(seed, "SEED")?,
+        num(hidden, "HIDDEN")? as usize,
+        num(layers, "LAYERS")? as usize,
+    ))
 }

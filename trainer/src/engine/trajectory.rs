@@ -209,3 +209,28 @@ impl Trajectory {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transcripts_round_trip_their_mask_and_refuse_bad_spans() {
+        let mask = [false, true, true, false, false, true];
+        let t = TokenTranscript::from_mask((0..6).collect(), &mask);
+        assert_eq!(t.policy_spans, vec![[1, 3], [5, 6]]);
+        assert_eq!(t.mask().unwrap(), mask);
+        for spans in [
+            vec![[2, 2]],
+            vec![[1, 7]],
+            vec![[3, 4], [1, 2]],
+            vec![[1, 3], [2, 4]],
+        ] {
+            let bad = TokenTranscript {
+                tokens: (0..6).collect(),
+                policy_spans: spans.clone(),
+            };
+            assert!(bad.mask().is_err(), "{spans:?}");
+        }
+    }
+}
