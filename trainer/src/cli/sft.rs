@@ -17,6 +17,9 @@ use crate::train::local::device;
 use crate::train::report::list_step_dirs;
 use crate::train::tensorboard::EventWriter;
 
+/// Examples scored before and after fine-tuning.
+const PROBE_EXAMPLES: usize = 256;
+
 /// Arguments of `trainer sft`.
 #[derive(clap::Args, Debug)]
 pub struct SftArgs {
@@ -164,8 +167,18 @@ pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
         _ => SftTrainer::new(Arc::new(policy), opts)?,
     };
     let start = trainer.step();
-    let before = mean_nll(trainer.policy(), &data.examples)?;
-    eprintln!("mean NLL of the policy tokens before: {before:.4} (step {start} of {total_steps})");
+    // The before/after figure on a bounded probe: scoring a large data set twice would cost
+    // two extra passes over it.
+    let probe = &data.examples[..n.min(PROBE_EXAMPLES)];
+    let probe_name = if probe.len() == n {
+        "all examples".to_string()
+    } else {
+        format!("the first {} examples", probe.len())
+    };
+    let before = mean_nll(trainer.policy(), probe)?;
+    eprintln!(
+        "mean NLL of the policy tokens of {probe_name} before: {before:.4} (step {start} of {total_steps})"
+    );
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut curves = EventWriter::create(&args.out, start + 1)?;
@@ -210,9 +223,11 @@ pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
             eprintln!("checkpoint {}", dir.display());
         }
     }
-    let after = mean_nll(trainer.policy(), &data.examples)?;
+    let after = mean_nll(trainer.policy(), probe)?;
     trainer.save_checkpoint(&final_dir, n)?;
-    eprintln!("mean NLL of the policy tokens after: {after:.4} (before: {before:.4})");
+    eprintln!(
+        "mean NLL of the policy tokens of {probe_name} after: {after:.4} (before: {before:.4})"
+    );
     eprintln!("fine-tuned model: {}", final_dir.display());
     Ok(ExitCode::SUCCESS)
 }
