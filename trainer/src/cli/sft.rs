@@ -112,7 +112,7 @@ pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
         (None, None) => bail!("give --model DIR or --tiny SEED,HIDDEN,LAYERS"),
     };
     let cfg = policy.model().config();
-    let context = cfg.max_position_embeddings;
+    let (context, vocab_size) = (cfg.max_position_embeddings, cfg.vocab_size);
     let max_tokens = args.max_tokens.unwrap_or(context).min(context);
     // The engine marks up turns in ChatML for every model loaded from a directory
     // (train/local.rs, train/cluster.rs), and what this command writes is one.
@@ -125,7 +125,7 @@ pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
             solved_only: args.solved_only,
             max_tokens,
             context,
-            vocab_size: cfg.vocab_size,
+            vocab_size,
         },
     )?;
     eprintln!(
@@ -162,6 +162,8 @@ pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
     let mut trainer = match (&latest, args.resume) {
         (Some((step, dir)), true) => {
             eprintln!("resuming from {} (step {step})", dir.display());
+            // The checkpoint holds the weights: free the starting model's.
+            drop(policy);
             SftTrainer::resume(dir, opts, n, dtype, &device)?
         }
         _ => SftTrainer::new(Arc::new(policy), opts)?,

@@ -62,7 +62,7 @@ impl Dataset {
 }
 
 /// Reads `path`: a JSONL file, or a directory searched (recursively) for `episodes.jsonl`
-/// files, as a run's output directory holds them.
+/// files, as a run's output directory holds them (under its `episodes/`, where it has one).
 pub fn load_dataset(
     path: &Path,
     codec: &dyn TokenCodec,
@@ -70,8 +70,15 @@ pub fn load_dataset(
     opts: &LoadOptions,
 ) -> Result<Dataset, SftError> {
     let files = if path.is_dir() {
+        // A run's directory also holds its repositories and sandboxes: only its episodes.
+        let root = path.join("episodes");
+        let root = if root.is_dir() {
+            root
+        } else {
+            path.to_path_buf()
+        };
         let mut found = Vec::new();
-        find_episode_files(path, &mut found)?;
+        find_episode_files(&root, &mut found)?;
         found.sort();
         if found.is_empty() {
             return Err(SftError::Data(format!(
@@ -106,10 +113,13 @@ fn find_episode_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), SftError
         source: e,
     };
     for entry in std::fs::read_dir(dir).map_err(io)? {
-        let path = entry.map_err(io)?.path();
-        if path.is_dir() {
+        let entry = entry.map_err(io)?;
+        let path = entry.path();
+        // Symbolic links are not followed: a link cycle would never end.
+        let kind = entry.file_type().map_err(io)?;
+        if kind.is_dir() {
             find_episode_files(&path, out)?;
-        } else if path.file_name().is_some_and(|n| n == "episodes.jsonl") {
+        } else if kind.is_file() && path.file_name().is_some_and(|n| n == "episodes.jsonl") {
             out.push(path);
         }
     }
