@@ -557,7 +557,9 @@ fn the_sft_command_writes_a_model_the_trainer_loads() {
                 "--batch-size",
                 "2",
                 "--checkpoint-every",
-                "3",
+                "2",
+                "--keep-last",
+                "1",
             ])
             .args(extra)
             .output()
@@ -569,7 +571,9 @@ fn the_sft_command_writes_a_model_the_trainer_loads() {
     assert!(stderr.contains("step 6/6"), "{stderr}");
     let metrics = std::fs::read_to_string(out.join("sft_metrics.jsonl")).expect("metrics");
     assert_eq!(metrics.lines().count(), 6);
-    assert!(out.join("checkpoints/step-3/model.safetensors").is_file());
+    // Checkpoints at updates 2 and 4 (the last one writes model/), the newest kept.
+    assert!(out.join("checkpoints/step-4/model.safetensors").is_file());
+    assert!(!out.join("checkpoints/step-2").exists());
     let model = out.join("model");
     for f in ["config.json", "model.safetensors", "trainer_state.json"] {
         assert!(model.join(f).is_file(), "{f}");

@@ -76,6 +76,9 @@ pub struct SftArgs {
     /// Write a checkpoint every this many updates (0: only the final model).
     #[arg(long, default_value_t = 100)]
     pub checkpoint_every: u64,
+    /// Checkpoints kept (the oldest are removed; 0 keeps all).
+    #[arg(long, default_value_t = 3)]
+    pub keep_last: usize,
     /// Continue from the latest checkpoint in the output directory.
     #[arg(long)]
     pub resume: bool,
@@ -223,6 +226,7 @@ pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
             let dir = checkpoint_dir(&checkpoints, s.step);
             trainer.save_checkpoint(&dir, n)?;
             eprintln!("checkpoint {}", dir.display());
+            prune_checkpoints(&checkpoints, args.keep_last)?;
         }
     }
     let after = mean_nll(trainer.policy(), probe)?;
@@ -253,4 +257,16 @@ fn parse_tiny(spec: &str) -> anyhow::Result<(u64, usize, usize)> {
         num(hidden, "HIDDEN")? as usize,
         num(layers, "LAYERS")? as usize,
     ))
+}
+
+/// Removes all but the newest `keep` checkpoints (`keep` 0: none removed).
+fn prune_checkpoints(checkpoints: &Path, keep: usize) -> anyhow::Result<()> {
+    if keep == 0 {
+        return Ok(());
+    }
+    let steps = list_step_dirs(checkpoints);
+    for (_, dir) in &steps[..steps.len().saturating_sub(keep)] {
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    Ok(())
 }
