@@ -29,6 +29,9 @@ enum Command {
     Evaluate(cli::evaluate::EvaluateArgs),
     /// Print the log-prob of each token given its prefix.
     Score(cli::score::ScoreArgs),
+    /// Fine-tune a model on trajectories (chat JSONL or a run's solved episodes), loss on the
+    /// policy's tokens only; writes a model directory the other commands load.
+    Sft(cli::sft::SftArgs),
     /// Open a sandbox of a pool exactly as an episode would and run a command in it (without
     /// one, an interactive shell).
     Sandbox(cli::sandbox::SandboxArgs),
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         Command::Validate(a) => cli::validate::run(a),
         Command::Evaluate(a) => cli::evaluate::run(a),
         Command::Score(a) => cli::score::run(a),
+        Command::Sft(a) => cli::sft::run(a),
         Command::Sandbox(a) => cli::sandbox::run(a),
         Command::Bench(BenchCommand::Rollout(a)) => cli::bench_rollout::run(a),
         // Handled before parsing, above.

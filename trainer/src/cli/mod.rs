@@ -6,4 +6,5 @@ pub mod evaluate;
 pub mod local;
 pub mod sandbox;
 pub mod score;
+pub mod sft;
 pub mod validate;
