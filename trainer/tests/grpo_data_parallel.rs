@@ -54,7 +54,13 @@ fn weights(t: &GrpoTrainer) -> Vec<f64> {
         .model()
         .parameters()
         .iter()
-        .flat_map(|(_, p)| p.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap())
+        .flat_map(|(_, p)| {
+            p.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        })
         .collect()
 }
 
@@ -115,8 +121,18 @@ fn n_workers_on_shards_make_the_update_of_one_worker_on_the_whole_batch() {
                 "{workers} workers, worker {rank}: weights differ by {diff}"
             );
             assert_eq!(
-                (stats.tokens, stats.samples, stats.step, stats.policy_version),
-                (whole.tokens, whole.samples, whole.step, whole.policy_version)
+                (
+                    stats.tokens,
+                    stats.samples,
+                    stats.step,
+                    stats.policy_version
+                ),
+                (
+                    whole.tokens,
+                    whole.samples,
+                    whole.step,
+                    whole.policy_version
+                )
             );
             assert_eq!(
                 stats.dropped_zero_advantage_groups,

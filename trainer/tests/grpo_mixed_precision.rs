@@ -36,7 +36,9 @@ fn samples() -> Vec<Sample> {
     let reference = policy(DType::F32);
     let mut out = Vec::new();
     for k in 0..6u32 {
-        let tokens: Vec<u32> = (0..24u32).map(|i| 32 + (i * (k + 3) + k * 7) % 90).collect();
+        let tokens: Vec<u32> = (0..24u32)
+            .map(|i| 32 + (i * (k + 3) + k * 7) % 90)
+            .collect();
         let scores = reference.score(std::slice::from_ref(&tokens)).unwrap();
         let mut old = vec![0.0f32];
         old.extend(&scores[0].logprobs);
@@ -201,11 +203,17 @@ fn the_same_update_on_bf16_stored_weights_is_lost() {
 fn logprobs_are_f32_when_computing_in_bf16() {
     let p = policy(DType::BF16);
     let seqs = vec![vec![40u32, 41, 42, 43, 44]];
-    let s = p.model().score_positions(&seqs, &[(0, 2), (0, 4)], true).unwrap();
+    let s = p
+        .model()
+        .score_positions(&seqs, &[(0, 2), (0, 4)], true)
+        .unwrap();
     assert_eq!(s.dtype(), DType::F32);
     // And they agree with the f32 model to bf16's resolution of the weights and activations.
     let q = policy(DType::F32);
-    let r = q.model().score_positions(&seqs, &[(0, 2), (0, 4)], false).unwrap();
+    let r = q
+        .model()
+        .score_positions(&seqs, &[(0, 2), (0, 4)], false)
+        .unwrap();
     let (a, b) = (values(&s), values(&r));
     for (x, y) in a.iter().zip(&b) {
         assert!((x - y).abs() < 0.05, "{a:?} vs {b:?}");
@@ -224,20 +232,30 @@ fn trainer_behaviour_logprobs_weight_tokens_by_the_truncated_ratio() {
         // Advantages that do not cancel over the batch, so that the loss is not ~0.
         s.advantage += 0.3;
         let scores = p.score(std::slice::from_ref(&s.tokens)).unwrap();
-        s.old_logprobs = std::iter::once(0.0).chain(scores[0].logprobs.clone()).collect();
+        s.old_logprobs = std::iter::once(0.0)
+            .chain(scores[0].logprobs.clone())
+            .collect();
     }
     let run = |samples: &[Sample], mode: BehaviourLogprobs| {
         let batch = t.select(samples).unwrap();
         let mut acc = Default::default();
         t.accumulate_with(&mut acc, &batch.samples, batch.global_tokens, mode)
             .unwrap();
-        let g: Vec<f64> = acc.grads().unwrap().iter().flat_map(|g| values(g)).collect();
+        let g: Vec<f64> = acc
+            .grads()
+            .unwrap()
+            .iter()
+            .flat_map(|g| values(g))
+            .collect();
         (acc.loss(), g)
     };
     let (l_plain, g_plain) = run(&exact, BehaviourLogprobs::Sample);
     let (l_same, g_same) = run(&exact, BehaviourLogprobs::Trainer);
     // The sampler's f32 log-probs round the f64 model's: weights of 1 ± 1e-7.
-    assert!(((l_same - l_plain) / l_plain).abs() < 1e-6, "{l_same} vs {l_plain}");
+    assert!(
+        ((l_same - l_plain) / l_plain).abs() < 1e-6,
+        "{l_same} vs {l_plain}"
+    );
     let off = g_same
         .iter()
         .zip(&g_plain)
@@ -269,8 +287,14 @@ fn trainer_behaviour_logprobs_weight_tokens_by_the_truncated_ratio() {
     // The mismatch is reported: every token off by 1.0, every weight truncated at C = 2.
     let mut tr = GrpoTrainer::new(p, settings(1e-3)).unwrap();
     let stats = tr.train_step(&shifted(1.0)).unwrap();
-    assert!((stats.logprob_mismatch_mean - 1.0).abs() < 1e-5, "{stats:?}");
+    assert!(
+        (stats.logprob_mismatch_mean - 1.0).abs() < 1e-5,
+        "{stats:?}"
+    );
     assert!((stats.logprob_mismatch_max - 1.0).abs() < 1e-5, "{stats:?}");
     assert_eq!(stats.is_truncated_fraction, 1.0);
-    assert_eq!(stats.clip_fraction, 0.0, "one update per batch: the ratio is 1");
+    assert_eq!(
+        stats.clip_fraction, 0.0,
+        "one update per batch: the ratio is 1"
+    );
 }

@@ -109,17 +109,10 @@ impl InProcessAllReduce {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Contribution>> {
-        self.shared
-            .slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.shared.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn scalars(
-        &self,
-        values: &mut [f64],
-        op: impl Fn(f64, f64) -> f64,
-    ) -> Result<(), GrpoError> {
+    fn scalars(&self, values: &mut [f64], op: impl Fn(f64, f64) -> f64) -> Result<(), GrpoError> {
         let folded = self.exchange(Contribution::Scalars(values.to_vec()), |slots| {
             let mut out: Option<Vec<f64>> = None;
             for (rank, c) in slots.iter().enumerate() {

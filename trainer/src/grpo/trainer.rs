@@ -21,8 +21,8 @@ use crate::engine::policy::Policy;
 use crate::policy::CandlePolicy;
 
 use super::objective::weighted_token_terms;
-use super::parallel::{AllReduce, SingleWorker};
 use super::optimizer::{AdamW, clip_factor, global_grad_norm};
+use super::parallel::{AllReduce, SingleWorker};
 use super::sample::Sample;
 use super::schedule::learning_rate;
 use super::{GrpoError, GrpoSettings};

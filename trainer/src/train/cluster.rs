@@ -20,8 +20,8 @@ use crate::engine::sandbox::{Lease, Sandbox, SandboxProvider};
 use crate::grpo::{GrpoSettings, GrpoTrainer};
 use crate::policy::CandlePolicy;
 
-use super::driver::{LoopState, RunDirs, TrainLoop, read_loop_state};
 use super::device::device;
+use super::driver::{LoopState, RunDirs, TrainLoop, read_loop_state};
 use super::local::model_dtype;
 use super::metrics::TrainerMetrics;
 use super::report::{

@@ -32,7 +32,10 @@ pub fn device(gpus: i32) -> Result<Device, DeviceError> {
 #[cfg(feature = "cuda")]
 fn cuda(gpus: i32) -> Result<Device, DeviceError> {
     if gpus > 1 {
-        tracing::warn!(gpus, "data parallelism is not wired into runs: training on GPU 0");
+        tracing::warn!(
+            gpus,
+            "data parallelism is not wired into runs: training on GPU 0"
+        );
     }
     Device::new_cuda(0).map_err(|e| DeviceError::NoCudaDevice {
         gpus,
@@ -62,7 +65,10 @@ mod tests {
     fn asking_for_a_gpu_without_one_fails_clearly() {
         for gpus in [1, 8] {
             let err = device(gpus).expect_err("no GPU here").to_string();
-            assert!(err.contains(&format!("spec.trainer.gpus is {gpus}")), "{err}");
+            assert!(
+                err.contains(&format!("spec.trainer.gpus is {gpus}")),
+                "{err}"
+            );
             assert!(err.contains("set spec.trainer.gpus to 0"), "{err}");
         }
     }
