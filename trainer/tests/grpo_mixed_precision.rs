@@ -245,7 +245,7 @@ fn trainer_behaviour_logprobs_weight_tokens_by_the_truncated_ratio() {
             .grads()
             .unwrap()
             .iter()
-            .flat_map(|g| values(g))
+            .flat_map(values)
             .collect();
         (acc.loss(), g)
     };
