@@ -407,6 +407,13 @@ pub struct TrainingSettings {
     #[schemars(range(min = 0.0, max = 10.0))]
     pub kl_coef: f64,
 
+    /// Cap C of the truncated importance weight min(exp(log π_trainer − log π_sampler), C)
+    /// that corrects each policy token's loss for the difference between the sampler's
+    /// log-prob and the trainer's (different kernels, stale weights). Defaults to 2.
+    #[serde(default = "default_is_cap")]
+    #[schemars(range(min = 1.0, max = 100.0))]
+    pub importance_sampling_cap: f64,
+
     /// Samples more than this many policy versions old are not trained on. Defaults to 8.
     #[serde(default = "default_staleness")]
     #[schemars(range(min = 0, max = 1000))]
@@ -461,6 +468,7 @@ impl Default for TrainingSettings {
             eps_high: default_eps_high(),
             dual_clip: None,
             kl_coef: 0.0,
+            importance_sampling_cap: default_is_cap(),
             max_staleness: default_staleness(),
             micro_batch_size: default_micro_batch(),
             truncation: TruncationPolicy::default(),
@@ -773,6 +781,9 @@ fn default_lr() -> f64 {
 }
 fn default_total_steps() -> i64 {
     1000
+}
+fn default_is_cap() -> f64 {
+    2.0
 }
 fn default_eps_low() -> f64 {
     0.2

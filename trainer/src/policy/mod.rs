@@ -73,15 +73,16 @@ impl From<ModelError> for PolicyError {
     }
 }
 
-/// The dtype the model computes in on `device`: candle's CPU matmul has no bf16/f16, so
-/// half-precision requests run in f32 there.
+/// The dtype a run's model computes in on `device`. On the CPU a half-precision request
+/// runs in f32: candle's CPU matmul has no bf16 kernel (it widens to f32 and narrows back)
+/// and the fused CPU ops are f32/f64 only, so bf16 there is slower and no smaller in compute.
+/// Code that wants bf16 compute on the CPU (the mixed-precision tests) builds the model with
+/// that dtype directly ([`Qwen2Model::random`], [`Qwen2Model::from_tensors`]). Either way the
+/// master weights stay in f32 ([`model::master_dtype`]).
 pub fn compute_dtype(requested: DType, device: &Device) -> DType {
     match requested {
         DType::BF16 | DType::F16 if device.is_cpu() => {
-            tracing::warn!(
-                ?requested,
-                "the CPU has no half-precision matmul in candle: computing in f32"
-            );
+            tracing::info!(?requested, "computing in f32 on the CPU");
             DType::F32
         }
         d => d,

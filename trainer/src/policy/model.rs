@@ -101,12 +101,28 @@ pub fn parameter_shapes(cfg: &Qwen2Config) -> Vec<(String, Vec<usize>)> {
     out
 }
 
+/// The dtype master weights (and so the optimiser's moments and accumulated gradients) are
+/// kept in: f32, or f64 when computing in f64. A bf16 weight cannot move by a step of 1e-6
+/// (its spacing near 0.02 is 1.2e-4), so half-precision models train f32 masters and compute
+/// with half-precision copies of them.
+pub fn master_dtype(compute: DType) -> DType {
+    if compute == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// A Qwen2 causal language model.
 pub struct Qwen2Model {
     cfg: Qwen2Config,
     dtype: DType,
     device: Device,
+    /// Master weights, in [`master_dtype`].
     params: Vec<(String, Var)>,
+    /// The weights the forward reads, in `dtype`: the masters themselves (same storage) when
+    /// `dtype` is the master dtype, else copies refreshed by [`Qwen2Model::refresh_compute`].
+    compute: Vec<Var>,
     train: Weights,
     infer: Weights,
     rope: Arc<RopeTables>,
@@ -151,7 +167,10 @@ impl Qwen2Model {
                     t.dims()
                 )));
             }
-            let t = t.to_device(device)?.to_dtype(dtype)?.contiguous()?;
+            let t = t
+                .to_device(device)?
+                .to_dtype(master_dtype(dtype))?
+                .contiguous()?;
             params.push((name, Var::from_tensor(&t)?));
         }
         if cfg.tie_word_embeddings {
@@ -163,7 +182,21 @@ impl Qwen2Model {
                 tensors.len()
             )));
         }
-        let by_name: HashMap<&str, &Var> = params.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let compute = params
+            .iter()
+            .map(|(_, p)| {
+                if p.dtype() == dtype {
+                    Ok(p.clone())
+                } else {
+                    Var::from_tensor(&p.as_tensor().to_dtype(dtype)?)
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let by_name: HashMap<&str, &Var> = params
+            .iter()
+            .zip(&compute)
+            .map(|((n, _), v)| (n.as_str(), v))
+            .collect();
         let train = Weights::build(&cfg, &|n| by_name[n].as_tensor().clone());
         let infer = Weights::build(&cfg, &|n| by_name[n].as_detached_tensor());
         let max_pos = cfg.max_position_embeddings;
@@ -179,6 +212,7 @@ impl Qwen2Model {
             dtype,
             device: device.clone(),
             params,
+            compute,
             train,
             infer,
             rope,
@@ -222,9 +256,27 @@ impl Qwen2Model {
         &self.device
     }
 
-    /// The trainable parameters with their transformers names.
+    /// The trainable parameters (the master weights) with their transformers names.
     pub fn parameters(&self) -> &[(String, Var)] {
         &self.params
+    }
+
+    /// The weights the forward reads, in the order of [`Qwen2Model::parameters`]: gradients
+    /// of a training forward are taken with respect to these.
+    pub fn compute_parameters(&self) -> &[Var] {
+        &self.compute
+    }
+
+    /// Copies the master weights into the compute copies (after an update; a no-op when the
+    /// model computes in the master dtype). Callers hold the policy's weights write lock, so
+    /// a generation never reads a half-refreshed model.
+    pub fn refresh_compute(&self) -> Result<(), ModelError> {
+        for ((_, master), copy) in self.params.iter().zip(&self.compute) {
+            if master.dtype() != copy.dtype() {
+                copy.set(&master.as_tensor().to_dtype(copy.dtype())?)?;
+            }
+        }
+        Ok(())
     }
 
     /// Chooses fused CPU kernels (`Auto`, the default) or composite ops.

@@ -327,6 +327,12 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
         if let Some(s) = stats {
             m.loss.set(s.loss);
             m.policy_entropy.set(s.entropy);
+            m.logprob_mismatch
+                .with_label_values(&["mean"])
+                .set(s.logprob_mismatch_mean);
+            m.logprob_mismatch
+                .with_label_values(&["max"])
+                .set(s.logprob_mismatch_max);
             m.dropped_groups
                 .inc_by(s.dropped_zero_advantage_groups as u64);
             m.stale_samples.inc_by(s.stale_samples as u64);

@@ -15,6 +15,7 @@ pub struct TrainerMetrics {
     pub loss: Gauge,
     pub nonfinite: IntCounter,
     pub policy_entropy: Gauge,
+    pub logprob_mismatch: GaugeVec,
     pub mean_reward: GaugeVec,
     pub solve_rate: Gauge,
     pub injector_validity_rate: Gauge,
@@ -58,6 +59,13 @@ impl TrainerMetrics {
                 "selfplay_trainer_policy_entropy",
                 "Mean per-token entropy of the sampled policy tokens, last step",
             ))?,
+            logprob_mismatch: GaugeVec::new(
+                opts(
+                    "selfplay_trainer_logprob_mismatch",
+                    "|log-prob of the trainer's forward - the sampler's| over the trained tokens of the last update (stat: mean, max)",
+                ),
+                &["stat"],
+            )?,
             mean_reward: GaugeVec::new(
                 opts(
                     "selfplay_trainer_mean_reward",
@@ -150,6 +158,7 @@ impl TrainerMetrics {
             Box::new(self.loss.clone()),
             Box::new(self.nonfinite.clone()),
             Box::new(self.policy_entropy.clone()),
+            Box::new(self.logprob_mismatch.clone()),
             Box::new(self.mean_reward.clone()),
             Box::new(self.solve_rate.clone()),
             Box::new(self.injector_validity_rate.clone()),
@@ -223,7 +232,7 @@ mod tests {
     #[test]
     fn names_match_the_contract() {
         let names = metric_names();
-        assert_eq!(names.len(), 18);
+        assert_eq!(names.len(), 19);
         assert!(names.iter().all(|n| n.starts_with("selfplay_trainer_")));
         let doc = include_str!("../../../docs/metrics.md");
         for n in &names {

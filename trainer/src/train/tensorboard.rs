@@ -270,6 +270,9 @@ pub fn step_scalars(s: &StepSummary) -> Vec<(&'static str, f64)> {
                 ("train/clip_fraction", st.clip_fraction),
                 ("train/ratio_mean", st.ratio_mean),
                 ("train/kl", st.kl),
+                ("train/logprob_mismatch_mean", st.logprob_mismatch_mean),
+                ("train/logprob_mismatch_max", st.logprob_mismatch_max),
+                ("train/is_truncated_fraction", st.is_truncated_fraction),
                 ("train/staleness_mean", st.staleness_mean),
             ]);
         }
