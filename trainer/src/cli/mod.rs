@@ -1,7 +1,9 @@
 //! The `trainer` subcommands; each lives in its own module.
 
 pub mod cluster;
+pub mod eval;
 pub mod evaluate;
+pub mod export;
 pub mod local;
 pub mod sandbox;
 pub mod score;
