@@ -140,8 +140,8 @@ fn place(
     let pool = run.pools.first_mut().context("the run names no pool")?;
     pool.environments.clear();
     if let Some(repo) = &args.repo {
-        let abs = std::path::absolute(repo)
-            .with_context(|| format!("resolving {}", repo.display()))?;
+        let abs =
+            std::path::absolute(repo).with_context(|| format!("resolving {}", repo.display()))?;
         if !abs.exists() {
             bail!("--repo {}: no such directory or bundle", repo.display());
         }
@@ -186,7 +186,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     }
     let attempts = args.attempts.unwrap_or(args.k);
     if attempts < args.k {
-        bail!("--attempts {attempts} is fewer than --k {}: pass@k needs k attempts", args.k);
+        bail!(
+            "--attempts {attempts} is fewer than --k {}: pass@k needs k attempts",
+            args.k
+        );
     }
     let tasks_text = read_text(&args.tasks)?;
     let instances = load_instances(&args.tasks)?;
@@ -198,11 +201,20 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let ids: Vec<String> = instances.iter().map(|i| i.instance_id.clone()).collect();
     let has_image = instances.iter().any(|i| i.image_name.is_some());
     let pools = place(&mut run, &args, &tasks_text, &ids, has_image)?;
+    // Images are at their instance's commit already (SWE-bench's layout), and may have no
+    // history to check it out from.
+    let in_images = run.pools.first().is_some_and(|p| p.repo_dir.is_none());
     let tasks = instances
         .iter()
         .zip(pools)
-        .map(|(inst, pool)| EvalTask::from_instance(inst, &harness, pool))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|(inst, pool)| {
+            let mut t = EvalTask::from_instance(inst, &harness, pool)?;
+            if in_images {
+                t.base_commit = None;
+            }
+            Ok(t)
+        })
+        .collect::<Result<Vec<_>, crate::eval::InstanceError>>()?;
 
     let device = device();
     let policy = match &args.model {
@@ -284,7 +296,14 @@ fn print_report(r: &EvalReport, json: bool) -> anyhow::Result<()> {
         writeln!(out, "{}", serde_json::to_string_pretty(r)?)?;
         return Ok(());
     }
-    writeln!(out, "{:<40} {:>8} {:>8} {:>9}", "instance", "solved", "graded", format!("pass@{}", r.k))?;
+    writeln!(
+        out,
+        "{:<40} {:>8} {:>8} {:>9}",
+        "instance",
+        "solved",
+        "graded",
+        format!("pass@{}", r.k)
+    )?;
     for t in &r.tasks {
         writeln!(
             out,

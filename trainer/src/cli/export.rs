@@ -43,8 +43,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
     };
     let export = export_run(&args.run, &name, &PromptSet::default())?;
     let text = to_jsonl(&export.instances)?;
-    std::fs::write(&args.out, text)
-        .with_context(|| format!("writing {}", args.out.display()))?;
+    std::fs::write(&args.out, text).with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(
         "{} instance(s) from {} valid bug(s) ({} duplicate(s)) → {}",
         export.instances.len(),

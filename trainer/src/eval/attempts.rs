@@ -95,7 +95,10 @@ impl<P: SandboxProvider + ?Sized> SandboxProvider for AtCommit<'_, P> {
                 return Ok(sandbox);
             };
             // A commit id is passed as one quoted word; anything else is refused up front.
-            if !commit.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' || c == '/') {
+            if !commit
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' || c == '/')
+            {
                 let _ = sandbox.release().await;
                 return Err(InfraError::new(
                     InfraKind::Setup,

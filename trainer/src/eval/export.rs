@@ -99,7 +99,10 @@ fn step_dirs(run: &Path) -> Result<Vec<(u64, PathBuf)>, ExportError> {
     for e in std::fs::read_dir(&episodes).map_err(io(&episodes))? {
         let e = e.map_err(io(&episodes))?;
         let name = e.file_name().to_string_lossy().to_string();
-        if let Some(n) = name.strip_prefix("step-").and_then(|n| n.parse::<u64>().ok()) {
+        if let Some(n) = name
+            .strip_prefix("step-")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
             out.push((n, e.path()));
         }
     }

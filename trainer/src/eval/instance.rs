@@ -122,8 +122,7 @@ pub fn load_instances(path: &Path) -> Result<Vec<Instance>, InstanceError> {
 
 /// Parses a task file's text (see [`load_instances`]).
 pub fn parse_instances(text: &str) -> Result<Vec<Instance>, InstanceError> {
-    let entries: Vec<(usize, Result<Instance, String>)> = if text.trim_start().starts_with('[')
-    {
+    let entries: Vec<(usize, Result<Instance, String>)> = if text.trim_start().starts_with('[') {
         let values: Vec<serde_json::Value> =
             serde_json::from_str(text).map_err(|e| InstanceError::Entry {
                 entry: 0,
@@ -216,8 +215,9 @@ impl EvalTask {
         test_files.extend(extra.test_files.iter().cloned());
         let bug_inject_diff = match extra.bug_patch.as_deref() {
             Some(b) if !b.trim().is_empty() => {
-                touched_paths(b)
-                    .map_err(|e| invalid(format!("selfplay.bug_patch is not a unified diff: {e}")))?;
+                touched_paths(b).map_err(|e| {
+                    invalid(format!("selfplay.bug_patch is not a unified diff: {e}"))
+                })?;
                 b.to_string()
             }
             _ => inst.test_patch.clone(),
@@ -270,7 +270,8 @@ impl EvalTask {
 mod tests {
     use super::*;
 
-    const TEST_PATCH: &str = "--- a/tests/test_x.py\n+++ b/tests/test_x.py\n@@ -1,1 +1,2 @@\n a = 1\n+b = 2\n";
+    const TEST_PATCH: &str =
+        "--- a/tests/test_x.py\n+++ b/tests/test_x.py\n@@ -1,1 +1,2 @@\n a = 1\n+b = 2\n";
 
     fn instance(extra: &str) -> String {
         format!(
@@ -284,7 +285,11 @@ mod tests {
 
     #[test]
     fn swe_bench_lines_load_and_write_back_unchanged() {
-        let text = format!("{}\n\n{}\n", instance(""), instance("").replace("r-1", "r-2"));
+        let text = format!(
+            "{}\n\n{}\n",
+            instance(""),
+            instance("").replace("r-1", "r-2")
+        );
         let insts = parse_instances(&text).unwrap();
         assert_eq!(insts.len(), 2);
         assert_eq!(insts[0].fail_to_pass, vec!["t1"]);
@@ -343,10 +348,7 @@ mod tests {
             parse_instances(&dup),
             Err(InstanceError::Duplicate(_))
         ));
-        let no_tests = instance("").replace(
-            &serde_json::to_string(TEST_PATCH).unwrap(),
-            "\"\"",
-        );
+        let no_tests = instance("").replace(&serde_json::to_string(TEST_PATCH).unwrap(), "\"\"");
         let inst = &parse_instances(&no_tests).unwrap()[0];
         let e = EvalTask::from_instance(inst, &TestHarness::default(), "p").unwrap_err();
         assert!(e.to_string().contains("test_patch is empty"), "{e}");

@@ -11,7 +11,9 @@ pub fn pass_at_k(n: usize, c: usize, k: usize) -> Option<f64> {
         return Some(1.0);
     }
     // C(n−c, k) / C(n, k) = ∏_{i = n−c+1}^{n} (1 − k / i)
-    let miss: f64 = ((n - c + 1)..=n).map(|i| 1.0 - k as f64 / i as f64).product();
+    let miss: f64 = ((n - c + 1)..=n)
+        .map(|i| 1.0 - k as f64 / i as f64)
+        .product();
     Some(1.0 - miss)
 }
 
@@ -34,7 +36,10 @@ mod tests {
                     let direct =
                         1.0 - binomial((n - c) as u64, k as u64) / binomial(n as u64, k as u64);
                     let got = pass_at_k(n, c, k).unwrap();
-                    assert!((got - direct).abs() < 1e-12, "n {n} c {c} k {k}: {got} vs {direct}");
+                    assert!(
+                        (got - direct).abs() < 1e-12,
+                        "n {n} c {c} k {k}: {got} vs {direct}"
+                    );
                 }
             }
         }
