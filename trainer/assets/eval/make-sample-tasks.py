@@ -109,6 +109,10 @@ MUTATIONS = [
 ]
 
 
+# `git diff -R` swaps the prefixes it prints; these give the usual a/ (old) and b/ (new).
+REVERSED = ("-R", "--src-prefix=b/", "--dst-prefix=a/")
+
+
 def git(*args, cwd, input=None):
     r = subprocess.run(["git", *args], cwd=cwd, input=input, capture_output=True, text=True)
     if r.returncode != 0:
@@ -175,7 +179,7 @@ def generate(work):
             sys.exit(f"{ident}: {old!r} occurs {src.count(old)} times in {path}")
         open(full, "w").write(src.replace(old, new))
         bug = git("diff", cwd=repo)
-        gold = git("diff", "-R", cwd=repo)
+        gold = git("diff", *REVERSED, cwd=repo)
         buggy = run_tests(repo)
         failing = sorted(t for t in passing if buggy.get(t) != "passed")
         if not failing:
@@ -186,7 +190,7 @@ def generate(work):
         if still or any(t in weakened for t in failing):
             sys.exit(f"{ident}: the weakened suite does not hide the bug ({still})")
         test_files = sorted({t.rsplit(".", 2)[0].replace(".", "/") + ".py" for t in failing})
-        test_patch = git("diff", "-R", "--", *test_files, cwd=repo)
+        test_patch = git("diff", *REVERSED, "--", *test_files, cwd=repo)
         git("reset", "-q", "--hard", cwd=repo)
         out.append({
             "instance_id": f"tinytext__{ident}",
