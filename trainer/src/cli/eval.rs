@@ -67,8 +67,9 @@ pub struct EvalArgs {
     /// used (default: the built-in run, as `trainer local`).
     #[arg(long)]
     pub run: Option<PathBuf>,
-    /// Attempts in flight at once.
-    #[arg(long, default_value_t = 1)]
+    /// Attempts in flight at once (the samples do not depend on it: each attempt has its
+    /// own seeded generator).
+    #[arg(long, default_value_t = 2)]
     pub concurrency: usize,
     /// Run sandboxes without bubblewrap even where it is available.
     #[arg(long)]
