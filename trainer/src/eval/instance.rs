@@ -67,8 +67,8 @@ pub struct SelfplayFields {
     pub other: BTreeMap<String, serde_json::Value>,
 }
 
-/// One task instance, as SWE-bench writes it (unknown fields are kept, so a file loads and
-/// writes back unchanged).
+/// One task instance, as SWE-bench writes it (unknown fields are kept, so an exported file
+/// loads and writes back unchanged).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Instance {
     pub instance_id: String,
