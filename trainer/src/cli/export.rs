@@ -48,7 +48,9 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
         "{} instance(s) from {} valid bug(s) ({} duplicate(s)) → {}",
         export.instances.len(),
         export.valid_bugs,
-        export.valid_bugs - export.without_validation - export.instances.len(),
+        export
+            .valid_bugs
+            .saturating_sub(export.without_validation + export.instances.len()),
         args.out.display()
     );
     if export.without_validation > 0 {

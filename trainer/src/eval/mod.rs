@@ -224,7 +224,7 @@ async fn attempt<P: SandboxProvider + ?Sized>(
     for _ in 0..MAX_EPISODE_ATTEMPTS {
         // The same seed on a retry: a masked try must not change what the attempt samples.
         let policy = policies.for_attempt(seed);
-        let r = match play_attempt(policy.clone(), &at_commit, task, prompt, &opts.engine).await {
+        let r = match play_attempt(policy, &at_commit, task, prompt, &opts.engine).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(instance = %task.id, error = %e, "no sandbox for the attempt; retrying");
