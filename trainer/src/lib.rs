@@ -6,4 +6,5 @@ pub mod engine;
 pub mod eval;
 pub mod grpo;
 pub mod policy;
+pub mod sft;
 pub mod train;

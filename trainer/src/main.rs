@@ -34,9 +34,15 @@ enum Command {
     Export(cli::export::ExportArgs),
     /// Print the log-prob of each token given its prefix.
     Score(cli::score::ScoreArgs),
+    /// Fine-tune a model on trajectories (chat JSONL or a run's solved episodes), loss on the
+    /// policy's tokens only; writes a model directory the other commands load.
+    Sft(cli::sft::SftArgs),
     /// Open a sandbox of a pool exactly as an episode would and run a command in it (without
     /// one, an interactive shell).
     Sandbox(cli::sandbox::SandboxArgs),
+    /// Benchmarks that print tables (or JSON lines).
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Run the sandbox sidecar (the same command line as `sandbox-sidecar`): the trainer
     /// serves its local sandboxes itself, so no second binary is needed.
     #[command(disable_help_flag = true)]
@@ -44,6 +50,13 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Aggregate sampling throughput of N concurrent multi-turn episodes, and the prefill
+    /// tokens per episode with and without sessions.
+    Rollout(cli::bench_rollout::RolloutArgs),
 }
 
 fn main() -> ExitCode {
@@ -84,7 +97,9 @@ fn main() -> ExitCode {
         Command::Eval(a) => cli::eval::run(a),
         Command::Export(a) => cli::export::run(a),
         Command::Score(a) => cli::score::run(a),
+        Command::Sft(a) => cli::sft::run(a),
         Command::Sandbox(a) => cli::sandbox::run(a),
+        Command::Bench(BenchCommand::Rollout(a)) => cli::bench_rollout::run(a),
         // Handled before parsing, above.
         Command::Sidecar { .. } => Ok(ExitCode::FAILURE),
     };

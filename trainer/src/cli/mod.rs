@@ -1,5 +1,6 @@
 //! The `trainer` subcommands; each lives in its own module.
 
+pub mod bench_rollout;
 pub mod cluster;
 pub mod eval;
 pub mod evaluate;
@@ -7,4 +8,5 @@ pub mod export;
 pub mod local;
 pub mod sandbox;
 pub mod score;
+pub mod sft;
 pub mod validate;

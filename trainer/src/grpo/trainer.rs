@@ -82,6 +82,40 @@ impl Accumulator {
     pub fn grads(&self) -> Option<&[Tensor]> {
         self.grads.as_deref()
     }
+
+    /// Adds a micro-batch whose loss is not the GRPO objective (supervised fine-tuning's
+    /// negative log-likelihood), so that [`GrpoTrainer::apply`] checks, clips and applies it
+    /// exactly as it does GRPO's: `loss` is the micro-batch's share of the batch loss,
+    /// `entropy_sum` the summed entropy over its `tokens`, `grads` the gradient of `loss` in
+    /// the order of the model's parameters.
+    pub fn add_external(
+        &mut self,
+        loss: f64,
+        tokens: usize,
+        entropy_sum: f64,
+        grads: Vec<Tensor>,
+    ) -> Result<(), GrpoError> {
+        self.loss += loss;
+        self.tokens += tokens;
+        self.entropy += entropy_sum;
+        self.grads = Some(match self.grads.take() {
+            None => grads,
+            Some(sum) => {
+                if sum.len() != grads.len() {
+                    return Err(GrpoError::Input(format!(
+                        "{} gradients added to {} accumulated ones",
+                        grads.len(),
+                        sum.len()
+                    )));
+                }
+                sum.iter()
+                    .zip(&grads)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<_>>()?
+            }
+        });
+        Ok(())
+    }
 }
 
 /// The learner: owns the optimiser state and updates the shared policy in place.

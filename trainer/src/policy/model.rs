@@ -289,6 +289,119 @@ impl Qwen2Model {
         Ok(ops::rms_norm(&x, &w.norm, cfg.rms_norm_eps, self.ops)?)
     }
 
+    /// Final hidden state `(1, d)` of the last of `ids` appended to a conversation whose
+    /// keys and values are in `cache` (batch 1): a prefill that continues where the cache
+    /// ends, so a turn's new tokens are the only ones computed.
+    pub(crate) fn hidden_extend(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
+        let t = ids.len();
+        let offset = cache.len();
+        self.check_extend(ids, offset + t)?;
+        cache.reserve(t)?;
+        let ids_t = Tensor::from_vec(ids.to_vec(), (1, t), &self.device)?;
+        let input = BatchInput {
+            ids: &ids_t,
+            positions: Arc::new((offset..offset + t).map(|p| p as u32).collect()),
+            mask: AttentionMask {
+                tq: t,
+                offset,
+                key_start: Arc::new(vec![0]),
+            },
+        };
+        let h = self.hidden(&input, Some(cache), false)?;
+        Ok(h.narrow(0, t - 1, 1)?)
+    }
+
+    /// Final hidden states `(n, d)` of one new token for each of `n` conversations, each with
+    /// its own cache (batch 1, any length): projections and MLP run on the `n` rows at once,
+    /// attention on each row against its own cache. This is what lets conversations of
+    /// different lengths, started at different times, decode in one batch.
+    pub(crate) fn hidden_decode(
+        &self,
+        ids: &[u32],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor, ModelError> {
+        let n = ids.len();
+        if n == 0 || caches.len() != n {
+            return Err(ModelError::Input(format!(
+                "{n} tokens for {} caches",
+                caches.len()
+            )));
+        }
+        for (id, c) in ids.iter().zip(caches.iter_mut()) {
+            self.check_extend(std::slice::from_ref(id), c.len() + 1)?;
+            c.reserve(1)?;
+        }
+        let w = self.weights(false);
+        let cfg = &self.cfg;
+        let (kvh, hd) = (cfg.num_key_value_heads, cfg.head_dim);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let positions = Arc::new(caches.iter().map(|c| c.len() as u32).collect::<Vec<_>>());
+        let ids_t = Tensor::from_vec(ids.to_vec(), n, &self.device)?;
+        let mut x = w.embed.index_select(&ids_t, 0)?; // (n, d)
+        for (li, l) in w.layers.iter().enumerate() {
+            let hn = ops::rms_norm(&x, &l.in_norm, cfg.rms_norm_eps, self.ops)?;
+            let q = linear(&hn, &l.q_w, Some(&l.q_b), self.ops)?;
+            let k = linear(&hn, &l.k_w, Some(&l.k_b), self.ops)?;
+            let v = linear(&hn, &l.v_w, Some(&l.v_b), self.ops)?;
+            let q = ops::rope_to_heads(&q, n, &self.rope, &positions, self.ops)?; // (n, h, 1, hd)
+            let k = ops::rope_to_heads(&k, n, &self.rope, &positions, self.ops)?; // (n, kvh, 1, hd)
+            let v = v.reshape((n, 1, kvh, hd))?.transpose(1, 2)?.contiguous()?;
+            let mut rows = Vec::with_capacity(n);
+            for (i, c) in caches.iter_mut().enumerate() {
+                let offset = c.len();
+                let (ck, cv) = c.append(li, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
+                let mask = AttentionMask {
+                    tq: 1,
+                    offset,
+                    key_start: Arc::new(vec![0]),
+                };
+                rows.push(ops::attention_heads(
+                    &q.narrow(0, i, 1)?,
+                    &ck,
+                    &cv,
+                    scale,
+                    &mask,
+                    self.ops,
+                )?);
+            }
+            let o = Tensor::cat(&rows, 0)?; // (n, h·hd)
+            x = residual(&x, &o, &l.o_w, self.ops)?;
+            let hn = ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps, self.ops)?;
+            let a = ops::swiglu(
+                &linear(&hn, &l.gate_w, None, self.ops)?,
+                &linear(&hn, &l.up_w, None, self.ops)?,
+                self.ops,
+            )?;
+            x = residual(&x, &a, &l.down_w, self.ops)?;
+        }
+        for c in caches.iter_mut() {
+            c.advance(1);
+        }
+        Ok(ops::rms_norm(&x, &w.norm, cfg.rms_norm_eps, self.ops)?)
+    }
+
+    /// Refuses ids outside the vocabulary and conversations past the model's positions.
+    fn check_extend(&self, ids: &[u32], total: usize) -> Result<(), ModelError> {
+        let vocab = self.cfg.vocab_size as u32;
+        if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        if ids.is_empty() || total > self.rope.max_positions() {
+            return Err(ModelError::Input(format!(
+                "a conversation of {total} tokens (adding {}) does not fit the model's {} positions",
+                ids.len(),
+                self.rope.max_positions()
+            )));
+        }
+        Ok(())
+    }
+
     /// The LM head's weight `(vocab, d)`: `lm_head`, or the embedding when tied.
     pub(crate) fn head_weight(&self, grad: bool) -> &Tensor {
         let w = self.weights(grad);

@@ -315,7 +315,7 @@ fn resume(
     // A checkpoint written by this loop carries its loop state; one from elsewhere starts at its step.
     let state = read_loop_state(dir).unwrap_or_else(|_| LoopState {
         step: grpo.step(),
-        pending: Vec::new(),
+        ..LoopState::default()
     });
     tracing::info!(checkpoint = %dir.display(), step = state.step, "resuming");
     Ok((grpo, state))

@@ -142,7 +142,14 @@ pub fn local_provider(
 ) -> Result<MachineProvider, LocalError> {
     let mut repos = std::collections::BTreeMap::new();
     let mut images = std::collections::BTreeMap::new();
-    for p in &run.pools {
+    // The evaluation's pool too, which need not be trained on.
+    let mut all: Vec<&crate::train::config::LocalPool> = run.pools.iter().collect();
+    if let Some(e) = &run.evaluation
+        && !all.iter().any(|p| p.name == e.pool.name)
+    {
+        all.push(&e.pool);
+    }
+    for p in &all {
         match &p.repo_dir {
             Some(dir) => {
                 repos.insert(
@@ -167,8 +174,7 @@ pub fn local_provider(
         None
     } else {
         Some(LocalProvider::new(LocalProviderConfig {
-            pool_settings: run
-                .pools
+            pool_settings: all
                 .iter()
                 .filter(|p| repos.contains_key(&p.name))
                 .map(|p| (p.name.clone(), p.sandbox_settings()))

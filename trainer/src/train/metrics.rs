@@ -18,6 +18,7 @@ pub struct TrainerMetrics {
     pub mean_reward: GaugeVec,
     pub solve_rate: Gauge,
     pub injector_validity_rate: Gauge,
+    pub heldout_solve_rate: Gauge,
     pub validation_failures: IntCounterVec,
     pub episodes: IntCounterVec,
     pub sandbox_errors: IntCounterVec,
@@ -71,6 +72,10 @@ impl TrainerMetrics {
             injector_validity_rate: Gauge::with_opts(opts(
                 "selfplay_trainer_injector_validity_rate",
                 "Injector artifacts passing consistency validation, last step",
+            ))?,
+            heldout_solve_rate: Gauge::with_opts(opts(
+                "selfplay_trainer_heldout_solve_rate",
+                "Solve rate on the held-out task set (spec.evaluation), latest evaluation",
             ))?,
             validation_failures: IntCounterVec::new(
                 opts(
@@ -148,6 +153,7 @@ impl TrainerMetrics {
             Box::new(self.mean_reward.clone()),
             Box::new(self.solve_rate.clone()),
             Box::new(self.injector_validity_rate.clone()),
+            Box::new(self.heldout_solve_rate.clone()),
             Box::new(self.validation_failures.clone()),
             Box::new(self.episodes.clone()),
             Box::new(self.sandbox_errors.clone()),
