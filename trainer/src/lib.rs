@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod engine;
+pub mod eval;
 pub mod grpo;
 pub mod policy;
 pub mod sft;

@@ -27,6 +27,11 @@ enum Command {
     Validate(cli::validate::ValidateArgs),
     /// Grade a solver patch against a bug's artifacts.
     Evaluate(cli::evaluate::EvaluateArgs),
+    /// Evaluate a model as a solver on a task set (SWE-bench's instance format): solve rate
+    /// and pass@k, graded as training grades.
+    Eval(cli::eval::EvalArgs),
+    /// Write a run's valid bugs as a task set (SWE-bench's instance format).
+    Export(cli::export::ExportArgs),
     /// Print the log-prob of each token given its prefix.
     Score(cli::score::ScoreArgs),
     /// Fine-tune a model on trajectories (chat JSONL or a run's solved episodes), loss on the
@@ -89,6 +94,8 @@ fn main() -> ExitCode {
         Command::Cluster(a) => cli::cluster::run(a),
         Command::Validate(a) => cli::validate::run(a),
         Command::Evaluate(a) => cli::evaluate::run(a),
+        Command::Eval(a) => cli::eval::run(a),
+        Command::Export(a) => cli::export::run(a),
         Command::Score(a) => cli::score::run(a),
         Command::Sft(a) => cli::sft::run(a),
         Command::Sandbox(a) => cli::sandbox::run(a),

@@ -2,7 +2,9 @@
 
 pub mod bench_rollout;
 pub mod cluster;
+pub mod eval;
 pub mod evaluate;
+pub mod export;
 pub mod local;
 pub mod sandbox;
 pub mod score;

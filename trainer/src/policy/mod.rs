@@ -290,6 +290,31 @@ impl CandlePolicy {
     }
 }
 
+impl CandlePolicy {
+    /// Generates as [`Policy::generate`] does, drawing from `rng` instead of the policy's own
+    /// generator: evaluation gives each attempt its own seeded stream, so its samples do not
+    /// depend on which attempts ran before it or beside it.
+    pub fn generate_with_rng(
+        &self,
+        contexts: &[Vec<u32>],
+        params: &SamplingParams,
+        rng: &mut Rng,
+    ) -> Result<Vec<Generation>, PolicyError> {
+        // Locks on the caller's thread, never on a rayon worker (see `generate`).
+        let _guard = self.weights_lock.read().unwrap_or_else(|p| p.into_inner());
+        rayon::scope(|_| {
+            sampling::generate(
+                &self.model,
+                self.codec.as_ref(),
+                &self.eos,
+                contexts,
+                params,
+                rng,
+            )
+        })
+    }
+}
+
 /// Loads the model of a Hugging Face directory (`config.json` and safetensors, sharded or
 /// not) without its tokenizer.
 pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Qwen2Model, ModelError> {

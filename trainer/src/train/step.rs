@@ -73,6 +73,21 @@ pub struct InjectorDetail {
     pub failed_check: Option<String>,
     pub artifacts: serde_json::Value,
     pub solve_rate: Option<f64>,
+    /// Graded solver attempts behind `solve_rate`.
+    pub solver_attempts: usize,
+    /// What validation measured, for a bug that was validated (`trainer export` makes its
+    /// FAIL_TO_PASS and PASS_TO_PASS of it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation: Option<ValidationSummary>,
+}
+
+/// The test sets validation found for a bug.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct ValidationSummary {
+    /// Passed on the original code in both runs: the grading set.
+    pub original_passing: Vec<String>,
+    /// Of those, the tests that fail with the bug.
+    pub bug_failing: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -549,6 +564,11 @@ pub async fn rollout<P: SandboxProvider + ?Sized>(
                 failed_check: result.failed_check.map(str::to_string),
                 artifacts: serde_json::to_value(&result.artifacts).unwrap_or_default(),
                 solve_rate: (attempts > 0).then(|| solved as f64 / attempts as f64),
+                solver_attempts: attempts,
+                validation: result.validation.as_ref().map(|v| ValidationSummary {
+                    original_passing: v.original_passing.iter().cloned().collect(),
+                    bug_failing: v.bug_failing.iter().cloned().collect(),
+                }),
             }),
             solver: None,
             transcript: transcript(policy.as_ref(), traj),
