@@ -17,7 +17,8 @@ use crate::eval::{
 };
 use crate::policy::CandlePolicy;
 use crate::train::config::{self, LocalRun};
-use crate::train::local::{device, engine_settings, local_provider, model_dtype};
+use crate::train::device::device;
+use crate::train::local::{engine_settings, local_provider, model_dtype};
 
 /// Arguments of `trainer eval`.
 #[derive(clap::Args, Debug)]
@@ -217,7 +218,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         })
         .collect::<Result<Vec<_>, crate::eval::InstanceError>>()?;
 
-    let device = device();
+    // The run's `trainer.gpus`: a CUDA request fails here rather than evaluating on the CPU.
+    let device = device(run.run.spec.trainer.gpus)?;
     let policy = match &args.model {
         Some(dir) => CandlePolicy::load(
             dir,

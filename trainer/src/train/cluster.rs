@@ -22,6 +22,7 @@ use crate::policy::CandlePolicy;
 
 use super::device::device;
 use super::driver::{LoopState, RunDirs, TrainLoop, read_loop_state};
+use super::heldout::{EvalPool, HeldOutPlan};
 use super::local::model_dtype;
 use super::metrics::TrainerMetrics;
 use super::report::{
@@ -270,6 +271,42 @@ pub async fn run_cluster(opts: ClusterOptions, broker: BrokerClient) -> anyhow::
     let mut keys: Vec<String> = pools.iter().map(|p| p.0.clone()).collect();
     keys.sort();
     keys.dedup();
+    // The held-out set, mounted from its ConfigMap by the operator; its pool's environments,
+    // like the training pools', are the broker's to know.
+    let heldout = match &spec.evaluation {
+        None => None,
+        Some(e) => {
+            let file = std::path::Path::new(selfplay_crds::run::EVALUATION_TASKS_FILE);
+            let instances = crate::eval::load_instances(file)
+                .map_err(|err| anyhow::anyhow!("spec.evaluation.tasks: {err}"))?;
+            let envs = broker.list_environments(&e.pool).await.map_err(|err| {
+                anyhow::anyhow!(
+                    "listing the environments of evaluation pool {}: {err}",
+                    e.pool
+                )
+            })?;
+            let pool = if envs.is_empty() {
+                EvalPool::Repository {
+                    name: &e.pool,
+                    history: false,
+                }
+            } else {
+                EvalPool::Environments { name: &e.pool }
+            };
+            let plan = HeldOutPlan::new(e, &instances, pool, engine.clone(), spec.training.seed)
+                .map_err(|err| anyhow::anyhow!("spec.evaluation.tasks: {err}"))?;
+            tracing::info!(
+                pool = %e.pool,
+                tasks = plan.tasks.len(),
+                every_steps = plan.every_steps,
+                "held-out evaluation"
+            );
+            keys.extend(plan.tasks.iter().map(|t| t.pool.clone()));
+            keys.sort();
+            keys.dedup();
+            Some(Arc::new(plan))
+        }
+    };
     let provider = Arc::new(BrokerProvider {
         broker: broker.clone(),
         pools: keys,
@@ -291,6 +328,7 @@ pub async fn run_cluster(opts: ClusterOptions, broker: BrokerClient) -> anyhow::
         grpo,
         state,
     );
+    lp.heldout = heldout;
     tracing::info!(run = %name, from = lp.step(), to = total, version = lp.grpo().map(|g| g.policy().version()).unwrap_or(0), "training");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     while lp.step() < total {

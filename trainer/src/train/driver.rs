@@ -159,6 +159,8 @@ pub struct TrainLoop<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink>
     /// episodes of such a pool are spread over them, as `POOL/ENVIRONMENT` sandbox keys.
     pub environments: BTreeMap<String, Vec<String>>,
     pub view: PolicyView,
+    /// The held-out evaluation of `spec.evaluation`, when the run names one.
+    pub heldout: Option<Arc<super::heldout::HeldOutPlan>>,
     grpo: Option<GrpoTrainer>,
     state: LoopState,
     nonfinite_in_a_row: u32,
@@ -192,6 +194,7 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
             pools,
             environments: BTreeMap::new(),
             view,
+            heldout: None,
             grpo: Some(grpo),
             state,
             nonfinite_in_a_row: 0,
@@ -218,6 +221,10 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
     ) -> Result<StepSummary, LoopError> {
         let started = Instant::now();
         let step = self.state.step + 1;
+        // The baseline: the policy before its first update, once per run.
+        if self.state.step == 0 && self.state.heldout.is_none() {
+            self.evaluate_heldout(0).await;
+        }
         let grpo = self.grpo.take().ok_or(LoopError::Join)?;
         let policy = (self.view)(grpo.policy().clone());
         let mut pending: VecDeque<(String, BugTask)> =
@@ -266,6 +273,11 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
         };
         self.state.step = step;
 
+        let last = step >= self.spec.training.total_steps.max(1) as u64;
+        if self.heldout.as_ref().is_some_and(|p| p.due(step, last)) {
+            self.evaluate_heldout(step).await;
+        }
+
         let snapshot = self.snapshot(&rollouts, stats.as_ref());
         self.update_metrics(&rollouts, stats.as_ref(), started.elapsed().as_secs_f64());
         self.write_records(step, &rollouts)?;
@@ -273,7 +285,6 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
 
         // 7. Checkpoints every `everySteps` and after the last step.
         let every = self.spec.checkpoint.every_steps.max(1) as u64;
-        let last = step >= self.spec.training.total_steps.max(1) as u64;
         let checkpoint = if nonfinite.is_none() && (step.is_multiple_of(every) || last) {
             Some(self.checkpoint(&snapshot).await?)
         } else {
@@ -289,6 +300,38 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
             nonfinite,
             checkpoint,
         })
+    }
+
+    /// Evaluates the current policy on the held-out set, if the run names one. A failed
+    /// evaluation is logged and leaves the previous result in place: held-out evaluation
+    /// informs, it never stops training.
+    async fn evaluate_heldout(&mut self, step: u64) {
+        let (Some(plan), Some(grpo)) = (self.heldout.clone(), self.grpo.as_ref()) else {
+            return;
+        };
+        let started = Instant::now();
+        match plan
+            .run(grpo.policy().clone(), self.provider.as_ref(), step)
+            .await
+        {
+            Ok(Some(h)) => {
+                tracing::info!(
+                    step,
+                    solve_rate = h.solve_rate,
+                    pass_at_k = h.pass_at_k,
+                    tasks = h.tasks,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "held-out evaluation"
+                );
+                self.metrics.heldout_solve_rate.set(h.solve_rate);
+                self.state.heldout = Some(h);
+            }
+            Ok(None) => tracing::warn!(
+                step,
+                "held-out evaluation: every attempt was lost to sandbox errors; no rate"
+            ),
+            Err(e) => tracing::warn!(step, error = %e, "held-out evaluation failed"),
+        }
     }
 
     fn snapshot(&self, r: &Rollouts, stats: Option<&StepStats>) -> ProgressSnapshot {

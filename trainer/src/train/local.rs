@@ -27,6 +27,7 @@ use super::driver::{
     LoopError, LoopState, PolicyView, RunDirs, StepSummary, TrainLoop, latest_checkpoint,
     read_loop_state,
 };
+use super::heldout::{EvalPool, HeldOutPlan};
 use super::metrics::TrainerMetrics;
 use super::report::{LocalCheckpoints, ReportError, StatusFile};
 use super::step::StepObserver;
@@ -59,6 +60,8 @@ pub enum LocalError {
     Device(#[from] DeviceError),
     #[error("--resume: no complete checkpoint under {0}")]
     NothingToResume(PathBuf),
+    #[error("spec.evaluation.tasks: {0}")]
+    Evaluation(#[from] crate::eval::InstanceError),
 }
 
 /// Options of a local run.
@@ -285,6 +288,36 @@ pub async fn run_local(
     let target = opts
         .steps
         .unwrap_or(run.run.spec.training.total_steps.max(1) as u64);
+    let heldout = match &run.evaluation {
+        None => None,
+        Some(e) => {
+            let instances = crate::eval::load_instances(&e.tasks)?;
+            let pool = if e.pool.environments.is_empty() {
+                EvalPool::Repository {
+                    name: &e.pool.name,
+                    history: e.pool.repo_dir.is_some(),
+                }
+            } else {
+                EvalPool::Environments { name: &e.pool.name }
+            };
+            let plan = HeldOutPlan::new(
+                &e.settings,
+                &instances,
+                pool,
+                engine.clone(),
+                run.run.spec.training.seed,
+            )?;
+            eprintln!(
+                "held-out evaluation: {} task(s) of {} in pool {}, {} attempt(s) each, every {} step(s)",
+                plan.tasks.len(),
+                e.tasks.display(),
+                e.pool.name,
+                plan.opts.attempts,
+                plan.every_steps,
+            );
+            Some(Arc::new(plan))
+        }
+    };
     let mut lp = TrainLoop::new(
         run.run.spec.clone(),
         engine,
@@ -308,6 +341,7 @@ pub async fn run_local(
             )
         })
         .collect();
+    lp.heldout = heldout;
     if let Some(v) = view {
         lp.view = v;
     }

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod config;
 pub mod device;
 pub mod driver;
+pub mod heldout;
 pub mod local;
 pub mod metrics;
 pub mod report;
