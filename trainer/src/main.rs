@@ -6,6 +6,10 @@ use clap::{Parser, Subcommand};
 use selfplay_trainer::cli;
 use selfplay_trainer::engine::local::{TRAINER_SIDECAR_ARG, serve_sidecar_from_this_executable};
 
+/// Counts heap bytes for `trainer bench memory`.
+#[global_allocator]
+static ALLOC: cli::bench::peak_alloc::CountingAlloc = cli::bench::peak_alloc::CountingAlloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "trainer",
@@ -32,6 +36,9 @@ enum Command {
     /// Open a sandbox of a pool exactly as an episode would and run a command in it (without
     /// one, an interactive shell).
     Sandbox(cli::sandbox::SandboxArgs),
+    /// Benchmarks: `bench memory` (peak memory of a training step per sequence length).
+    #[command(subcommand)]
+    Bench(cli::bench::BenchCommand),
     /// Run the sandbox sidecar (the same command line as `sandbox-sidecar`): the trainer
     /// serves its local sandboxes itself, so no second binary is needed.
     #[command(disable_help_flag = true)]
@@ -78,6 +85,7 @@ fn main() -> ExitCode {
         Command::Evaluate(a) => cli::evaluate::run(a),
         Command::Score(a) => cli::score::run(a),
         Command::Sandbox(a) => cli::sandbox::run(a),
+        Command::Bench(c) => cli::bench::run(c),
         // Handled before parsing, above.
         Command::Sidecar { .. } => Ok(ExitCode::FAILURE),
     };
