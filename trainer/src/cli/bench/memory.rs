@@ -17,6 +17,7 @@ use candle_core::{DType, Device};
 use serde_json::json;
 
 use super::peak_alloc;
+use crate::engine::policy::Policy;
 use crate::grpo::{GrpoSettings, GrpoTrainer, Sample};
 use crate::policy::{ByteCodec, CandlePolicy, Qwen2Config, Qwen2Model, Rng};
 
