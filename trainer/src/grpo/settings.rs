@@ -20,7 +20,10 @@ pub struct GrpoSettings {
     /// Weight of the k3 KL estimate to reference log-probs; 0 disables it.
     pub kl_coef: f64,
     pub max_staleness: u64,
+    /// Sequences per micro-batch at most.
     pub micro_batch_size: usize,
+    /// Tokens per micro-batch at most (packed end to end); a longer sequence goes alone.
+    pub micro_batch_tokens: usize,
     pub max_grad_norm: f64,
     pub weight_decay: f64,
     pub adam_beta1: f64,
@@ -88,6 +91,12 @@ impl TryFrom<&TrainingSettings> for GrpoSettings {
                 .ok()
                 .filter(|&m| m > 0)
                 .ok_or_else(|| GrpoError::Settings("microBatchSize must be positive".into()))?,
+            micro_batch_tokens: usize::try_from(t.micro_batch_tokens)
+                .ok()
+                .filter(|&m| m > 0)
+                .ok_or_else(|| {
+                    GrpoError::Settings("microBatchTokens must be positive".into())
+                })?,
             max_grad_norm: t.max_grad_norm,
             weight_decay: t.weight_decay,
             adam_beta1: t.adam_beta1,

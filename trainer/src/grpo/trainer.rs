@@ -9,6 +9,7 @@ use candle_core::{D, DType, Tensor};
 use crate::engine::policy::Policy;
 use crate::policy::CandlePolicy;
 
+use super::micro_batches::micro_batches;
 use super::objective::token_terms;
 use super::optimizer::{AdamW, clip_factor, global_grad_norm};
 use super::sample::Sample;
@@ -160,7 +161,8 @@ impl GrpoTrainer {
         Ok(())
     }
 
-    /// A full update over `samples` (micro-batches of `micro_batch_size` sequences).
+    /// A full update over `samples`, in micro-batches of at most `micro_batch_size`
+    /// sequences and `micro_batch_tokens` tokens, each packed end to end.
     pub fn train_step(&mut self, samples: &[Sample]) -> Result<StepStats, GrpoError> {
         let batch = self.select(samples)?;
         // Forward and backward on a rayon worker, so their parallel ops fork in place (see
@@ -168,8 +170,9 @@ impl GrpoTrainer {
         // write lock, which must never be waited for on a worker of the pool.
         let acc = rayon::scope(|_| {
             let mut acc = Accumulator::default();
-            for mb in batch.samples.chunks(self.settings.micro_batch_size) {
-                self.accumulate(&mut acc, mb, batch.global_tokens)?;
+            let s = &self.settings;
+            for mb in micro_batches(&batch.samples, s.micro_batch_size, s.micro_batch_tokens) {
+                self.accumulate(&mut acc, &batch.samples[mb], batch.global_tokens)?;
             }
             Ok::<_, GrpoError>(acc)
         })?;

@@ -9,6 +9,7 @@ mod allocator;
 pub mod codec;
 pub mod config;
 pub mod kv_cache;
+mod layer_checkpoint;
 pub mod model;
 pub mod ops;
 pub mod rng;
