@@ -33,6 +33,10 @@ pub struct MemoryArgs {
     /// `cpu` (peak heap bytes) or `cuda` (not measured by this build, see below).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Checkpoint the layers of steps of at least this many tokens (0: every step); the
+    /// trainer's default otherwise.
+    #[arg(long)]
+    pub checkpoint_from: Option<usize>,
 }
 
 /// The benchmark's model (see the module documentation).
@@ -80,7 +84,11 @@ pub fn run(args: MemoryArgs) -> anyhow::Result<ExitCode> {
     }
     let longest = args.tokens.iter().copied().max().unwrap_or(2);
     let cfg = bench_config(longest.max(2))?;
-    let model = Qwen2Model::random(cfg, 7, DType::F32, &device)?;
+    let mut model = Qwen2Model::random(cfg, 7, DType::F32, &device)?;
+    if let Some(from) = args.checkpoint_from {
+        model.set_checkpointing(Some(from));
+    }
+    let checkpoint_from = model.checkpointing();
     let policy = Arc::new(CandlePolicy::new(model, Arc::new(ByteCodec), vec![], 0));
     let settings = GrpoSettings {
         learning_rate: 1e-5,
@@ -90,6 +98,11 @@ pub fn run(args: MemoryArgs) -> anyhow::Result<ExitCode> {
     let mut trainer = GrpoTrainer::new(policy, settings)?;
     let mut out = std::io::stdout().lock();
     if !args.json {
+        writeln!(
+            out,
+            "one GRPO step per length, f32 on the CPU; layers checkpointed from {} tokens",
+            checkpoint_from.map_or("no length".into(), |n| n.to_string())
+        )?;
         writeln!(
             out,
             "{:>8} {:>14} {:>16} {:>10}",
