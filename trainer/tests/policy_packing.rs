@@ -44,7 +44,10 @@ fn scores_and_grads(
     let w: Vec<f64> = (0..n).map(|i| ((i * 7 % 5) as f64 - 2.0) * 0.3).collect();
     let u: Vec<f64> = (0..n).map(|i| ((i * 3 % 4) as f64 - 1.5) * 0.2).collect();
     let coef = Tensor::from_vec(
-        w.iter().zip(&u).flat_map(|(a, b)| [*a, *b]).collect::<Vec<_>>(),
+        w.iter()
+            .zip(&u)
+            .flat_map(|(a, b)| [*a, *b])
+            .collect::<Vec<_>>(),
         (n, 2),
         &Device::Cpu,
     )
@@ -161,14 +164,23 @@ fn packed_scores_match_a_padded_batch() {
             .to_scalar()
             .unwrap();
         let got: f64 = packed.get(k).unwrap().get(0).unwrap().to_scalar().unwrap();
-        assert!((got - want).abs() < 1e-12, "pick {k}: {got} vs padded {want}");
+        assert!(
+            (got - want).abs() < 1e-12,
+            "pick {k}: {got} vs padded {want}"
+        );
     }
 }
 
 fn candle_nn_free_log_softmax(z: &Tensor) -> Tensor {
     let max = z.max_keepdim(D::Minus1).unwrap();
     let s = z.broadcast_sub(&max).unwrap();
-    let lse = s.exp().unwrap().sum_keepdim(D::Minus1).unwrap().log().unwrap();
+    let lse = s
+        .exp()
+        .unwrap()
+        .sum_keepdim(D::Minus1)
+        .unwrap()
+        .log()
+        .unwrap();
     s.broadcast_sub(&lse).unwrap()
 }
 
@@ -185,7 +197,10 @@ fn checkpointed_layers_give_the_same_gradients() {
         for ((name, _), (a, b)) in p.model().parameters().iter().zip(g0.iter().zip(&g1)) {
             let d = max_diff(a, b);
             let scale = max_diff(a, &a.zeros_like().unwrap()).max(1e-6);
-            assert!(d / scale < 1e-12, "{mode:?}: gradient of {name} differs by {d}");
+            assert!(
+                d / scale < 1e-12,
+                "{mode:?}: gradient of {name} differs by {d}"
+            );
         }
     }
 }

@@ -49,7 +49,10 @@ mod tests {
         assert_eq!(micro_batches(&s, 8, 8), vec![0..2, 2..3, 3..4, 4..8]);
         assert_eq!(micro_batches(&s, 2, 100), vec![0..2, 2..4, 4..6, 6..8]);
         assert_eq!(micro_batches(&s, 100, 100), vec![0..8]);
-        assert_eq!(micro_batches(&s, 1, 1), (0..8).map(|i| i..i + 1).collect::<Vec<_>>());
+        assert_eq!(
+            micro_batches(&s, 1, 1),
+            (0..8).map(|i| i..i + 1).collect::<Vec<_>>()
+        );
         assert!(micro_batches(&[], 4, 4).is_empty());
     }
 }

@@ -94,9 +94,7 @@ impl TryFrom<&TrainingSettings> for GrpoSettings {
             micro_batch_tokens: usize::try_from(t.micro_batch_tokens)
                 .ok()
                 .filter(|&m| m > 0)
-                .ok_or_else(|| {
-                    GrpoError::Settings("microBatchTokens must be positive".into())
-                })?,
+                .ok_or_else(|| GrpoError::Settings("microBatchTokens must be positive".into()))?,
             max_grad_norm: t.max_grad_norm,
             weight_decay: t.weight_decay,
             adam_beta1: t.adam_beta1,

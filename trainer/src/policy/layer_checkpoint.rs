@@ -13,9 +13,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor, Var, bail,
-};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor, Var, bail};
 
 use super::model::{Layer, LayerEnv};
 use super::ops::precomputed::Precomputed;
@@ -94,10 +92,9 @@ impl CustomOp2 for Checkpointed {
         let y = self.env.layer(&self.train, xv.as_tensor(), None)?;
         // d/dy Σ y ⊙ g = g: the layer's backward seeded with the output's gradient.
         let grads = (y * grad.detach())?.sum_all()?.backward()?;
-        let dx = grads
-            .get(xv.as_tensor())
-            .cloned()
-            .ok_or_else(|| candle_core::Error::Msg("checkpointed layer: no input gradient".into()))?;
+        let dx = grads.get(xv.as_tensor()).cloned().ok_or_else(|| {
+            candle_core::Error::Msg("checkpointed layer: no input gradient".into())
+        })?;
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         for (slot, w) in slots.iter_mut().zip(self.train.tensors()) {
             *slot = grads.get(w).cloned();
@@ -152,10 +149,17 @@ impl CustomOp2 for Tie {
             .get_mut(self.slot)
             .and_then(Option::take);
         let Some(g) = g else {
-            bail!("checkpointed layer: weight {} got no gradient from its layer", self.slot)
+            bail!(
+                "checkpointed layer: weight {} got no gradient from its layer",
+                self.slot
+            )
         };
         if g.shape() != w.shape() {
-            bail!("checkpointed layer: gradient {:?} for weight {:?}", g.dims(), w.dims());
+            bail!(
+                "checkpointed layer: gradient {:?} for weight {:?}",
+                g.dims(),
+                w.dims()
+            );
         }
         Ok((Some(g), Some(prev.zeros_like()?)))
     }

@@ -315,9 +315,8 @@ impl Qwen2Model {
             ranges,
             ops: self.ops,
         };
-        let checkpoint = grad
-            && cache.is_none()
-            && self.checkpoint_from.is_some_and(|from| b * t >= from);
+        let checkpoint =
+            grad && cache.is_none() && self.checkpoint_from.is_some_and(|from| b * t >= from);
         let ids = input.ids.flatten_all()?;
         let mut x = w.embed.index_select(&ids, 0)?; // (b·t, d)
         for (li, l) in w.layers.iter().enumerate() {

@@ -132,7 +132,10 @@ pub fn run(args: MemoryArgs) -> anyhow::Result<ExitCode> {
         rows.push(r);
     }
     if !args.json && rows.len() > 1 {
-        writeln!(out, "\nincrement per added token between consecutive lengths:")?;
+        writeln!(
+            out,
+            "\nincrement per added token between consecutive lengths:"
+        )?;
         for w in rows.windows(2) {
             let dt = w[1].tokens as f64 - w[0].tokens as f64;
             let db = w[1].peak_bytes as f64 - w[0].peak_bytes as f64;

@@ -397,14 +397,12 @@ impl AttentionOp {
             })
             .collect::<Result<Vec<_>>>()?;
         let mut out = vec![T::zero(); d.b * tq * h * hd];
-        out.par_chunks_mut(h * hd)
-            .enumerate()
-            .for_each(|(row, o)| {
-                let (bi, i) = (row / tq, row % tq);
-                for (head, o) in o.chunks_exact_mut(hd).enumerate() {
-                    o.copy_from_slice(&per_head[bi * h + head].0[i * hd..(i + 1) * hd]);
-                }
-            });
+        out.par_chunks_mut(h * hd).enumerate().for_each(|(row, o)| {
+            let (bi, i) = (row / tq, row % tq);
+            for (head, o) in o.chunks_exact_mut(hd).enumerate() {
+                o.copy_from_slice(&per_head[bi * h + head].0[i * hd..(i + 1) * hd]);
+            }
+        });
         let lse = if keep {
             per_head.into_iter().flat_map(|(_, l)| l).collect()
         } else {
@@ -757,9 +755,15 @@ mod tests {
                     all[2].narrow(2, at, n).unwrap(),
                     all[3].narrow(0, at, n).unwrap(),
                 ];
-                for (name, (p, o)) in ["output", "dq", "dk", "dv"].iter().zip(parts.iter().zip(&one)) {
+                for (name, (p, o)) in ["output", "dq", "dk", "dv"]
+                    .iter()
+                    .zip(parts.iter().zip(&one))
+                {
                     let diff = max_abs_diff(p, o);
-                    assert!(diff < 1e-10, "{mode:?}: {name} of the {n}-token sequence differs by {diff}");
+                    assert!(
+                        diff < 1e-10,
+                        "{mode:?}: {name} of the {n}-token sequence differs by {diff}"
+                    );
                 }
                 at += n;
             }
@@ -817,7 +821,10 @@ mod tests {
                 let diff = max_abs_diff(f, c);
                 assert!(diff < 1e-10, "{name} differs by {diff} ({what})");
                 let diff = max_abs_diff(f, u);
-                assert!(diff < 1e-10, "{name} differs from softmax(q·kᵀ)·v by {diff} ({what})");
+                assert!(
+                    diff < 1e-10,
+                    "{name} differs from softmax(q·kᵀ)·v by {diff} ({what})"
+                );
             }
         }
     }

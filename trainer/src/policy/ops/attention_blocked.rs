@@ -36,7 +36,8 @@ impl RowBounds {
         work: DType,
         dev: &candle_core::Device,
     ) -> Result<Self> {
-        let (mut lo, mut hi, mut has) = (vec![0u32; b * tq], vec![0u32; b * tq], vec![0f32; b * tq]);
+        let (mut lo, mut hi, mut has) =
+            (vec![0u32; b * tq], vec![0u32; b * tq], vec![0f32; b * tq]);
         for bi in 0..b {
             for i in 0..tq {
                 let (l, u) = ranges.row(bi, i, tk);
@@ -49,8 +50,14 @@ impl RowBounds {
         let mut blocks = Vec::new();
         for i0 in (0..tq).step_by(rows) {
             let i1 = (i0 + rows).min(tq);
-            let first = (0..b).map(|bi| lo[bi * tq + i0] as usize).min().unwrap_or(0);
-            let last = (0..b).map(|bi| hi[bi * tq + i1 - 1] as usize).max().unwrap_or(0);
+            let first = (0..b)
+                .map(|bi| lo[bi * tq + i0] as usize)
+                .min()
+                .unwrap_or(0);
+            let last = (0..b)
+                .map(|bi| hi[bi * tq + i1 - 1] as usize)
+                .max()
+                .unwrap_or(0);
             blocks.push((i0, i1, first, last.saturating_sub(first)));
         }
         let shape = (b, 1, 1, tq, 1);
@@ -112,13 +119,13 @@ fn block_scores(
     work: DType,
 ) -> Result<Tensor> {
     let shape = (s.b, s.kvh, s.g(), m, nk);
-    let scores = x
-        .q
-        .matmul(&x.k.t()?)?
-        .to_dtype(work)?
-        .affine(scale, 0.)?
-        .reshape(shape)?;
-    let keys = Tensor::arange(lo as u32, (lo + nk) as u32, scores.device())?.reshape((1, 1, 1, 1, nk))?;
+    let scores =
+        x.q.matmul(&x.k.t()?)?
+            .to_dtype(work)?
+            .affine(scale, 0.)?
+            .reshape(shape)?;
+    let keys =
+        Tensor::arange(lo as u32, (lo + nk) as u32, scores.device())?.reshape((1, 1, 1, 1, nk))?;
     let seen = keys
         .broadcast_ge(&bounds.lo.narrow(3, i0, m)?)?
         .mul(&keys.broadcast_lt(&bounds.hi.narrow(3, i0, m)?)?)?
@@ -289,11 +296,7 @@ impl CustomOp3 for BlockedAttention {
                 .reshape((b, kvh, g * m, nk))?
                 .to_dtype(q.dtype())?;
             let p = p.reshape((b, kvh, g * m, nk))?.to_dtype(q.dtype())?;
-            dqs.push(
-                ds.matmul(&x.k)?
-                    .reshape((b, h, m, hd))?
-                    .to_dtype(work)?,
-            );
+            dqs.push(ds.matmul(&x.k)?.reshape((b, h, m, hd))?.to_dtype(work)?);
             let pad = |t: Tensor| t.to_dtype(work)?.pad_with_zeros(2, lo, tk - lo - nk);
             dk = (dk + pad(ds.t()?.matmul(&x.q)?)?)?;
             dv = (dv + pad(p.t()?.matmul(&gob)?)?)?;

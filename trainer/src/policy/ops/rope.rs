@@ -101,8 +101,14 @@ impl RopePositions {
         }
         let hd = 2 * tables.half;
         let idx = Tensor::from_slice(self.positions.as_slice(), b * t, tables.cos_full.device())?;
-        let cos = tables.cos_full.index_select(&idx, 0)?.reshape((b, 1, t, hd))?;
-        let sin = tables.sin_full.index_select(&idx, 0)?.reshape((b, 1, t, hd))?;
+        let cos = tables
+            .cos_full
+            .index_select(&idx, 0)?
+            .reshape((b, 1, t, hd))?;
+        let sin = tables
+            .sin_full
+            .index_select(&idx, 0)?
+            .reshape((b, 1, t, hd))?;
         Ok(self.gathered.get_or_init(|| (cos, sin)))
     }
 }

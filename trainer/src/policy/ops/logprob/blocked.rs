@@ -135,9 +135,6 @@ impl CustomOp2 for BlockedHead {
             dhs.push(dz.matmul(&w)?);
             dw = (dw + dz.t()?.matmul(&hb)?.to_dtype(work)?)?;
         }
-        Ok((
-            Some(Tensor::cat(&dhs, 0)?),
-            Some(dw.to_dtype(w.dtype())?),
-        ))
+        Ok((Some(Tensor::cat(&dhs, 0)?), Some(dw.to_dtype(w.dtype())?)))
     }
 }
