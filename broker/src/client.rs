@@ -123,6 +123,8 @@ fn proto_progress(p: &ProgressSnapshot) -> pb::Progress {
         tokens_per_second: p.tokens_per_second,
         sandbox_errors: p.sandbox_errors,
         loss: p.loss,
+        heldout_solve_rate: p.heldout_solve_rate,
+        heldout_step: p.heldout_step,
     }
 }
 

@@ -75,6 +75,11 @@ pub struct SelfPlayRunSpec {
     #[serde(default)]
     pub checkpoint: CheckpointPolicy,
 
+    /// A held-out task set the trainer evaluates the policy on every `everySteps` steps (the
+    /// solver role only, graded as in training); unset evaluates nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<EvaluationSettings>,
+
     /// Suspends the run: the trainer is removed and resumes from the latest Ready checkpoint
     /// when set back to false. Defaults to false.
     #[serde(default)]
@@ -102,6 +107,15 @@ pub struct SelfPlayRunSpec {
     #[serde(default = "default_backoff_limit")]
     #[schemars(range(min = 0, max = 100))]
     pub backoff_limit: i32,
+}
+
+impl SelfPlayRunSpec {
+    /// Whether the run may use sandboxes of pool `name`: one of `pools` (trained on) or the
+    /// pool of `evaluation` (evaluated on only).
+    pub fn uses_pool(&self, name: &str) -> bool {
+        self.pools.iter().any(|p| p.name == name)
+            || self.evaluation.as_ref().is_some_and(|e| e.pool == name)
+    }
 }
 
 /// The policy's weights and tokenizer.
@@ -393,6 +407,13 @@ pub struct TrainingSettings {
     #[schemars(range(min = 0.0, max = 10.0))]
     pub kl_coef: f64,
 
+    /// Cap C of the truncated importance weight min(exp(log π_trainer − log π_sampler), C)
+    /// that corrects each policy token's loss for the difference between the sampler's
+    /// log-prob and the trainer's (different kernels, stale weights). Defaults to 2.
+    #[serde(default = "default_is_cap")]
+    #[schemars(range(min = 1.0, max = 100.0))]
+    pub importance_sampling_cap: f64,
+
     /// Samples more than this many policy versions old are not trained on. Defaults to 8.
     #[serde(default = "default_staleness")]
     #[schemars(range(min = 0, max = 1000))]
@@ -454,6 +475,7 @@ impl Default for TrainingSettings {
             eps_high: default_eps_high(),
             dual_clip: None,
             kl_coef: 0.0,
+            importance_sampling_cap: default_is_cap(),
             max_staleness: default_staleness(),
             micro_batch_size: default_micro_batch(),
             micro_batch_tokens: default_micro_batch_tokens(),
@@ -563,6 +585,58 @@ impl Default for CheckpointStorage {
     }
 }
 
+/// Held-out evaluation during a run.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.tasks.file) != has(self.tasks.configMap)").message("exactly one of evaluation.tasks.file and evaluation.tasks.configMap must be set").field_path(".tasks"))]
+#[serde(rename_all = "camelCase")]
+pub struct EvaluationSettings {
+    /// The task set, in SWE-bench's instance format (a JSON array or JSON Lines).
+    pub tasks: EvaluationTasks,
+    /// The SandboxPool the tasks run in (its repository or, for a pool with environments,
+    /// the environment of each task's `image_name`). It need not be one of `spec.pools`: a
+    /// pool only evaluated on is held out from training.
+    #[schemars(length(min = 1, max = 253))]
+    pub pool: String,
+    /// Evaluate every this many steps (and after the last step). Defaults to 50.
+    #[serde(default = "default_eval_every")]
+    #[schemars(range(min = 1))]
+    pub every_steps: i64,
+    /// Attempts per task (`k` of pass@k). Defaults to 1.
+    #[serde(default = "default_eval_attempts")]
+    #[schemars(range(min = 1, max = 64))]
+    pub attempts: i32,
+    /// Tasks evaluated each time, the first ones of the set (0: all). Defaults to 0.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub max_tasks: i32,
+}
+
+/// Where a task set comes from.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EvaluationTasks {
+    /// A file on this machine (`trainer local`); relative to the run file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// A key of a ConfigMap in the run's namespace (a cluster): mounted into the trainer pod at
+    /// [`EVALUATION_TASKS_FILE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<crate::pool::ConfigMapKey>,
+}
+
+/// Where the trainer pod finds the task set of `evaluation.tasks.configMap`: a directory of its
+/// own, not under the run file's ConfigMap volume (a mount point inside another ConfigMap
+/// volume would have to be created in a read-only, kubelet-managed directory).
+pub const EVALUATION_TASKS_FILE: &str = "/etc/selfplay-evaluation/tasks.jsonl";
+
+fn default_eval_every() -> i64 {
+    50
+}
+
+fn default_eval_attempts() -> i32 {
+    1
+}
+
 /// Lifecycle phase of a run.
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunPhase {
@@ -613,6 +687,12 @@ pub struct ProgressSnapshot {
     /// Loss of the last update.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss: Option<f64>,
+    /// Solve rate on the held-out task set (`spec.evaluation`), at its latest evaluation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heldout_solve_rate: Option<f64>,
+    /// The step after which the held-out solve rate was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heldout_step: Option<i64>,
     /// When the trainer last reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_update_time: Option<Time>,
@@ -709,6 +789,9 @@ fn default_lr() -> f64 {
 }
 fn default_total_steps() -> i64 {
     1000
+}
+fn default_is_cap() -> f64 {
+    2.0
 }
 fn default_eps_low() -> f64 {
     0.2

@@ -142,7 +142,7 @@ pub fn render(
                 let users: Vec<String> = runs
                     .iter()
                     .filter(|r| r.metadata.namespace.as_deref() == Some(v.namespace.as_str()))
-                    .filter(|r| r.spec.pools.iter().any(|p| p.name == v.name))
+                    .filter(|r| r.spec.uses_pool(&v.name))
                     .filter_map(|r| r.metadata.name.clone())
                     .collect();
                 out.objects.push(serde_json::to_value(pool_token_secret(

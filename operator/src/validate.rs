@@ -179,6 +179,30 @@ pub fn validate_run(run: &SelfPlayRun) -> Result<ValidRun<'_>, InvalidSpec> {
     for p in &spec.pools {
         check_label_value("pool reference", &p.name, &mut problems);
     }
+    if let Some(e) = &spec.evaluation {
+        if e.pool.is_empty() {
+            problems.push("evaluation.pool is empty".to_string());
+        } else {
+            check_label_value("evaluation pool", &e.pool, &mut problems);
+        }
+        match (&e.tasks.file, &e.tasks.config_map) {
+            (Some(_), Some(_)) | (None, None) => problems.push(
+                "exactly one of evaluation.tasks.file and evaluation.tasks.configMap must be set"
+                    .to_string(),
+            ),
+            // A file is read by `trainer local`; a trainer pod has no file of the user's.
+            (Some(f), None) => problems.push(format!(
+                "evaluation.tasks.file {f:?} is for `trainer local`; in a cluster use evaluation.tasks.configMap"
+            )),
+            (None, Some(cm)) => {
+                if cm.name.is_empty() || cm.key.is_empty() {
+                    problems.push(
+                        "evaluation.tasks.configMap needs a name and a key".to_string(),
+                    );
+                }
+            }
+        }
+    }
     match (&spec.model.path, &spec.model.tiny) {
         (Some(_), Some(_)) | (None, None) => {
             problems.push("exactly one of model.path and model.tiny must be set".to_string())

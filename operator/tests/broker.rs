@@ -286,6 +286,8 @@ async fn progress_and_checkpoints_reach_the_run() {
         tokens_per_second: Some(1234.5),
         sandbox_errors: 1,
         loss: Some(0.01),
+        heldout_solve_rate: Some(0.3),
+        heldout_step: Some(10),
         last_update_time: None,
     };
     c.report_progress(&p).await.expect("reported");
@@ -293,6 +295,11 @@ async fn progress_and_checkpoints_reach_the_run() {
         h.backend.progress.lock().expect("lock")[&(NS.to_string(), "qwen-ssr".to_string())].clone();
     assert_eq!(stored.step, 12);
     assert_eq!(stored.top_failed_check.as_deref(), Some("inverse_mutation"));
+    assert_eq!(
+        (stored.heldout_solve_rate, stored.heldout_step),
+        (Some(0.3), Some(10)),
+        "the held-out solve rate reaches status.progress"
+    );
     assert!(
         stored.last_update_time.is_some(),
         "the broker stamps lastUpdateTime"
@@ -319,6 +326,17 @@ async fn progress_and_checkpoints_reach_the_run() {
             assert_eq!(s.code(), tonic::Code::InvalidArgument)
         }
         other => panic!("NaN accepted: {other:?}"),
+    }
+    let bad = ProgressSnapshot {
+        heldout_solve_rate: Some(1.5),
+        ..p.clone()
+    };
+    match c.report_progress(&bad).await {
+        Err(selfplay_operator::broker::client::ClientError::Rpc(s)) => {
+            assert_eq!(s.code(), tonic::Code::InvalidArgument);
+            assert!(s.message().contains("heldout_solve_rate"), "{}", s.message());
+        }
+        other => panic!("a held-out solve rate of 1.5 accepted: {other:?}"),
     }
 
     let name = c

@@ -697,3 +697,64 @@ fn environment_sandbox_pods_use_the_environments_image_and_carry_its_label() {
         "{cmd}"
     );
 }
+
+#[test]
+fn evaluation_tasks_are_mounted_from_their_config_map_and_validated() {
+    let mut run: SelfPlayRun = one("run-tiny.yaml");
+    run.spec.evaluation = Some(serde_yaml::from_str(
+        "tasks: {configMap: {name: heldout, key: swe.jsonl}}\npool: heldout-pool\neverySteps: 5",
+    )
+    .expect("evaluation"));
+    assert!(run.spec.uses_pool("heldout-pool") && run.spec.uses_pool("pyrepo"));
+    assert!(!run.spec.uses_pool("other"));
+    let v = validate_run(&run).expect("valid");
+    let pod = trainer_pod(&v, 0, None, &cfg());
+    let c = only_container(&pod);
+    let file = std::path::Path::new(selfplay_crds::run::EVALUATION_TASKS_FILE);
+    let dir = file.parent().expect("dir").to_str().expect("utf-8");
+    assert_eq!(mount_of(c, dir), Some("evaluation-tasks"));
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == dir)
+        .expect("mount");
+    assert_eq!(mount.read_only, Some(true));
+    // Not nested inside the run file's ConfigMap volume: kubelet could not make the mount point.
+    assert!(
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .filter(|m| m.mount_path != dir)
+            .all(|m| !dir.starts_with(&format!("{}/", m.mount_path))),
+        "{dir} is under another mount"
+    );
+    let vol = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .and_then(|vs| vs.iter().find(|v| v.name == "evaluation-tasks"))
+        .and_then(|v| v.config_map.clone())
+        .expect("configMap volume");
+    assert_eq!(vol.name, "heldout");
+    assert_eq!(vol.optional, Some(false));
+    let item = &vol.items.expect("items")[0];
+    assert_eq!(
+        (item.key.as_str(), item.path.as_str()),
+        ("swe.jsonl", file.file_name().and_then(|n| n.to_str()).expect("name"))
+    );
+
+    // A file is `trainer local`'s; the trainer pod has none of the user's files.
+    let mut local = run.clone();
+    local.spec.evaluation = Some(serde_yaml::from_str(
+        "tasks: {file: heldout.jsonl}\npool: pyrepo",
+    )
+    .expect("evaluation"));
+    let err = validate_run(&local).expect_err("refused");
+    assert!(err.to_string().contains("evaluation.tasks.file"), "{err}");
+
+    // Without an evaluation nothing is mounted.
+    let plain: SelfPlayRun = one("run-tiny.yaml");
+    let pod = trainer_pod(&validate_run(&plain).expect("valid"), 0, None, &cfg());
+    assert_eq!(mount_of(only_container(&pod), dir), None);
+}

@@ -5,4 +5,5 @@ pub mod cli;
 pub mod engine;
 pub mod grpo;
 pub mod policy;
+pub mod sft;
 pub mod train;

@@ -33,12 +33,15 @@ enum Command {
     Evaluate(cli::evaluate::EvaluateArgs),
     /// Print the log-prob of each token given its prefix.
     Score(cli::score::ScoreArgs),
+    /// Fine-tune a model on trajectories (chat JSONL or a run's solved episodes), loss on the
+    /// policy's tokens only; writes a model directory the other commands load.
+    Sft(cli::sft::SftArgs),
     /// Open a sandbox of a pool exactly as an episode would and run a command in it (without
     /// one, an interactive shell).
     Sandbox(cli::sandbox::SandboxArgs),
-    /// Benchmarks: `bench memory` (peak memory of a training step per sequence length).
+    /// Benchmarks that print tables (or JSON lines).
     #[command(subcommand)]
-    Bench(cli::bench::BenchCommand),
+    Bench(BenchCommand),
     /// Run the sandbox sidecar (the same command line as `sandbox-sidecar`): the trainer
     /// serves its local sandboxes itself, so no second binary is needed.
     #[command(disable_help_flag = true)]
@@ -46,6 +49,15 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Aggregate sampling throughput of N concurrent multi-turn episodes, and the prefill
+    /// tokens per episode with and without sessions.
+    Rollout(cli::bench_rollout::RolloutArgs),
+    /// Peak memory and time of one GRPO training step per sequence length.
+    Memory(cli::bench::memory::MemoryArgs),
 }
 
 fn main() -> ExitCode {
@@ -84,8 +96,10 @@ fn main() -> ExitCode {
         Command::Validate(a) => cli::validate::run(a),
         Command::Evaluate(a) => cli::evaluate::run(a),
         Command::Score(a) => cli::score::run(a),
+        Command::Sft(a) => cli::sft::run(a),
         Command::Sandbox(a) => cli::sandbox::run(a),
-        Command::Bench(c) => cli::bench::run(c),
+        Command::Bench(BenchCommand::Rollout(a)) => cli::bench_rollout::run(a),
+        Command::Bench(BenchCommand::Memory(a)) => cli::bench::memory::run(a),
         // Handled before parsing, above.
         Command::Sidecar { .. } => Ok(ExitCode::FAILURE),
     };

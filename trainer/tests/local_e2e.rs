@@ -15,8 +15,10 @@ use selfplay_trainer::engine::local::Isolation;
 use selfplay_trainer::engine::policy::{
     FinishReason, Generation, Policy, PolicyError, SamplingParams, TokenCodec,
 };
+use selfplay_trainer::engine::prompts::ChatMarkup;
 use selfplay_trainer::grpo::{GrpoSettings, GrpoTrainer};
-use selfplay_trainer::policy::CandlePolicy;
+use selfplay_trainer::policy::{ByteCodec, CandlePolicy};
+use selfplay_trainer::sft::{LoadOptions, load_dataset};
 use selfplay_trainer::train::driver::PolicyView;
 use selfplay_trainer::train::local::{LocalOptions, run_local};
 
@@ -296,6 +298,43 @@ async fn one_full_step_trains_and_checkpoints() {
         solved.iter().filter(|s| **s).count(),
         1,
         "one solver fixed the bug: {solved:?}"
+    );
+
+    // Rejection-sampling fine-tuning reads the run's directory: exactly the solved solver
+    // episode, replayed token for token with the policy's tokens as the loss mask.
+    let data = load_dataset(
+        &out,
+        &ByteCodec,
+        &ChatMarkup::chatml(),
+        &LoadOptions {
+            solved_only: true,
+            max_tokens: 1 << 20,
+            context: 1 << 20,
+            vocab_size: ByteCodec::VOCAB_SIZE,
+        },
+    )
+    .expect("the run's episodes as fine-tuning data");
+    assert_eq!((data.episode_records, data.examples.len()), (4, 1));
+    let winner = records
+        .iter()
+        .find(|r| r["solver"]["solved"] == true)
+        .expect("solved");
+    let replay = &data.examples[0];
+    assert_eq!(
+        replay.policy_tokens() as u64,
+        winner["policy_tokens"].as_u64().expect("count")
+    );
+    let trained: Vec<u32> = replay
+        .tokens
+        .iter()
+        .zip(&replay.mask)
+        .filter(|(_, m)| **m)
+        .map(|(t, _)| *t)
+        .collect();
+    let first_turn = winner["transcript"][0].as_str().expect("turn");
+    assert!(
+        first_turn.ends_with("…[cut]") || ByteCodec.decode(&trained).starts_with(first_turn),
+        "{first_turn}"
     );
 
     // A checkpoint, and the update changed the weights.

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use candle_core::{D, DType, Device, IndexOp};
 use policy_util::{Reference, fixture, max_abs_diff, rel_err, to_f64};
 use selfplay_trainer::grpo::{GrpoSettings, GrpoTrainer};
-use selfplay_trainer::policy::{CandlePolicy, OpsMode, load_model};
+use selfplay_trainer::policy::{
+    CandlePolicy, OpsMode, Qwen2Config, Qwen2Model, load_model, weights,
+};
 
 const MODES: [OpsMode; 2] = [OpsMode::Auto, OpsMode::Composite];
 
@@ -69,6 +71,53 @@ fn bf16_weights_load_and_match() {
     // Asking for bf16 on the CPU computes in f32 (candle's CPU matmul has no bf16).
     let m = load_model(&fixture("qwen2-tied-bf16"), DType::BF16, &Device::Cpu).unwrap();
     assert_eq!(m.dtype(), DType::F32);
+}
+
+/// The bf16 fixture's weights computed in bf16 on the CPU (composite ops; the fused kernels
+/// are f32/f64) against transformers' f64 logits of the same weights. bf16 keeps 8 bits of
+/// mantissa: each rounding is up to 2^-9 relative, the bf16 logits themselves are rounded
+/// (0.016 near 4) and every layer adds its activations' rounding, so the bound is relative to
+/// the largest logit: 2%. Log-probs must still come back in f32.
+#[test]
+fn bf16_compute_matches_pytorch_to_bf16_resolution() {
+    let name = "qwen2-tied-bf16";
+    let dir = fixture(name);
+    let raw =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg = Qwen2Config::from_json(raw).unwrap();
+    let tensors = weights::load_files(&weights::weight_files(&dir).unwrap()).unwrap();
+    let model = Qwen2Model::from_tensors(cfg, tensors, DType::BF16, &Device::Cpu).unwrap();
+    assert_eq!(model.dtype(), DType::BF16);
+    let r = Reference::load(name);
+    let seqs = r.sequences();
+    let logits = model.forward_logits(&seqs).unwrap();
+    assert_eq!(logits.dtype(), DType::BF16);
+    let (mut worst, mut scale) = (0f64, 0f64);
+    for (k, s) in seqs.iter().enumerate() {
+        let ours = to_f64(&logits.i(k).unwrap().narrow(0, 0, s.len()).unwrap());
+        let want = r.vec(&format!("logits.{k}"));
+        worst = worst.max(max_abs_diff(&ours, &want));
+        scale = want.iter().fold(scale, |m, x| m.max(x.abs()));
+    }
+    eprintln!(
+        "bf16 compute: logits differ from PyTorch's f64 by at most {worst:e} (largest logit {scale})"
+    );
+    assert!(worst < 2e-2 * scale, "logits differ by {worst}");
+    let picks: Vec<(usize, usize)> = (1..seqs[0].len()).map(|i| (0, i)).collect();
+    let scores = model.score_positions(&seqs[..1], &picks, false).unwrap();
+    assert_eq!(scores.dtype(), DType::F32, "log-probs come back in f32");
+    if r.tensors.contains_key("logprobs.0") {
+        let lp = to_f64(
+            &scores
+                .narrow(D::Minus1, 0, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap(),
+        );
+        let err = max_abs_diff(&lp, &r.vec("logprobs.0"));
+        eprintln!("bf16 compute: log-probs differ from PyTorch's f64 by at most {err:e}");
+        assert!(err < 2e-2 * scale, "log-probs differ by {err}");
+    }
 }
 
 fn check_grpo(name: &str, dual: bool, dtype: DType, mode: OpsMode) {

@@ -158,6 +158,13 @@ pub fn snapshot_from_proto(p: &pb::Progress, now: Timestamp) -> Result<ProgressS
         tokens_per_second: finite(p.tokens_per_second, "tokens_per_second")?,
         sandbox_errors: p.sandbox_errors,
         loss: finite(p.loss, "loss")?,
+        heldout_solve_rate: rate(p.heldout_solve_rate, "heldout_solve_rate")?,
+        heldout_step: match p.heldout_step {
+            Some(s) if s < 0 => {
+                return Err(Status::invalid_argument("heldout_step must not be negative"));
+            }
+            s => s,
+        },
         last_update_time: Some(Time(now)),
     })
 }
@@ -619,9 +626,9 @@ impl<B: Backend> Broker<B> {
         {
             return Err(Status::failed_precondition("the run has finished"));
         }
-        if !run.spec.pools.iter().any(|p| p.name == pool_name) {
+        if !run.spec.uses_pool(pool_name) {
             return Err(Status::permission_denied(format!(
-                "pool {pool_name:?} is not in the run's spec.pools"
+                "pool {pool_name:?} is neither in the run's spec.pools nor its evaluation pool"
             )));
         }
         let pool = self
@@ -757,9 +764,9 @@ impl<B: Backend> Broker<B> {
         let run = self.authenticate(&req, req.get_ref().run.as_ref()).await?;
         let ns = run.namespace().unwrap_or_default();
         let pool_name = req.get_ref().pool.as_str();
-        if !run.spec.pools.iter().any(|p| p.name == pool_name) {
+        if !run.spec.uses_pool(pool_name) {
             return Err(Status::permission_denied(format!(
-                "pool {pool_name:?} is not in the run's spec.pools"
+                "pool {pool_name:?} is neither in the run's spec.pools nor its evaluation pool"
             )));
         }
         let pool = self

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodSpec,
+    EnvVarSource, KeyToPath, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodSpec,
     SecretKeySelector, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -166,6 +166,42 @@ pub fn trainer_pod(
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
                 claim_name: claim.clone(),
                 read_only: Some(true),
+            }),
+            ..Default::default()
+        });
+    }
+
+    if let Some(cm) = spec
+        .evaluation
+        .as_ref()
+        .and_then(|e| e.tasks.config_map.as_ref())
+    {
+        let file = std::path::Path::new(selfplay_crds::run::EVALUATION_TASKS_FILE);
+        let (dir, name) = (
+            file.parent().map(|d| d.display().to_string()).unwrap_or_default(),
+            file.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
+        mounts.push(VolumeMount {
+            name: "evaluation-tasks".into(),
+            mount_path: dir,
+            read_only: Some(true),
+            ..Default::default()
+        });
+        volumes.push(Volume {
+            name: "evaluation-tasks".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: cm.name.clone(),
+                items: Some(vec![KeyToPath {
+                    key: cm.key.clone(),
+                    path: name,
+                    mode: None,
+                }]),
+                // A missing ConfigMap or key keeps the pod from starting (an event names it)
+                // rather than a run that silently never evaluates.
+                optional: Some(false),
+                ..Default::default()
             }),
             ..Default::default()
         });

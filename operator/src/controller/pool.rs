@@ -84,7 +84,7 @@ pub fn runs_using_pool(ctx: &Context, namespace: &str, pool: &str) -> Vec<String
         .iter()
         .filter(|r| {
             r.namespace().as_deref() == Some(namespace)
-                && r.spec.pools.iter().any(|p| p.name == pool)
+                && r.spec.uses_pool(pool)
         })
         .map(|r| r.name_any())
         .collect()

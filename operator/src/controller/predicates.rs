@@ -36,7 +36,8 @@ pub fn run_for_run_controller(run: &SelfPlayRun) -> Option<u64> {
 /// trainer attempt and whether it finished (claims to reclaim). Never its progress.
 pub fn run_for_pools(run: &SelfPlayRun) -> Option<u64> {
     let st = run.status.as_ref();
-    let pools: Vec<&str> = run.spec.pools.iter().map(|p| p.name.as_str()).collect();
+    let mut pools: Vec<&str> = run.spec.pools.iter().map(|p| p.name.as_str()).collect();
+    pools.extend(run.spec.evaluation.as_ref().map(|e| e.pool.as_str()));
     hash_of((
         run.uid(),
         run.meta().deletion_timestamp.is_some(),

@@ -1,9 +1,11 @@
 //! The `trainer` subcommands; each lives in its own module.
 
 pub mod bench;
+pub mod bench_rollout;
 pub mod cluster;
 pub mod evaluate;
 pub mod local;
 pub mod sandbox;
 pub mod score;
+pub mod sft;
 pub mod validate;

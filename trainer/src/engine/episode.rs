@@ -1,8 +1,11 @@
 //! The episode driver: a role's task, the policy, and a sandbox, turn by turn.
 //!
 //! An [`Episode`] is a state machine over token ids. [`run_episodes`] advances many of them
-//! together, one batched `generate` call per round, with the tool calls of a round running
-//! concurrently; [`run_episode`] runs one.
+//! together; [`run_episode`] runs one. With a policy that keeps sessions (the candle model),
+//! every episode is a session that runs its turns on its own and the policy batches the
+//! turns of all episodes in flight, appending each tool output to the episode's cache. With
+//! any other policy, episodes advance in rounds: one batched `generate` call per round, the
+//! tool calls of a round running concurrently.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +17,7 @@ use selfplay_crds::run::{FormatErrorPolicy, SelfPlaySettings};
 
 use super::error::{InfraError, InfraKind, OpError};
 use super::ops::Ops;
-use super::policy::{FinishReason, Generation, Policy, SamplingParams, TokenCodec};
+use super::policy::{FinishReason, Generation, Policy, PolicySession, SamplingParams, TokenCodec};
 use super::prompts::{ChatMarkup, PromptSet};
 use super::protocol::{STOP_STRINGS, ToolCall, budget_notice, parse_tool_call};
 use super::trajectory::{EndReason, Role, Trajectory, Turn};
@@ -389,8 +392,7 @@ fn format_command(r: &CommandResult, timeout: Duration, cap: usize) -> String {
     out
 }
 
-/// Advances every episode until all are done, each in its own sandbox. Each round sends the
-/// contexts of the live episodes that share sampling settings to the policy in one batch.
+/// Advances every episode until all are done, each in its own sandbox (see the module doc).
 pub async fn run_episodes(
     policy: Arc<dyn Policy>,
     episodes: &mut [Episode],
@@ -403,6 +405,74 @@ pub async fn run_episodes(
             "no sandbox for this episode",
         ));
     }
+    let sessions: Option<Vec<Box<dyn PolicySession>>> = episodes
+        .iter()
+        .take(sandboxes.len())
+        .map(|_| policy.clone().open_session())
+        .collect();
+    match sessions {
+        Some(sessions) => run_in_sessions(policy, episodes, sandboxes, sessions).await,
+        None => run_in_rounds(policy, episodes, sandboxes).await,
+    }
+}
+
+/// Every episode runs its own turns in its session; the policy batches them.
+async fn run_in_sessions(
+    policy: Arc<dyn Policy>,
+    episodes: &mut [Episode],
+    sandboxes: &[&SidecarClient],
+    sessions: Vec<Box<dyn PolicySession>>,
+) {
+    let codec = policy.codec();
+    let runs =
+        episodes
+            .iter_mut()
+            .zip(sandboxes)
+            .zip(sessions)
+            .map(|((e, sandbox), mut session)| {
+                let policy = policy.clone();
+                async move {
+                    while !e.is_done() {
+                        let params = e.sampling();
+                        let context = e.context().to_vec();
+                        let version = policy.version();
+                        // The session comes back with the turn; it is dropped (its cache freed)
+                        // when the episode ends.
+                        let turn = tokio::task::spawn_blocking(move || {
+                            let g = session.continue_turn(&context, &params);
+                            (session, g)
+                        })
+                        .await;
+                        match turn {
+                            Ok((s, Ok(g))) => {
+                                session = s;
+                                e.step(g, version, codec, Ops::new(sandbox)).await;
+                            }
+                            Ok((_, Err(err))) => {
+                                e.fail_infra(&InfraError::new(InfraKind::Policy, err.to_string()));
+                                break;
+                            }
+                            Err(err) => {
+                                e.fail_infra(&InfraError::new(
+                                    InfraKind::Policy,
+                                    format!("the policy panicked: {err}"),
+                                ));
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+    join_all(runs).await;
+}
+
+/// Rounds of one batched `generate` call: the contexts of the live episodes that share
+/// sampling settings.
+async fn run_in_rounds(
+    policy: Arc<dyn Policy>,
+    episodes: &mut [Episode],
+    sandboxes: &[&SidecarClient],
+) {
     loop {
         let live: Vec<usize> = (0..episodes.len())
             .filter(|i| !episodes[*i].is_done())

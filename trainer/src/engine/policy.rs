@@ -5,6 +5,8 @@
 //! the tool call. The candle model (`crate::policy`) and the tests' scripted policies both
 //! implement [`Policy`].
 
+use std::sync::Arc;
+
 use thiserror::Error;
 
 /// Turns text into token ids and back. Observations and prompts are encoded with it; the
@@ -76,4 +78,49 @@ pub trait Policy: Send + Sync {
     ) -> Result<Vec<Generation>, PolicyError>;
     /// The policy version the samples come from (optimiser updates applied so far).
     fn version(&self) -> u64;
+    /// A conversation that keeps its state (the model's KV cache) between turns, where the
+    /// policy has one; `None` makes [`open_session`] replay the whole context each turn.
+    fn open_session(self: Arc<Self>) -> Option<Box<dyn PolicySession>> {
+        None
+    }
+}
+
+/// One conversation with the policy, turn after turn (an episode). Each turn passes the
+/// whole context so far: the previous turns' context and generated tokens are its prefix, so
+/// a policy that kept them runs only what was appended (the tool output). Dropping the
+/// session frees what the policy kept for it. Sessions of one policy used from several
+/// threads at once decode together.
+pub trait PolicySession: Send {
+    fn continue_turn(
+        &mut self,
+        context: &[u32],
+        params: &SamplingParams,
+    ) -> Result<Generation, PolicyError>;
+}
+
+/// A session of `policy`: its own where it keeps one, else a replay of `generate`.
+pub fn open_session(policy: &Arc<dyn Policy>) -> Box<dyn PolicySession> {
+    policy
+        .clone()
+        .open_session()
+        .unwrap_or_else(|| Box::new(ReplaySession(policy.clone())))
+}
+
+/// A session that sends the whole context to `generate` every turn.
+struct ReplaySession(Arc<dyn Policy>);
+
+impl PolicySession for ReplaySession {
+    fn continue_turn(
+        &mut self,
+        context: &[u32],
+        params: &SamplingParams,
+    ) -> Result<Generation, PolicyError> {
+        let mut gens = self.0.generate(&[context.to_vec()], params)?;
+        match (gens.pop(), gens.is_empty()) {
+            (Some(g), true) => Ok(g),
+            _ => Err(PolicyError::Failed(
+                "the policy did not return one generation for one context".into(),
+            )),
+        }
+    }
 }

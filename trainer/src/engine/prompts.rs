@@ -170,6 +170,9 @@ pub fn render(
 /// Face codec maps special-token strings such as `<|im_start|>` to their ids).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChatMarkup {
+    /// Before a system message (the engine writes none; conversations replayed by
+    /// `trainer sft` may hold one). It ends with `user_end`.
+    pub system_start: String,
     /// Before the task text (the first user message).
     pub user_start: String,
     /// After a user message and before the policy's turn.
@@ -184,6 +187,7 @@ impl ChatMarkup {
     /// No special tokens: turns are separated by newlines (the tiny byte-level model).
     pub fn plain() -> Self {
         Self {
+            system_start: String::new(),
             user_start: String::new(),
             user_end: "\n".into(),
             assistant_start: String::new(),
@@ -194,6 +198,7 @@ impl ChatMarkup {
     /// ChatML, as Qwen2 models use it.
     pub fn chatml() -> Self {
         Self {
+            system_start: "<|im_start|>system\n".into(),
             user_start: "<|im_start|>user\n".into(),
             user_end: "<|im_end|>\n".into(),
             assistant_start: "<|im_start|>assistant\n".into(),

@@ -1,7 +1,7 @@
 //! What an episode leaves behind: per turn the policy's exact tokens and log-probs and the
 //! observation's tokens, and why the episode ended. GRPO trains on [`Trajectory::sequence`].
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::policy::FinishReason;
 
@@ -104,7 +104,65 @@ pub struct TokenSequence {
     pub old_logprobs: Vec<f32>,
 }
 
+/// An episode's exact token sequence and the spans of it the policy sampled (half-open
+/// `[start, end)`, in order): what an episode record keeps so that the episode can be replayed
+/// token for token in supervised fine-tuning (`trainer sft`), never re-tokenised.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenTranscript {
+    pub tokens: Vec<u32>,
+    pub policy_spans: Vec<[usize; 2]>,
+}
+
+impl TokenTranscript {
+    /// Spans from a per-token mask.
+    pub fn from_mask(tokens: Vec<u32>, mask: &[bool]) -> Self {
+        let mut spans = Vec::new();
+        let mut open = None;
+        for (i, &m) in mask.iter().enumerate() {
+            match (m, open) {
+                (true, None) => open = Some(i),
+                (false, Some(s)) => {
+                    spans.push([s, i]);
+                    open = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = open {
+            spans.push([s, mask.len()]);
+        }
+        Self {
+            tokens,
+            policy_spans: spans,
+        }
+    }
+
+    /// The per-token mask; spans that are empty, overlap, run backwards or past the end are
+    /// an error (the record was not written by this code).
+    pub fn mask(&self) -> Result<Vec<bool>, String> {
+        let n = self.tokens.len();
+        let mut mask = vec![false; n];
+        let mut prev_end = 0;
+        for &[start, end] in &self.policy_spans {
+            if start >= end || end > n || start < prev_end {
+                return Err(format!(
+                    "policy span [{start}, {end}) is empty, out of order or past the {n} tokens"
+                ));
+            }
+            mask[start..end].iter_mut().for_each(|m| *m = true);
+            prev_end = end;
+        }
+        Ok(mask)
+    }
+}
+
 impl Trajectory {
+    /// [`Self::sequence`] as the compact transcript an episode record keeps.
+    pub fn token_transcript(&self) -> TokenTranscript {
+        let s = self.sequence();
+        TokenTranscript::from_mask(s.tokens, &s.policy_mask)
+    }
+
     /// All tokens of the episode, in order.
     pub fn total_tokens(&self) -> usize {
         self.prompt_tokens.len()
@@ -149,5 +207,30 @@ impl Trajectory {
             push(&t.observation_tokens, None);
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transcripts_round_trip_their_mask_and_refuse_bad_spans() {
+        let mask = [false, true, true, false, false, true];
+        let t = TokenTranscript::from_mask((0..6).collect(), &mask);
+        assert_eq!(t.policy_spans, vec![[1, 3], [5, 6]]);
+        assert_eq!(t.mask().unwrap(), mask);
+        for spans in [
+            vec![[2, 2]],
+            vec![[1, 7]],
+            vec![[3, 4], [1, 2]],
+            vec![[1, 3], [2, 4]],
+        ] {
+            let bad = TokenTranscript {
+                tokens: (0..6).collect(),
+                policy_spans: spans.clone(),
+            };
+            assert!(bad.mask().is_err(), "{spans:?}");
+        }
     }
 }

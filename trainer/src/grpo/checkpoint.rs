@@ -1,4 +1,4 @@
-//! Checkpoints: a directory holding the weights as transformers reads them
+//! Checkpoints: a directory holding the (f32 master) weights as transformers reads them
 //! (`model.safetensors` + `config.json`, and `tokenizer.json` where the model had one), the
 //! AdamW moments (`optimizer.safetensors`) and `trainer_state.json` (step, policy version,
 //! sampling RNG state, settings seed).
@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::policy::Policy;
+use crate::policy::model::master_dtype;
 use crate::policy::{CandlePolicy, weights};
 
 use super::optimizer::global_grad_norm;
@@ -109,7 +110,9 @@ impl GrpoTrainer {
             let model_path = tmp.join("model.safetensors");
             weights::save_file(&model_path, &named)?;
             sync_file(&model_path)?;
-            let cfg = serde_json::to_vec_pretty(&model.config().to_json(dtype_name(model.dtype())))
+            // The weights written are the f32 masters, whatever the model computes in.
+            let stored = master_dtype(model.dtype());
+            let cfg = serde_json::to_vec_pretty(&model.config().to_json(dtype_name(stored)))
                 .map_err(|e| GrpoError::Checkpoint(e.to_string()))?;
             write_synced(&tmp.join("config.json"), &cfg)?;
             if let Some(src) = policy.source_dir() {

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod micro_batches;
 pub mod objective;
 pub mod optimizer;
+pub mod parallel;
 pub mod rewards;
 pub mod sample;
 pub mod schedule;
@@ -19,12 +20,13 @@ use crate::policy::ModelError;
 
 pub use advantages::{group_advantages, leave_one_out};
 pub use checkpoint::TrainerState;
-pub use objective::{TokenTerms, token_terms};
+pub use objective::{TokenTerms, token_terms, weighted_token_terms};
+pub use parallel::{AllReduce, InProcessAllReduce, SingleWorker};
 pub use rewards::{EpisodeEnd, shaped_reward, step_penalty};
 pub use sample::{EpisodeTokens, Sample};
 pub use schedule::learning_rate;
 pub use settings::GrpoSettings;
-pub use trainer::{Accumulator, Batch, GrpoTrainer, StepStats};
+pub use trainer::{Accumulator, Batch, BehaviourLogprobs, GrpoTrainer, StepStats};
 
 #[derive(Debug, Error)]
 pub enum GrpoError {
@@ -44,6 +46,8 @@ pub enum GrpoError {
     NonFiniteState,
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    #[error("data-parallel reduction: {0}")]
+    Reduce(String),
     #[error(transparent)]
     Model(#[from] ModelError),
 }

@@ -25,6 +25,21 @@ pub fn token_terms(
     ref_logp: Option<f64>,
     s: &GrpoSettings,
 ) -> TokenTerms {
+    weighted_token_terms(logp, old_logp, 1.0, advantage, ref_logp, s)
+}
+
+/// [`token_terms`] with the policy-gradient part (not the KL term) multiplied by a constant
+/// importance weight `is_weight`: the truncated correction min(exp(log π_old − log π_sampler),
+/// C) for tokens sampled by a different implementation or version of the policy (verl's
+/// `tis_imp_ratio`, SkyRL's `tis`).
+pub fn weighted_token_terms(
+    logp: f64,
+    old_logp: f64,
+    is_weight: f64,
+    advantage: f64,
+    ref_logp: Option<f64>,
+    s: &GrpoSettings,
+) -> TokenTerms {
     let a = advantage;
     let ratio = (logp - old_logp).exp();
     let clipped_ratio = ratio.clamp(1.0 - s.eps_low, 1.0 + s.eps_high);
@@ -44,6 +59,8 @@ pub fn token_terms(
         grad = 0.0;
         was_clipped = true;
     }
+    loss *= is_weight;
+    grad *= is_weight;
     let mut kl = 0.0;
     if s.kl_coef > 0.0
         && let Some(r) = ref_logp

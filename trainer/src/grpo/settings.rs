@@ -19,6 +19,9 @@ pub struct GrpoSettings {
     pub dual_clip: Option<f64>,
     /// Weight of the k3 KL estimate to reference log-probs; 0 disables it.
     pub kl_coef: f64,
+    /// Cap C of the truncated importance weight min(exp(log π_old − log π_sampler), C) on
+    /// each policy token's loss (π_old from the trainer's forward, π_sampler from sampling).
+    pub is_cap: f64,
     pub max_staleness: u64,
     /// Sequences per micro-batch at most.
     pub micro_batch_size: usize,
@@ -64,6 +67,12 @@ impl TryFrom<&TrainingSettings> for GrpoSettings {
         {
             return bad(format!("dualClip must be greater than 1, got {c}"));
         }
+        if !(t.importance_sampling_cap >= 1.0 && t.importance_sampling_cap.is_finite()) {
+            return bad(format!(
+                "importanceSamplingCap must be at least 1, got {}",
+                t.importance_sampling_cap
+            ));
+        }
         if !(0.0..1.0).contains(&t.adam_beta1) || !(0.0..1.0).contains(&t.adam_beta2) {
             return bad(format!(
                 "adam betas must be in [0, 1), got {} / {}",
@@ -86,6 +95,7 @@ impl TryFrom<&TrainingSettings> for GrpoSettings {
             eps_high: t.eps_high,
             dual_clip: t.dual_clip,
             kl_coef: t.kl_coef,
+            is_cap: t.importance_sampling_cap,
             max_staleness: nonneg(t.max_staleness.into(), "maxStaleness")?,
             micro_batch_size: usize::try_from(t.micro_batch_size)
                 .ok()

@@ -1,5 +1,16 @@
 //! One GRPO update: select the samples, accumulate the objective's gradient over
 //! micro-batches, check it, clip it, apply AdamW, bump the policy version.
+//!
+//! Mixed precision: the forward runs in the model's compute dtype (bf16 on GPUs) against
+//! copies of the f32 master weights; each micro-batch's gradient is cast to f32 before it is
+//! summed, AdamW updates the f32 masters and moments, and the compute copies are refreshed
+//! under the weights write lock.
+//!
+//! Behaviour log-probs: π_old in the ratio is the trainer's own forward at the weights before
+//! the update, not the sampler's (sampling and training kernels differ, and in bf16 by more
+//! than the clip range's resolution). The sampler's log-probs only weight each token's loss by
+//! the truncated importance ratio min(exp(log π_old − log π_sampler), C) (verl's and SkyRL's
+//! "TIS"), which also covers samples from older policy versions.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,8 +21,9 @@ use crate::engine::policy::Policy;
 use crate::policy::CandlePolicy;
 
 use super::micro_batches::micro_batches;
-use super::objective::token_terms;
+use super::objective::weighted_token_terms;
 use super::optimizer::{AdamW, clip_factor, global_grad_norm};
+use super::parallel::{AllReduce, SingleWorker};
 use super::sample::Sample;
 use super::schedule::learning_rate;
 use super::{GrpoError, GrpoSettings};
@@ -43,12 +55,33 @@ pub struct StepStats {
     pub ratio_mean: f64,
     pub staleness_mean: f64,
     pub staleness_max: u64,
+    /// Mean |log π_old − log π_sampler| over the trained tokens: how far the trainer's
+    /// forward is from the sampler's (kernels, precision, stale weights).
+    pub logprob_mismatch_mean: f64,
+    /// The largest such difference.
+    pub logprob_mismatch_max: f64,
+    /// Fraction of trained tokens whose importance weight was truncated at the cap.
+    pub is_truncated_fraction: f64,
+}
+
+/// Where π_old, the denominator of the ratio, comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BehaviourLogprobs {
+    /// The trainer's forward at the weights before the update; the samples' log-probs (the
+    /// sampler's) give the truncated importance weight. What [`GrpoTrainer::train_step`] uses.
+    #[default]
+    Trainer,
+    /// The samples' log-probs are π_old and no importance weight is applied: the objective
+    /// exactly as written in the method, against given behaviour log-probs.
+    Sample,
 }
 
 /// The samples of one update after filtering, and the global token count the loss divides by.
 #[derive(Clone, Debug)]
 pub struct Batch {
     pub samples: Vec<Sample>,
+    /// Fresh enough samples dropped with their zero-advantage group.
+    pub dropped_samples: usize,
     pub global_tokens: usize,
     pub dropped_zero_advantage_groups: usize,
     pub stale_samples: usize,
@@ -66,6 +99,9 @@ pub struct Accumulator {
     entropy: f64,
     kl: f64,
     ratio: f64,
+    mismatch_sum: f64,
+    mismatch_max: f64,
+    truncated: usize,
 }
 
 impl Accumulator {
@@ -83,6 +119,40 @@ impl Accumulator {
     pub fn grads(&self) -> Option<&[Tensor]> {
         self.grads.as_deref()
     }
+
+    /// Adds a micro-batch whose loss is not the GRPO objective (supervised fine-tuning's
+    /// negative log-likelihood), so that [`GrpoTrainer::apply`] checks, clips and applies it
+    /// exactly as it does GRPO's: `loss` is the micro-batch's share of the batch loss,
+    /// `entropy_sum` the summed entropy over its `tokens`, `grads` the gradient of `loss` in
+    /// the order of the model's parameters.
+    pub fn add_external(
+        &mut self,
+        loss: f64,
+        tokens: usize,
+        entropy_sum: f64,
+        grads: Vec<Tensor>,
+    ) -> Result<(), GrpoError> {
+        self.loss += loss;
+        self.tokens += tokens;
+        self.entropy += entropy_sum;
+        self.grads = Some(match self.grads.take() {
+            None => grads,
+            Some(sum) => {
+                if sum.len() != grads.len() {
+                    return Err(GrpoError::Input(format!(
+                        "{} gradients added to {} accumulated ones",
+                        grads.len(),
+                        sum.len()
+                    )));
+                }
+                sum.iter()
+                    .zip(&grads)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<_>>()?
+            }
+        });
+        Ok(())
+    }
 }
 
 /// The learner: owns the optimiser state and updates the shared policy in place.
@@ -96,6 +166,7 @@ pub struct GrpoTrainer {
 
 impl GrpoTrainer {
     pub fn new(policy: Arc<CandlePolicy>, settings: GrpoSettings) -> Result<Self, GrpoError> {
+        // Moments are made like the parameters they follow: the f32 masters.
         let opt = AdamW::new(
             policy.model().parameters(),
             settings.adam_beta1,
@@ -164,19 +235,106 @@ impl GrpoTrainer {
     /// A full update over `samples`, in micro-batches of at most `micro_batch_size`
     /// sequences and `micro_batch_tokens` tokens, each packed end to end.
     pub fn train_step(&mut self, samples: &[Sample]) -> Result<StepStats, GrpoError> {
-        let batch = self.select(samples)?;
+        self.train_step_shard(samples, &SingleWorker)
+    }
+
+    /// This worker's part of a data-parallel update: `shard` is its share of the global batch
+    /// (split by whole groups, so that dropping all-zero-advantage groups sees every member),
+    /// `reduce` joins it to the other workers. Every worker must call this once per update;
+    /// all end with the same weights. The loss divides by the global token count and the
+    /// gradients are summed, so N workers make the update one worker makes on the whole batch.
+    pub fn train_step_shard(
+        &mut self,
+        shard: &[Sample],
+        reduce: &dyn AllReduce,
+    ) -> Result<StepStats, GrpoError> {
+        let mut batch = self.select(shard)?;
+        let mut counts = [
+            batch.global_tokens as f64,
+            batch.samples.len() as f64,
+            batch.dropped_zero_advantage_groups as f64,
+            batch.stale_samples as f64,
+            batch.staleness_mean * (batch.samples.len() + batch.dropped_samples) as f64,
+            (batch.samples.len() + batch.dropped_samples) as f64,
+        ];
+        reduce.sum(&mut counts)?;
+        let mut st_max = [batch.staleness_max as f64];
+        reduce.max(&mut st_max)?;
+        let global_tokens = counts[0] as usize;
         // Forward and backward on a rayon worker, so their parallel ops fork in place (see
-        // `Policy::generate`). The update is applied from this thread: it takes the weights'
-        // write lock, which must never be waited for on a worker of the pool.
-        let acc = rayon::scope(|_| {
+        // `Policy::generate`). The reductions and the update run from this thread: they wait
+        // for other workers or for the weights' write lock, which must never be waited for on
+        // a worker of the pool.
+        let mut acc = rayon::scope(|_| {
             let mut acc = Accumulator::default();
             let s = &self.settings;
             for mb in micro_batches(&batch.samples, s.micro_batch_size, s.micro_batch_tokens) {
-                self.accumulate(&mut acc, &batch.samples[mb], batch.global_tokens)?;
+                let mb = &batch.samples[mb];
+                self.accumulate_with(&mut acc, mb, global_tokens, BehaviourLogprobs::Trainer)?;
             }
             Ok::<_, GrpoError>(acc)
         })?;
-        self.apply(acc, &batch)
+        if reduce.world_size() > 1 {
+            self.reduce_accumulator(&mut acc, reduce)?;
+        }
+        batch.global_tokens = global_tokens;
+        batch.dropped_zero_advantage_groups = counts[2] as usize;
+        batch.stale_samples = counts[3] as usize;
+        batch.staleness_mean = if counts[5] > 0.0 {
+            counts[4] / counts[5]
+        } else {
+            0.0
+        };
+        batch.staleness_max = st_max[0] as u64;
+        let mut stats = self.apply(acc, &batch)?;
+        stats.samples = counts[1] as usize;
+        Ok(stats)
+    }
+
+    /// Sums the gradients and statistics of every worker into each worker's `acc`. A worker
+    /// with nothing to train on still takes part (with zero gradients): every worker must make
+    /// the same calls in the same order.
+    fn reduce_accumulator(
+        &self,
+        acc: &mut Accumulator,
+        reduce: &dyn AllReduce,
+    ) -> Result<(), GrpoError> {
+        let mut scalars = [
+            acc.loss,
+            acc.tokens as f64,
+            acc.clipped as f64,
+            acc.entropy,
+            acc.kl,
+            acc.ratio,
+            acc.mismatch_sum,
+            acc.truncated as f64,
+            f64::from(u8::from(acc.grads.is_some())),
+        ];
+        reduce.sum(&mut scalars)?;
+        let mut max = [acc.mismatch_max];
+        reduce.max(&mut max)?;
+        let local = match acc.grads.take() {
+            Some(g) => g,
+            None => self
+                .policy
+                .model()
+                .parameters()
+                .iter()
+                .map(|(_, p)| p.zeros_like())
+                .collect::<candle_core::Result<_>>()?,
+        };
+        let summed = reduce.sum_tensors(&local)?;
+        acc.loss = scalars[0];
+        acc.tokens = scalars[1] as usize;
+        acc.clipped = scalars[2] as usize;
+        acc.entropy = scalars[3];
+        acc.kl = scalars[4];
+        acc.ratio = scalars[5];
+        acc.mismatch_sum = scalars[6];
+        acc.truncated = scalars[7] as usize;
+        acc.mismatch_max = max[0];
+        acc.grads = (scalars[8] > 0.0).then_some(summed);
+        Ok(())
     }
 
     /// Validates `samples`, drops stale ones and groups whose advantages are all zero.
@@ -222,6 +380,7 @@ impl GrpoTrainer {
         }
         let global_tokens = kept.iter().map(Sample::policy_tokens).sum();
         Ok(Batch {
+            dropped_samples: kept_before - kept.len(),
             samples: kept,
             global_tokens,
             dropped_zero_advantage_groups: dropped_groups,
@@ -236,12 +395,28 @@ impl GrpoTrainer {
     }
 
     /// Adds one micro-batch's share of the loss (Σ token losses / `global_tokens`) and of its
-    /// gradient to `acc`.
+    /// gradient to `acc`, with the samples' log-probs as π_old ([`BehaviourLogprobs::Sample`]).
     pub fn accumulate(
         &self,
         acc: &mut Accumulator,
         micro_batch: &[Sample],
         global_tokens: usize,
+    ) -> Result<(), GrpoError> {
+        self.accumulate_with(acc, micro_batch, global_tokens, BehaviourLogprobs::Sample)
+    }
+
+    /// [`GrpoTrainer::accumulate`] with π_old from `behaviour`.
+    ///
+    /// With [`BehaviourLogprobs::Trainer`], π_old is the value of this very forward: the
+    /// update is applied only after every micro-batch has been through it, so this forward
+    /// runs at the pre-update weights, and its detached log-probs are what a separate
+    /// no-gradient pass before the update would compute, without a second forward.
+    pub fn accumulate_with(
+        &self,
+        acc: &mut Accumulator,
+        micro_batch: &[Sample],
+        global_tokens: usize,
+        behaviour: BehaviourLogprobs,
     ) -> Result<(), GrpoError> {
         let picks: Vec<(usize, usize)> = micro_batch
             .iter()
@@ -266,9 +441,25 @@ impl GrpoTrainer {
         let mut coef = Vec::with_capacity(picks.len());
         for (k, &(s, i)) in picks.iter().enumerate() {
             let smp = &micro_batch[s];
-            let t = token_terms(
-                values[k][0],
-                smp.old_logprobs[i] as f64,
+            let logp = values[k][0];
+            let sampler = smp.old_logprobs[i] as f64;
+            let (old, weight) = match behaviour {
+                BehaviourLogprobs::Sample => (sampler, 1.0),
+                BehaviourLogprobs::Trainer => {
+                    let delta = logp - sampler;
+                    acc.mismatch_sum += delta.abs();
+                    acc.mismatch_max = acc.mismatch_max.max(delta.abs());
+                    let w = delta.exp();
+                    if w > self.settings.is_cap {
+                        acc.truncated += 1;
+                    }
+                    (logp, w.min(self.settings.is_cap))
+                }
+            };
+            let t = weighted_token_terms(
+                logp,
+                old,
+                weight,
                 smp.advantage,
                 smp.ref_logprobs.as_ref().map(|r| r[i] as f64),
                 &self.settings,
@@ -287,9 +478,11 @@ impl GrpoTrainer {
         let grads = surrogate.backward()?;
         let params = model.parameters();
         let mut mb_grads = Vec::with_capacity(params.len());
-        for (name, p) in params {
+        // Gradients are taken in the compute dtype and summed in the masters' (f32): bf16
+        // sums of many micro-batches would drop the small ones.
+        for ((name, master), p) in params.iter().zip(model.compute_parameters()) {
             match grads.get(p.as_tensor()) {
-                Some(g) => mb_grads.push(g.clone()),
+                Some(g) => mb_grads.push(g.to_dtype(master.dtype())?),
                 None => {
                     return Err(GrpoError::Input(format!(
                         "parameter `{name}` got no gradient"
@@ -325,6 +518,9 @@ impl GrpoTrainer {
             ratio_mean: acc.ratio / n,
             staleness_mean: batch.staleness_mean,
             staleness_max: batch.staleness_max,
+            logprob_mismatch_mean: acc.mismatch_sum / n,
+            logprob_mismatch_max: acc.mismatch_max,
+            is_truncated_fraction: acc.truncated as f64 / n,
             step: self.step,
             policy_version: self.policy.version(),
             ..StepStats::default()
@@ -347,10 +543,13 @@ impl GrpoTrainer {
         }
         let lr = learning_rate(&self.settings, self.step);
         let scale = clip_factor(norm, self.settings.max_grad_norm);
-        let params = self.policy.model().parameters();
+        let model = self.policy.model();
         let opt = &mut self.opt;
-        self.policy
-            .with_weights_locked(|| opt.step(params, &grads, lr, scale))?;
+        self.policy.with_weights_locked(|| {
+            opt.step(model.parameters(), &grads, lr, scale)?;
+            model.refresh_compute()?;
+            Ok::<_, GrpoError>(())
+        })?;
         self.step += 1;
         self.policy.set_version(self.policy.version() + 1);
         stats.step = self.step;

@@ -62,6 +62,45 @@ impl KvCache {
         ))
     }
 
+    /// Positions the buffers hold before they must grow.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes held by the buffers.
+    pub fn bytes(&self) -> usize {
+        self.k
+            .iter()
+            .chain(&self.v)
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Makes room for `extra` more positions, at least doubling the buffers when they grow
+    /// (a conversation's cache grows turn by turn; doubling keeps the copies linear).
+    pub fn reserve(&mut self, extra: usize) -> Result<()> {
+        let need = self.len + extra;
+        if need <= self.capacity {
+            return Ok(());
+        }
+        let capacity = need.max(2 * self.capacity);
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let (b, kvh, _, hd) = buf.dims4()?;
+            let grown = Tensor::zeros((b, kvh, capacity, hd), buf.dtype(), buf.device())?;
+            if self.len > 0 {
+                grown.slice_set(&buf.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            *buf = grown;
+        }
+        self.capacity = capacity;
+        Ok(())
+    }
+
+    /// Forgets every position from `len` on (a conversation that went back on its tokens).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Called once per forward, after every layer appended `t` positions.
     pub(crate) fn advance(&mut self, t: usize) {
         self.len += t;

@@ -6,8 +6,10 @@
 //!   implements [`crate::engine::policy::Policy`].
 
 mod allocator;
+pub mod batcher;
 pub mod codec;
 pub mod config;
+pub mod device_sampling;
 pub mod kv_cache;
 mod layer_checkpoint;
 pub mod model;
@@ -24,9 +26,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use candle_core::{DType, Device};
 use thiserror::Error;
 
-use crate::engine::policy::{Generation, Policy, PolicyError, SamplingParams, TokenCodec};
+use crate::engine::policy::{
+    Generation, Policy, PolicyError, PolicySession, SamplingParams, TokenCodec,
+};
 
 pub use allocator::tune_allocator;
+pub use batcher::RolloutStats;
 pub use codec::{ByteCodec, HfCodec};
 pub use config::Qwen2Config;
 pub use model::Qwen2Model;
@@ -69,15 +74,16 @@ impl From<ModelError> for PolicyError {
     }
 }
 
-/// The dtype the model computes in on `device`: candle's CPU matmul has no bf16/f16, so
-/// half-precision requests run in f32 there.
+/// The dtype a run's model computes in on `device`. On the CPU a half-precision request
+/// runs in f32: candle's CPU matmul has no bf16 kernel (it widens to f32 and narrows back)
+/// and the fused CPU ops are f32/f64 only, so bf16 there is slower and no smaller in compute.
+/// Code that wants bf16 compute on the CPU (the mixed-precision tests) builds the model with
+/// that dtype directly ([`Qwen2Model::random`], [`Qwen2Model::from_tensors`]). Either way the
+/// master weights stay in f32 ([`model::master_dtype`]).
 pub fn compute_dtype(requested: DType, device: &Device) -> DType {
     match requested {
         DType::BF16 | DType::F16 if device.is_cpu() => {
-            tracing::warn!(
-                ?requested,
-                "the CPU has no half-precision matmul in candle: computing in f32"
-            );
+            tracing::info!(?requested, "computing in f32 on the CPU");
             DType::F32
         }
         d => d,
@@ -87,7 +93,11 @@ pub fn compute_dtype(requested: DType, device: &Device) -> DType {
 /// The model, its codec and the state sampling needs; implements [`Policy`].
 ///
 /// Weights are updated in place by the optimiser (`crate::grpo`); an update holds the write
-/// half of `weights_lock` and generation the read half, so a generation never sees half an update.
+/// half of `weights_lock` and each decoding step the read half, so a step never sees half an
+/// update. A session's cache keeps the keys and values of the weights its turns ran with: the
+/// training loop plays a step's episodes to their end before it updates.
+/// Generation goes through a continuous batching scheduler (`batcher`): concurrent calls and
+/// sessions decode together, each conversation with its own random stream drawn from `rng`.
 pub struct CandlePolicy {
     model: Qwen2Model,
     codec: Arc<dyn TokenCodec>,
@@ -96,6 +106,7 @@ pub struct CandlePolicy {
     version: AtomicU64,
     weights_lock: RwLock<()>,
     source_dir: Option<PathBuf>,
+    batcher: batcher::Batcher,
 }
 
 impl std::fmt::Debug for CandlePolicy {
@@ -117,6 +128,7 @@ impl CandlePolicy {
             version: AtomicU64::new(0),
             weights_lock: RwLock::new(()),
             source_dir: None,
+            batcher: batcher::Batcher::default(),
         }
     }
 
@@ -239,6 +251,32 @@ impl CandlePolicy {
         *g = Rng::from_state(s);
     }
 
+    /// Counters of the generation work done so far (prefill, decoding batches, evictions).
+    pub fn rollout_stats(&self) -> RolloutStats {
+        self.batcher.stats()
+    }
+
+    /// Bounds the KV caches that sessions keep between turns (all sessions together).
+    pub fn set_kv_budget_bytes(&self, bytes: usize) {
+        self.batcher.set_kv_budget_bytes(bytes);
+    }
+
+    /// A new conversation's random stream: drawn from the policy's, so the checkpointed
+    /// state fixes every later conversation's samples.
+    fn next_stream(&self) -> Rng {
+        let mut g = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+        Rng::seed(g.next_u64())
+    }
+
+    fn view(&self) -> batcher::ModelView<'_> {
+        batcher::ModelView {
+            model: &self.model,
+            codec: self.codec.as_ref(),
+            eos: &self.eos,
+            weights_lock: &self.weights_lock,
+        }
+    }
+
     /// Runs `f` while no generation reads the weights (the optimiser's in-place update).
     pub(crate) fn with_weights_locked<R>(&self, f: impl FnOnce() -> R) -> R {
         let _guard = self.weights_lock.write().unwrap_or_else(|p| p.into_inner());
@@ -292,32 +330,61 @@ impl Policy for CandlePolicy {
         self.codec.as_ref()
     }
 
+    /// Each context becomes a conversation of the batcher for this call; other calls and
+    /// sessions running at the same time share its decoding steps.
     fn generate(
         &self,
         contexts: &[Vec<u32>],
         params: &SamplingParams,
     ) -> Result<Vec<Generation>, PolicyError> {
-        let _guard = self.weights_lock.read().unwrap_or_else(|p| p.into_inner());
-        let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
-        let rng: &mut Rng = &mut rng;
-        // The whole decoding loop runs on a worker of the rayon pool: its many small parallel
-        // ops then fork on the spot instead of each being injected from outside the pool and
-        // waking a worker while this thread sleeps (a context switch per op). Both locks are
-        // taken here, on the caller's thread, never on a worker: a worker that blocked on a
-        // lock while another job it had stolen held it would deadlock the pool.
-        rayon::scope(|_| {
-            sampling::generate(
-                &self.model,
-                self.codec.as_ref(),
-                &self.eos,
-                contexts,
-                params,
-                rng,
-            )
-        })
+        let ids: Vec<u64> = contexts
+            .iter()
+            .map(|_| self.batcher.open(self.next_stream()))
+            .collect();
+        let requests = ids
+            .iter()
+            .zip(contexts)
+            .map(|(id, c)| (*id, c.as_slice(), params))
+            .collect();
+        let out = self.batcher.run(&self.view(), requests);
+        for id in ids {
+            self.batcher.close(id);
+        }
+        out.into_iter().collect()
     }
 
     fn version(&self) -> u64 {
         self.version.load(Ordering::SeqCst)
+    }
+
+    fn open_session(self: Arc<Self>) -> Option<Box<dyn PolicySession>> {
+        let id = self.batcher.open(self.next_stream());
+        Some(Box::new(CandleSession { policy: self, id }))
+    }
+}
+
+/// A conversation whose KV cache the batcher keeps between turns; freed on drop.
+struct CandleSession {
+    policy: Arc<CandlePolicy>,
+    id: u64,
+}
+
+impl PolicySession for CandleSession {
+    fn continue_turn(
+        &mut self,
+        context: &[u32],
+        params: &SamplingParams,
+    ) -> Result<Generation, PolicyError> {
+        let p = &self.policy;
+        p.batcher
+            .run(&p.view(), vec![(self.id, context, params)])
+            .pop()
+            .unwrap_or_else(|| Err(PolicyError::Failed("no generation for the turn".into())))
+    }
+}
+
+impl Drop for CandleSession {
+    fn drop(&mut self) {
+        self.policy.batcher.close(self.id);
     }
 }

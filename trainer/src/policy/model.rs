@@ -122,12 +122,28 @@ pub fn parameter_shapes(cfg: &Qwen2Config) -> Vec<(String, Vec<usize>)> {
     out
 }
 
+/// The dtype master weights (and so the optimiser's moments and accumulated gradients) are
+/// kept in: f32, or f64 when computing in f64. A bf16 weight cannot move by a step of 1e-6
+/// (its spacing near 0.02 is 1.2e-4), so half-precision models train f32 masters and compute
+/// with half-precision copies of them.
+pub fn master_dtype(compute: DType) -> DType {
+    if compute == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// A Qwen2 causal language model.
 pub struct Qwen2Model {
     cfg: Qwen2Config,
     dtype: DType,
     device: Device,
+    /// Master weights, in [`master_dtype`].
     params: Vec<(String, Var)>,
+    /// The weights the forward reads, in `dtype`: the masters themselves (same storage) when
+    /// `dtype` is the master dtype, else copies refreshed by [`Qwen2Model::refresh_compute`].
+    compute: Vec<Var>,
     train: Weights,
     infer: Weights,
     rope: Arc<RopeTables>,
@@ -179,7 +195,10 @@ impl Qwen2Model {
                     t.dims()
                 )));
             }
-            let t = t.to_device(device)?.to_dtype(dtype)?.contiguous()?;
+            let t = t
+                .to_device(device)?
+                .to_dtype(master_dtype(dtype))?
+                .contiguous()?;
             params.push((name, Var::from_tensor(&t)?));
         }
         if cfg.tie_word_embeddings {
@@ -191,7 +210,21 @@ impl Qwen2Model {
                 tensors.len()
             )));
         }
-        let by_name: HashMap<&str, &Var> = params.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let compute = params
+            .iter()
+            .map(|(_, p)| {
+                if p.dtype() == dtype {
+                    Ok(p.clone())
+                } else {
+                    Var::from_tensor(&p.as_tensor().to_dtype(dtype)?)
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let by_name: HashMap<&str, &Var> = params
+            .iter()
+            .zip(&compute)
+            .map(|((n, _), v)| (n.as_str(), v))
+            .collect();
         let train = Weights::build(&cfg, &|n| by_name[n].as_tensor().clone());
         let infer = Weights::build(&cfg, &|n| by_name[n].as_detached_tensor());
         let max_pos = cfg.max_position_embeddings;
@@ -207,6 +240,7 @@ impl Qwen2Model {
             dtype,
             device: device.clone(),
             params,
+            compute,
             train,
             infer,
             rope,
@@ -251,9 +285,27 @@ impl Qwen2Model {
         &self.device
     }
 
-    /// The trainable parameters with their transformers names.
+    /// The trainable parameters (the master weights) with their transformers names.
     pub fn parameters(&self) -> &[(String, Var)] {
         &self.params
+    }
+
+    /// The weights the forward reads, in the order of [`Qwen2Model::parameters`]: gradients
+    /// of a training forward are taken with respect to these.
+    pub fn compute_parameters(&self) -> &[Var] {
+        &self.compute
+    }
+
+    /// Copies the master weights into the compute copies (after an update; a no-op when the
+    /// model computes in the master dtype). Callers hold the policy's weights write lock, so
+    /// a generation never reads a half-refreshed model.
+    pub fn refresh_compute(&self) -> Result<(), ModelError> {
+        for ((_, master), copy) in self.params.iter().zip(&self.compute) {
+            if master.dtype() != copy.dtype() {
+                copy.set(&master.as_tensor().to_dtype(copy.dtype())?)?;
+            }
+        }
+        Ok(())
     }
 
     /// Chooses fused CPU kernels (`Auto`, the default) or composite ops.
@@ -330,6 +382,121 @@ impl Qwen2Model {
             c.advance(t);
         }
         Ok(ops::rms_norm(&x, &w.norm, cfg.rms_norm_eps, self.ops)?)
+    }
+
+    /// Final hidden state `(1, d)` of the last of `ids` appended to a conversation whose
+    /// keys and values are in `cache` (batch 1): a prefill that continues where the cache
+    /// ends, so a turn's new tokens are the only ones computed.
+    pub(crate) fn hidden_extend(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
+        let t = ids.len();
+        let offset = cache.len();
+        self.check_extend(ids, offset + t)?;
+        cache.reserve(t)?;
+        let ids_t = Tensor::from_vec(ids.to_vec(), (1, t), &self.device)?;
+        let input = BatchInput {
+            ids: &ids_t,
+            positions: Arc::new((offset..offset + t).map(|p| p as u32).collect()),
+            mask: AttentionMask {
+                tq: t,
+                offset,
+                key_start: Arc::new(vec![0]),
+            },
+        };
+        let h = self.hidden(&input, Some(cache), false)?;
+        Ok(h.narrow(0, t - 1, 1)?)
+    }
+
+    /// Final hidden states `(n, d)` of one new token for each of `n` conversations, each with
+    /// its own cache (batch 1, any length): projections and MLP run on the `n` rows at once,
+    /// attention on each row against its own cache. This is what lets conversations of
+    /// different lengths, started at different times, decode in one batch.
+    pub(crate) fn hidden_decode(
+        &self,
+        ids: &[u32],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor, ModelError> {
+        let n = ids.len();
+        if n == 0 || caches.len() != n {
+            return Err(ModelError::Input(format!(
+                "{n} tokens for {} caches",
+                caches.len()
+            )));
+        }
+        for (id, c) in ids.iter().zip(caches.iter_mut()) {
+            self.check_extend(std::slice::from_ref(id), c.len() + 1)?;
+            c.reserve(1)?;
+        }
+        let w = self.weights(false);
+        let cfg = &self.cfg;
+        let (kvh, hd) = (cfg.num_key_value_heads, cfg.head_dim);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let positions = RopePositions::new(Arc::new(
+            caches.iter().map(|c| c.len() as u32).collect::<Vec<_>>(),
+        ));
+        let ids_t = Tensor::from_vec(ids.to_vec(), n, &self.device)?;
+        let mut x = w.embed.index_select(&ids_t, 0)?; // (n, d)
+        for (li, l) in w.layers.iter().enumerate() {
+            let hn = ops::rms_norm(&x, &l.in_norm, cfg.rms_norm_eps, self.ops)?;
+            let q = linear(&hn, &l.q_w, Some(&l.q_b), self.ops)?;
+            let k = linear(&hn, &l.k_w, Some(&l.k_b), self.ops)?;
+            let v = linear(&hn, &l.v_w, Some(&l.v_b), self.ops)?;
+            let q = ops::rope_to_heads(&q, n, &self.rope, &positions, self.ops)?; // (n, h, 1, hd)
+            let k = ops::rope_to_heads(&k, n, &self.rope, &positions, self.ops)?; // (n, kvh, 1, hd)
+            let v = v.reshape((n, 1, kvh, hd))?.transpose(1, 2)?.contiguous()?;
+            let mut rows = Vec::with_capacity(n);
+            for (i, c) in caches.iter_mut().enumerate() {
+                let offset = c.len();
+                let (ck, cv) = c.append(li, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
+                let mask = AttentionMask {
+                    tq: 1,
+                    offset,
+                    key_start: Arc::new(vec![0]),
+                };
+                rows.push(ops::attention_heads(
+                    &q.narrow(0, i, 1)?,
+                    &ck,
+                    &cv,
+                    scale,
+                    &mask,
+                    self.ops,
+                )?);
+            }
+            let o = Tensor::cat(&rows, 0)?; // (n, h·hd)
+            x = residual(&x, &o, &l.o_w, self.ops)?;
+            let hn = ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps, self.ops)?;
+            let a = ops::swiglu(
+                &linear(&hn, &l.gate_w, None, self.ops)?,
+                &linear(&hn, &l.up_w, None, self.ops)?,
+                self.ops,
+            )?;
+            x = residual(&x, &a, &l.down_w, self.ops)?;
+        }
+        for c in caches.iter_mut() {
+            c.advance(1);
+        }
+        Ok(ops::rms_norm(&x, &w.norm, cfg.rms_norm_eps, self.ops)?)
+    }
+
+    /// Refuses ids outside the vocabulary and conversations past the model's positions.
+    fn check_extend(&self, ids: &[u32], total: usize) -> Result<(), ModelError> {
+        let vocab = self.cfg.vocab_size as u32;
+        if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        if ids.is_empty() || total > self.rope.max_positions() {
+            return Err(ModelError::Input(format!(
+                "a conversation of {total} tokens (adding {}) does not fit the model's {} positions",
+                ids.len(),
+                self.rope.max_positions()
+            )));
+        }
+        Ok(())
     }
 
     /// The LM head's weight `(vocab, d)`: `lm_head`, or the embedding when tied.

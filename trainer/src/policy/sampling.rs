@@ -1,4 +1,8 @@
-//! Batched, KV-cached generation with temperature, top-p, stop strings and a token budget.
+//! Batched, KV-cached generation with temperature, top-p, stop strings and a token budget,
+//! sampled on the host: the unbatched reference path. `CandlePolicy` generates through the
+//! continuous batching scheduler (`batcher`) and samples on the device (`device_sampling`);
+//! this module keeps the exact full-sort sampler and the one-call generation loop that tests
+//! compare them with.
 //!
 //! Contexts of different lengths are left-padded into one batch; each row keeps its own
 //! positions and never attends to its padding. Every row returns the exact sampled ids and
@@ -179,7 +183,7 @@ fn run(
 
 /// Whether a stop string appears in the decoded tail of `tokens` (enough tokens to hold the
 /// longest stop string, since every token decodes to at least one character or a part of one).
-fn stop_hit(
+pub(crate) fn stop_hit(
     codec: &dyn TokenCodec,
     tokens: &[u32],
     stop: &[String],

@@ -20,8 +20,9 @@ use crate::engine::sandbox::{Lease, Sandbox, SandboxProvider};
 use crate::grpo::{GrpoSettings, GrpoTrainer};
 use crate::policy::CandlePolicy;
 
+use super::device::device;
 use super::driver::{LoopState, RunDirs, TrainLoop, read_loop_state};
-use super::local::{device, model_dtype};
+use super::local::model_dtype;
 use super::metrics::TrainerMetrics;
 use super::report::{
     CheckpointRecord, CheckpointSink, LocalCheckpoints, ProgressReporter, ReportError,
@@ -232,7 +233,7 @@ pub async fn run_cluster(opts: ClusterOptions, broker: BrokerClient) -> anyhow::
     std::fs::create_dir_all(&dirs.episodes)?;
 
     let settings = GrpoSettings::try_from(&spec.training).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let device = device();
+    let device = device(spec.trainer.gpus)?;
     let (grpo, state) = match &opts.resume_from {
         Some(dir) => resume(dir, &spec, settings, &device)?,
         None => {
@@ -315,7 +316,7 @@ fn resume(
     // A checkpoint written by this loop carries its loop state; one from elsewhere starts at its step.
     let state = read_loop_state(dir).unwrap_or_else(|_| LoopState {
         step: grpo.step(),
-        pending: Vec::new(),
+        ..LoopState::default()
     });
     tracing::info!(checkpoint = %dir.display(), step = state.step, "resuming");
     Ok((grpo, state))

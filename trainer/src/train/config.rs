@@ -30,6 +30,14 @@ pub enum ConfigError {
         name: String,
         path: String,
     },
+    #[error(
+        "spec.evaluation.pool: SandboxPool {name:?} is not defined in {path} (a local run needs each pool in the same file)"
+    )]
+    MissingEvaluationPool { name: String, path: String },
+    #[error(
+        "spec.evaluation.tasks: {path}: a local run reads its task set from `file` (a ConfigMap needs a cluster)"
+    )]
+    EvaluationTasks { path: String },
     #[error("SandboxPool {name:?}: spec.environmentsFrom: {message}")]
     Environments { name: String, message: String },
     #[error(
@@ -136,11 +144,23 @@ fn environments(
     selfplay_crds::environments::all_environments(spec, from_file).map_err(|e| err(e.to_string()))
 }
 
+/// A run's held-out evaluation on this machine.
+#[derive(Clone, Debug)]
+pub struct LocalEvaluation {
+    pub pool: LocalPool,
+    /// `evaluation.tasks.file`, resolved against the run file's directory.
+    pub tasks: PathBuf,
+    pub settings: selfplay_crds::run::EvaluationSettings,
+}
+
 /// A validated run and its pools.
 #[derive(Clone, Debug)]
 pub struct LocalRun {
     pub run: SelfPlayRun,
     pub pools: Vec<LocalPool>,
+    /// `spec.evaluation` resolved on this machine: its pool (which need not be trained on)
+    /// and its task file.
+    pub evaluation: Option<LocalEvaluation>,
     /// Where the spec came from (a path, or `<built-in default>`).
     pub source: String,
     /// Things the spec asks for that one machine cannot do; printed at start-up.
@@ -209,15 +229,20 @@ pub fn parse(text: &str, source: &str, base: &Path) -> Result<LocalRun, ConfigEr
         path: source.to_string(),
     })?;
 
-    let mut local = Vec::new();
-    for (index, pref) in run.spec.pools.iter().enumerate() {
+    let resolve = |name: &str, index: Option<usize>, weight: i32| -> Result<LocalPool, ConfigError> {
         let pool = pools
             .iter()
-            .find(|p| p.metadata.name.as_deref() == Some(pref.name.as_str()))
-            .ok_or_else(|| ConfigError::MissingPool {
-                index,
-                name: pref.name.clone(),
-                path: source.to_string(),
+            .find(|p| p.metadata.name.as_deref() == Some(name))
+            .ok_or_else(|| match index {
+                Some(index) => ConfigError::MissingPool {
+                    index,
+                    name: name.to_string(),
+                    path: source.to_string(),
+                },
+                None => ConfigError::MissingEvaluationPool {
+                    name: name.to_string(),
+                    path: source.to_string(),
+                },
             })?;
         // No local path: the pool's sandboxes are containers of its image (Docker).
         let rel = pool
@@ -236,7 +261,7 @@ pub fn parse(text: &str, source: &str, base: &Path) -> Result<LocalRun, ConfigEr
                 let builtin = source == BUILTIN_SOURCE;
                 if !(repo_dir.is_dir() || is_bundle(&repo_dir) && (builtin || repo_dir.is_file())) {
                     return Err(ConfigError::NotADirectory {
-                        name: pref.name.clone(),
+                        name: name.to_string(),
                         path: repo_dir,
                     });
                 }
@@ -260,24 +285,52 @@ pub fn parse(text: &str, source: &str, base: &Path) -> Result<LocalRun, ConfigEr
                     .collect()
             })
             .unwrap_or_default();
-        let environments = environments(&pool.spec, &pref.name, base)?;
+        let environments = environments(&pool.spec, name, base)?;
         if repo_dir.is_some() && !environments.is_empty() {
             return Err(ConfigError::Environments {
-                name: pref.name.clone(),
+                name: name.to_string(),
                 message: "environments are images; a pool with spec.source.localPath has one \
                           repository"
                     .to_string(),
             });
         }
-        local.push(LocalPool {
-            name: pref.name.clone(),
-            weight: pref.weight.max(1) as u32,
+        Ok(LocalPool {
+            name: name.to_string(),
+            weight: weight.max(1) as u32,
             spec: pool.spec.clone(),
             repo_dir,
             toolchain,
             environments,
-        });
+        })
+    };
+    let mut local = Vec::new();
+    for (index, pref) in run.spec.pools.iter().enumerate() {
+        local.push(resolve(&pref.name, Some(index), pref.weight)?);
     }
+    let evaluation = match &run.spec.evaluation {
+        None => None,
+        Some(e) => {
+            let tasks = match (&e.tasks.file, &e.tasks.config_map) {
+                (Some(f), None) => {
+                    if Path::new(f).is_absolute() {
+                        PathBuf::from(f)
+                    } else {
+                        base.join(f)
+                    }
+                }
+                _ => {
+                    return Err(ConfigError::EvaluationTasks {
+                        path: source.to_string(),
+                    });
+                }
+            };
+            Some(LocalEvaluation {
+                pool: resolve(&e.pool, None, 1)?,
+                tasks,
+                settings: e.clone(),
+            })
+        }
+    };
 
     let mut warnings = Vec::new();
     let t = &run.spec.trainer;
@@ -307,6 +360,7 @@ pub fn parse(text: &str, source: &str, base: &Path) -> Result<LocalRun, ConfigEr
     Ok(LocalRun {
         run,
         pools: local,
+        evaluation,
         source: source.to_string(),
         warnings,
     })

@@ -33,6 +33,21 @@ pub struct LoopState {
     pub step: u64,
     /// Higher-order bugs waiting for solvers.
     pub pending: Vec<(String, BugTask)>,
+    /// The latest held-out evaluation (`spec.evaluation`), reported with every step until the
+    /// next one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heldout: Option<HeldOut>,
+}
+
+/// One held-out evaluation of the policy.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct HeldOut {
+    /// The step after which the policy was evaluated.
+    pub step: u64,
+    pub solve_rate: f64,
+    /// pass@k over the task set (`k` = `evaluation.attempts`).
+    pub pass_at_k: f64,
+    pub tasks: usize,
 }
 
 const LOOP_STATE_FILE: &str = "loop_state.json";
@@ -77,7 +92,7 @@ impl StepSummary {
         };
         let num = |v: Option<f64>| v.map(|x| format!("{x:+.2}")).unwrap_or_else(|| "-".into());
         format!(
-            "step {} | policy v{} | valid {}{} | solve {} | reward inj {} sol {} | {:.0} tok/s | sandbox errors {} | loss {} | {:.1}s{}",
+            "step {} | policy v{} | valid {}{} | solve {}{} | reward inj {} sol {} | {:.0} tok/s | sandbox errors {} | loss {} | {:.1}s{}",
             s.step,
             s.policy_version,
             pct(s.injector_validity_rate),
@@ -86,6 +101,10 @@ impl StepSummary {
                 .map(|c| format!(" (top failure: {c})"))
                 .unwrap_or_default(),
             pct(s.solve_rate),
+            match (s.heldout_solve_rate, s.heldout_step) {
+                (Some(r), Some(at)) => format!(" | held-out {} (step {at})", pct(Some(r))),
+                _ => String::new(),
+            },
             num(s.mean_reward_injector),
             num(s.mean_reward_solver),
             s.tokens_per_second.unwrap_or(0.0),
@@ -291,6 +310,8 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
             sandbox_errors: r.sandbox_errors as i64,
             // No token trained (every group dropped or masked): no loss to report.
             loss: stats.filter(|s| s.tokens > 0).map(|s| s.loss),
+            heldout_solve_rate: self.state.heldout.as_ref().map(|h| h.solve_rate),
+            heldout_step: self.state.heldout.as_ref().map(|h| h.step as i64),
             last_update_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                 k8s_openapi::jiff::Timestamp::now(),
             )),
@@ -306,6 +327,12 @@ impl<P: SandboxProvider, R: ProgressReporter, S: CheckpointSink> TrainLoop<P, R,
         if let Some(s) = stats {
             m.loss.set(s.loss);
             m.policy_entropy.set(s.entropy);
+            m.logprob_mismatch
+                .with_label_values(&["mean"])
+                .set(s.logprob_mismatch_mean);
+            m.logprob_mismatch
+                .with_label_values(&["max"])
+                .set(s.logprob_mismatch_max);
             m.dropped_groups
                 .inc_by(s.dropped_zero_advantage_groups as u64);
             m.stale_samples.inc_by(s.stale_samples as u64);

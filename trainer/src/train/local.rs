@@ -22,6 +22,7 @@ use crate::grpo::{GrpoError, GrpoSettings, GrpoTrainer};
 use crate::policy::{CandlePolicy, ModelError, compute_dtype};
 
 use super::config::{self, ConfigError, LocalRun};
+use super::device::{DeviceError, device};
 use super::driver::{
     LoopError, LoopState, PolicyView, RunDirs, StepSummary, TrainLoop, latest_checkpoint,
     read_loop_state,
@@ -54,6 +55,8 @@ pub enum LocalError {
     },
     #[error("metrics: {0}")]
     Metrics(String),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     #[error("--resume: no complete checkpoint under {0}")]
     NothingToResume(PathBuf),
 }
@@ -81,18 +84,6 @@ pub struct LocalOutcome {
     pub summaries: Vec<StepSummary>,
     pub interrupted: bool,
     pub metrics_addr: Option<SocketAddr>,
-}
-
-/// The device: a GPU when built with CUDA and one is present, else the CPU.
-pub fn device() -> Device {
-    #[cfg(feature = "cuda")]
-    {
-        if let Ok(d) = Device::new_cuda(0) {
-            return d;
-        }
-        tracing::warn!("built with CUDA but no GPU is usable: training on the CPU");
-    }
-    Device::Cpu
 }
 
 struct Bar(ProgressBar);
@@ -142,7 +133,14 @@ pub fn local_provider(
 ) -> Result<MachineProvider, LocalError> {
     let mut repos = std::collections::BTreeMap::new();
     let mut images = std::collections::BTreeMap::new();
-    for p in &run.pools {
+    // The evaluation's pool too, which need not be trained on.
+    let mut all: Vec<&crate::train::config::LocalPool> = run.pools.iter().collect();
+    if let Some(e) = &run.evaluation
+        && !all.iter().any(|p| p.name == e.pool.name)
+    {
+        all.push(&e.pool);
+    }
+    for p in &all {
         match &p.repo_dir {
             Some(dir) => {
                 repos.insert(
@@ -167,8 +165,7 @@ pub fn local_provider(
         None
     } else {
         Some(LocalProvider::new(LocalProviderConfig {
-            pool_settings: run
-                .pools
+            pool_settings: all
                 .iter()
                 .filter(|p| repos.contains_key(&p.name))
                 .map(|p| (p.name.clone(), p.sandbox_settings()))
@@ -463,7 +460,7 @@ fn build_trainer(
     let spec = &run.run.spec;
     let settings =
         GrpoSettings::try_from(&spec.training).map_err(|e| LocalError::Settings(e.to_string()))?;
-    let device = device();
+    let device = device(spec.trainer.gpus)?;
     if resume {
         let (step, dir) = latest_checkpoint(&dirs.checkpoints)
             .ok_or_else(|| LocalError::NothingToResume(dirs.checkpoints.clone()))?;

@@ -15,9 +15,11 @@ pub struct TrainerMetrics {
     pub loss: Gauge,
     pub nonfinite: IntCounter,
     pub policy_entropy: Gauge,
+    pub logprob_mismatch: GaugeVec,
     pub mean_reward: GaugeVec,
     pub solve_rate: Gauge,
     pub injector_validity_rate: Gauge,
+    pub heldout_solve_rate: Gauge,
     pub validation_failures: IntCounterVec,
     pub episodes: IntCounterVec,
     pub sandbox_errors: IntCounterVec,
@@ -57,6 +59,13 @@ impl TrainerMetrics {
                 "selfplay_trainer_policy_entropy",
                 "Mean per-token entropy of the sampled policy tokens, last step",
             ))?,
+            logprob_mismatch: GaugeVec::new(
+                opts(
+                    "selfplay_trainer_logprob_mismatch",
+                    "|log-prob of the trainer's forward - the sampler's| over the trained tokens of the last update (stat: mean, max)",
+                ),
+                &["stat"],
+            )?,
             mean_reward: GaugeVec::new(
                 opts(
                     "selfplay_trainer_mean_reward",
@@ -71,6 +80,10 @@ impl TrainerMetrics {
             injector_validity_rate: Gauge::with_opts(opts(
                 "selfplay_trainer_injector_validity_rate",
                 "Injector artifacts passing consistency validation, last step",
+            ))?,
+            heldout_solve_rate: Gauge::with_opts(opts(
+                "selfplay_trainer_heldout_solve_rate",
+                "Solve rate on the held-out task set (spec.evaluation), latest evaluation",
             ))?,
             validation_failures: IntCounterVec::new(
                 opts(
@@ -145,9 +158,11 @@ impl TrainerMetrics {
             Box::new(self.loss.clone()),
             Box::new(self.nonfinite.clone()),
             Box::new(self.policy_entropy.clone()),
+            Box::new(self.logprob_mismatch.clone()),
             Box::new(self.mean_reward.clone()),
             Box::new(self.solve_rate.clone()),
             Box::new(self.injector_validity_rate.clone()),
+            Box::new(self.heldout_solve_rate.clone()),
             Box::new(self.validation_failures.clone()),
             Box::new(self.episodes.clone()),
             Box::new(self.sandbox_errors.clone()),
@@ -217,7 +232,7 @@ mod tests {
     #[test]
     fn names_match_the_contract() {
         let names = metric_names();
-        assert_eq!(names.len(), 18);
+        assert_eq!(names.len(), 19);
         assert!(names.iter().all(|n| n.starts_with("selfplay_trainer_")));
         let doc = include_str!("../../../docs/metrics.md");
         for n in &names {

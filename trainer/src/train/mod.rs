@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod device;
 pub mod driver;
 pub mod local;
 pub mod metrics;

@@ -18,7 +18,7 @@ use crate::engine::roles::{
 };
 use crate::engine::sandbox::SandboxProvider;
 use crate::engine::solver::BugTask;
-use crate::engine::trajectory::{EndReason, Role, Trajectory};
+use crate::engine::trajectory::{EndReason, Role, TokenTranscript, Trajectory};
 use crate::grpo::advantages::group_advantages;
 use crate::grpo::rewards::{EpisodeEnd, shaped_reward};
 use crate::grpo::sample::Sample;
@@ -59,6 +59,9 @@ pub struct EpisodeRecord {
     pub solver: Option<SolverDetail>,
     /// What the policy wrote each turn, decoded and capped.
     pub transcript: Vec<String>,
+    /// The whole episode as token ids with the policy's spans (`trainer sft` replays it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokenTranscript>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -470,6 +473,7 @@ pub async fn rollout<P: SandboxProvider + ?Sized>(
                         .unwrap_or_default(),
                 }),
                 transcript: transcript(policy.as_ref(), traj),
+                tokens: Some(traj.token_transcript()),
             });
         }
         push_group(&mut out.samples, &members, &rewards, next_group);
@@ -548,6 +552,7 @@ pub async fn rollout<P: SandboxProvider + ?Sized>(
             }),
             solver: None,
             transcript: transcript(policy.as_ref(), traj),
+            tokens: Some(traj.token_transcript()),
         });
     }
     for (_, (members, rewards)) in by_pool {

@@ -238,6 +238,12 @@ pub fn step_scalars(s: &StepSummary) -> Vec<(&'static str, f64)> {
     .into_iter()
     .filter_map(|(tag, v)| v.map(|v| (tag, v)))
     .collect();
+    // The held-out solve rate is a point at each evaluation, not repeated at every step.
+    if let (Some(r), Some(at)) = (snap.heldout_solve_rate, snap.heldout_step)
+        && at == snap.step
+    {
+        out.push(("eval/heldout_solve_rate", r));
+    }
     out.extend([
         ("selfplay/sandbox_errors", snap.sandbox_errors as f64),
         ("selfplay/injector_episodes", s.rollouts_injectors as f64),
@@ -264,6 +270,9 @@ pub fn step_scalars(s: &StepSummary) -> Vec<(&'static str, f64)> {
                 ("train/clip_fraction", st.clip_fraction),
                 ("train/ratio_mean", st.ratio_mean),
                 ("train/kl", st.kl),
+                ("train/logprob_mismatch_mean", st.logprob_mismatch_mean),
+                ("train/logprob_mismatch_max", st.logprob_mismatch_max),
+                ("train/is_truncated_fraction", st.is_truncated_fraction),
                 ("train/staleness_mean", st.staleness_mean),
             ]);
         }

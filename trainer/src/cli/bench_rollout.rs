@@ -1,0 +1,315 @@
+//! `trainer bench rollout`: aggregate sampling throughput of N concurrent multi-turn
+//! episodes on a Qwen2-shaped random model, with and without sessions.
+//!
+//! Each episode is a thread that opens a session and plays fixed-length turns: a prompt,
+//! then `--turns` generations of `--turn-tokens` tokens, with `--observation-tokens` of
+//! simulated tool output appended between them. With `--no-session` (or in the table's
+//! "replay" rows) every turn instead sends the whole conversation to `generate`, which
+//! prefills it again: the behaviour before sessions. Both are measured in one run, in
+//! alternating order over `--rounds` rounds, and the medians reported.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+
+use crate::engine::policy::{Policy, SamplingParams};
+use crate::policy::{ByteCodec, CandlePolicy, Qwen2Config, Qwen2Model, Rng};
+
+/// Arguments of `trainer bench rollout`.
+#[derive(clap::Args, Debug)]
+pub struct RolloutArgs {
+    /// Concurrent episodes to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_value = "1,8")]
+    pub episodes: Vec<usize>,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// `cpu` or `cuda` (the first GPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Measure only the replay of the whole conversation every turn (no sessions).
+    #[arg(long)]
+    pub no_session: bool,
+    /// Rounds per configuration; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    #[arg(long, default_value_t = 4)]
+    pub turns: usize,
+    #[arg(long, default_value_t = 256)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 32)]
+    pub turn_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    pub observation_tokens: usize,
+    /// Model shape: hidden size (heads of 64), layers and vocabulary.
+    #[arg(long, default_value_t = 512)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 32000)]
+    pub vocab: usize,
+    /// Nucleus of the sampling (1, a run's default, samples the full distribution).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+}
+
+/// One measured configuration.
+#[derive(Clone, Copy, Debug)]
+struct Measure {
+    tokens_per_s: f64,
+    /// Tokens per second of the process's CPU time: what batching saves on a machine whose
+    /// cores other work also uses, where wall time mostly measures the share it got.
+    tokens_per_cpu_s: f64,
+    prefill_per_episode: f64,
+}
+
+pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
+    if args.episodes.is_empty() || args.episodes.contains(&0) {
+        anyhow::bail!("--episodes needs positive counts");
+    }
+    if args.rounds == 0 || args.turns == 0 || args.turn_tokens == 0 || args.prompt_tokens == 0 {
+        anyhow::bail!("--rounds, --turns, --turn-tokens and --prompt-tokens must be positive");
+    }
+    if args.hidden < 64 || !args.hidden.is_multiple_of(64) || args.vocab < 2 {
+        anyhow::bail!("--hidden must be a multiple of 64 and --vocab at least 2");
+    }
+    let device = match args.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0).context("--device cuda: CUDA is not available")?,
+        other => anyhow::bail!("--device {other}: expected cpu or cuda"),
+    };
+    let dtype = if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    };
+    let policy = Arc::new(bench_policy(&args, dtype, &device)?);
+    let modes: &[bool] = if args.no_session {
+        &[false]
+    } else {
+        &[true, false]
+    };
+    let mut results: Vec<(usize, bool, Vec<Measure>)> = args
+        .episodes
+        .iter()
+        .flat_map(|&n| modes.iter().map(move |&s| (n, s, Vec::new())))
+        .collect();
+    // Warm-up (allocations, caches), not measured.
+    play(&policy, &args, 1, true)?;
+    for round in 0..args.rounds {
+        // Alternate the order so slow phases of a noisy machine spread over both sides.
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..results.len()).collect()
+        } else {
+            (0..results.len()).rev().collect()
+        };
+        for i in order {
+            let (n, session, ref mut runs) = results[i];
+            runs.push(play(&policy, &args, n, session)?);
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    let base: Vec<(bool, f64, f64)> = results
+        .iter()
+        .filter(|r| r.0 == args.episodes[0])
+        .map(|r| {
+            (
+                r.1,
+                median(r.2.iter().map(|m| m.tokens_per_s)),
+                median(r.2.iter().map(|m| m.tokens_per_cpu_s)),
+            )
+        })
+        .collect();
+    if !args.json {
+        writeln!(
+            out,
+            "rollout bench: {} layers, hidden {}, vocab {}, {} on {:?}; {} turns of {} tokens, prompt {}, tool output {}; medians of {} rounds",
+            args.layers,
+            args.hidden,
+            args.vocab,
+            dtype.as_str(),
+            device.location(),
+            args.turns,
+            args.turn_tokens,
+            args.prompt_tokens,
+            args.observation_tokens,
+            args.rounds
+        )?;
+        writeln!(
+            out,
+            "{:>8} {:>8} {:>12} {:>10} {:>14} {:>10} {:>16}",
+            "episodes", "mode", "tokens/s", "speedup", "tokens/cpu-s", "speedup", "prefill/episode"
+        )?;
+    }
+    for (n, session, runs) in &results {
+        let tps = median(runs.iter().map(|m| m.tokens_per_s));
+        let cpu_tps = median(runs.iter().map(|m| m.tokens_per_cpu_s));
+        let prefill = median(runs.iter().map(|m| m.prefill_per_episode));
+        let (speedup, cpu_speedup) = base
+            .iter()
+            .find(|b| b.0 == *session)
+            .map_or((f64::NAN, f64::NAN), |b| (tps / b.1, cpu_tps / b.2));
+        if args.json {
+            serde_json::to_writer(
+                &mut out,
+                &serde_json::json!({
+                    "episodes": n,
+                    "tokens_per_s": tps,
+                    "prefill_tokens": prefill,
+                    "tokens_per_cpu_s": cpu_tps,
+                    "session": session,
+                }),
+            )?;
+            writeln!(out)?;
+        } else {
+            writeln!(
+                out,
+                "{:>8} {:>8} {:>12.1} {:>9.2}x {:>14.1} {:>9.2}x {:>16.0}",
+                n,
+                if *session { "session" } else { "replay" },
+                tps,
+                speedup,
+                cpu_tps,
+                cpu_speedup,
+                prefill
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A Qwen2-shaped random model with heads of 64 dims, 2 query heads per key/value head as in
+/// Qwen2.5-0.5B's ratio, and no end-of-sequence token so every turn has its full length.
+fn bench_policy(args: &RolloutArgs, dtype: DType, device: &Device) -> anyhow::Result<CandlePolicy> {
+    let heads = args.hidden / 64;
+    let kv = if heads.is_multiple_of(2) {
+        heads / 2
+    } else {
+        heads
+    };
+    let raw = serde_json::json!({
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": args.vocab,
+        "hidden_size": args.hidden,
+        "intermediate_size": args.hidden * 11 / 4,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": 64,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": true,
+        "torch_dtype": "float32",
+    });
+    let cfg = Qwen2Config::from_json(raw)?;
+    let model = Qwen2Model::random(cfg, 1, dtype, device)?;
+    Ok(CandlePolicy::new(model, Arc::new(ByteCodec), Vec::new(), 7))
+}
+
+/// Plays `n` concurrent episodes; returns the aggregate sampling rate and the context tokens
+/// run through the model per episode.
+fn play(
+    policy: &Arc<CandlePolicy>,
+    args: &RolloutArgs,
+    n: usize,
+    session: bool,
+) -> anyhow::Result<Measure> {
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: args.top_p,
+        max_new_tokens: args.turn_tokens,
+        stop: Vec::new(),
+    };
+    let vocab = args.vocab as u64;
+    let before = policy.rollout_stats();
+    let cpu_before = process_cpu_seconds();
+    let started = Instant::now();
+    let sampled: Vec<anyhow::Result<usize>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|e| {
+                let params = params.clone();
+                s.spawn(move || -> anyhow::Result<usize> {
+                    let mut rng = Rng::seed(1000 + e as u64);
+                    let mut tokens = |k: usize| -> Vec<u32> {
+                        (0..k).map(|_| (rng.next_u64() % vocab) as u32).collect()
+                    };
+                    let mut context = tokens(args.prompt_tokens);
+                    let mut conv = session
+                        .then(|| Policy::open_session(policy.clone()))
+                        .flatten();
+                    let mut sampled = 0;
+                    for turn in 0..args.turns {
+                        let g = match conv.as_mut() {
+                            Some(c) => c.continue_turn(&context, &params)?,
+                            None => policy
+                                .generate(std::slice::from_ref(&context), &params)?
+                                .pop()
+                                .context("no generation")?,
+                        };
+                        sampled += g.tokens.len();
+                        context.extend(&g.tokens);
+                        if turn + 1 < args.turns {
+                            context.extend(tokens(args.observation_tokens));
+                        }
+                    }
+                    Ok(sampled)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("an episode panicked")))
+            })
+            .collect()
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = process_cpu_seconds() - cpu_before;
+    let mut total = 0;
+    for r in sampled {
+        total += r?;
+    }
+    let after = policy.rollout_stats();
+    Ok(Measure {
+        tokens_per_s: total as f64 / seconds,
+        tokens_per_cpu_s: total as f64 / cpu,
+        prefill_per_episode: (after.prefill_tokens - before.prefill_tokens) as f64 / n as f64,
+    })
+}
+
+/// User and system CPU time of this process (Linux `/proc/self/stat`, in USER_HZ = 100 ticks
+/// a second); NaN elsewhere.
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the parenthesised command name, which may hold spaces.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return f64::NAN;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    match (tick(11), tick(12)) {
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => f64::NAN,
+    }
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}

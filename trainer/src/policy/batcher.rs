@@ -1,0 +1,531 @@
+//! Continuous batching of generation over conversations that keep their KV caches.
+//!
+//! Every caller of [`Batcher::run`] (an episode's turn, or a whole `generate` batch) queues
+//! its requests and waits. One waiting caller at a time drives: it admits everything queued
+//! into the running batch, prefills what each conversation added since its last turn (its
+//! cache holds the rest), samples one token for every running row at once on the device, and
+//! runs one batched decoding forward; rows leave the batch as soon as they stop and new ones
+//! join at the next step. A driver whose own requests are done hands the running batch to
+//! another waiting caller. Driving from the callers' threads (rather than a dedicated thread)
+//! keeps the model borrowed, never owned, and runs the work from outside the rayon pool as
+//! the rest of the policy does.
+//!
+//! Each conversation draws from its own random stream, so what a row samples does not depend
+//! on which other rows share its batch. Caches are bounded: when they would exceed the
+//! budget, idle conversations' caches are dropped, least recently used first, and rebuilt by
+//! a prefill at their next turn (counted in [`RolloutStats`]).
+
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
+
+use candle_core::Tensor;
+
+use crate::engine::policy::{FinishReason, Generation, PolicyError, SamplingParams, TokenCodec};
+
+use super::ModelError;
+use super::device_sampling::{RowDraw, sample_rows};
+use super::kv_cache::KvCache;
+use super::model::Qwen2Model;
+use super::rng::Rng;
+use super::sampling::stop_hit;
+
+/// Counters of the work generation did, since the policy was built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RolloutStats {
+    /// Context tokens run through the model (prompts, appended tool outputs, and what an
+    /// evicted cache had to recompute).
+    pub prefill_tokens: u64,
+    /// Tokens sampled.
+    pub sampled_tokens: u64,
+    /// Batched decoding forwards, and the rows they carried in all.
+    pub decode_steps: u64,
+    pub decode_rows: u64,
+    /// Caches dropped to stay within the budget, and the tokens their rebuilding recomputed.
+    pub evictions: u64,
+    pub reprefill_tokens: u64,
+}
+
+/// What generation needs of the policy.
+pub(crate) struct ModelView<'a> {
+    pub model: &'a Qwen2Model,
+    pub codec: &'a dyn TokenCodec,
+    pub eos: &'a [u32],
+    pub weights_lock: &'a RwLock<()>,
+}
+
+/// A conversation between its turns.
+struct Conversation {
+    /// Tokens whose keys and values are in `cache`.
+    fed: Vec<u32>,
+    cache: Option<KvCache>,
+    rng: Rng,
+    last_used: u64,
+    /// Tokens the cache held when the budget dropped it.
+    evicted: usize,
+}
+
+/// A turn in the running batch.
+struct Job {
+    id: u64,
+    conv: Conversation,
+    params: SamplingParams,
+    max_stop: usize,
+    /// Context tokens to run before the next draw.
+    pending: Vec<u32>,
+    /// `(1, vocab)` logits of the next draw.
+    logits: Option<Tensor>,
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    finish: Option<FinishReason>,
+}
+
+impl Job {
+    fn result(&self) -> Generation {
+        Generation {
+            tokens: self.tokens.clone(),
+            logprobs: self.logprobs.clone(),
+            finish: self.finish.unwrap_or(FinishReason::Length),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    driving: bool,
+    idle: HashMap<u64, Conversation>,
+    queue: Vec<Job>,
+    /// A batch left by a driver whose own requests were done.
+    running: Vec<Job>,
+    done: HashMap<u64, Result<Generation, PolicyError>>,
+    next_id: u64,
+    clock: u64,
+    stats: RolloutStats,
+}
+
+/// The continuous batching scheduler (see the module doc).
+pub struct Batcher {
+    state: Mutex<State>,
+    wake: Condvar,
+    kv_budget_bytes: Mutex<usize>,
+}
+
+impl Default for Batcher {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            kv_budget_bytes: Mutex::new(DEFAULT_KV_BUDGET_BYTES),
+        }
+    }
+}
+
+/// Cache memory of all conversations together unless set otherwise.
+pub const DEFAULT_KV_BUDGET_BYTES: usize = 4 << 30;
+
+impl Batcher {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn stats(&self) -> RolloutStats {
+        self.lock().stats
+    }
+
+    pub fn set_kv_budget_bytes(&self, bytes: usize) {
+        *self
+            .kv_budget_bytes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = bytes;
+    }
+
+    fn kv_budget(&self) -> usize {
+        *self
+            .kv_budget_bytes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens a conversation drawing from `rng`; returns its id.
+    pub fn open(&self, rng: Rng) -> u64 {
+        let mut st = self.lock();
+        let id = st.next_id;
+        st.next_id += 1;
+        let clock = st.clock;
+        st.idle.insert(
+            id,
+            Conversation {
+                fed: Vec::new(),
+                cache: None,
+                rng,
+                last_used: clock,
+                evicted: 0,
+            },
+        );
+        id
+    }
+
+    /// Frees a conversation and its cache.
+    pub fn close(&self, id: u64) {
+        let mut st = self.lock();
+        st.idle.remove(&id);
+        st.done.remove(&id);
+    }
+
+    /// Continues each conversation `(id, context, params)`: `context` is everything so far
+    /// (what the conversation already ran is its prefix and is not run again). Blocks until
+    /// all are done, driving the batch when no other caller does.
+    pub(crate) fn run(
+        &self,
+        view: &ModelView<'_>,
+        requests: Vec<(u64, &[u32], &SamplingParams)>,
+    ) -> Vec<Result<Generation, PolicyError>> {
+        let ids: Vec<u64> = requests.iter().map(|r| r.0).collect();
+        {
+            let mut st = self.lock();
+            for (id, context, params) in requests {
+                if let Err(e) = check_request(view.model, context, params) {
+                    st.done.insert(id, Err(e));
+                    continue;
+                }
+                let Some(conv) = st.idle.remove(&id) else {
+                    st.done.insert(
+                        id,
+                        Err(PolicyError::Failed(format!(
+                            "conversation {id} is closed or already running a turn"
+                        ))),
+                    );
+                    continue;
+                };
+                if params.max_new_tokens == 0 {
+                    st.idle.insert(id, conv);
+                    st.done.insert(
+                        id,
+                        Ok(Generation {
+                            tokens: vec![],
+                            logprobs: vec![],
+                            finish: FinishReason::Length,
+                        }),
+                    );
+                    continue;
+                }
+                let job = admit(id, conv, context, params, &mut st.stats);
+                st.queue.push(job);
+            }
+        }
+        loop {
+            let mut st = self.lock();
+            if ids.iter().all(|id| st.done.contains_key(id)) {
+                return ids
+                    .iter()
+                    .map(|id| {
+                        st.done.remove(id).unwrap_or_else(|| {
+                            Err(PolicyError::Failed(format!(
+                                "conversation {id} was listed twice in one call"
+                            )))
+                        })
+                    })
+                    .collect();
+            }
+            if !st.driving {
+                st.driving = true;
+                drop(st);
+                self.drive(view, &ids);
+                continue;
+            }
+            drop(self.wake.wait(st).unwrap_or_else(|p| p.into_inner()));
+        }
+    }
+
+    /// Runs the batch until the requests `mine` are done (see the module doc).
+    fn drive(&self, view: &ModelView<'_>, mine: &[u64]) {
+        let mut driver = Driver {
+            batcher: self,
+            running: Vec::new(),
+        };
+        let per_position = bytes_per_position(view.model);
+        loop {
+            {
+                let mut st = self.lock();
+                let st = &mut *st;
+                driver.running.append(&mut st.running);
+                driver.running.append(&mut st.queue);
+                if driver.running.is_empty() || mine.iter().all(|id| st.done.contains_key(id)) {
+                    st.running = std::mem::take(&mut driver.running);
+                    st.driving = false;
+                    self.wake.notify_all();
+                    return;
+                }
+                st.clock += 1;
+                let need: usize = driver
+                    .running
+                    .iter()
+                    .map(|j| {
+                        let held = j.conv.cache.as_ref().map_or(0, KvCache::bytes);
+                        held.max(
+                            (j.conv.fed.len() + j.pending.len() + j.params.max_new_tokens)
+                                * per_position,
+                        )
+                    })
+                    .sum();
+                evict(st, need, self.kv_budget());
+            }
+            let outcome = {
+                let _weights = view.weights_lock.read().unwrap_or_else(|p| p.into_inner());
+                // Work from outside the pool, as `CandlePolicy::generate` explains.
+                rayon::scope(|_| step(view, &mut driver.running))
+            };
+            let mut st = self.lock();
+            let st = &mut *st;
+            let clock = st.clock;
+            match outcome {
+                Ok(counts) => {
+                    st.stats.prefill_tokens += counts.prefill_tokens;
+                    st.stats.sampled_tokens += counts.sampled_tokens;
+                    st.stats.decode_steps += counts.decode_steps;
+                    st.stats.decode_rows += counts.decode_rows;
+                    let (finished, running): (Vec<Job>, Vec<Job>) =
+                        driver.running.drain(..).partition(|j| j.finish.is_some());
+                    driver.running = running;
+                    for mut job in finished {
+                        st.done.insert(job.id, Ok(job.result()));
+                        job.conv.last_used = clock;
+                        st.idle.insert(job.id, job.conv);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "a generation step failed");
+                    for mut job in driver.running.drain(..) {
+                        st.done
+                            .insert(job.id, Err(PolicyError::Failed(e.to_string())));
+                        // The cache may hold part of the failed step: rebuild it next time.
+                        job.conv.cache = None;
+                        job.conv.fed.clear();
+                        st.idle.insert(job.id, job.conv);
+                    }
+                }
+            }
+            self.wake.notify_all();
+        }
+    }
+}
+
+/// Ends a drive: on a panic, fails the batch it held instead of leaving its callers waiting.
+struct Driver<'a> {
+    batcher: &'a Batcher,
+    running: Vec<Job>,
+}
+
+impl Drop for Driver<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let mut st = self.batcher.lock();
+        for job in self.running.drain(..) {
+            st.done.insert(
+                job.id,
+                Err(PolicyError::Failed("generation panicked".into())),
+            );
+        }
+        st.driving = false;
+        self.batcher.wake.notify_all();
+    }
+}
+
+/// Bytes of keys and values one cached position takes.
+fn bytes_per_position(model: &Qwen2Model) -> usize {
+    let cfg = model.config();
+    2 * cfg.num_hidden_layers
+        * cfg.num_key_value_heads
+        * cfg.head_dim
+        * model.dtype().size_in_bytes()
+}
+
+/// Drops idle caches, least recently used first, until `running` more bytes fit the budget.
+fn evict(st: &mut State, running: usize, budget: usize) {
+    let mut held: usize = st
+        .idle
+        .values()
+        .filter_map(|c| c.cache.as_ref().map(KvCache::bytes))
+        .sum();
+    while held + running > budget {
+        let Some((_, conv)) = st
+            .idle
+            .iter_mut()
+            .filter(|(_, c)| c.cache.is_some())
+            .min_by_key(|(id, c)| (c.last_used, **id))
+        else {
+            break;
+        };
+        held -= conv.cache.as_ref().map_or(0, KvCache::bytes);
+        conv.cache = None;
+        conv.evicted = conv.fed.len();
+        conv.fed.clear();
+        st.stats.evictions += 1;
+    }
+}
+
+/// A conversation's next turn: only what its cache lacks of `context` is left to run.
+fn admit(
+    id: u64,
+    mut conv: Conversation,
+    context: &[u32],
+    params: &SamplingParams,
+    stats: &mut RolloutStats,
+) -> Job {
+    let common = conv
+        .fed
+        .iter()
+        .zip(context)
+        .take_while(|(a, b)| a == b)
+        .count()
+        // The last context token is always run: its logits give the first draw.
+        .min(context.len() - 1);
+    if common < conv.fed.len() {
+        conv.fed.truncate(common);
+        if let Some(c) = conv.cache.as_mut() {
+            c.truncate(common);
+        }
+    }
+    if conv.evicted > 0 {
+        stats.reprefill_tokens += conv.evicted.min(context.len()) as u64;
+        conv.evicted = 0;
+    }
+    Job {
+        id,
+        conv,
+        params: params.clone(),
+        max_stop: params
+            .stop
+            .iter()
+            .map(|s| s.chars().count())
+            .max()
+            .unwrap_or(0),
+        pending: context[common..].to_vec(),
+        logits: None,
+        tokens: Vec::new(),
+        logprobs: Vec::new(),
+        finish: None,
+    }
+}
+
+fn check_request(
+    model: &Qwen2Model,
+    context: &[u32],
+    params: &SamplingParams,
+) -> Result<(), PolicyError> {
+    if !(params.top_p > 0.0 && params.top_p <= 1.0 && params.temperature.is_finite())
+        || params.temperature < 0.0
+    {
+        return Err(PolicyError::Failed(format!(
+            "bad sampling parameters: temperature {} top_p {}",
+            params.temperature, params.top_p
+        )));
+    }
+    if context.is_empty() {
+        return Err(PolicyError::Failed("empty context".into()));
+    }
+    let max = model.rope().max_positions();
+    if context.len() + params.max_new_tokens > max {
+        return Err(PolicyError::ContextTooLong {
+            len: context.len() + params.max_new_tokens,
+            max,
+        });
+    }
+    let vocab = model.config().vocab_size as u32;
+    if let Some(bad) = context.iter().find(|&&id| id >= vocab) {
+        return Err(PolicyError::Failed(format!(
+            "token id {bad} is outside the vocabulary of {vocab}"
+        )));
+    }
+    Ok(())
+}
+
+/// One scheduling step of the running batch: prefill the rows that joined or appended,
+/// draw a token for every row, then one batched decoding forward for the rows that go on.
+fn step(view: &ModelView<'_>, jobs: &mut [Job]) -> Result<RolloutStats, ModelError> {
+    let model = view.model;
+    let cfg = model.config();
+    let mut counts = RolloutStats::default();
+    for job in jobs.iter_mut().filter(|j| !j.pending.is_empty()) {
+        let pending = std::mem::take(&mut job.pending);
+        let cache = match job.conv.cache.as_mut() {
+            Some(c) => c,
+            None => job.conv.cache.insert(KvCache::new(
+                cfg.num_hidden_layers,
+                1,
+                cfg.num_key_value_heads,
+                pending.len() + job.params.max_new_tokens,
+                cfg.head_dim,
+                model.dtype(),
+                model.device(),
+            )?),
+        };
+        let h = model.hidden_extend(&pending, cache)?;
+        job.logits = Some(model.logits(&h, false)?);
+        counts.prefill_tokens += pending.len() as u64;
+        job.conv.fed.extend(pending);
+    }
+    let rows: Vec<Tensor> = jobs
+        .iter()
+        .map(|j| {
+            j.logits
+                .clone()
+                .ok_or_else(|| ModelError::Input("a running row has no logits".into()))
+        })
+        .collect::<Result<_, _>>()?;
+    if rows.is_empty() {
+        return Ok(counts);
+    }
+    let draws: Vec<RowDraw> = jobs
+        .iter_mut()
+        .map(|j| RowDraw {
+            temperature: j.params.temperature,
+            top_p: j.params.top_p,
+            // 24 bits: exactly representable in f32 and strictly below 1.
+            uniform: (j.conv.rng.next_u64() >> 40) as f32 * (1.0 / (1u64 << 24) as f32),
+        })
+        .collect();
+    let picks = sample_rows(&Tensor::cat(&rows, 0)?, &draws)?;
+    for (job, (tok, lp)) in jobs.iter_mut().zip(picks) {
+        job.tokens.push(tok);
+        job.logprobs.push(lp);
+        job.logits = None;
+        counts.sampled_tokens += 1;
+        if view.eos.contains(&tok)
+            || stop_hit(view.codec, &job.tokens, &job.params.stop, job.max_stop)
+        {
+            job.finish = Some(FinishReason::Stop);
+        } else if job.tokens.len() >= job.params.max_new_tokens {
+            job.finish = Some(FinishReason::Length);
+        }
+    }
+    let mut going: Vec<&mut Job> = jobs.iter_mut().filter(|j| j.finish.is_none()).collect();
+    if going.is_empty() {
+        return Ok(counts);
+    }
+    let ids: Vec<u32> = going
+        .iter()
+        .map(|j| j.tokens.last().copied().unwrap_or(0))
+        .collect();
+    let logits = {
+        let mut caches: Vec<&mut KvCache> = Vec::with_capacity(going.len());
+        for j in going.iter_mut() {
+            let c = j
+                .conv
+                .cache
+                .as_mut()
+                .ok_or_else(|| ModelError::Input("a running row has no cache".into()))?;
+            caches.push(c);
+        }
+        let h = model.hidden_decode(&ids, &mut caches)?;
+        model.logits(&h, false)?
+    };
+    counts.decode_steps += 1;
+    counts.decode_rows += going.len() as u64;
+    for (i, (job, tok)) in going.into_iter().zip(ids).enumerate() {
+        job.logits = Some(logits.narrow(0, i, 1)?);
+        job.conv.fed.push(tok);
+    }
+    Ok(counts)
+}

@@ -1,0 +1,297 @@
+//! Sampling on the model's device: temperature, nucleus (top-p) and the draw are tensor ops
+//! on the logits where they were computed; only the chosen id and its log-prob of each row
+//! come back to the host.
+//!
+//! * The nucleus is found without sorting the vocabulary: a bisection on a threshold of the
+//!   tempered logits keeps the largest threshold whose tokens at or above it still hold
+//!   `top_p` of the mass. After [`BISECTION_STEPS`] halvings the bracket is narrower than
+//!   the f32 spacing of the logits, so the kept set is the full-sort nucleus (the smallest
+//!   most-likely prefix whose mass reaches `top_p`) except for tokens whose tempered logits
+//!   tie within that spacing at the boundary, which are all kept.
+//! * The draw inverts the kept distribution's CDF in vocabulary order with a uniform from
+//!   the row's own random stream (uploaded as one scalar per row). The CDF is found in two
+//!   levels, block sums then one block, because candle's `cumsum` is a matmul with a
+//!   triangular matrix: quadratic in its length.
+//! * The log-prob is that of the unmodified distribution (before temperature and top-p),
+//!   as the GRPO ratio needs (`shared/reference/method.md`, "Work in tokens end to end").
+
+use candle_core::{D, DType, Device, Result, Tensor, bail};
+
+/// Halvings of the threshold bracket: the tempered logits span well under 2^10 after the
+/// maximum is subtracted, so 2^-24 of that is below an f32 ulp of the larger ones.
+pub const BISECTION_STEPS: usize = 34;
+
+/// One row's sampling settings and its uniform draw in [0, 1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowDraw {
+    /// 0 is greedy (the first most likely token).
+    pub temperature: f32,
+    pub top_p: f32,
+    pub uniform: f32,
+}
+
+/// Samples one token per row of `logits (n, vocab)`; returns `(id, log π(id))` per row.
+pub fn sample_rows(logits: &Tensor, rows: &[RowDraw]) -> Result<Vec<(u32, f32)>> {
+    let (n, vocab) = logits.dims2()?;
+    if n != rows.len() || n == 0 || vocab == 0 {
+        bail!(
+            "sample_rows: logits {:?} for {} rows",
+            logits.dims(),
+            rows.len()
+        );
+    }
+    let dev = logits.device();
+    let z = logits.to_dtype(DType::F32)?;
+    let max = z.max_keepdim(D::Minus1)?;
+    let shifted = z.broadcast_sub(&max)?; // ≤ 0, the top token at 0
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let greedy_ids = z.argmax_keepdim(D::Minus1)?; // (n, 1) u32, first maximum
+    let ids = if rows.iter().all(|r| r.temperature <= 0.0) {
+        greedy_ids
+    } else {
+        let (sampled, landed) = draw(&shifted, rows, dev)?;
+        let greedy_rows = column(rows.iter().map(|r| u8::from(r.temperature <= 0.0)), dev)?;
+        // A draw that rounding carried past its block's last kept token takes the top token
+        // (always kept): an event of the order of f32 rounding, not a change of distribution
+        // one can measure.
+        let sampled = landed.where_cond(&sampled, &greedy_ids)?;
+        greedy_rows.where_cond(&greedy_ids, &sampled)?
+    };
+    let logprobs = shifted.gather(&ids, 1)?.sub(&lse)?;
+    let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+    let logprobs = logprobs.flatten_all()?.to_vec1::<f32>()?;
+    Ok(ids.into_iter().zip(logprobs).collect())
+}
+
+/// A `(n, 1)` column tensor of per-row values.
+fn column<T: candle_core::WithDType>(
+    values: impl Iterator<Item = T>,
+    dev: &Device,
+) -> Result<Tensor> {
+    let v: Vec<T> = values.collect();
+    let n = v.len();
+    Tensor::from_vec(v, (n, 1), dev)
+}
+
+/// Draws from the tempered nucleus of each row of `shifted (n, vocab)` (max-subtracted
+/// logits); returns `(n, 1)` u32 ids and whether each landed on a kept token.
+fn draw(shifted: &Tensor, rows: &[RowDraw], dev: &Device) -> Result<(Tensor, Tensor)> {
+    let inv_t = column(
+        rows.iter().map(|r| {
+            if r.temperature > 0.0 {
+                1.0 / r.temperature
+            } else {
+                1.0
+            }
+        }),
+        dev,
+    )?;
+    let s = shifted.broadcast_mul(&inv_t)?; // tempered, max 0
+    let w = s.exp()?;
+    let kept = if rows.iter().all(|r| r.top_p >= 1.0) {
+        w
+    } else {
+        nucleus(&s, &w, rows, dev)?
+    };
+    inverse_cdf(&kept, rows, dev)
+}
+
+/// `w` with the tokens outside each row's nucleus zeroed (see the module doc).
+fn nucleus(s: &Tensor, w: &Tensor, rows: &[RowDraw], dev: &Device) -> Result<Tensor> {
+    let total = w.sum_keepdim(D::Minus1)?;
+    let top_p = column(rows.iter().map(|r| r.top_p.min(1.0)), dev)?;
+    let target = total.mul(&top_p)?;
+    // mass(s ≥ lo) ≥ target always; mass(s ≥ hi) < target always (nothing is above 0).
+    let mut lo = s.min_keepdim(D::Minus1)?;
+    let mut hi = lo.ones_like()?;
+    let zeros = w.zeros_like()?;
+    for _ in 0..BISECTION_STEPS {
+        let mid = ((&lo + &hi)? * 0.5)?;
+        let mass = s
+            .broadcast_ge(&mid)?
+            .where_cond(w, &zeros)?
+            .sum_keepdim(D::Minus1)?;
+        let enough = mass.ge(&target)?;
+        lo = enough.where_cond(&mid, &lo)?;
+        hi = enough.where_cond(&hi, &mid)?;
+    }
+    // A row with top_p = 1 keeps everything, whatever rounding did to its sum.
+    let all = column(rows.iter().map(|r| u8::from(r.top_p >= 1.0)), dev)?;
+    let floor = s.min_keepdim(D::Minus1)?;
+    let lo = all.where_cond(&floor, &lo)?;
+    w * s.broadcast_ge(&lo)?.to_dtype(DType::F32)?
+}
+
+/// The first id whose cumulative weight exceeds `uniform · total`, per row, and whether it
+/// holds weight (rounding between the two levels can run past a block's last kept token).
+fn inverse_cdf(w: &Tensor, rows: &[RowDraw], dev: &Device) -> Result<(Tensor, Tensor)> {
+    let (n, vocab) = w.dims2()?;
+    let block = (vocab as f64).sqrt().ceil().max(1.0) as usize;
+    let blocks = vocab.div_ceil(block);
+    let w = w.pad_with_zeros(1, 0, blocks * block - vocab)?;
+    let wb = w.reshape((n, blocks, block))?;
+    let block_sums = wb.sum(D::Minus1)?; // (n, blocks)
+    let block_cdf = block_sums.cumsum(1)?;
+    let total = block_cdf.narrow(1, blocks - 1, 1)?;
+    let u = column(rows.iter().map(|r| r.uniform.clamp(0.0, 1.0)), dev)?;
+    let x = total.mul(&u)?; // (n, 1)
+    // Blocks wholly at or below x; the draw lies in the next one.
+    let before = block_cdf
+        .broadcast_le(&x)?
+        .to_dtype(DType::U32)?
+        .sum_keepdim(1)?;
+    let j = before.minimum(blocks as u32 - 1)?; // (n, 1)
+    let mass_before = block_cdf.pad_with_zeros(1, 1, 0)?.gather(&j, 1)?; // cumulative mass of blocks < j
+    let rest = x.sub(&mass_before)?;
+    let inner = wb
+        .gather(
+            &j.unsqueeze(2)?.broadcast_as((n, 1, block))?.contiguous()?,
+            1,
+        )?
+        .squeeze(1)?; // (n, block)
+    let inner_cdf = inner.cumsum(1)?;
+    let k = inner_cdf
+        .broadcast_le(&rest)?
+        .to_dtype(DType::U32)?
+        .sum_keepdim(1)?
+        .minimum(block as u32 - 1)?;
+    let landed = inner.gather(&k, 1)?.gt(0f32)?;
+    let id = j.broadcast_mul(&Tensor::new(block as u32, dev)?)?.add(&k)?;
+    Ok((id, landed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::rng::Rng;
+
+    /// The nucleus of the full-sort reference (`sampling::sample`): probabilities of the
+    /// tempered distribution renormalised over the smallest most-likely prefix reaching top_p.
+    fn reference(z: &[f32], t: f32, top_p: f32) -> Vec<f64> {
+        let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let w: Vec<f64> = z
+            .iter()
+            .map(|&x| (((x - max) as f64) / t as f64).exp())
+            .collect();
+        let total: f64 = w.iter().sum();
+        let mut order: Vec<usize> = (0..z.len()).collect();
+        order.sort_unstable_by(|&a, &b| w[b].total_cmp(&w[a]).then(a.cmp(&b)));
+        let mut kept = vec![0.0; z.len()];
+        let mut acc = 0.0;
+        for &i in &order {
+            kept[i] = w[i];
+            acc += w[i];
+            if acc >= top_p as f64 * total {
+                break;
+            }
+        }
+        let s: f64 = kept.iter().sum();
+        kept.iter().map(|k| k / s).collect()
+    }
+
+    fn logits(rng: &mut Rng, n: usize, vocab: usize, spread: f64) -> Vec<Vec<f32>> {
+        (0..n)
+            .map(|_| (0..vocab).map(|_| (spread * rng.normal()) as f32).collect())
+            .collect()
+    }
+
+    /// For a grid of uniforms, the draw is the inverse CDF (in vocabulary order) of the exact
+    /// full-sort nucleus distribution, and the log-prob that of the unmodified softmax.
+    #[test]
+    fn draws_invert_the_exact_nucleus_distribution() {
+        let mut rng = Rng::seed(11);
+        let vocab = 1000; // not a square: the last block is padded
+        for &(t, top_p, spread) in &[
+            (1.0f32, 1.0f32, 2.0),
+            (0.7, 0.9, 2.0),
+            (1.3, 0.5, 3.0),
+            (1.0, 0.95, 0.5),
+            (0.5, 0.3, 4.0),
+        ] {
+            let z = logits(&mut rng, 3, vocab, spread);
+            let flat: Vec<f32> = z.concat();
+            let lt = Tensor::from_vec(flat, (3, vocab), &Device::Cpu).unwrap();
+            for step in 0..50 {
+                let u: Vec<f32> = (0..3)
+                    .map(|r| ((step * 3 + r) as f32 + 0.5) / 150.0)
+                    .collect();
+                let rows: Vec<RowDraw> = u
+                    .iter()
+                    .map(|&uniform| RowDraw {
+                        temperature: t,
+                        top_p,
+                        uniform,
+                    })
+                    .collect();
+                let got = sample_rows(&lt, &rows).unwrap();
+                for r in 0..3 {
+                    let p = reference(&z[r], t, top_p);
+                    // The reference inverse CDF; draws within 1e-5 of a CDF step may
+                    // legitimately land on either side in f32.
+                    let x = u[r] as f64;
+                    let mut acc = 0.0;
+                    let mut want = None;
+                    let mut near_edge = false;
+                    for (i, pi) in p.iter().enumerate() {
+                        let prev = acc;
+                        acc += pi;
+                        if (acc - x).abs() < 1e-5 || (prev - x).abs() < 1e-5 {
+                            near_edge = true;
+                        }
+                        if want.is_none() && x < acc {
+                            want = Some(i);
+                        }
+                    }
+                    let (id, lp) = got[r];
+                    assert!(p[id as usize] > 0.0, "drew {id}, outside the nucleus");
+                    if !near_edge {
+                        assert_eq!(Some(id as usize), want, "t {t} top_p {top_p} u {x}");
+                    }
+                    let zr = &z[r];
+                    let max = zr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let lse = zr
+                        .iter()
+                        .map(|&v| ((v - max) as f64).exp())
+                        .sum::<f64>()
+                        .ln();
+                    let want_lp = (zr[id as usize] - max) as f64 - lse;
+                    assert!((lp as f64 - want_lp).abs() < 1e-5, "{lp} vs {want_lp}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn greedy_rows_take_the_first_maximum_and_mix_with_sampled_rows() {
+        let z = [vec![0.0f32, 3.0, 3.0, 1.0], vec![5.0, 0.0, 0.0, 0.0]];
+        let lt = Tensor::from_vec(z.concat(), (2, 4), &Device::Cpu).unwrap();
+        // (Exact ties at a nucleus boundary are all kept, unlike the full sort: see the
+        // module doc; the greedy row here ties on purpose, the nucleus rows below do not.)
+        let rows = [
+            RowDraw {
+                temperature: 0.0,
+                top_p: 1.0,
+                uniform: 0.99,
+            },
+            RowDraw {
+                temperature: 1.0,
+                top_p: 1.0,
+                uniform: 0.999_9,
+            },
+        ];
+        let got = sample_rows(&lt, &rows).unwrap();
+        assert_eq!(got[0].0, 1);
+        assert_eq!(got[1].0, 3, "u near 1 takes the last token");
+        // A nucleus far below the top token's mass is the top token alone.
+        let tiny = [RowDraw {
+            temperature: 1.0,
+            top_p: 1e-6,
+            uniform: 0.99,
+        }; 2];
+        let z = [0.0f32, 3.0, 2.9, 1.0, 5.0, 0.0, 0.0, 0.0];
+        let lt = Tensor::from_vec(z.to_vec(), (2, 4), &Device::Cpu).unwrap();
+        let got = sample_rows(&lt, &tiny).unwrap();
+        assert_eq!((got[0].0, got[1].0), (1, 0));
+        assert!(sample_rows(&lt, &tiny[..1]).is_err(), "rows must match");
+    }
+}
