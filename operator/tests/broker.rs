@@ -334,7 +334,11 @@ async fn progress_and_checkpoints_reach_the_run() {
     match c.report_progress(&bad).await {
         Err(selfplay_operator::broker::client::ClientError::Rpc(s)) => {
             assert_eq!(s.code(), tonic::Code::InvalidArgument);
-            assert!(s.message().contains("heldout_solve_rate"), "{}", s.message());
+            assert!(
+                s.message().contains("heldout_solve_rate"),
+                "{}",
+                s.message()
+            );
         }
         other => panic!("a held-out solve rate of 1.5 accepted: {other:?}"),
     }

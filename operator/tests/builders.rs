@@ -741,15 +741,17 @@ fn evaluation_tasks_are_mounted_from_their_config_map_and_validated() {
     let item = &vol.items.expect("items")[0];
     assert_eq!(
         (item.key.as_str(), item.path.as_str()),
-        ("swe.jsonl", file.file_name().and_then(|n| n.to_str()).expect("name"))
+        (
+            "swe.jsonl",
+            file.file_name().and_then(|n| n.to_str()).expect("name")
+        )
     );
 
     // A file is `trainer local`'s; the trainer pod has none of the user's files.
     let mut local = run.clone();
-    local.spec.evaluation = Some(serde_yaml::from_str(
-        "tasks: {file: heldout.jsonl}\npool: pyrepo",
-    )
-    .expect("evaluation"));
+    local.spec.evaluation = Some(
+        serde_yaml::from_str("tasks: {file: heldout.jsonl}\npool: pyrepo").expect("evaluation"),
+    );
     let err = validate_run(&local).expect_err("refused");
     assert!(err.to_string().contains("evaluation.tasks.file"), "{err}");
 

@@ -241,12 +241,7 @@ fn trainer_behaviour_logprobs_weight_tokens_by_the_truncated_ratio() {
         let mut acc = Default::default();
         t.accumulate_with(&mut acc, &batch.samples, batch.global_tokens, mode)
             .unwrap();
-        let g: Vec<f64> = acc
-            .grads()
-            .unwrap()
-            .iter()
-            .flat_map(values)
-            .collect();
+        let g: Vec<f64> = acc.grads().unwrap().iter().flat_map(values).collect();
         (acc.loss(), g)
     };
     let (l_plain, g_plain) = run(&exact, BehaviourLogprobs::Sample);

@@ -161,7 +161,9 @@ pub fn snapshot_from_proto(p: &pb::Progress, now: Timestamp) -> Result<ProgressS
         heldout_solve_rate: rate(p.heldout_solve_rate, "heldout_solve_rate")?,
         heldout_step: match p.heldout_step {
             Some(s) if s < 0 => {
-                return Err(Status::invalid_argument("heldout_step must not be negative"));
+                return Err(Status::invalid_argument(
+                    "heldout_step must not be negative",
+                ));
             }
             s => s,
         },

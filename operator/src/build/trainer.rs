@@ -178,7 +178,9 @@ pub fn trainer_pod(
     {
         let file = std::path::Path::new(selfplay_crds::run::EVALUATION_TASKS_FILE);
         let (dir, name) = (
-            file.parent().map(|d| d.display().to_string()).unwrap_or_default(),
+            file.parent()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
             file.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),

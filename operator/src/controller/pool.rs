@@ -82,10 +82,7 @@ pub fn runs_using_pool(ctx: &Context, namespace: &str, pool: &str) -> Vec<String
     ctx.runs
         .state()
         .iter()
-        .filter(|r| {
-            r.namespace().as_deref() == Some(namespace)
-                && r.spec.uses_pool(pool)
-        })
+        .filter(|r| r.namespace().as_deref() == Some(namespace) && r.spec.uses_pool(pool))
         .map(|r| r.name_any())
         .collect()
 }

@@ -13,7 +13,7 @@ use candle_core::DType;
 use crate::engine::prompts::ChatMarkup;
 use crate::policy::CandlePolicy;
 use crate::sft::{LoadOptions, SftOptions, SftTrainer, load_dataset, mean_nll};
-use crate::train::local::device;
+use crate::train::device::device;
 use crate::train::report::list_step_dirs;
 use crate::train::tensorboard::EventWriter;
 
@@ -82,13 +82,17 @@ pub struct SftArgs {
     /// Continue from the latest checkpoint in the output directory.
     #[arg(long)]
     pub resume: bool,
-    /// Compute in bfloat16 (on a GPU; the CPU computes in f32).
+    /// Compute in bfloat16 (f32 master weights and optimizer state).
     #[arg(long)]
     pub bf16: bool,
+    /// GPUs to train on: 0 trains on the CPU; 1 needs a CUDA build and a usable GPU (no
+    /// silent fallback to the CPU).
+    #[arg(long, default_value_t = 0)]
+    pub gpus: i32,
 }
 
 pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
-    let device = device();
+    let device = device(args.gpus)?;
     let dtype = if args.bf16 { DType::BF16 } else { DType::F32 };
     let final_dir = args.out.join("model");
     if final_dir.exists() {

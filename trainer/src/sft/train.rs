@@ -195,6 +195,7 @@ impl SftTrainer {
         })?;
         let grpo_batch = Batch {
             samples: Vec::new(),
+            dropped_samples: 0,
             global_tokens,
             dropped_zero_advantage_groups: 0,
             stale_samples: 0,
@@ -309,13 +310,14 @@ fn accumulate(
     let loss: Tensor = (logp.sum_all()? * (-1.0 / norm))?;
     let grads = loss.backward()?;
     let mut out = Vec::new();
-    for (name, p) in model.parameters() {
+    // Gradients of the compute copies, summed in the masters' dtype (f32), as GRPO does.
+    for ((name, master), p) in model.parameters().iter().zip(model.compute_parameters()) {
         let g = grads.get(p.as_tensor()).ok_or_else(|| {
             SftError::Train(GrpoError::Input(format!(
                 "parameter `{name}` got no gradient"
             )))
         })?;
-        out.push(g.clone());
+        out.push(g.to_dtype(master.dtype())?);
     }
     acc.add_external(nll / norm, picks.len(), entropy, out)?;
     Ok(())

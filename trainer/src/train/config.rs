@@ -229,7 +229,10 @@ pub fn parse(text: &str, source: &str, base: &Path) -> Result<LocalRun, ConfigEr
         path: source.to_string(),
     })?;
 
-    let resolve = |name: &str, index: Option<usize>, weight: i32| -> Result<LocalPool, ConfigError> {
+    let resolve = |name: &str,
+                   index: Option<usize>,
+                   weight: i32|
+     -> Result<LocalPool, ConfigError> {
         let pool = pools
             .iter()
             .find(|p| p.metadata.name.as_deref() == Some(name))
