@@ -40,7 +40,8 @@ fn block_stats(h: &Tensor, w: &Tensor, work: DType) -> Result<BlockStats> {
     Ok(BlockStats { shifted, lse })
 }
 
-/// `(n, 2)`: log-prob of each target and entropy, of `hidden (n, d) · headᵀ`.
+/// `(n, 2)`: log-prob of each target and entropy, of `hidden (n, d) · headᵀ`, in f32 (f64
+/// for f64 inputs).
 pub(super) fn lm_head_logprobs(hidden: &Tensor, head: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (n, _d) = hidden.dims2()?;
     let work = work_dtype(hidden.dtype());
@@ -56,7 +57,9 @@ pub(super) fn lm_head_logprobs(hidden: &Tensor, head: &Tensor, targets: &Tensor)
         let entropy = (logp.exp()? * &logp)?.sum_keepdim(D::Minus1)?.neg()?;
         outs.push(Tensor::cat(&[&target_lp, &entropy], 1)?);
     }
-    let out = Tensor::cat(&outs, 0)?.to_dtype(hidden.dtype())?;
+    // f32 for half-precision inputs (f64 for f64), as `token_logprobs_entropy` returns:
+    // a bf16 log-prob would quantise the GRPO ratio by 1–3%.
+    let out = Tensor::cat(&outs, 0)?;
     if !(hidden.track_op() || head.track_op()) {
         return Ok(out);
     }
