@@ -419,10 +419,17 @@ pub struct TrainingSettings {
     #[schemars(range(min = 0, max = 1000))]
     pub max_staleness: i32,
 
-    /// Sequences per forward/backward micro-batch. Defaults to 4.
+    /// Sequences per forward/backward micro-batch at most. Defaults to 4.
     #[serde(default = "default_micro_batch")]
     #[schemars(range(min = 1, max = 4096))]
     pub micro_batch_size: i32,
+
+    /// Tokens per forward/backward micro-batch at most: its sequences are packed end to end
+    /// (no padding); a longer sequence is a micro-batch of its own. Training memory grows
+    /// with this, not with the number of sequences. Defaults to 8192.
+    #[serde(default = "default_micro_batch_tokens")]
+    #[schemars(range(min = 1))]
+    pub micro_batch_tokens: i32,
 
     /// What happens to truncated episodes.
     #[serde(default)]
@@ -471,6 +478,7 @@ impl Default for TrainingSettings {
             importance_sampling_cap: default_is_cap(),
             max_staleness: default_staleness(),
             micro_batch_size: default_micro_batch(),
+            micro_batch_tokens: default_micro_batch_tokens(),
             truncation: TruncationPolicy::default(),
             step_penalty: None,
             max_grad_norm: 1.0,
@@ -794,6 +802,10 @@ fn default_eps_high() -> f64 {
 fn default_staleness() -> i32 {
     8
 }
+fn default_micro_batch_tokens() -> i32 {
+    8192
+}
+
 fn default_micro_batch() -> i32 {
     4
 }

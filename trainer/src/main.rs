@@ -6,6 +6,10 @@ use clap::{Parser, Subcommand};
 use selfplay_trainer::cli;
 use selfplay_trainer::engine::local::{TRAINER_SIDECAR_ARG, serve_sidecar_from_this_executable};
 
+/// Counts heap bytes for `trainer bench memory`.
+#[global_allocator]
+static ALLOC: cli::bench::peak_alloc::CountingAlloc = cli::bench::peak_alloc::CountingAlloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "trainer",
@@ -57,6 +61,8 @@ enum BenchCommand {
     /// Aggregate sampling throughput of N concurrent multi-turn episodes, and the prefill
     /// tokens per episode with and without sessions.
     Rollout(cli::bench_rollout::RolloutArgs),
+    /// Peak memory and time of one GRPO training step per sequence length.
+    Memory(cli::bench::memory::MemoryArgs),
 }
 
 fn main() -> ExitCode {
@@ -100,6 +106,7 @@ fn main() -> ExitCode {
         Command::Sft(a) => cli::sft::run(a),
         Command::Sandbox(a) => cli::sandbox::run(a),
         Command::Bench(BenchCommand::Rollout(a)) => cli::bench_rollout::run(a),
+        Command::Bench(BenchCommand::Memory(a)) => cli::bench::memory::run(a),
         // Handled before parsing, above.
         Command::Sidecar { .. } => Ok(ExitCode::FAILURE),
     };

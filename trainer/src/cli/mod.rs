@@ -1,5 +1,6 @@
 //! The `trainer` subcommands; each lives in its own module.
 
+pub mod bench;
 pub mod bench_rollout;
 pub mod cluster;
 pub mod eval;

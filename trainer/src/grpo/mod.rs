@@ -4,6 +4,7 @@
 
 pub mod advantages;
 pub mod checkpoint;
+pub mod micro_batches;
 pub mod objective;
 pub mod optimizer;
 pub mod parallel;

@@ -23,7 +23,10 @@ pub struct GrpoSettings {
     /// each policy token's loss (π_old from the trainer's forward, π_sampler from sampling).
     pub is_cap: f64,
     pub max_staleness: u64,
+    /// Sequences per micro-batch at most.
     pub micro_batch_size: usize,
+    /// Tokens per micro-batch at most (packed end to end); a longer sequence goes alone.
+    pub micro_batch_tokens: usize,
     pub max_grad_norm: f64,
     pub weight_decay: f64,
     pub adam_beta1: f64,
@@ -98,6 +101,10 @@ impl TryFrom<&TrainingSettings> for GrpoSettings {
                 .ok()
                 .filter(|&m| m > 0)
                 .ok_or_else(|| GrpoError::Settings("microBatchSize must be positive".into()))?,
+            micro_batch_tokens: usize::try_from(t.micro_batch_tokens)
+                .ok()
+                .filter(|&m| m > 0)
+                .ok_or_else(|| GrpoError::Settings("microBatchTokens must be positive".into()))?,
             max_grad_norm: t.max_grad_norm,
             weight_decay: t.weight_decay,
             adam_beta1: t.adam_beta1,

@@ -20,6 +20,7 @@ use candle_core::{D, DType, Tensor};
 use crate::engine::policy::Policy;
 use crate::policy::CandlePolicy;
 
+use super::micro_batches::micro_batches;
 use super::objective::weighted_token_terms;
 use super::optimizer::{AdamW, clip_factor, global_grad_norm};
 use super::parallel::{AllReduce, SingleWorker};
@@ -231,7 +232,8 @@ impl GrpoTrainer {
         Ok(())
     }
 
-    /// A full update over `samples` (micro-batches of `micro_batch_size` sequences).
+    /// A full update over `samples`, in micro-batches of at most `micro_batch_size`
+    /// sequences and `micro_batch_tokens` tokens, each packed end to end.
     pub fn train_step(&mut self, samples: &[Sample]) -> Result<StepStats, GrpoError> {
         self.train_step_shard(samples, &SingleWorker)
     }
@@ -265,7 +267,9 @@ impl GrpoTrainer {
         // a worker of the pool.
         let mut acc = rayon::scope(|_| {
             let mut acc = Accumulator::default();
-            for mb in batch.samples.chunks(self.settings.micro_batch_size) {
+            let s = &self.settings;
+            for mb in micro_batches(&batch.samples, s.micro_batch_size, s.micro_batch_tokens) {
+                let mb = &batch.samples[mb];
                 self.accumulate_with(&mut acc, mb, global_tokens, BehaviourLogprobs::Trainer)?;
             }
             Ok::<_, GrpoError>(acc)

@@ -11,6 +11,7 @@ pub mod codec;
 pub mod config;
 pub mod device_sampling;
 pub mod kv_cache;
+mod layer_checkpoint;
 pub mod model;
 pub mod ops;
 pub mod rng;

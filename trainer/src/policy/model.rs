@@ -9,12 +9,13 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::ModelError;
 use super::config::Qwen2Config;
 use super::kv_cache::KvCache;
-use super::ops::{self, AttentionMask, OpsMode, RopeTables};
+use super::layer_checkpoint;
+use super::ops::{self, AttentionMask, KeyRanges, OpsMode, RopePositions, RopeTables};
 use super::rng::Rng;
 
 /// One layer's weights (transformers names in comments).
 #[derive(Clone, Debug)]
-struct Layer {
+pub(super) struct Layer {
     q_w: Tensor, // self_attn.q_proj.weight (heads·hd, d)
     q_b: Tensor,
     k_w: Tensor,
@@ -36,6 +37,26 @@ struct Weights {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Option<Tensor>,
+}
+
+impl Layer {
+    /// Every tensor, in a fixed order (the checkpointed layer hands their gradients back in it).
+    pub(super) fn tensors(&self) -> [&Tensor; 12] {
+        [
+            &self.q_w,
+            &self.q_b,
+            &self.k_w,
+            &self.k_b,
+            &self.v_w,
+            &self.v_b,
+            &self.o_w,
+            &self.gate_w,
+            &self.up_w,
+            &self.down_w,
+            &self.in_norm,
+            &self.post_norm,
+        ]
+    }
 }
 
 impl Weights {
@@ -127,7 +148,14 @@ pub struct Qwen2Model {
     infer: Weights,
     rope: Arc<RopeTables>,
     ops: OpsMode,
+    /// Differentiable forwards of at least this many tokens recompute each layer in the
+    /// backward instead of keeping its activations; `None`: never.
+    checkpoint_from: Option<usize>,
 }
+
+/// Tokens from which layers are checkpointed by default: below it a step's activations are
+/// small and the recompute (about a third more work) would only slow the step down.
+pub const CHECKPOINT_FROM_TOKENS: usize = 4096;
 
 impl std::fmt::Debug for Qwen2Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -217,6 +245,7 @@ impl Qwen2Model {
             infer,
             rope,
             ops: OpsMode::Auto,
+            checkpoint_from: Some(CHECKPOINT_FROM_TOKENS),
         })
     }
 
@@ -288,6 +317,16 @@ impl Qwen2Model {
         self.ops
     }
 
+    /// Checkpoints the layers of differentiable forwards of at least `from_tokens` tokens
+    /// (`Some(0)`: always; `None`: never). The gradients are the same either way.
+    pub fn set_checkpointing(&mut self, from_tokens: Option<usize>) {
+        self.checkpoint_from = from_tokens;
+    }
+
+    pub fn checkpointing(&self) -> Option<usize> {
+        self.checkpoint_from
+    }
+
     pub(crate) fn rope(&self) -> &RopeTables {
         &self.rope
     }
@@ -301,39 +340,43 @@ impl Qwen2Model {
     pub(crate) fn hidden(
         &self,
         input: &BatchInput<'_>,
+        cache: Option<&mut KvCache>,
+        grad: bool,
+    ) -> Result<Tensor, ModelError> {
+        self.hidden_in(input, KeyRanges::new(input.mask.clone()), cache, grad)
+    }
+
+    /// [`Self::hidden`] with the keys each query sees given as `ranges` (packed sequences).
+    pub(crate) fn hidden_in(
+        &self,
+        input: &BatchInput<'_>,
+        ranges: KeyRanges,
         mut cache: Option<&mut KvCache>,
         grad: bool,
     ) -> Result<Tensor, ModelError> {
         let w = self.weights(grad);
         let cfg = &self.cfg;
         let (b, t) = input.ids.dims2()?;
-        let (kvh, hd) = (cfg.num_key_value_heads, cfg.head_dim);
-        let scale = 1.0 / (hd as f64).sqrt();
+        let env = LayerEnv {
+            b,
+            eps: cfg.rms_norm_eps,
+            kvh: cfg.num_key_value_heads,
+            hd: cfg.head_dim,
+            rope: self.rope.clone(),
+            positions: Arc::new(RopePositions::new(input.positions.clone())),
+            ranges,
+            ops: self.ops,
+        };
+        let checkpoint =
+            grad && cache.is_none() && self.checkpoint_from.is_some_and(|from| b * t >= from);
         let ids = input.ids.flatten_all()?;
         let mut x = w.embed.index_select(&ids, 0)?; // (b·t, d)
         for (li, l) in w.layers.iter().enumerate() {
-            let hn = ops::rms_norm(&x, &l.in_norm, cfg.rms_norm_eps, self.ops)?;
-            let q = linear(&hn, &l.q_w, Some(&l.q_b), self.ops)?; // (b·t, h·hd)
-            let k = linear(&hn, &l.k_w, Some(&l.k_b), self.ops)?; // (b·t, kvh·hd)
-            let v = linear(&hn, &l.v_w, Some(&l.v_b), self.ops)?; // (b·t, kvh·hd)
-            let q = ops::rope_to_heads(&q, b, &self.rope, &input.positions, self.ops)?; // (b, h, t, hd)
-            let k = ops::rope_to_heads(&k, b, &self.rope, &input.positions, self.ops)?; // (b, kvh, t, hd)
-            let o = match cache.as_deref_mut() {
-                Some(c) => {
-                    let v = v.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
-                    let (k, v) = c.append(li, &k, &v)?;
-                    ops::attention_heads(&q, &k, &v, scale, &input.mask, self.ops)?
-                }
-                None => ops::attention(&q, &k, &v, scale, &input.mask, self.ops)?,
-            }; // (b·t, h·hd)
-            x = residual(&x, &o, &l.o_w, self.ops)?;
-            let hn = ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps, self.ops)?;
-            let a = ops::swiglu(
-                &linear(&hn, &l.gate_w, None, self.ops)?,
-                &linear(&hn, &l.up_w, None, self.ops)?,
-                self.ops,
-            )?;
-            x = residual(&x, &a, &l.down_w, self.ops)?;
+            x = if checkpoint {
+                layer_checkpoint::layer(&env, &self.infer.layers[li], l, &x)?
+            } else {
+                env.layer(l, &x, cache.as_deref_mut().map(|c| (li, c)))?
+            };
         }
         if let Some(c) = cache {
             c.advance(t);
@@ -391,7 +434,9 @@ impl Qwen2Model {
         let cfg = &self.cfg;
         let (kvh, hd) = (cfg.num_key_value_heads, cfg.head_dim);
         let scale = 1.0 / (hd as f64).sqrt();
-        let positions = Arc::new(caches.iter().map(|c| c.len() as u32).collect::<Vec<_>>());
+        let positions = RopePositions::new(Arc::new(
+            caches.iter().map(|c| c.len() as u32).collect::<Vec<_>>(),
+        ));
         let ids_t = Tensor::from_vec(ids.to_vec(), n, &self.device)?;
         let mut x = w.embed.index_select(&ids_t, 0)?; // (n, d)
         for (li, l) in w.layers.iter().enumerate() {
@@ -504,6 +549,56 @@ impl Qwen2Model {
             ids[row * t..row * t + s.len()].copy_from_slice(s);
         }
         Ok((Tensor::from_vec(ids, (seqs.len(), t), &self.device)?, t))
+    }
+}
+
+/// What the layers of one forward pass share.
+#[derive(Clone, Debug)]
+pub(super) struct LayerEnv {
+    b: usize,
+    eps: f64,
+    kvh: usize,
+    hd: usize,
+    rope: Arc<RopeTables>,
+    positions: Arc<RopePositions>,
+    ranges: KeyRanges,
+    ops: OpsMode,
+}
+
+impl LayerEnv {
+    /// One decoder layer on the hidden states `x (b·t, d)`; with a cache (and the layer's
+    /// index in it), keys and values are appended to it and attention sees all it holds.
+    pub(super) fn layer(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        cache: Option<(usize, &mut KvCache)>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, kvh, hd, ops) = (self.b, self.kvh, self.hd, self.ops);
+        let t = x.dim(0)? / b;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let hn = ops::rms_norm(x, &l.in_norm, self.eps, ops)?;
+        let q = linear(&hn, &l.q_w, Some(&l.q_b), ops)?; // (b·t, h·hd)
+        let k = linear(&hn, &l.k_w, Some(&l.k_b), ops)?; // (b·t, kvh·hd)
+        let v = linear(&hn, &l.v_w, Some(&l.v_b), ops)?; // (b·t, kvh·hd)
+        let q = ops::rope_to_heads(&q, b, &self.rope, &self.positions, ops)?; // (b, h, t, hd)
+        let k = ops::rope_to_heads(&k, b, &self.rope, &self.positions, ops)?; // (b, kvh, t, hd)
+        let o = match cache {
+            Some((li, c)) => {
+                let v = v.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
+                let (k, v) = c.append(li, &k, &v)?;
+                ops::attention_heads(&q, &k, &v, scale, &self.ranges.mask, ops)?
+            }
+            None => ops::attention(&q, &k, &v, scale, &self.ranges, ops)?,
+        }; // (b·t, h·hd)
+        let x = residual(x, &o, &l.o_w, ops)?;
+        let hn = ops::rms_norm(&x, &l.post_norm, self.eps, ops)?;
+        let a = ops::swiglu(
+            &linear(&hn, &l.gate_w, None, ops)?,
+            &linear(&hn, &l.up_w, None, ops)?,
+            ops,
+        )?;
+        residual(&x, &a, &l.down_w, ops)
     }
 }
 

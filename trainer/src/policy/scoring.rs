@@ -5,8 +5,8 @@ use std::sync::Arc;
 use candle_core::{D, DType, Tensor};
 
 use super::ModelError;
-use super::model::{BatchInput, Qwen2Model, train_positions};
-use super::ops::{self, AttentionMask};
+use super::model::{BatchInput, Qwen2Model};
+use super::ops::{self, AttentionMask, KeyRanges};
 
 /// Scores of one sequence: entry `i` belongs to token `i + 1` given the tokens before it.
 #[derive(Clone, Debug, PartialEq)]
@@ -27,8 +27,10 @@ impl Qwen2Model {
         picks: &[(usize, usize)],
         grad: bool,
     ) -> Result<Tensor, ModelError> {
-        let (ids, t) = self.pad_batch(seqs)?;
-        let b = seqs.len();
+        // The sequences go end to end into one row: no padding, each sequence attending only
+        // to itself with positions from 0, so the scores are those of separate rows.
+        let (ids, starts) = self.pack(seqs)?;
+        let t = ids.dim(1)?;
         let mut rows = Vec::with_capacity(picks.len());
         let mut targets = Vec::with_capacity(picks.len());
         for &(s, i) in picks {
@@ -41,15 +43,17 @@ impl Qwen2Model {
                     seq.len()
                 )));
             }
-            rows.push((s * t + i - 1) as u32);
+            rows.push((starts[s] + i - 1) as u32);
             targets.push(seq[i]);
         }
+        let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        let positions: Vec<u32> = lens.iter().flat_map(|&n| 0..n as u32).collect();
         let input = BatchInput {
             ids: &ids,
-            positions: Arc::new(train_positions(b, t)),
-            mask: AttentionMask::causal(b, t),
+            positions: Arc::new(positions),
+            mask: AttentionMask::causal(1, t),
         };
-        let hidden = self.hidden(&input, None, grad)?;
+        let hidden = self.hidden_in(&input, KeyRanges::packed(&lens), None, grad)?;
         let dev = self.device();
         let picked = hidden.index_select(&Tensor::from_vec(rows, picks.len(), dev)?, 0)?;
         let targets = Tensor::from_vec(targets, picks.len(), dev)?;
@@ -61,6 +65,34 @@ impl Qwen2Model {
         )?)
     }
 
+    /// The sequences end to end as a `(1, Σ len)` id tensor, and where each starts.
+    fn pack(&self, seqs: &[Vec<u32>]) -> Result<(Tensor, Vec<usize>), ModelError> {
+        if seqs.iter().all(Vec::is_empty) {
+            return Err(ModelError::Input("empty batch or empty sequence".into()));
+        }
+        let longest = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        if longest > self.rope().max_positions() {
+            return Err(ModelError::Input(format!(
+                "sequence of {longest} tokens exceeds the model's {} positions",
+                self.rope().max_positions()
+            )));
+        }
+        let vocab = self.config().vocab_size as u32;
+        let mut ids = Vec::with_capacity(seqs.iter().map(Vec::len).sum());
+        let mut starts = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            if let Some(bad) = s.iter().find(|&&id| id >= vocab) {
+                return Err(ModelError::Input(format!(
+                    "token id {bad} is outside the vocabulary of {vocab}"
+                )));
+            }
+            starts.push(ids.len());
+            ids.extend_from_slice(s);
+        }
+        let t = ids.len();
+        Ok((Tensor::from_vec(ids, (1, t), self.device())?, starts))
+    }
+
     /// Scores every token after the first of each sequence (no gradient), a few thousand
     /// tokens per forward pass.
     pub fn score_sequences(&self, seqs: &[Vec<u32>]) -> Result<Vec<SequenceScores>, ModelError> {
@@ -68,11 +100,9 @@ impl Qwen2Model {
         let mut start = 0;
         while start < seqs.len() {
             let mut end = start + 1;
-            let mut longest = seqs[start].len();
-            while end < seqs.len()
-                && longest.max(seqs[end].len()) * (end + 1 - start) <= SCORE_BATCH_TOKENS
-            {
-                longest = longest.max(seqs[end].len());
+            let mut tokens = seqs[start].len();
+            while end < seqs.len() && tokens + seqs[end].len() <= SCORE_BATCH_TOKENS {
+                tokens += seqs[end].len();
                 end += 1;
             }
             let chunk = &seqs[start..end];

@@ -16,6 +16,8 @@ use super::cpu::{
 };
 use super::linear::linear;
 
+mod blocked;
+
 /// For `logits: (n, vocab)` and `targets: (n,)` (u32), returns `(n, 2)`: column 0 is
 /// `log softmax(logits)[target]`, column 1 the entropy of `softmax(logits)`. Both columns
 /// are differentiable, and in f32 for half-precision logits (f64 for f64): a bf16 log-prob
@@ -189,10 +191,14 @@ impl CustomOp2 for LogprobOp {
 /// the `(n, vocab)` logits as one tensor.
 ///
 /// The logits of a training batch are the largest tensors of the step (2 048 × 8 192 floats
-/// for the benchmark model, 67 MB; 1.2 GB at Qwen2's vocabulary), and candle's backward adds
-/// a zero tensor and a gradient of the same size. Here they are made and used a block of
-/// rows at a time, kept (when a gradient will be asked for) only as those blocks, and the
+/// for the benchmark model, 67 MB; 1.2 GB at Qwen2's vocabulary, 9.7 GB at 16k tokens), and
+/// candle's backward adds a zero tensor and a gradient of the same size. Here they are made
+/// and used a block of rows at a time; for the backward the first blocks are kept, up to
+/// [`KEEP_ELEMS`] logits, and the others recomputed from the hidden rows and the head (one
+/// more product per block), so memory stays bounded however many rows there are. The
 /// backward turns each block's logit gradient into the hidden and head gradients at once.
+/// Other devices run the same blocks with candle's primitives (`blocked`), always
+/// recomputing.
 pub fn lm_head_logprobs(
     hidden: &Tensor,
     head: &Tensor,
@@ -210,11 +216,25 @@ pub fn lm_head_logprobs(
             targets.dtype()
         );
     }
-    if !(mode.fused(hidden) && head.dtype() == hidden.dtype() && n > 0) {
+    if n == 0 {
         return token_logprobs_entropy(&linear(hidden, head, None, mode)?, targets, mode);
+    }
+    if !(mode.fused(hidden) && head.dtype() == hidden.dtype()) {
+        check_targets(targets, v)?;
+        return blocked::lm_head_logprobs(hidden, head, targets);
     }
     check_targets(targets, v)?;
     let keep = hidden.track_op() || head.track_op();
+    lm_head_fused(hidden, head, targets, keep.then_some(KEEP_ELEMS))
+}
+
+/// The CPU op, keeping at most `keep` logits for a backward (`None`: no backward).
+fn lm_head_fused(
+    hidden: &Tensor,
+    head: &Tensor,
+    targets: &Tensor,
+    keep: Option<usize>,
+) -> Result<Tensor> {
     hidden.contiguous()?.apply_op3(
         &head.contiguous()?,
         &targets.contiguous()?,
@@ -229,6 +249,10 @@ pub fn lm_head_logprobs(
 /// from step to step instead of being fresh pages each time.
 const BLOCK_ELEMS: usize = 1 << 21;
 
+/// Logits kept for the backward at most (64 MiB in f32): below it, a short batch's backward
+/// skips the recompute; above it, blocks are recomputed and memory stops growing.
+const KEEP_ELEMS: usize = 1 << 24;
+
 fn block_rows(v: usize) -> usize {
     (BLOCK_ELEMS / v.max(1)).clamp(16, 1024)
 }
@@ -240,7 +264,7 @@ enum Blocks {
 
 struct LmHeadOp {
     /// Keep each block's logits for the backward.
-    keep: bool,
+    keep: Option<usize>,
     logits: Mutex<Option<Blocks>>,
 }
 
@@ -249,11 +273,12 @@ fn head_fwd<T: Real>(
     w: &[T],
     t: &[u32],
     (n, d, v): (usize, usize, usize),
-    keep: bool,
+    keep: Option<usize>,
 ) -> Result<(Vec<T>, Vec<Vec<T>>)> {
     let rows = block_rows(v);
     let mut out = Vec::with_capacity(2 * n);
     let mut kept = Vec::new();
+    let mut kept_elems = 0;
     for r0 in (0..n).step_by(rows) {
         let m = rows.min(n - r0);
         let z = product_new(
@@ -264,7 +289,8 @@ fn head_fwd<T: Real>(
             Parallelism::Rayon(0),
         )?;
         out.extend(fwd(&z, &t[r0..r0 + m], v));
-        if keep {
+        if keep.is_some_and(|most| kept_elems + z.len() <= most) {
+            kept_elems += z.len();
             kept.push(z);
         }
     }
@@ -287,9 +313,21 @@ fn head_bwd<T: Real>(
     let mut dw = vec![T::zero(); v * d];
     for (bi, r0) in (0..n).step_by(rows).enumerate() {
         let m = rows.min(n - r0);
-        let z = logits.get(bi).filter(|z| z.len() == m * v).ok_or_else(|| {
-            candle_core::Error::Msg("lm_head_logprobs: the forward's logits are missing".into())
-        })?;
+        let recomputed;
+        let z = match logits.get(bi) {
+            Some(z) if z.len() == m * v => z,
+            Some(_) => bail!("lm_head_logprobs: the forward's logits do not match"),
+            None => {
+                recomputed = product_new(
+                    (m, v, d),
+                    (&h[r0 * d..], d, 1),
+                    (w, 1, d),
+                    T::one(),
+                    Parallelism::Rayon(0),
+                )?;
+                &recomputed
+            }
+        };
         let dz = bwd(
             z,
             &t[r0..r0 + m],
@@ -355,7 +393,7 @@ impl CustomOp3 for LmHeadOp {
                 candle_core::backend::BackendStorage::dtype(h)
             ),
         };
-        if self.keep {
+        if self.keep.is_some() {
             *self.logits.lock().unwrap_or_else(|e| e.into_inner()) = Some(kept);
         }
         Ok((out, Shape::from((n, 2))))
@@ -430,14 +468,27 @@ mod tests {
         assert_eq!(fast, base);
     }
 
+    /// How the head's log-probs are computed in a test.
+    #[derive(Clone, Copy, Debug)]
+    enum Path {
+        /// The fused CPU op, keeping this many logits for the backward.
+        Fused(usize),
+        /// The blocked candle primitives (the CUDA path).
+        Blocked,
+        /// Full logits, then log-probs through candle's primitives.
+        Plain,
+    }
+
     /// Values and the gradients of Σ out ⊙ r for hidden and head, over several blocks.
-    fn run(fused: bool, h: &Tensor, w: &Tensor, t: &Tensor, r: &Tensor) -> Vec<Tensor> {
+    fn run(path: Path, h: &Tensor, w: &Tensor, t: &Tensor, r: &Tensor) -> Vec<Tensor> {
         let (h, w) = (Var::from_tensor(h).unwrap(), Var::from_tensor(w).unwrap());
-        let out = if fused {
-            lm_head_logprobs(&h, &w, t, OpsMode::Auto).unwrap()
-        } else {
-            let logits = h.matmul(&w.t().unwrap()).unwrap();
-            token_logprobs_entropy(&logits, t, OpsMode::Composite).unwrap()
+        let out = match path {
+            Path::Fused(keep) => lm_head_fused(&h, &w, t, Some(keep)).unwrap(),
+            Path::Blocked => lm_head_logprobs(&h, &w, t, OpsMode::Composite).unwrap(),
+            Path::Plain => {
+                let logits = h.matmul(&w.t().unwrap()).unwrap();
+                token_logprobs_entropy(&logits, t, OpsMode::Composite).unwrap()
+            }
         };
         let grads = (&out * r).unwrap().sum_all().unwrap().backward().unwrap();
         vec![
@@ -447,6 +498,8 @@ mod tests {
         ]
     }
 
+    /// Every path gives the plain computation's values and gradients, whether the fused op
+    /// keeps all its logits, some (the later blocks recomputed) or none.
     #[test]
     fn fused_head_matches_logits_then_logprobs() {
         let dev = Device::Cpu;
@@ -457,14 +510,21 @@ mod tests {
             let ids: Vec<u32> = (0..n).map(|i| ((i * 7919) % v) as u32).collect();
             let t = Tensor::from_vec(ids, n, &dev).unwrap();
             let r = Tensor::randn(0f64, 1., (n, 2), &dev).unwrap();
-            let fused = run(true, &h, &w, &t, &r);
-            let plain = run(false, &h, &w, &t, &r);
-            for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
-                let diff = max_abs_diff(a, b);
-                assert!(
-                    diff < 1e-9,
-                    "tensor {i} of ({n}, {d}, {v}) differs by {diff}"
-                );
+            let plain = run(Path::Plain, &h, &w, &t, &r);
+            for path in [
+                Path::Fused(KEEP_ELEMS),
+                Path::Fused(512 * 4096),
+                Path::Fused(0),
+                Path::Blocked,
+            ] {
+                let other = run(path, &h, &w, &t, &r);
+                for (i, (a, b)) in other.iter().zip(&plain).enumerate() {
+                    let diff = max_abs_diff(a, b);
+                    assert!(
+                        diff < 1e-9,
+                        "{path:?}: tensor {i} of ({n}, {d}, {v}) differs by {diff}"
+                    );
+                }
             }
         }
     }

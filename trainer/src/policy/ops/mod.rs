@@ -13,20 +13,22 @@
 //! Tests check both forms against each other and against PyTorch (`tests/policy_*`).
 
 mod attention;
+mod attention_blocked;
 pub(crate) mod cpu;
 mod linear;
 mod logprob;
+pub(crate) mod precomputed;
 mod rms_norm;
 mod rope;
 pub(crate) mod small_matmul;
 mod softmax;
 mod swiglu;
 
-pub use attention::{attention, attention_heads};
+pub use attention::{KeyRanges, attention, attention_heads};
 pub use linear::{linear, linear_residual};
 pub use logprob::{lm_head_logprobs, token_logprobs_entropy};
 pub use rms_norm::rms_norm;
-pub use rope::{RopeTables, rope_to_heads};
+pub use rope::{RopePositions, RopeTables, rope_to_heads};
 pub use softmax::{AttentionMask, masked_softmax};
 pub use swiglu::swiglu;
 

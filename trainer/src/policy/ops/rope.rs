@@ -1,7 +1,7 @@
 //! Rotary position embedding (Qwen2/Llama "rotate half" layout), fused with the move of the
 //! head axis in front of the time axis: `(b, t, heads, hd)` in, `(b, heads, t, hd)` out.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
@@ -78,6 +78,41 @@ impl RopeTables {
     }
 }
 
+/// The positions of one forward pass (`b·t`, row-major) and, for the composite path, their
+/// cos/sin rows gathered on the device once for every layer (`(b, 1, t, hd)` each).
+#[derive(Debug)]
+pub struct RopePositions {
+    positions: Arc<Vec<u32>>,
+    gathered: OnceLock<(Tensor, Tensor)>,
+}
+
+impl RopePositions {
+    pub fn new(positions: Arc<Vec<u32>>) -> Self {
+        Self {
+            positions,
+            gathered: OnceLock::new(),
+        }
+    }
+
+    /// cos and sin at every position, `(b, 1, t, hd)` on the tables' device.
+    fn gathered(&self, tables: &RopeTables, b: usize, t: usize) -> Result<&(Tensor, Tensor)> {
+        if let Some(g) = self.gathered.get() {
+            return Ok(g);
+        }
+        let hd = 2 * tables.half;
+        let idx = Tensor::from_slice(self.positions.as_slice(), b * t, tables.cos_full.device())?;
+        let cos = tables
+            .cos_full
+            .index_select(&idx, 0)?
+            .reshape((b, 1, t, hd))?;
+        let sin = tables
+            .sin_full
+            .index_select(&idx, 0)?
+            .reshape((b, 1, t, hd))?;
+        Ok(self.gathered.get_or_init(|| (cos, sin)))
+    }
+}
+
 /// Applies RoPE to the `b` rows of `x: (b·t, heads·hd)` (a projection's output, token-major)
 /// at `positions` (`b·t` of them, row-major) and returns `(b, heads, t, hd)`, contiguous.
 /// Taking the projection's layout as it is keeps a reshape node out of the backward graph.
@@ -85,9 +120,10 @@ pub fn rope_to_heads(
     x: &Tensor,
     b: usize,
     tables: &Arc<RopeTables>,
-    positions: &Arc<Vec<u32>>,
+    at: &RopePositions,
     mode: OpsMode,
 ) -> Result<Tensor> {
+    let positions = &at.positions;
     let (rows, cols) = x.dims2()?;
     let hd = 2 * tables.half;
     if b == 0 || rows % b != 0 || hd == 0 || cols % hd != 0 || positions.len() != rows {
@@ -114,17 +150,8 @@ pub fn rope_to_heads(
         })
     } else {
         let x = x.reshape((b, t, h, hd))?;
-        let idx = Tensor::from_slice(positions.as_slice(), b * t, x.device())?;
-        let cos = tables
-            .cos_full
-            .index_select(&idx, 0)?
-            .reshape((b, 1, t, hd))?
-            .to_dtype(x.dtype())?;
-        let sin = tables
-            .sin_full
-            .index_select(&idx, 0)?
-            .reshape((b, 1, t, hd))?
-            .to_dtype(x.dtype())?;
+        let (cos, sin) = at.gathered(tables, b, t)?;
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
         let x = x.transpose(1, 2)?;
         let half = tables.half;
         let x1 = x.narrow(3, 0, half)?;

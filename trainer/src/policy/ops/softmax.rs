@@ -65,43 +65,42 @@ pub fn masked_softmax(
         })
     } else {
         let dtype = scores.dtype();
-        let mut bias = vec![0f32; b * rows * tk];
-        for bi in 0..b {
-            for r in 0..rows {
-                let (lo, hi) = mask.range(bi, r, tk);
-                for (j, v) in bias[(bi * rows + r) * tk..(bi * rows + r + 1) * tk]
-                    .iter_mut()
-                    .enumerate()
-                {
-                    if j < lo || j >= hi {
-                        *v = -1e9;
-                    }
-                }
-            }
-        }
-        let bias = Tensor::from_vec(bias, (b, 1, rows, tk), scores.device())?;
         let work = if dtype == DType::F64 {
             DType::F64
         } else {
             DType::F32
         };
-        let s = scores
+        // Each row's key bounds, O(b·rows), are uploaded; the (b, rows, tk) mask is made on
+        // the device by comparing them with the key indices.
+        let (mut lo, mut hi, mut visible) = (
+            vec![0u32; b * rows],
+            vec![0u32; b * rows],
+            vec![0f32; b * rows],
+        );
+        for bi in 0..b {
+            for r in 0..rows {
+                let (l, h) = mask.range(bi, r, tk);
+                lo[bi * rows + r] = l as u32;
+                hi[bi * rows + r] = h as u32;
+                visible[bi * rows + r] = if h > l { 1.0 } else { 0.0 };
+            }
+        }
+        let dev = scores.device();
+        let keys = Tensor::arange(0u32, tk as u32, dev)?.reshape((1, 1, 1, tk))?;
+        let seen = keys
+            .broadcast_ge(&Tensor::from_vec(lo, (b, 1, rows, 1), dev)?)?
+            .mul(&keys.broadcast_lt(&Tensor::from_vec(hi, (b, 1, rows, 1), dev)?)?)?
+            .broadcast_as(scores.shape())?;
+        let s = scores.to_dtype(work)?.affine(scale, 0.)?;
+        let masked = Tensor::full(-1e9, (), dev)?
             .to_dtype(work)?
-            .affine(scale, 0.)?
-            .broadcast_add(&bias.to_dtype(work)?)?;
+            .broadcast_as(scores.shape())?;
+        let s = seen.where_cond(&s, &masked)?;
         let max = s.max_keepdim(D::Minus1)?.detach();
         let e = s.broadcast_sub(&max)?.exp()?;
         let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
         // Rows with no visible key (left padding) would attend uniformly; zero them instead.
-        let mut visible = vec![0f32; b * rows];
-        for bi in 0..b {
-            for r in 0..rows {
-                let (lo, hi) = mask.range(bi, r, tk);
-                visible[bi * rows + r] = if hi > lo { 1.0 } else { 0.0 };
-            }
-        }
-        let visible =
-            Tensor::from_vec(visible, (b, 1, rows, 1), scores.device())?.to_dtype(work)?;
+        let visible = Tensor::from_vec(visible, (b, 1, rows, 1), dev)?.to_dtype(work)?;
         p.broadcast_mul(&visible)?.to_dtype(dtype)
     }
 }
