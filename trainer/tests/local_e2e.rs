@@ -527,8 +527,19 @@ fn ctrl_c_abandons_the_step_keeps_the_checkpoint_and_leaves_no_process() {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    // Step 2 is under way, with sandboxes: Ctrl-C twice abandons it.
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    // Step 2 is under way, with sandboxes: Ctrl-C twice abandons it. Signal as soon as one
+    // of its sandboxes exists (a fixed wait could outlast a fast step).
+    let sandboxes = out.join("sandboxes");
+    let live = || {
+        std::fs::read_dir(&sandboxes)
+            .map(|d| d.flatten().next().is_some())
+            .unwrap_or(false)
+    };
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !live() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(live(), "step 2 started no sandbox within a minute");
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
     std::thread::sleep(std::time::Duration::from_millis(300));

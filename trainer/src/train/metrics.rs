@@ -232,7 +232,7 @@ mod tests {
     #[test]
     fn names_match_the_contract() {
         let names = metric_names();
-        assert_eq!(names.len(), 19);
+        assert_eq!(names.len(), 20);
         assert!(names.iter().all(|n| n.starts_with("selfplay_trainer_")));
         let doc = include_str!("../../../docs/metrics.md");
         for n in &names {
