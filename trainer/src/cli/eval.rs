@@ -12,8 +12,8 @@ use super::validate::runtime;
 use crate::engine::local::Isolation;
 use crate::engine::policy::Policy as _;
 use crate::eval::{
-    AttemptReport, EvalOptions, EvalProgress, EvalReport, EvalTask, Outcome, SeededAttempts,
-    TaskReport, TestHarness, evaluate, load_instances,
+    AttemptReport, EvalOptions, EvalPool, EvalProgress, EvalReport, EvalTask, Outcome,
+    SeededAttempts, TaskReport, TestHarness, evaluate, load_instances, tasks_in_pool,
 };
 use crate::policy::CandlePolicy;
 use crate::train::config::{self, LocalRun};
@@ -130,15 +130,14 @@ fn read_text(p: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
 }
 
-/// Points the run's first pool at where this evaluation's repository comes from, and
-/// returns each instance's pool key.
+/// Points the run's first pool at where this evaluation's repository comes from; `true` when
+/// each instance runs in an environment of its own (its `image_name`).
 fn place(
     run: &mut LocalRun,
     args: &EvalArgs,
     tasks_text: &str,
-    ids: &[String],
     has_image: bool,
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<bool> {
     let pool = run.pools.first_mut().context("the run names no pool")?;
     pool.environments.clear();
     if let Some(repo) = &args.repo {
@@ -148,7 +147,7 @@ fn place(
             bail!("--repo {}: no such directory or bundle", repo.display());
         }
         pool.repo_dir = Some(abs);
-        return Ok(vec![pool.name.clone(); ids.len()]);
+        return Ok(false);
     }
     if let Some(image) = &args.image {
         pool.repo_dir = None;
@@ -159,7 +158,7 @@ fn place(
                 .clone()
                 .unwrap_or_else(|| selfplay_crds::environments::SWE_BENCH_SHELL_INIT.into()),
         );
-        return Ok(vec![pool.name.clone(); ids.len()]);
+        return Ok(false);
     }
     if has_image {
         // SWE-bench's mapping of instances to images, as a pool's `environmentsFrom` reads it.
@@ -169,17 +168,13 @@ fn place(
         )
         .context("mapping the instances to images")?;
         pool.repo_dir = None;
-        let keys = envs
-            .iter()
-            .map(|e| selfplay_crds::environments::environment_key(&pool.name, &e.name))
-            .collect();
         pool.environments = envs;
-        return Ok(keys);
+        return Ok(true);
     }
     if pool.repo_dir.is_none() {
         bail!("the instances name no image_name: give --repo PATH or --image IMAGE");
     }
-    Ok(vec![pool.name.clone(); ids.len()])
+    Ok(false)
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
@@ -200,23 +195,20 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         test_parser: args.test_parser.as_deref().map(read_text).transpose()?,
     };
     let mut run = config::load(args.run.as_deref())?;
-    let ids: Vec<String> = instances.iter().map(|i| i.instance_id.clone()).collect();
     let has_image = instances.iter().any(|i| i.image_name.is_some());
-    let pools = place(&mut run, &args, &tasks_text, &ids, has_image)?;
-    // Images are at their instance's commit already (SWE-bench's layout), and may have no
-    // history to check it out from.
-    let in_images = run.pools.first().is_some_and(|p| p.repo_dir.is_none());
-    let tasks = instances
-        .iter()
-        .zip(pools)
-        .map(|(inst, pool)| {
-            let mut t = EvalTask::from_instance(inst, &harness, pool)?;
-            if in_images {
-                t.base_commit = None;
-            }
-            Ok(t)
-        })
-        .collect::<Result<Vec<_>, crate::eval::InstanceError>>()?;
+    let environments = place(&mut run, &args, &tasks_text, has_image)?;
+    let first = run.pools.first().context("the run names no pool")?;
+    let pool = if environments {
+        EvalPool::Environments { name: &first.name }
+    } else {
+        EvalPool::Repository {
+            name: &first.name,
+            // Images are at their instance's commit already (SWE-bench's layout), and may
+            // have no history to check it out from.
+            history: first.repo_dir.is_some(),
+        }
+    };
+    let tasks = tasks_in_pool(&instances, &harness, pool)?;
 
     // The run's `trainer.gpus`: a CUDA request fails here rather than evaluating on the CPU.
     let device = device(run.run.spec.trainer.gpus)?;

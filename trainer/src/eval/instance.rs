@@ -354,3 +354,43 @@ mod tests {
         assert!(e.to_string().contains("test_patch is empty"), "{e}");
     }
 }
+
+/// Where an evaluation's sandboxes come from.
+#[derive(Clone, Copy, Debug)]
+pub enum EvalPool<'a> {
+    /// One repository (a local path, or an image): every task in pool `name`; `history` when
+    /// the repository has the commits of the instances' `base_commit` (a local clone or
+    /// bundle; images are at their instance's commit already, SWE-bench's layout).
+    Repository { name: &'a str, history: bool },
+    /// A pool of environments: each task in its instance's environment (`POOL/ENV`, the
+    /// environment named after the instance id, as `environmentsFrom` names them).
+    Environments { name: &'a str },
+}
+
+/// The tasks of `instances` in `pool`.
+pub fn tasks_in_pool(
+    instances: &[Instance],
+    harness: &TestHarness,
+    pool: EvalPool<'_>,
+) -> Result<Vec<EvalTask>, InstanceError> {
+    instances
+        .iter()
+        .map(|inst| {
+            let (key, history) = match pool {
+                EvalPool::Repository { name, history } => (name.to_string(), history),
+                EvalPool::Environments { name } => (
+                    selfplay_crds::environments::environment_key(
+                        name,
+                        &selfplay_crds::environments::environment_name(&inst.instance_id),
+                    ),
+                    false,
+                ),
+            };
+            let mut t = EvalTask::from_instance(inst, harness, key)?;
+            if !history {
+                t.base_commit = None;
+            }
+            Ok(t)
+        })
+        .collect()
+}

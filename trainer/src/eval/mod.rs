@@ -30,7 +30,9 @@ use crate::engine::trajectory::Role;
 use crate::train::step::MAX_EPISODE_ATTEMPTS;
 
 pub use attempts::{AttemptPolicy, SeededAttempts, SharedAttempts, attempt_seed};
-pub use instance::{EvalTask, Instance, InstanceError, TestHarness, load_instances};
+pub use instance::{
+    EvalPool, EvalTask, Instance, InstanceError, TestHarness, load_instances, tasks_in_pool,
+};
 
 /// The solver's prompt for an instance: the same tools and protocol as in training, the
 /// problem statement in place of the reversed test weakening.

@@ -22,13 +22,14 @@ use crate::policy::CandlePolicy;
 
 use super::device::device;
 use super::driver::{LoopState, RunDirs, TrainLoop, read_loop_state};
-use super::heldout::{EvalPool, HeldOutPlan};
+use super::heldout::HeldOutPlan;
 use super::local::model_dtype;
 use super::metrics::TrainerMetrics;
 use super::report::{
     CheckpointRecord, CheckpointSink, LocalCheckpoints, ProgressReporter, ReportError,
 };
 use super::step::Quiet;
+use crate::eval::EvalPool;
 
 /// How long an acquire waits for a Ready sandbox before it counts as an infrastructure error.
 const ACQUIRE_WAIT: Duration = Duration::from_secs(300);

@@ -10,7 +10,8 @@ use selfplay_crds::run::EvaluationSettings;
 use crate::engine::roles::EngineSettings;
 use crate::engine::sandbox::SandboxProvider;
 use crate::eval::{
-    EvalOptions, EvalTask, Instance, InstanceError, SeededAttempts, Silent, TestHarness,
+    EvalOptions, EvalPool, EvalTask, Instance, InstanceError, SeededAttempts, Silent, TestHarness,
+    tasks_in_pool,
 };
 use crate::policy::CandlePolicy;
 
@@ -27,17 +28,6 @@ pub struct HeldOutPlan {
     pub opts: EvalOptions,
 }
 
-/// Where the tasks' sandboxes come from.
-#[derive(Clone, Copy, Debug)]
-pub enum EvalPool<'a> {
-    /// One repository (a local path or the template's image): every task in pool `name`;
-    /// `history` when the repository has the commits of the instances' `base_commit`.
-    Repository { name: &'a str, history: bool },
-    /// A pool of environments: each task in its instance's environment (`POOL/ENV`, the
-    /// environment named after the instance id, as `environmentsFrom` names them).
-    Environments { name: &'a str },
-}
-
 impl HeldOutPlan {
     /// The plan of `settings` over `instances` (the first `maxTasks` of them).
     pub fn new(
@@ -51,29 +41,11 @@ impl HeldOutPlan {
             n if n > 0 => n as usize,
             _ => instances.len(),
         };
-        let harness = TestHarness::default();
-        let tasks = instances
-            .iter()
-            .take(take)
-            .map(|inst| {
-                let (key, history) = match pool {
-                    EvalPool::Repository { name, history } => (name.to_string(), history),
-                    EvalPool::Environments { name } => (
-                        selfplay_crds::environments::environment_key(
-                            name,
-                            &selfplay_crds::environments::environment_name(&inst.instance_id),
-                        ),
-                        false,
-                    ),
-                };
-                let mut t = EvalTask::from_instance(inst, &harness, key)?;
-                // Images are at their instance's commit already (SWE-bench's layout).
-                if !history {
-                    t.base_commit = None;
-                }
-                Ok(t)
-            })
-            .collect::<Result<Vec<_>, InstanceError>>()?;
+        let tasks = tasks_in_pool(
+            &instances[..take.min(instances.len())],
+            &TestHarness::default(),
+            pool,
+        )?;
         let attempts = settings.attempts.max(1) as usize;
         Ok(Self {
             tasks,

@@ -27,11 +27,12 @@ use super::driver::{
     LoopError, LoopState, PolicyView, RunDirs, StepSummary, TrainLoop, latest_checkpoint,
     read_loop_state,
 };
-use super::heldout::{EvalPool, HeldOutPlan};
+use super::heldout::HeldOutPlan;
 use super::metrics::TrainerMetrics;
 use super::report::{LocalCheckpoints, ReportError, StatusFile};
 use super::step::StepObserver;
 use super::tensorboard::EventWriter;
+use crate::eval::EvalPool;
 
 #[derive(Debug, Error)]
 pub enum LocalError {
