@@ -282,6 +282,49 @@ pub struct SelfPlaySettings {
     /// What a malformed tool call does. Defaults to `Observe`.
     #[serde(default)]
     pub format_error_policy: FormatErrorPolicy,
+
+    /// Prompt templates in place of the bundled ones (docs/prompts.md); each one left out
+    /// keeps the bundled text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<PromptTemplates>,
+}
+
+/// The engine's prompt templates, `{{name}}` placeholders filled by the engine. A template
+/// must hold the placeholders that carry the task (the solver's test diff, the tool output);
+/// an unknown placeholder is refused when the trainer starts.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PromptTemplates {
+    /// The tool documentation, inserted where another template says `{{tools}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub tools: Option<String>,
+    /// The injector's task: `{{tools}}`, `{{artifacts_dir}}`, `{{min_passing_tests}}`,
+    /// `{{min_failing_tests}}`, `{{min_changed_files}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    #[x_kube(validation = Rule::new("self.contains('{{artifacts_dir}}')").message("the injector template must name {{artifacts_dir}}, where its artifacts go"))]
+    pub injector: Option<String>,
+    /// The solver's task in self-play: `{{tools}}`, `{{task_diff}}` (the restored tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    #[x_kube(validation = Rule::new("self.contains('{{task_diff}}')").message("the solver template must show {{task_diff}}, the solver's task"))]
+    pub solver: Option<String>,
+    /// The solver's task in held-out evaluation: `{{tools}}`, `{{problem_statement}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    #[x_kube(validation = Rule::new("self.contains('{{problem_statement}}')").message("the solverIssue template must show {{problem_statement}}, the task"))]
+    pub solver_issue: Option<String>,
+    /// A tool result: `{{output}}`, `{{budget}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    #[x_kube(validation = Rule::new("self.contains('{{output}}')").message("the observation template must show {{output}}, the tool's output"))]
+    pub observation: Option<String>,
+    /// A malformed tool call: `{{error}}`, `{{budget}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    #[x_kube(validation = Rule::new("self.contains('{{error}}')").message("the formatError template must show {{error}}, what was wrong"))]
+    pub format_error: Option<String>,
 }
 
 impl Default for SelfPlaySettings {
@@ -301,6 +344,7 @@ impl Default for SelfPlaySettings {
             temperature: 1.0,
             top_p: 1.0,
             format_error_policy: FormatErrorPolicy::Observe,
+            prompts: None,
         }
     }
 }

@@ -339,7 +339,7 @@ async fn red_team_on_a_pytest_suite() {
     let dir = tempfile::tempdir().unwrap();
     let repo = inflection_repo(dir.path());
     let p = provider(&repo, vec![venv_bin]);
-    let mut s = EngineSettings::from_settings(&Default::default(), ChatMarkup::chatml());
+    let mut s = EngineSettings::from_settings(&Default::default(), ChatMarkup::chatml()).unwrap();
     // Whole files in one turn (the byte codec: a token a byte).
     s.episode.max_tokens = 120_000;
     s.episode.max_tokens_per_turn = 30_000;

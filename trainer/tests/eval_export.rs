@@ -223,7 +223,8 @@ async fn a_runs_bugs_export_once_each_and_evaluate_as_written() {
     let mut cfg = LocalProviderConfig::single(out.join("repos/sample"));
     cfg.isolation = Isolation::Auto;
     let provider = LocalProvider::new(cfg).expect("provider");
-    let mut engine = EngineSettings::from_settings(&Default::default(), ChatMarkup::plain());
+    let mut engine =
+        EngineSettings::from_settings(&Default::default(), ChatMarkup::plain()).unwrap();
     engine.episode.max_tokens_per_turn = 4096;
     engine.episode.max_tokens = 65536;
     let opts = EvalOptions {

@@ -32,7 +32,7 @@ fn tasks(instances: &[Instance]) -> Vec<EvalTask> {
 
 /// Budgets a scripted solver's whole-file turns fit in.
 fn engine() -> EngineSettings {
-    let mut e = EngineSettings::from_settings(&Default::default(), ChatMarkup::plain());
+    let mut e = EngineSettings::from_settings(&Default::default(), ChatMarkup::plain()).unwrap();
     e.episode.max_turns = 6;
     e.episode.max_tokens_per_turn = 4096;
     e.episode.max_tokens = 65536;

@@ -28,7 +28,7 @@ const INJECTOR_KEY: &str = "bug injector";
 const SOLVER_KEY: &str = "fixing a bug";
 
 fn settings() -> EngineSettings {
-    let mut s = EngineSettings::from_settings(&Default::default(), ChatMarkup::chatml());
+    let mut s = EngineSettings::from_settings(&Default::default(), ChatMarkup::chatml()).unwrap();
     s.episode.max_turns = 20;
     s.episode.max_tokens = 60_000;
     s.episode.max_tokens_per_turn = 8_000;

@@ -226,7 +226,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     };
     // The markup follows the tokenizer: a byte-level model was trained without chat markup.
     let chat = !policy.model().config().byte_tokenizer();
-    let engine = engine_settings(&run, chat);
+    let engine = engine_settings(&run, chat)?;
     let policy = Arc::new(policy);
     let work = tempfile::Builder::new()
         .prefix("selfplay-eval-")

@@ -30,6 +30,11 @@ pub struct ExportArgs {
     /// Prefix of the instance ids (default: the run directory's name).
     #[arg(long)]
     pub name: Option<String>,
+    /// The run's SelfPlayRun file, when it set its own prompt templates
+    /// (`spec.selfPlay.prompts`): the problem statements are then cut from its solver
+    /// template, as its solvers saw them.
+    #[arg(long)]
+    pub spec: Option<PathBuf>,
 }
 
 pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
@@ -41,7 +46,15 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
             .unwrap_or_else(|| "run".to_string()),
     };
-    let export = export_run(&args.run, &name, &PromptSet::default())?;
+    let prompts = match &args.spec {
+        Some(path) => {
+            let run = crate::train::config::load(Some(path))?;
+            PromptSet::with_templates(run.run.spec.self_play.prompts.as_ref())
+                .context("spec.selfPlay.prompts")?
+        }
+        None => PromptSet::default(),
+    };
+    let export = export_run(&args.run, &name, &prompts)?;
     let text = to_jsonl(&export.instances)?;
     std::fs::write(&args.out, text).with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(

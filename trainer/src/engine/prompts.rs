@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use selfplay_crds::run::PromptTemplates;
 use thiserror::Error;
 
 /// Where the artifact files of an injector go, relative to the workspace root. The directory
@@ -19,6 +20,12 @@ pub enum PromptError {
     },
     #[error("prompt template {template}: unclosed placeholder")]
     Unclosed { template: &'static str },
+    #[error("prompt template {template}: it must contain {{{{{name}}}}}, which carries {what}")]
+    Required {
+        template: &'static str,
+        name: &'static str,
+        what: &'static str,
+    },
     #[error("reading prompt template {path}: {source}")]
     Io {
         path: String,
@@ -32,6 +39,8 @@ pub struct PromptSet {
     pub tools: String,
     pub injector: String,
     pub solver: String,
+    /// The solver's task in held-out evaluation (an instance's problem statement).
+    pub solver_issue: String,
     pub observation: String,
     pub format_error: String,
 }
@@ -43,6 +52,7 @@ impl Default for PromptSet {
             tools: include_str!("../../prompts/tools.md").to_string(),
             injector: include_str!("../../prompts/injector.md").to_string(),
             solver: include_str!("../../prompts/solver.md").to_string(),
+            solver_issue: include_str!("../../prompts/solver_issue.md").to_string(),
             observation: include_str!("../../prompts/observation.md").to_string(),
             format_error: include_str!("../../prompts/format_error.md").to_string(),
         }
@@ -54,10 +64,11 @@ impl PromptSet {
     /// bundled text.
     pub fn from_dir(dir: &Path) -> Result<Self, PromptError> {
         let mut set = Self::default();
-        let slots: [(&str, &mut String); 5] = [
+        let slots: [(&str, &mut String); 6] = [
             ("tools.md", &mut set.tools),
             ("injector.md", &mut set.injector),
             ("solver.md", &mut set.solver),
+            ("solver_issue.md", &mut set.solver_issue),
             ("observation.md", &mut set.observation),
             ("format_error.md", &mut set.format_error),
         ];
@@ -74,7 +85,85 @@ impl PromptSet {
                 }
             }
         }
+        set.check()?;
         Ok(set)
+    }
+
+    /// The bundled templates with a run's replacements (`spec.selfPlay.prompts`), checked.
+    pub fn with_templates(templates: Option<&PromptTemplates>) -> Result<Self, PromptError> {
+        let mut set = Self::default();
+        let Some(t) = templates else {
+            return Ok(set);
+        };
+        let slots: [(&Option<String>, &mut String); 6] = [
+            (&t.tools, &mut set.tools),
+            (&t.injector, &mut set.injector),
+            (&t.solver, &mut set.solver),
+            (&t.solver_issue, &mut set.solver_issue),
+            (&t.observation, &mut set.observation),
+            (&t.format_error, &mut set.format_error),
+        ];
+        for (given, slot) in slots {
+            if let Some(text) = given {
+                *slot = text.clone();
+            }
+        }
+        set.check()?;
+        Ok(set)
+    }
+
+    /// Every template renders with the values the engine fills in (an unknown placeholder
+    /// would otherwise fail every episode), and holds the placeholder that carries what its
+    /// reader needs: a solver that is not shown its task cannot learn, it can only guess.
+    pub fn check(&self) -> Result<(), PromptError> {
+        const REQUIRED: [(&str, &str, &str); 5] = [
+            ("injector", "artifacts_dir", "where the artifacts go"),
+            ("solver", "task_diff", "the solver's task"),
+            ("solverIssue", "problem_statement", "the task"),
+            ("observation", "output", "the tool's output"),
+            ("formatError", "error", "what was wrong"),
+        ];
+        for (template, name, what) in REQUIRED {
+            let text = match template {
+                "injector" => &self.injector,
+                "solver" => &self.solver,
+                "solverIssue" => &self.solver_issue,
+                "observation" => &self.observation,
+                _ => &self.format_error,
+            };
+            if !text.contains(&format!("{{{{{name}}}}}")) {
+                return Err(PromptError::Required {
+                    template,
+                    name,
+                    what,
+                });
+            }
+        }
+        self.injector_task(&InjectorPromptValues {
+            min_passing_tests: 1,
+            min_failing_tests: 1,
+            min_changed_files: 1,
+        })?;
+        self.solver_task("")?;
+        self.solver_issue_task("")?;
+        self.observation("", "")?;
+        self.format_error("", "")?;
+        Ok(())
+    }
+
+    /// The solver's task in held-out evaluation: an instance's problem statement.
+    pub fn solver_issue_task(&self, problem_statement: &str) -> Result<String, PromptError> {
+        render(
+            "solverIssue",
+            &self.solver_issue,
+            &[
+                ("tools", self.tools.trim_end().to_string()),
+                (
+                    "problem_statement",
+                    problem_statement.trim_end().to_string(),
+                ),
+            ],
+        )
     }
 
     /// The injector's task, with the thresholds its artifacts are checked against.
@@ -262,5 +351,51 @@ mod tests {
             render("t", "a {{ x }} b", &[("x", "1".into())]).unwrap(),
             "a 1 b"
         );
+    }
+
+    #[test]
+    fn a_run_replaces_the_templates_it_names_and_keeps_the_rest() {
+        let t = PromptTemplates {
+            solver: Some("Fix: {{task_diff}}\n{{tools}}".into()),
+            tools: Some("<bash>cmd</bash>".into()),
+            ..Default::default()
+        };
+        let p = PromptSet::with_templates(Some(&t)).unwrap();
+        assert_eq!(
+            p.solver_task("+x = 1\n").unwrap(),
+            "Fix: +x = 1\n<bash>cmd</bash>"
+        );
+        assert_eq!(p.injector, PromptSet::default().injector);
+        assert!(
+            p.solver_issue_task("broken")
+                .unwrap()
+                .contains("<bash>cmd</bash>"),
+            "the run's tools reach the evaluation prompt too"
+        );
+        assert_eq!(
+            PromptSet::with_templates(None).unwrap(),
+            PromptSet::default()
+        );
+    }
+
+    #[test]
+    fn templates_that_hide_the_task_or_name_unknown_values_are_refused() {
+        let blind = PromptTemplates {
+            solver: Some("Fix the bug. {{tools}}".into()),
+            ..Default::default()
+        };
+        let e = PromptSet::with_templates(Some(&blind)).unwrap_err();
+        assert!(e.to_string().contains("{{task_diff}}"), "{e}");
+        let unknown = PromptTemplates {
+            observation: Some("{{output}} {{budget}} {{secret}}".into()),
+            ..Default::default()
+        };
+        let e = PromptSet::with_templates(Some(&unknown)).unwrap_err();
+        assert!(e.to_string().contains("{{secret}}"), "{e}");
+        let unclosed = PromptTemplates {
+            format_error: Some("{{error}} {{budget".into()),
+            ..Default::default()
+        };
+        assert!(PromptSet::with_templates(Some(&unclosed)).is_err());
     }
 }

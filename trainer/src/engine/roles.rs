@@ -12,7 +12,7 @@ use super::episode::{AGENT_SESSION, Episode, EpisodeConfig, run_episode};
 use super::error::{InfraError, InfraKind, OpError};
 use super::ops::Ops;
 use super::policy::{Policy, TokenCodec};
-use super::prompts::{ARTIFACTS_DIR, ChatMarkup, InjectorPromptValues, PromptSet};
+use super::prompts::{ARTIFACTS_DIR, ChatMarkup, InjectorPromptValues, PromptError, PromptSet};
 use super::rewards;
 use super::sandbox::SandboxProvider;
 use super::solver::{
@@ -34,15 +34,16 @@ pub struct EngineSettings {
 }
 
 impl EngineSettings {
-    pub fn from_settings(s: &SelfPlaySettings, markup: ChatMarkup) -> Self {
-        Self {
+    /// Fails when the run's own prompt templates (`spec.selfPlay.prompts`) do not render.
+    pub fn from_settings(s: &SelfPlaySettings, markup: ChatMarkup) -> Result<Self, PromptError> {
+        Ok(Self {
             episode: EpisodeConfig::from_settings(s),
             validation: ValidationConfig::from_settings(s),
             alpha: s.alpha,
             higher_order_bugs: s.higher_order_bugs,
-            prompts: Arc::new(PromptSet::default()),
+            prompts: Arc::new(PromptSet::with_templates(s.prompts.as_ref())?),
             markup,
-        }
+        })
     }
 }
 

@@ -116,7 +116,14 @@ fn solver_statement(prompts: &PromptSet, task_diff: &str) -> Result<String, Expo
     const HEADING: &str = "## Your task";
     Ok(match full.find(HEADING) {
         Some(at) => full[at + HEADING.len()..].trim().to_string(),
-        None => full.trim().to_string(),
+        // A run's own template without the heading: all of it but the tool documentation.
+        None => PromptSet {
+            tools: String::new(),
+            ..prompts.clone()
+        }
+        .solver_task(task_diff)?
+        .trim()
+        .to_string(),
     })
 }
 

@@ -22,7 +22,7 @@ use thiserror::Error;
 
 use crate::engine::episode::{Episode, run_episode};
 use crate::engine::error::InfraError;
-use crate::engine::prompts::{PromptError, render};
+use crate::engine::prompts::PromptError;
 use crate::engine::roles::{EngineSettings, SolverResult, absolve, finish_solver, grade_solver};
 use crate::engine::sandbox::SandboxProvider;
 use crate::engine::solver::prepare_solver_workspace;
@@ -33,10 +33,6 @@ pub use attempts::{AttemptPolicy, SeededAttempts, SharedAttempts, attempt_seed};
 pub use instance::{
     EvalPool, EvalTask, Instance, InstanceError, TestHarness, load_instances, tasks_in_pool,
 };
-
-/// The solver's prompt for an instance: the same tools and protocol as in training, the
-/// problem statement in place of the reversed test weakening.
-pub const SOLVER_ISSUE_TEMPLATE: &str = include_str!("../../prompts/solver_issue.md");
 
 #[derive(Debug, Error)]
 pub enum EvalError {
@@ -151,23 +147,16 @@ pub trait EvalProgress: Send + Sync {
 pub struct Silent;
 impl EvalProgress for Silent {}
 
-/// The solver's first message for `task`.
+/// The solver's first message for `task`: the same tools and protocol as in training, the
+/// problem statement in place of the reversed test weakening.
 pub fn solver_prompt(task: &EvalTask, engine: &EngineSettings) -> Result<String, EvalError> {
-    render(
-        "solver_issue.md",
-        SOLVER_ISSUE_TEMPLATE,
-        &[
-            ("tools", engine.prompts.tools.trim_end().to_string()),
-            (
-                "problem_statement",
-                task.problem_statement.trim_end().to_string(),
-            ),
-        ],
-    )
-    .map_err(|source| EvalError::Prompt {
-        id: task.id.clone(),
-        source,
-    })
+    engine
+        .prompts
+        .solver_issue_task(&task.problem_statement)
+        .map_err(|source| EvalError::Prompt {
+            id: task.id.clone(),
+            source,
+        })
 }
 
 /// Plays one attempt in a fresh sandbox and grades it in another (as

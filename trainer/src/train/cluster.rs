@@ -251,7 +251,8 @@ pub async fn run_cluster(opts: ClusterOptions, broker: BrokerClient) -> anyhow::
     } else {
         ChatMarkup::plain()
     };
-    let engine = EngineSettings::from_settings(&spec.self_play, markup);
+    let engine = EngineSettings::from_settings(&spec.self_play, markup)
+        .map_err(|e| anyhow::anyhow!("spec.selfPlay.prompts: {e}"))?;
     let pools: Vec<(String, u32)> = spec
         .pools
         .iter()

@@ -63,6 +63,8 @@ pub enum LocalError {
     NothingToResume(PathBuf),
     #[error("spec.evaluation.tasks: {0}")]
     Evaluation(#[from] crate::eval::InstanceError),
+    #[error("spec.selfPlay.prompts: {0}")]
+    Prompts(#[from] crate::engine::prompts::PromptError),
 }
 
 /// Options of a local run.
@@ -279,7 +281,7 @@ pub async fn run_local(
     let provider = Arc::new(local_provider(&run, &dirs.out, opts.isolation)?);
     let sandboxes = provider.describe();
     let sp = &run.run.spec.self_play;
-    let engine = engine_settings(&run, grpo.policy().source_dir().is_some());
+    let engine = engine_settings(&run, grpo.policy().source_dir().is_some())?;
     let pools = run
         .pools
         .iter()
@@ -521,18 +523,21 @@ fn build_trainer(
 }
 
 /// Engine settings from the spec; pool timeouts from the first pool.
-pub fn engine_settings(run: &LocalRun, chat_model: bool) -> EngineSettings {
+pub fn engine_settings(
+    run: &LocalRun,
+    chat_model: bool,
+) -> Result<EngineSettings, crate::engine::prompts::PromptError> {
     let markup = if chat_model {
         ChatMarkup::chatml()
     } else {
         ChatMarkup::plain()
     };
-    let mut engine = EngineSettings::from_settings(&run.run.spec.self_play, markup);
+    let mut engine = EngineSettings::from_settings(&run.run.spec.self_play, markup)?;
     if let Some(p) = run.pools.first() {
         engine.episode.command_timeout =
             Duration::from_secs(p.spec.command_timeout_seconds.max(1) as u64);
         engine.validation.test_timeout =
             Duration::from_secs(p.spec.test_timeout_seconds.max(1) as u64);
     }
-    engine
+    Ok(engine)
 }
