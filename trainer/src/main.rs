@@ -63,6 +63,9 @@ enum BenchCommand {
     Rollout(cli::bench_rollout::RolloutArgs),
     /// Peak memory and time of one GRPO training step per sequence length.
     Memory(cli::bench::memory::MemoryArgs),
+    /// The device (CUDA) against the CPU on the committed fixtures: log-probs, entropies and
+    /// gradients in f32 and bf16.
+    Parity(cli::bench::parity::ParityArgs),
 }
 
 fn main() -> ExitCode {
@@ -107,6 +110,7 @@ fn main() -> ExitCode {
         Command::Sandbox(a) => cli::sandbox::run(a),
         Command::Bench(BenchCommand::Rollout(a)) => cli::bench_rollout::run(a),
         Command::Bench(BenchCommand::Memory(a)) => cli::bench::memory::run(a),
+        Command::Bench(BenchCommand::Parity(a)) => cli::bench::parity::run(a),
         // Handled before parsing, above.
         Command::Sidecar { .. } => Ok(ExitCode::FAILURE),
     };

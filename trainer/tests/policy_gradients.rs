@@ -1,5 +1,6 @@
 //! Gradients of the model: every parameter gets a finite, non-zero one (candle-nn's fused
-//! ops would silently drop them), and they agree with central finite differences in f64.
+//! ops would silently drop them), they agree with central finite differences in f64, and the
+//! entropy (a reported figure) contributes none.
 
 use candle_core::{D, DType, Device, Tensor, Var};
 use selfplay_trainer::policy::{CandlePolicy, OpsMode};
@@ -11,8 +12,8 @@ fn seqs() -> Vec<Vec<u32>> {
     ]
 }
 
-/// A loss touching log-probs and entropies: Σ wᵢ·logpᵢ + Σ uᵢ·Hᵢ.
-fn loss(policy: &CandlePolicy, picks: &[(usize, usize)], grad: bool) -> Tensor {
+/// A loss of the log-probs, Σ wᵢ·logpᵢ, plus (with `entropy`) one of the entropies, Σ uᵢ·Hᵢ.
+fn loss_with(policy: &CandlePolicy, picks: &[(usize, usize)], grad: bool, entropy: bool) -> Tensor {
     let s = policy
         .model()
         .score_positions(&seqs(), picks, grad)
@@ -30,7 +31,17 @@ fn loss(policy: &CandlePolicy, picks: &[(usize, usize)], grad: bool) -> Tensor {
         .unwrap();
     let lp = s.narrow(D::Minus1, 0, 1).unwrap().squeeze(1).unwrap();
     let h = s.narrow(D::Minus1, 1, 1).unwrap().squeeze(1).unwrap();
-    ((lp * w).unwrap().sum_all().unwrap() + (h * u).unwrap().sum_all().unwrap()).unwrap()
+    let lp_term = (lp * w).unwrap().sum_all().unwrap();
+    if entropy {
+        (lp_term + (h * u).unwrap().sum_all().unwrap()).unwrap()
+    } else {
+        lp_term
+    }
+}
+
+/// The log-prob loss the gradients are checked on (the entropy is never differentiated).
+fn loss(policy: &CandlePolicy, picks: &[(usize, usize)], grad: bool) -> Tensor {
+    loss_with(policy, picks, grad, false)
 }
 
 fn picks() -> Vec<(usize, usize)> {
@@ -57,6 +68,35 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
             );
             let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
             assert!(norm > 0.0, "{mode:?}: zero gradient for {name}");
+        }
+    }
+}
+
+/// The entropy is reported, never trained on: it is detached from the graph, so adding
+/// Σ uᵢ·Hᵢ to the loss leaves every parameter's gradient exactly as it was.
+#[test]
+fn the_entropy_adds_no_gradient() {
+    for mode in [OpsMode::Auto, OpsMode::Composite] {
+        let mut policy = CandlePolicy::tiny(11, 32, 2, DType::F32, &Device::Cpu).unwrap();
+        policy.model_mut().set_ops_mode(mode);
+        let with = loss_with(&policy, &picks(), true, true).backward().unwrap();
+        let without = loss(&policy, &picks(), true).backward().unwrap();
+        for (name, p) in policy.model().parameters() {
+            let a: Vec<f32> = with
+                .get(p.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let b: Vec<f32> = without
+                .get(p.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(a, b, "{mode:?}: the entropy changed the gradient of {name}");
         }
     }
 }

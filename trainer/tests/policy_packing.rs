@@ -33,7 +33,8 @@ fn policy(mode: OpsMode, checkpoint: Option<usize>) -> CandlePolicy {
     p
 }
 
-/// Scores `(n, 2)` and the gradient of every parameter of Σ w·logp + Σ u·H.
+/// Scores `(n, 2)` and the gradient of every parameter of Σ w·logp + Σ u·H (the entropy is
+/// detached, so that is the gradient of Σ w·logp).
 fn scores_and_grads(
     p: &CandlePolicy,
     seqs: &[Vec<u32>],

@@ -16,6 +16,7 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::{DType, Device};
 
+use super::bench::ModelShape;
 use crate::engine::policy::{Policy, SamplingParams};
 use crate::policy::{ByteCodec, CandlePolicy, Qwen2Config, Qwen2Model, Rng};
 
@@ -52,6 +53,9 @@ pub struct RolloutArgs {
     pub layers: usize,
     #[arg(long, default_value_t = 32000)]
     pub vocab: usize,
+    /// A named model shape instead of `--hidden`, `--layers` and `--vocab`.
+    #[arg(long, value_enum)]
+    pub shape: Option<ModelShape>,
     /// Nucleus of the sampling (1, a run's default, samples the full distribution).
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
@@ -77,11 +81,7 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
     if args.hidden < 64 || !args.hidden.is_multiple_of(64) || args.vocab < 2 {
         anyhow::bail!("--hidden must be a multiple of 64 and --vocab at least 2");
     }
-    let device = match args.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0).context("--device cuda: CUDA is not available")?,
-        other => anyhow::bail!("--device {other}: expected cpu or cuda"),
-    };
+    let device = super::bench::device(&args.device)?;
     let dtype = if device.is_cpu() {
         DType::F32
     } else {
@@ -125,12 +125,13 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
         })
         .collect();
     if !args.json {
+        let cfg = policy.model().config();
         writeln!(
             out,
             "rollout bench: {} layers, hidden {}, vocab {}, {} on {:?}; {} turns of {} tokens, prompt {}, tool output {}; medians of {} rounds",
-            args.layers,
-            args.hidden,
-            args.vocab,
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.vocab_size,
             dtype.as_str(),
             device.location(),
             args.turns,
@@ -182,9 +183,13 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A Qwen2-shaped random model with heads of 64 dims, 2 query heads per key/value head as in
-/// Qwen2.5-0.5B's ratio, and no end-of-sequence token so every turn has its full length.
+/// A Qwen2-shaped random model (`--shape`, else heads of 64 dims, 2 query heads per key/value
+/// head), with no end-of-sequence token so every turn has its full length.
 fn bench_policy(args: &RolloutArgs, dtype: DType, device: &Device) -> anyhow::Result<CandlePolicy> {
+    if let Some(shape) = args.shape {
+        let model = Qwen2Model::random(shape.config(32768)?, 1, dtype, device)?;
+        return Ok(CandlePolicy::new(model, Arc::new(ByteCodec), Vec::new(), 7));
+    }
     let heads = args.hidden / 64;
     let kv = if heads.is_multiple_of(2) {
         heads / 2
@@ -227,7 +232,7 @@ fn play(
         max_new_tokens: args.turn_tokens,
         stop: Vec::new(),
     };
-    let vocab = args.vocab as u64;
+    let vocab = policy.model().config().vocab_size as u64;
     let before = policy.rollout_stats();
     let cpu_before = process_cpu_seconds();
     let started = Instant::now();

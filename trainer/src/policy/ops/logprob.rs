@@ -19,9 +19,10 @@ use super::linear::linear;
 mod blocked;
 
 /// For `logits: (n, vocab)` and `targets: (n,)` (u32), returns `(n, 2)`: column 0 is
-/// `log softmax(logits)[target]`, column 1 the entropy of `softmax(logits)`. Both columns
-/// are differentiable, and in f32 for half-precision logits (f64 for f64): a bf16 log-prob
-/// would quantise the GRPO ratio by 1–3%.
+/// `log softmax(logits)[target]`, column 1 the entropy of `softmax(logits)`. Both are in f32
+/// for half-precision logits (f64 for f64): a bf16 log-prob would quantise the GRPO ratio by
+/// 1–3%. Only the log-probs are differentiable: the entropy is a reported figure that no
+/// loss uses, so it is detached (see [`detach_entropy`]).
 pub fn token_logprobs_entropy(logits: &Tensor, targets: &Tensor, mode: OpsMode) -> Result<Tensor> {
     let (n, v) = logits.dims2()?;
     if targets.dims() != [n] || targets.dtype() != DType::U32 {
@@ -34,9 +35,11 @@ pub fn token_logprobs_entropy(logits: &Tensor, targets: &Tensor, mode: OpsMode) 
     }
     check_targets(targets, v)?;
     if mode.fused(logits) {
-        logits
-            .contiguous()?
-            .apply_op2(&targets.contiguous()?, LogprobOp)
+        detach_entropy(
+            &logits
+                .contiguous()?
+                .apply_op2(&targets.contiguous()?, LogprobOp)?,
+        )
     } else {
         let dtype = logits.dtype();
         let z = logits.to_dtype(if dtype == DType::F64 {
@@ -49,9 +52,23 @@ pub fn token_logprobs_entropy(logits: &Tensor, targets: &Tensor, mode: OpsMode) 
         let lse = zs.exp()?.sum_keepdim(D::Minus1)?.log()?;
         let logp = zs.broadcast_sub(&lse)?;
         let target_lp = logp.gather(&targets.reshape((n, 1))?, 1)?;
+        // From the detached log-probs: under autograd, `exp(logp)` and `p · logp` would be
+        // two more (n, vocab) tensors kept alive until the backward.
+        let logp = logp.detach();
         let entropy = (logp.exp()? * &logp)?.sum_keepdim(D::Minus1)?.neg()?;
         Tensor::cat(&[&target_lp, &entropy], 1)
     }
+}
+
+/// `out (n, 2)` (log-probs, entropies) with the entropy column cut from the graph. The
+/// trainers differentiate only the log-probs; a differentiable entropy would only make the
+/// backward carry (and the composite path keep) work for a gradient that is always zero.
+/// The fused ops' backward still accepts an entropy gradient; after this it is always zero.
+fn detach_entropy(out: &Tensor) -> Result<Tensor> {
+    if !out.track_op() {
+        return Ok(out.clone());
+    }
+    Tensor::cat(&[&out.narrow(1, 0, 1)?, &out.narrow(1, 1, 1)?.detach()], 1)
 }
 
 fn check_targets(targets: &Tensor, v: usize) -> Result<()> {
@@ -188,7 +205,7 @@ impl CustomOp2 for LogprobOp {
 }
 
 /// [`token_logprobs_entropy`] of `hidden (n, d) · headᵀ` for `head: (vocab, d)`, without
-/// the `(n, vocab)` logits as one tensor.
+/// the `(n, vocab)` logits as one tensor. As there, only the log-probs are differentiable.
 ///
 /// The logits of a training batch are the largest tensors of the step (2 048 × 8 192 floats
 /// for the benchmark model, 67 MB; 1.2 GB at Qwen2's vocabulary, 9.7 GB at 16k tokens), and
@@ -235,14 +252,14 @@ fn lm_head_fused(
     targets: &Tensor,
     keep: Option<usize>,
 ) -> Result<Tensor> {
-    hidden.contiguous()?.apply_op3(
+    detach_entropy(&hidden.contiguous()?.apply_op3(
         &head.contiguous()?,
         &targets.contiguous()?,
         LmHeadOp {
             keep,
             logits: Mutex::new(None),
         },
-    )
+    )?)
 }
 
 /// Logit elements per block of rows: a few MB, so blocks come from the heap and are reused
@@ -477,6 +494,8 @@ mod tests {
         Blocked,
         /// Full logits, then log-probs through candle's primitives.
         Plain,
+        /// Full logits, then log-probs through the fused CPU op.
+        PlainFused,
     }
 
     /// Values and the gradients of Σ out ⊙ r for hidden and head, over several blocks.
@@ -485,17 +504,24 @@ mod tests {
         let out = match path {
             Path::Fused(keep) => lm_head_fused(&h, &w, t, Some(keep)).unwrap(),
             Path::Blocked => lm_head_logprobs(&h, &w, t, OpsMode::Composite).unwrap(),
-            Path::Plain => {
+            Path::Plain | Path::PlainFused => {
                 let logits = h.matmul(&w.t().unwrap()).unwrap();
-                token_logprobs_entropy(&logits, t, OpsMode::Composite).unwrap()
+                let mode = match path {
+                    Path::Plain => OpsMode::Composite,
+                    _ => OpsMode::Auto,
+                };
+                token_logprobs_entropy(&logits, t, mode).unwrap()
             }
         };
         let grads = (&out * r).unwrap().sum_all().unwrap().backward().unwrap();
-        vec![
-            out,
-            grads.get(&h).unwrap().clone(),
-            grads.get(&w).unwrap().clone(),
-        ]
+        // No gradient at all counts as a zero one (a loss that reaches no input).
+        let grad = |v: &Var| {
+            grads
+                .get(v)
+                .cloned()
+                .unwrap_or_else(|| v.zeros_like().unwrap())
+        };
+        vec![out.detach(), grad(&h), grad(&w)]
     }
 
     /// Every path gives the plain computation's values and gradients, whether the fused op
@@ -516,6 +542,7 @@ mod tests {
                 Path::Fused(512 * 4096),
                 Path::Fused(0),
                 Path::Blocked,
+                Path::PlainFused,
             ] {
                 let other = run(path, &h, &w, &t, &r);
                 for (i, (a, b)) in other.iter().zip(&plain).enumerate() {
@@ -526,6 +553,52 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The entropy is a reported figure, never differentiated: on every path a loss of the
+    /// entropies alone gives the inputs no gradient, and a loss weighing both columns gives
+    /// exactly the gradients of its log-prob part. (Were the entropy in the graph, both would
+    /// fail, and its backward would cost a block-sized term per block of rows.)
+    #[test]
+    fn entropy_carries_no_gradient_on_any_path() {
+        let dev = Device::Cpu;
+        // Several blocks of rows on the fused and blocked paths (see the test above).
+        let (n, d, v) = (1100, 24, 4096);
+        let h = Tensor::randn(0f64, 1., (n, d), &dev).unwrap();
+        let w = Tensor::randn(0f64, 0.3, (v, d), &dev).unwrap();
+        let ids: Vec<u32> = (0..n).map(|i| ((i * 7919) % v) as u32).collect();
+        let t = Tensor::from_vec(ids, n, &dev).unwrap();
+        let r = Tensor::randn(0f64, 1., (n, 2), &dev).unwrap();
+        let zero = Tensor::zeros((n, 1), DType::F64, &dev).unwrap();
+        let lp_only = Tensor::cat(&[&r.narrow(1, 0, 1).unwrap(), &zero], 1).unwrap();
+        let entropy_only = Tensor::cat(&[&zero, &r.narrow(1, 1, 1).unwrap()], 1).unwrap();
+        for path in [
+            Path::Fused(KEEP_ELEMS),
+            Path::Fused(0),
+            Path::Blocked,
+            Path::Plain,
+            Path::PlainFused,
+        ] {
+            let both = run(path, &h, &w, &t, &r);
+            let lp = run(path, &h, &w, &t, &lp_only);
+            let ent = run(path, &h, &w, &t, &entropy_only);
+            for i in 1..3 {
+                let diff = max_abs_diff(&both[i], &lp[i]);
+                assert!(
+                    diff == 0.0,
+                    "{path:?}: the entropy moved gradient {i} by {diff}"
+                );
+                let zeros = ent[i].zeros_like().unwrap();
+                let g = max_abs_diff(&ent[i], &zeros);
+                assert!(
+                    g == 0.0,
+                    "{path:?}: the entropy has a gradient {i} of size {g}"
+                );
+            }
+            // And the entropies are still computed.
+            let h_col = both[0].narrow(1, 1, 1).unwrap();
+            assert!(h_col.min_all().unwrap().to_scalar::<f64>().unwrap() > 0.0);
         }
     }
 

@@ -2,7 +2,9 @@
 //! without the CPU kernels: the forward keeps nothing of the `(rows, vocab)` logits, the
 //! backward recomputes each block's logits and turns their gradient into the hidden and head
 //! gradients at once. At most one block of logits (and its few same-sized temporaries) is
-//! alive at a time.
+//! alive at a time. The entropies are computed in the same pass from detached values and
+//! returned detached: only the log-probs join the graph, so the backward has no entropy
+//! term to compute.
 
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 
@@ -41,39 +43,42 @@ fn block_stats(h: &Tensor, w: &Tensor, work: DType) -> Result<BlockStats> {
 }
 
 /// `(n, 2)`: log-prob of each target and entropy, of `hidden (n, d) · headᵀ`, in f32 (f64
-/// for f64 inputs).
+/// for f64 inputs); the log-probs differentiable in `hidden` and `head`, the entropies not.
 pub(super) fn lm_head_logprobs(hidden: &Tensor, head: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (n, _d) = hidden.dims2()?;
     let work = work_dtype(hidden.dtype());
     let rows = block_rows(head.dim(0)?);
     let (hd, wd) = (hidden.detach(), head.detach());
-    let mut outs = Vec::new();
+    let (mut lps, mut ents) = (Vec::new(), Vec::new());
     for r0 in (0..n).step_by(rows) {
         let m = rows.min(n - r0);
         let st = block_stats(&hd.narrow(0, r0, m)?, &wd, work)?;
         let logp = st.shifted.broadcast_sub(&st.lse)?;
         let t = targets.narrow(0, r0, m)?.reshape((m, 1))?;
-        let target_lp = logp.gather(&t, 1)?;
-        let entropy = (logp.exp()? * &logp)?.sum_keepdim(D::Minus1)?.neg()?;
-        outs.push(Tensor::cat(&[&target_lp, &entropy], 1)?);
+        lps.push(logp.gather(&t, 1)?);
+        ents.push((logp.exp()? * &logp)?.sum_keepdim(D::Minus1)?.neg()?);
     }
     // f32 for half-precision inputs (f64 for f64), as `token_logprobs_entropy` returns:
     // a bf16 log-prob would quantise the GRPO ratio by 1–3%.
-    let out = Tensor::cat(&outs, 0)?;
+    let (lp, entropy) = (Tensor::cat(&lps, 0)?, Tensor::cat(&ents, 0)?);
     if !(hidden.track_op() || head.track_op()) {
-        return Ok(out);
+        return Tensor::cat(&[&lp, &entropy], 1);
     }
-    hidden.apply_op2(
+    // Only the log-probs go through the op: the entropies (built from detached inputs
+    // above) stay outside the graph.
+    let lp = hidden.apply_op2(
         head,
         BlockedHead {
-            out: Precomputed::new(&out)?,
+            logprobs: Precomputed::new(&lp)?,
             targets: targets.clone(),
         },
-    )
+    )?;
+    Tensor::cat(&[&lp, &entropy], 1)
 }
 
+/// The log-probs `(n, 1)` as an op of the hidden rows and the head, for the backward.
 struct BlockedHead {
-    out: Precomputed,
+    logprobs: Precomputed,
     targets: Tensor,
 }
 
@@ -89,7 +94,7 @@ impl CustomOp2 for BlockedHead {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.out.cpu()
+        self.logprobs.cpu()
     }
 
     fn cuda_fwd(
@@ -99,15 +104,15 @@ impl CustomOp2 for BlockedHead {
         _: &CudaStorage,
         _: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        self.out.cuda()
+        self.logprobs.cuda()
     }
 
-    /// dz = g_lp·(onehot − p) − g_H·p·(log p + H), block by block.
+    /// dz = g_lp·(onehot − p), block by block.
     fn bwd(
         &self,
         h: &Tensor,
         w: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, _d) = h.dims2()?;
@@ -115,7 +120,7 @@ impl CustomOp2 for BlockedHead {
         let work = work_dtype(h.dtype());
         let rows = block_rows(v);
         let (h, w) = (h.detach(), w.detach());
-        let (res, grad) = (res.detach().to_dtype(work)?, grad.detach().to_dtype(work)?);
+        let grad = grad.detach().to_dtype(work)?;
         let vocab = Tensor::arange(0u32, v as u32, h.device())?.reshape((1, v))?;
         let mut dhs = Vec::new();
         let mut dw = Tensor::zeros(w.shape(), work, w.device())?;
@@ -125,16 +130,14 @@ impl CustomOp2 for BlockedHead {
             let st = block_stats(&hb, &w, work)?;
             let logp = st.shifted.broadcast_sub(&st.lse)?;
             let p = logp.exp()?;
-            let g = grad.narrow(0, r0, m)?;
-            let (g_lp, g_h) = (g.narrow(1, 0, 1)?, g.narrow(1, 1, 1)?);
-            let entropy = res.narrow(0, r0, m)?.narrow(1, 1, 1)?;
+            let g_lp = grad.narrow(0, r0, m)?;
             let onehot = vocab
                 .broadcast_eq(&self.targets.narrow(0, r0, m)?.reshape((m, 1))?)?
                 .to_dtype(work)?;
-            let dz = (onehot.broadcast_sub(&p)?.broadcast_mul(&g_lp)?
-                - p.broadcast_mul(&logp.broadcast_add(&entropy)?)?
-                    .broadcast_mul(&g_h)?)?
-            .to_dtype(h.dtype())?;
+            let dz = onehot
+                .broadcast_sub(&p)?
+                .broadcast_mul(&g_lp)?
+                .to_dtype(h.dtype())?;
             dhs.push(dz.matmul(&w)?);
             dw = (dw + dz.t()?.matmul(&hb)?.to_dtype(work)?)?;
         }
