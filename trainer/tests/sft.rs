@@ -580,6 +580,14 @@ fn the_sft_command_writes_a_model_the_trainer_loads() {
     }
     let p = load(&model);
     assert_eq!(p.model().config().vocab_size, ByteCodec::VOCAB_SIZE);
+    // It learnt its turns in ChatML, so self-play and `trainer eval` play it in ChatML (the
+    // seeded tiny model it started from is played without markup).
+    assert!(p.chat_markup());
+    assert!(
+        !CandlePolicy::tiny(SEED, 16, 1, DType::F32, &Device::Cpu)
+            .expect("tiny")
+            .chat_markup()
+    );
     // The finished directory is never overwritten.
     let again = run(&[]);
     assert!(!again.status.success());

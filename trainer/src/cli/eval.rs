@@ -224,8 +224,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         None => CandlePolicy::from_source(&run.run.spec.model, &device, args.seed)
             .context("building the run's model")?,
     };
-    // The markup follows the tokenizer: a byte-level model was trained without chat markup.
-    let chat = !policy.model().config().byte_tokenizer();
+    // The markup training used for this model (a byte-level model loaded from a directory,
+    // e.g. `trainer sft`'s output, was trained in ChatML).
+    let chat = policy.chat_markup();
     let engine = engine_settings(&run, chat)?;
     let policy = Arc::new(policy);
     let work = tempfile::Builder::new()

@@ -122,7 +122,7 @@ pub fn run(args: SftArgs) -> anyhow::Result<ExitCode> {
     let (context, vocab_size) = (cfg.max_position_embeddings, cfg.vocab_size);
     let max_tokens = args.max_tokens.unwrap_or(context).min(context);
     // The engine marks up turns in ChatML for every model loaded from a directory
-    // (train/local.rs, train/cluster.rs), and what this command writes is one.
+    // (`CandlePolicy::chat_markup`), and what this command writes is one.
     let markup = ChatMarkup::chatml();
     let data = load_dataset(
         &args.data,

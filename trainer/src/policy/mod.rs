@@ -235,6 +235,15 @@ impl CandlePolicy {
         self.source_dir.as_deref()
     }
 
+    /// Whether episodes are marked up in ChatML: for every model loaded from a directory (a
+    /// Hugging Face model, a checkpoint, `trainer sft`'s output, byte-level or not), not for
+    /// a tiny model built from a seed. Training, `trainer sft` and `trainer eval` all follow
+    /// this one rule: a model evaluated in another markup than it was trained in is another
+    /// model.
+    pub fn chat_markup(&self) -> bool {
+        self.source_dir.is_some()
+    }
+
     pub fn set_version(&self, v: u64) {
         self.version.store(v, Ordering::SeqCst);
     }

@@ -246,7 +246,7 @@ pub async fn run_cluster(opts: ClusterOptions, broker: BrokerClient) -> anyhow::
             )
         }
     };
-    let markup = if grpo.policy().source_dir().is_some() {
+    let markup = if grpo.policy().chat_markup() {
         ChatMarkup::chatml()
     } else {
         ChatMarkup::plain()

@@ -281,7 +281,7 @@ pub async fn run_local(
     let provider = Arc::new(local_provider(&run, &dirs.out, opts.isolation)?);
     let sandboxes = provider.describe();
     let sp = &run.run.spec.self_play;
-    let engine = engine_settings(&run, grpo.policy().source_dir().is_some())?;
+    let engine = engine_settings(&run, grpo.policy().chat_markup())?;
     let pools = run
         .pools
         .iter()

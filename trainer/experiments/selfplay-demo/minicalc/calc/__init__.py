@@ -1,0 +1,1 @@
+"""Four tiny modules for the self-play demonstration."""

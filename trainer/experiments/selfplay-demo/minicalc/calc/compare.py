@@ -1,0 +1,6 @@
+def larger(a, b):
+    return a if a > b else b
+
+
+def smaller(a, b):
+    return a if a < b else b
