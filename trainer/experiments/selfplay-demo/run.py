@@ -42,9 +42,9 @@ spec:
     solverGroupSize: {group}
     injectorEpisodesPerStep: {injectors}
     minPassingTests: 2
-    maxTurns: 3
+    maxTurns: 2
     maxTokens: 8192
-    maxTokensPerTurn: 512
+    maxTokensPerTurn: 200
     temperature: 1.0
     topP: 1.0
     higherOrderBugs: false
@@ -54,6 +54,13 @@ spec:
     totalSteps: {steps}
     microBatchSize: 4
     seed: {seed}
+    # A truncated episode is graded as it stands, success or failure alike. The default
+    # (Mask) drops truncated successes but keeps truncated failures (so that stalling never
+    # escapes a -1); with a policy that often fixes the module and then fails to write
+    # <submit/>, that leaves only failures in the loss.
+    truncation:
+      mode: ForceSubmit
+      discount: 1.0
   trainer:
     gpus: 0
     concurrency: 1
