@@ -115,22 +115,32 @@ impl PromptSet {
     /// Every template renders with the values the engine fills in (an unknown placeholder
     /// would otherwise fail every episode), and holds the placeholder that carries what its
     /// reader needs: a solver that is not shown its task cannot learn, it can only guess.
+    /// The CRD's CEL rules check the placeholders at admission too; this also covers
+    /// templates read from a directory (`from_dir`), which no API server sees.
     pub fn check(&self) -> Result<(), PromptError> {
-        const REQUIRED: [(&str, &str, &str); 5] = [
-            ("injector", "artifacts_dir", "where the artifacts go"),
-            ("solver", "task_diff", "the solver's task"),
-            ("solverIssue", "problem_statement", "the task"),
-            ("observation", "output", "the tool's output"),
-            ("formatError", "error", "what was wrong"),
+        let required: [(&'static str, &String, &'static str, &'static str); 5] = [
+            (
+                "injector",
+                &self.injector,
+                "artifacts_dir",
+                "where the artifacts go",
+            ),
+            ("solver", &self.solver, "task_diff", "the solver's task"),
+            (
+                "solverIssue",
+                &self.solver_issue,
+                "problem_statement",
+                "the task",
+            ),
+            (
+                "observation",
+                &self.observation,
+                "output",
+                "the tool's output",
+            ),
+            ("formatError", &self.format_error, "error", "what was wrong"),
         ];
-        for (template, name, what) in REQUIRED {
-            let text = match template {
-                "injector" => &self.injector,
-                "solver" => &self.solver,
-                "solverIssue" => &self.solver_issue,
-                "observation" => &self.observation,
-                _ => &self.format_error,
-            };
+        for (template, text, name, what) in required {
             if !text.contains(&format!("{{{{{name}}}}}")) {
                 return Err(PromptError::Required {
                     template,
