@@ -229,10 +229,12 @@ pub fn validate_run(run: &SelfPlayRun) -> Result<ValidRun<'_>, InvalidSpec> {
     if spec.trainer.gpus < 0 {
         problems.push("trainer.gpus must be at least 0".to_string());
     }
-    // The trainer trains on one device; more would hold GPUs idle that others could use.
+    // The trainer's data parallelism over several GPUs (NCCL) is built and its reduction
+    // tested on the CPU, but it has not run on a multi-GPU machine: until it has, a run does
+    // not reserve GPUs it may not use well.
     if spec.trainer.gpus > 1 {
         problems.push(format!(
-            "spec.trainer.gpus is {}: the trainer uses at most one GPU, set it to 0 or 1",
+            "spec.trainer.gpus is {}: training on several GPUs has not yet been run on a multi-GPU machine and is not admitted; set it to 0 or 1",
             spec.trainer.gpus
         ));
     }

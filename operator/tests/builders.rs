@@ -510,7 +510,7 @@ fn more_than_one_gpu_is_refused_naming_the_field() {
     assert!(
         err.problems
             .iter()
-            .any(|p| p.contains("spec.trainer.gpus is 2") && p.contains("one GPU")),
+            .any(|p| p.contains("spec.trainer.gpus is 2") && p.contains("multi-GPU machine")),
         "{err}"
     );
     run.spec.trainer.gpus = 1;

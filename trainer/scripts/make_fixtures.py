@@ -7,7 +7,8 @@ directory (safetensors + config.json + tokenizer.json) and `reference.safetensor
   * the GRPO loss of shared/reference/method.md (PPO clip-higher, optional dual clip,
     token-level aggregation over the whole batch) on given advantages, policy-token masks
     and old log-probs, and the gradient of every parameter.
-The tied model is also written in bfloat16 (with logits of the bf16 weights), and its
+The tied model is also written in bfloat16, with the f64 references of the bf16 weights and
+the same quantities computed by PyTorch in bf16 (`torch_bf16.*`), and its
 config.json is rewritten in the layout transformers 4.x writes (`rope_theta`,
 `torch_dtype`); the untied one keeps the 5.x layout and is sharded.
 
@@ -20,7 +21,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import Qwen2Config, Qwen2ForCausalLM, PreTrainedTokenizerFast
 
@@ -227,20 +228,46 @@ def main():
     untied = make_model(seed=4321, tied=False, eos=eos)
     write_fixture(out, "qwen2-untied", untied, tok_path, seed=4321, grads_for_dual=False, shard=True)
 
-    # bf16 weights of the tied model; reference logits from those weights, upcast to f64.
+    # bf16 weights of the tied model. In f64 from those weights: logits, log-probs, entropies
+    # and the GRPO gradient of the tied fixture's batch (its masks, advantages and old
+    # log-probs). Beside them, the same quantities computed by PyTorch in bf16 (weights and
+    # activations bf16, as a bf16 forward on a GPU runs): the test holds candle's bf16 path
+    # to PyTorch's own bf16 error, not to an absolute bound.
     bf = out / "qwen2-tied-bf16"
     shutil.rmtree(bf, ignore_errors=True)
     tied_bf16 = make_model(seed=1234, tied=True, eos=eos).to(torch.bfloat16)
     tied_bf16.save_pretrained(bf, safe_serialization=True)
     shutil.copy(tok_path, bf / "tokenizer.json")
     ref = json.loads((d / "reference.json").read_text())
+    seqs = ref["sequences"]
+    tied_ref = load_file(str(d / "reference.safetensors"))
+    olds = [tied_ref[f"old_logprobs.{k}"] for k in range(len(seqs))]
+    tmasks = [torch.tensor(m[1:], dtype=torch.float64) for m in ref["policy_mask"]]
+    tensors = {}
+    meta = {k: ref[k] for k in ["sequences", "policy_mask", "advantages", "eps_low", "eps_high", "dual_clip"]}
     # Loaded fresh so that RoPE's inverse frequencies are computed in f32, as from_pretrained
     # does for a bf16 checkpoint (`.to(bfloat16)` above also rounded them to bf16).
-    m64 = Qwen2ForCausalLM.from_pretrained(bf, dtype=torch.float64, attn_implementation="eager").eval()
-    with torch.no_grad():
-        logits, _, _ = per_sequence(m64, ref["sequences"])
-    save_file({f"logits.{k}": z.contiguous() for k, z in enumerate(logits)}, str(bf / "reference.safetensors"))
-    (bf / "reference.json").write_text(json.dumps({"sequences": ref["sequences"]}))
+    for tag, dtype in [("", torch.float64), ("torch_bf16.", torch.bfloat16)]:
+        m = Qwen2ForCausalLM.from_pretrained(bf, dtype=dtype, attn_implementation="eager").eval()
+        with torch.no_grad():
+            logits, logps, ents = per_sequence(m, seqs)
+        for k in range(len(seqs)):
+            tensors[f"{tag}logits.{k}"] = logits[k].double().contiguous()
+            tensors[f"{tag}logprobs.{k}"] = logps[k].double().contiguous()
+            tensors[f"{tag}entropy.{k}"] = ents[k].double().contiguous()
+            if not tag:
+                tensors[f"old_logprobs.{k}"] = olds[k].contiguous()
+        m.zero_grad()
+        _, lps, _ = per_sequence(m, seqs)
+        loss = grpo_loss([lp.double() for lp in lps], olds, ref["advantages"], tmasks, None)
+        loss.backward()
+        meta[f"{tag}loss_plain"] = loss.item()
+        for pname, p in m.named_parameters():
+            tensors[f"{tag}grad_plain.{pname}"] = p.grad.detach().double().clone().contiguous()
+        if not tag:
+            meta["parameters"] = [n for n, _ in m.named_parameters()]
+    save_file(tensors, str(bf / "reference.safetensors"))
+    (bf / "reference.json").write_text(json.dumps(meta, indent=1))
 
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"fixtures written to {out} ({total / 1024:.0f} KiB)")

@@ -148,3 +148,134 @@ fn n_workers_on_shards_make_the_update_of_one_worker_on_the_whole_batch() {
         }
     }
 }
+
+fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f64, f64::max)
+}
+
+/// The path a run takes (`trainer.gpus` > 1 builds it over CUDA devices and NCCL): rank 0
+/// keeps replicas on the other devices and `train_step` splits every update over them. Here
+/// the devices are CPUs, joined in-process. The wrap happens after one plain step, so the
+/// replicas must start from rank 0's weights *and* optimiser state (AdamW's moments and count).
+#[test]
+fn a_data_parallel_trainer_makes_the_updates_of_one_worker() {
+    let mut one = trainer();
+    for _ in 0..3 {
+        one.train_step(&samples()).unwrap();
+    }
+    let want = weights(&one);
+    for workers in [2, 3] {
+        let mut t = trainer();
+        t.train_step(&samples()).unwrap();
+        let mut t = t
+            .with_data_parallel(&vec![Device::Cpu; workers])
+            .expect("CPU workers");
+        assert_eq!(t.data_parallel_workers(), workers);
+        let mut stats = StepStats::default();
+        for _ in 0..2 {
+            stats = t.train_step(&samples()).unwrap();
+        }
+        let diff = max_diff(&weights(&t), &want);
+        assert!(diff < 1e-12, "{workers} workers: weights differ by {diff}");
+        assert_eq!((stats.step, stats.policy_version), (3, 3));
+        assert_eq!(stats.dropped_zero_advantage_groups, 1);
+    }
+}
+
+#[test]
+fn shards_keep_groups_whole_and_balance_tokens() {
+    let all = samples();
+    let shards = selfplay_trainer::grpo::shard_by_group(&all, 3);
+    assert_eq!(shards.len(), 3);
+    assert_eq!(shards.iter().map(Vec::len).sum::<usize>(), all.len());
+    for g in 0..4u64 {
+        let holders = shards
+            .iter()
+            .filter(|s| s.iter().any(|x| x.group == g))
+            .count();
+        assert_eq!(holders, 1, "group {g} is split");
+    }
+    let tokens: Vec<usize> = shards
+        .iter()
+        .map(|s| s.iter().map(|x| x.tokens.len()).sum())
+        .collect();
+    assert!(tokens.iter().all(|&t| t > 0), "an idle worker: {tokens:?}");
+    // More workers than groups: the extra workers get nothing and still take part.
+    let shards = selfplay_trainer::grpo::shard_by_group(&all, 6);
+    assert_eq!(shards.iter().filter(|s| s.is_empty()).count(), 2);
+}
+
+/// More workers than groups: idle workers contribute zero gradients and the update is still
+/// the one-worker update.
+#[test]
+fn idle_workers_change_nothing() {
+    let mut one = trainer();
+    one.train_step(&samples()).unwrap();
+    let mut t = trainer().with_data_parallel(&vec![Device::Cpu; 6]).unwrap();
+    t.train_step(&samples()).unwrap();
+    let diff = max_diff(&weights(&t), &weights(&one));
+    assert!(diff < 1e-12, "weights differ by {diff}");
+}
+
+/// Runs one update on two in-process workers where worker 1's shard is `bad`; returns each
+/// worker's error and whether its weights moved. Fails the test (rather than hanging) when a
+/// worker is left waiting in a collective.
+fn one_bad_worker(bad: Vec<Sample>) -> Vec<(String, bool)> {
+    let good: Vec<Sample> = samples().into_iter().filter(|s| s.group == 0).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (reduce, shard) in InProcessAllReduce::group(2).into_iter().zip([good, bad]) {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut t = trainer();
+            let before = weights(&t);
+            let r = t.train_step_shard(&shard, &reduce);
+            let moved = max_diff(&weights(&t), &before) > 0.0;
+            let _ = tx.send((
+                reduce.rank(),
+                r.err().map(|e| e.to_string()).unwrap_or_default(),
+                moved,
+            ));
+        });
+    }
+    let mut out = vec![(String::new(), false); 2];
+    for _ in 0..2 {
+        let (rank, err, moved) = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("a worker is still waiting in a collective");
+        out[rank] = (err, moved);
+    }
+    out
+}
+
+#[test]
+fn a_worker_with_an_invalid_shard_fails_the_update_on_every_worker() {
+    let mut bad: Vec<Sample> = samples().into_iter().filter(|s| s.group == 1).collect();
+    bad[0].policy_mask.pop();
+    let out = one_bad_worker(bad);
+    assert!(out[1].0.contains("sample 0"), "{:?}", out[1]);
+    assert!(
+        out[0].0.contains("other data-parallel worker"),
+        "{:?}",
+        out[0]
+    );
+    assert!(out.iter().all(|(_, moved)| !moved), "{out:?}");
+}
+
+#[test]
+fn a_worker_whose_forward_fails_fails_the_update_on_every_worker() {
+    let mut bad: Vec<Sample> = samples().into_iter().filter(|s| s.group == 1).collect();
+    // A token id outside the vocabulary passes the sample's own checks and fails in the
+    // embedding lookup, as a GPU running out of memory would fail in the forward.
+    bad[0].tokens[5] = 1_000_000;
+    let out = one_bad_worker(bad);
+    assert!(!out[1].0.is_empty(), "{:?}", out[1]);
+    assert!(
+        out[0].0.contains("other data-parallel worker"),
+        "{:?}",
+        out[0]
+    );
+    assert!(out.iter().all(|(_, moved)| !moved), "{out:?}");
+}

@@ -4,7 +4,10 @@
 
 pub mod advantages;
 pub mod checkpoint;
+pub mod data_parallel;
 pub mod micro_batches;
+#[cfg(feature = "cuda")]
+mod nccl;
 pub mod objective;
 pub mod optimizer;
 pub mod parallel;
@@ -20,6 +23,7 @@ use crate::policy::ModelError;
 
 pub use advantages::{group_advantages, leave_one_out};
 pub use checkpoint::TrainerState;
+pub use data_parallel::{collectives, shard_by_group};
 pub use objective::{TokenTerms, token_terms, weighted_token_terms};
 pub use parallel::{AllReduce, InProcessAllReduce, SingleWorker};
 pub use rewards::{EpisodeEnd, shaped_reward, step_penalty};

@@ -20,6 +20,7 @@ use candle_core::{D, DType, Tensor};
 use crate::engine::policy::Policy;
 use crate::policy::CandlePolicy;
 
+use super::data_parallel::DataParallel;
 use super::micro_batches::micro_batches;
 use super::objective::weighted_token_terms;
 use super::optimizer::{AdamW, clip_factor, global_grad_norm};
@@ -162,6 +163,8 @@ pub struct GrpoTrainer {
     opt: AdamW,
     step: u64,
     nonfinite_steps: u64,
+    /// The other workers when this trainer is rank 0 of a data-parallel group.
+    parallel: Option<DataParallel>,
 }
 
 impl GrpoTrainer {
@@ -180,6 +183,7 @@ impl GrpoTrainer {
             opt,
             step: 0,
             nonfinite_steps: 0,
+            parallel: None,
         })
     }
 
@@ -203,6 +207,15 @@ impl GrpoTrainer {
 
     pub(crate) fn optimizer(&self) -> &AdamW {
         &self.opt
+    }
+
+    pub(crate) fn set_data_parallel(&mut self, parallel: DataParallel) {
+        self.parallel = Some(parallel);
+    }
+
+    /// Workers that share each update: 1, or the devices of [`GrpoTrainer::with_data_parallel`].
+    pub fn data_parallel_workers(&self) -> usize {
+        self.parallel.as_ref().map_or(1, DataParallel::world_size)
     }
 
     pub(crate) fn restore(
@@ -234,8 +247,16 @@ impl GrpoTrainer {
 
     /// A full update over `samples`, in micro-batches of at most `micro_batch_size`
     /// sequences and `micro_batch_tokens` tokens, each packed end to end.
+    /// With data-parallel workers the update is split over them (`data_parallel.rs`).
     pub fn train_step(&mut self, samples: &[Sample]) -> Result<StepStats, GrpoError> {
-        self.train_step_shard(samples, &SingleWorker)
+        match self.parallel.take() {
+            None => self.train_step_shard(samples, &SingleWorker),
+            Some(mut dp) => {
+                let r = dp.train_step(self, samples);
+                self.parallel = Some(dp);
+                r
+            }
+        }
     }
 
     /// This worker's part of a data-parallel update: `shard` is its share of the global batch
@@ -243,13 +264,23 @@ impl GrpoTrainer {
     /// `reduce` joins it to the other workers. Every worker must call this once per update;
     /// all end with the same weights. The loss divides by the global token count and the
     /// gradients are summed, so N workers make the update one worker makes on the whole batch.
+    ///
+    /// A worker whose shard is invalid or whose forward or backward fails (a GPU out of
+    /// memory) still makes every collective call, with a failure flag: all workers then
+    /// return an error and none applies the update, instead of the others waiting for ever.
     pub fn train_step_shard(
         &mut self,
         shard: &[Sample],
         reduce: &dyn AllReduce,
     ) -> Result<StepStats, GrpoError> {
-        let mut batch = self.select(shard)?;
+        let parallel = reduce.world_size() > 1;
+        let (mut batch, mut failure) = match self.select(shard) {
+            Ok(b) => (b, None),
+            Err(e) if parallel => (self.select(&[])?, Some(e)),
+            Err(e) => return Err(e),
+        };
         let mut counts = [
+            f64::from(u8::from(failure.is_some())),
             batch.global_tokens as f64,
             batch.samples.len() as f64,
             batch.dropped_zero_advantage_groups as f64,
@@ -260,12 +291,16 @@ impl GrpoTrainer {
         reduce.sum(&mut counts)?;
         let mut st_max = [batch.staleness_max as f64];
         reduce.max(&mut st_max)?;
+        if counts[0] > 0.0 {
+            return Err(failure.unwrap_or_else(|| failed_elsewhere(counts[0])));
+        }
+        let counts = &counts[1..];
         let global_tokens = counts[0] as usize;
         // Forward and backward on a rayon worker, so their parallel ops fork in place (see
         // `Policy::generate`). The reductions and the update run from this thread: they wait
         // for other workers or for the weights' write lock, which must never be waited for on
         // a worker of the pool.
-        let mut acc = rayon::scope(|_| {
+        let local = rayon::scope(|_| {
             let mut acc = Accumulator::default();
             let s = &self.settings;
             for mb in micro_batches(&batch.samples, s.micro_batch_size, s.micro_batch_tokens) {
@@ -273,9 +308,20 @@ impl GrpoTrainer {
                 self.accumulate_with(&mut acc, mb, global_tokens, BehaviourLogprobs::Trainer)?;
             }
             Ok::<_, GrpoError>(acc)
-        })?;
-        if reduce.world_size() > 1 {
-            self.reduce_accumulator(&mut acc, reduce)?;
+        });
+        let mut acc = match local {
+            Ok(acc) => acc,
+            Err(e) if parallel => {
+                failure = Some(e);
+                Accumulator::default()
+            }
+            Err(e) => return Err(e),
+        };
+        if parallel {
+            let failed = self.reduce_accumulator(&mut acc, reduce, failure.is_some())?;
+            if failed > 0.0 {
+                return Err(failure.unwrap_or_else(|| failed_elsewhere(failed)));
+            }
         }
         batch.global_tokens = global_tokens;
         batch.dropped_zero_advantage_groups = counts[2] as usize;
@@ -293,13 +339,16 @@ impl GrpoTrainer {
 
     /// Sums the gradients and statistics of every worker into each worker's `acc`. A worker
     /// with nothing to train on still takes part (with zero gradients): every worker must make
-    /// the same calls in the same order.
+    /// the same calls in the same order. Returns how many workers failed (`failed` is this
+    /// one's flag).
     fn reduce_accumulator(
         &self,
         acc: &mut Accumulator,
         reduce: &dyn AllReduce,
-    ) -> Result<(), GrpoError> {
+        failed: bool,
+    ) -> Result<f64, GrpoError> {
         let mut scalars = [
+            f64::from(u8::from(failed)),
             acc.loss,
             acc.tokens as f64,
             acc.clipped as f64,
@@ -324,6 +373,7 @@ impl GrpoTrainer {
                 .collect::<candle_core::Result<_>>()?,
         };
         let summed = reduce.sum_tensors(&local)?;
+        let (failed, scalars) = (scalars[0], &scalars[1..]);
         acc.loss = scalars[0];
         acc.tokens = scalars[1] as usize;
         acc.clipped = scalars[2] as usize;
@@ -334,7 +384,7 @@ impl GrpoTrainer {
         acc.truncated = scalars[7] as usize;
         acc.mismatch_max = max[0];
         acc.grads = (scalars[8] > 0.0).then_some(summed);
-        Ok(())
+        Ok(failed)
     }
 
     /// Validates `samples`, drops stale ones and groups whose advantages are all zero.
@@ -557,4 +607,10 @@ impl GrpoTrainer {
         stats.learning_rate = lr;
         Ok(stats)
     }
+}
+
+fn failed_elsewhere(workers: f64) -> GrpoError {
+    GrpoError::Reduce(format!(
+        "{workers} other data-parallel worker(s) failed this update; it was not applied"
+    ))
 }

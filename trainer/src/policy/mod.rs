@@ -17,6 +17,7 @@ pub mod ops;
 pub mod rng;
 pub mod sampling;
 pub mod scoring;
+mod threads;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -38,6 +39,7 @@ pub use model::Qwen2Model;
 pub use ops::OpsMode;
 pub use rng::Rng;
 pub use scoring::SequenceScores;
+pub use threads::pin_candle_threads;
 
 /// Errors of loading, running and saving the model.
 #[derive(Debug, Error)]
@@ -211,6 +213,21 @@ impl CandlePolicy {
                 "exactly one of model.path and model.tiny must be set".into(),
             )),
         }
+    }
+
+    /// A copy of this policy on `device` (weights, tokenizer, version, sampling state), for a
+    /// data-parallel worker: it trains beside this one and never samples.
+    pub fn replica_on(&self, device: &Device) -> Result<Self, ModelError> {
+        let mut p = Self::new(
+            self.model.replica_on(device)?,
+            self.codec.clone(),
+            self.eos.clone(),
+            0,
+        );
+        p.set_version(self.version());
+        p.set_rng_state(self.rng_state());
+        p.source_dir = self.source_dir.clone();
+        Ok(p)
     }
 
     pub fn model(&self) -> &Qwen2Model {

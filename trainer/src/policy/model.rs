@@ -277,6 +277,22 @@ impl Qwen2Model {
         &self.cfg
     }
 
+    /// The same model on `device`: its master weights copied there, the compute dtype, ops
+    /// mode and checkpointing kept (a data-parallel worker's replica).
+    pub fn replica_on(&self, device: &Device) -> Result<Self, ModelError> {
+        let tensors = self
+            .params
+            .iter()
+            // `copy`: on the same device `to_device` shares the storage, and the replica's
+            // optimiser updates its weights in place.
+            .map(|(n, p)| Ok((n.clone(), p.as_tensor().to_device(device)?.copy()?)))
+            .collect::<Result<HashMap<_, _>, candle_core::Error>>()?;
+        let mut m = Self::from_tensors(self.cfg.clone(), tensors, self.dtype, device)?;
+        m.ops = self.ops;
+        m.checkpoint_from = self.checkpoint_from;
+        Ok(m)
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }

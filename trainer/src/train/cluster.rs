@@ -20,7 +20,7 @@ use crate::engine::sandbox::{Lease, Sandbox, SandboxProvider};
 use crate::grpo::{GrpoSettings, GrpoTrainer};
 use crate::policy::CandlePolicy;
 
-use super::device::device;
+use super::device::devices;
 use super::driver::{LoopState, RunDirs, TrainLoop, read_loop_state};
 use super::heldout::HeldOutPlan;
 use super::local::model_dtype;
@@ -235,17 +235,20 @@ pub async fn run_cluster(opts: ClusterOptions, broker: BrokerClient) -> anyhow::
     std::fs::create_dir_all(&dirs.episodes)?;
 
     let settings = GrpoSettings::try_from(&spec.training).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let device = device(spec.trainer.gpus)?;
+    let devices = devices(spec.trainer.gpus)?;
+    let device = &devices[0];
     let (grpo, state) = match &opts.resume_from {
-        Some(dir) => resume(dir, &spec, settings, &device)?,
+        Some(dir) => resume(dir, &spec, settings, device)?,
         None => {
-            let policy = CandlePolicy::from_source(&spec.model, &device, spec.training.seed)?;
+            let policy = CandlePolicy::from_source(&spec.model, device, spec.training.seed)?;
             (
                 GrpoTrainer::new(Arc::new(policy), settings)?,
                 LoopState::default(),
             )
         }
     };
+    // One data-parallel worker per GPU of the pod (`grpo::data_parallel`).
+    let grpo = grpo.with_data_parallel(&devices)?;
     let markup = if grpo.policy().chat_markup() {
         ChatMarkup::chatml()
     } else {

@@ -345,7 +345,7 @@ pub fn parse(text: &str, source: &str, base: &Path) -> Result<LocalRun, ConfigEr
     }
     if t.gpus > 1 {
         warnings.push(format!(
-            "spec.trainer.gpus is {}: a local run uses at most one GPU",
+            "spec.trainer.gpus is {}: data parallelism over several GPUs (NCCL) has not yet been run on a multi-GPU machine",
             t.gpus
         ));
     }

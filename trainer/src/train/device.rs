@@ -1,4 +1,5 @@
-//! The device a run trains on, from `spec.trainer.gpus`: 0 is the CPU, 1 or more is CUDA.
+//! The devices a run trains on, from `spec.trainer.gpus`: 0 is the CPU, N ≥ 1 is CUDA devices
+//! 0..N, one data-parallel worker each (`grpo::data_parallel`); the first also samples.
 //! A run that asks for a GPU and cannot have one fails at start; it never falls back to the
 //! CPU, where it would train orders of magnitude slower without anyone being told.
 
@@ -19,32 +20,31 @@ pub enum DeviceError {
     Negative(i32),
 }
 
-/// The device for `gpus` (`spec.trainer.gpus`). With more than one GPU the run trains on the
-/// first: data parallelism over several is not wired into runs (the operator refuses them).
+/// The device of rank 0 for `gpus` (`spec.trainer.gpus`): the one that samples and
+/// checkpoints. Every GPU asked for must be usable ([`devices`]).
 pub fn device(gpus: i32) -> Result<Device, DeviceError> {
+    devices(gpus).map(|mut d| d.swap_remove(0))
+}
+
+/// One device per data-parallel worker: `[Cpu]` for 0, CUDA devices 0..`gpus` otherwise.
+pub fn devices(gpus: i32) -> Result<Vec<Device>, DeviceError> {
     match gpus {
         g if g < 0 => Err(DeviceError::Negative(g)),
-        0 => Ok(Device::Cpu),
-        g => cuda(g),
+        0 => Ok(vec![Device::Cpu]),
+        g => (0..g as usize).map(|i| cuda(g, i)).collect(),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(gpus: i32) -> Result<Device, DeviceError> {
-    if gpus > 1 {
-        tracing::warn!(
-            gpus,
-            "data parallelism is not wired into runs: training on GPU 0"
-        );
-    }
-    Device::new_cuda(0).map_err(|e| DeviceError::NoCudaDevice {
+fn cuda(gpus: i32, ordinal: usize) -> Result<Device, DeviceError> {
+    Device::new_cuda(ordinal).map_err(|e| DeviceError::NoCudaDevice {
         gpus,
-        reason: e.to_string(),
+        reason: format!("CUDA device {ordinal}: {e}"),
     })
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(gpus: i32) -> Result<Device, DeviceError> {
+fn cuda(gpus: i32, _: usize) -> Result<Device, DeviceError> {
     Err(DeviceError::NoCudaBuild(gpus))
 }
 
@@ -55,6 +55,7 @@ mod tests {
     #[test]
     fn zero_gpus_is_the_cpu() {
         assert!(device(0).is_ok_and(|d| d.is_cpu()));
+        assert!(devices(0).is_ok_and(|d| d.len() == 1 && d[0].is_cpu()));
         assert!(matches!(device(-1), Err(DeviceError::Negative(-1))));
     }
 
@@ -65,6 +66,7 @@ mod tests {
     fn asking_for_a_gpu_without_one_fails_clearly() {
         for gpus in [1, 8] {
             let err = device(gpus).expect_err("no GPU here").to_string();
+            assert!(devices(gpus).is_err());
             assert!(
                 err.contains(&format!("spec.trainer.gpus is {gpus}")),
                 "{err}"

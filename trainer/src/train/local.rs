@@ -22,7 +22,7 @@ use crate::grpo::{GrpoError, GrpoSettings, GrpoTrainer};
 use crate::policy::{CandlePolicy, ModelError, compute_dtype};
 
 use super::config::{self, ConfigError, LocalRun};
-use super::device::{DeviceError, device};
+use super::device::{DeviceError, devices};
 use super::driver::{
     LoopError, LoopState, PolicyView, RunDirs, StepSummary, TrainLoop, latest_checkpoint,
     read_loop_state,
@@ -497,7 +497,8 @@ fn build_trainer(
     let spec = &run.run.spec;
     let settings =
         GrpoSettings::try_from(&spec.training).map_err(|e| LocalError::Settings(e.to_string()))?;
-    let device = device(spec.trainer.gpus)?;
+    let devices = devices(spec.trainer.gpus)?;
+    let device = &devices[0];
     if resume {
         let (step, dir) = latest_checkpoint(&dirs.checkpoints)
             .ok_or_else(|| LocalError::NothingToResume(dirs.checkpoints.clone()))?;
@@ -505,9 +506,10 @@ fn build_trainer(
         let grpo = GrpoTrainer::resume(
             &dir,
             settings,
-            model_dtype(&run.run.spec.model, &device),
-            &device,
-        )?;
+            model_dtype(&run.run.spec.model, device),
+            device,
+        )?
+        .with_data_parallel(&devices)?;
         eprintln!(
             "resuming from {} (step {step}, policy v{})",
             dir.display(),
@@ -515,9 +517,9 @@ fn build_trainer(
         );
         return Ok((grpo, state));
     }
-    let policy = CandlePolicy::from_source(&spec.model, &device, spec.training.seed)?;
+    let policy = CandlePolicy::from_source(&spec.model, device, spec.training.seed)?;
     Ok((
-        GrpoTrainer::new(Arc::new(policy), settings)?,
+        GrpoTrainer::new(Arc::new(policy), settings)?.with_data_parallel(&devices)?,
         LoopState::default(),
     ))
 }
