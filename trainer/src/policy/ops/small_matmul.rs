@@ -88,30 +88,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// Weight rows ahead of the one being multiplied that are fetched into the cache.
-    const PREFETCH_ROWS: usize = 4;
-
     /// Four input rows at a time against each weight row: each weight vector is loaded once
     /// for four products, and eight independent accumulators hide the FMA latency.
-    ///
-    /// With several input rows the loop does enough work per weight row that the hardware
-    /// prefetcher falls behind the stream of weights: a profile of an 8-row decoding step
-    /// had its largest stall on the first load of each weight vector. Each row therefore
-    /// asks for the row `PREFETCH_ROWS` ahead, one request per cache line.
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn block(xs: &[f32], n: usize, k: usize, wblock: &[f32], out: &mut [f32]) {
         let quads = n / 4 * 4;
-        for (j, (wrow, orow)) in wblock
-            .chunks_exact(k)
-            .zip(out.chunks_exact_mut(n))
-            .enumerate()
-        {
-            if let Some(ahead) = wblock.get((j + PREFETCH_ROWS) * k..(j + PREFETCH_ROWS + 1) * k) {
-                for line in ahead.chunks(16) {
-                    // SAFETY: a prefetch is only a hint and `line` is inside `wblock`.
-                    unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
-                }
-            }
+        for (wrow, orow) in wblock.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
             for i in (0..quads).step_by(4) {
                 let d = dot4(&xs[i * k..(i + 4) * k], wrow);
                 orow[i..i + 4].copy_from_slice(&d);
