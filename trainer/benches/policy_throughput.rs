@@ -15,7 +15,7 @@ use selfplay_trainer::policy::{ByteCodec, CandlePolicy, load_model};
 fn main() -> anyhow::Result<()> {
     // As the trainer binary does.
     selfplay_trainer::policy::tune_allocator();
-    selfplay_trainer::policy::pin_candle_threads();
+    selfplay_trainer::policy::pin_cpu_threads();
     let mut dir = None;
     let mut only = None;
     let mut composite = false;

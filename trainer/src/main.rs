@@ -90,7 +90,7 @@ fn main() -> ExitCode {
     }
     serve_sidecar_from_this_executable();
     selfplay_trainer::policy::tune_allocator();
-    selfplay_trainer::policy::pin_candle_threads();
+    selfplay_trainer::policy::pin_cpu_threads();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

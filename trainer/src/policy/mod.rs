@@ -39,7 +39,7 @@ pub use model::Qwen2Model;
 pub use ops::OpsMode;
 pub use rng::Rng;
 pub use scoring::SequenceScores;
-pub use threads::pin_candle_threads;
+pub use threads::pin_cpu_threads;
 
 /// Errors of loading, running and saving the model.
 #[derive(Debug, Error)]
