@@ -70,6 +70,18 @@ log() { echo "gpu-check [$(( $(date +%s) - start ))s] $*" >&2; }
 
 # --- what the check needs, each probe bounded in time -----------------------------------
 [ -x "$bin" ] || die "no trainer binary at $bin (pass its path, or set TRAINER_BIN)"
+# The CUDA build links cuBLAS, cuRAND, NVRTC and NCCL dynamically. Where CUDA comes with
+# PyTorch, those libraries are in the nvidia-* wheels beside torch: put their folders on the
+# library path (after whatever the caller set).
+if [ "$device" = cuda ]; then
+  nv="$(timeout 60 "$python" -c 'import nvidia; print(list(nvidia.__path__)[0])' 2>/dev/null || true)"
+  if [ -n "$nv" ] && [ -d "$nv" ]; then
+    for d in "$nv"/*/lib; do
+      [ -d "$d" ] && LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
+    done
+    export LD_LIBRARY_PATH
+  fi
+fi
 timeout 20 "$bin" --version >/dev/null 2>&1 || die "$bin does not run here (built for another system?)"
 if [ "$device" = cuda ]; then
   command -v nvidia-smi >/dev/null || die "no GPU: nvidia-smi is not installed (use --device cpu for a dry run)"
