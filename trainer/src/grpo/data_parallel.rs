@@ -12,10 +12,10 @@ use std::collections::BTreeMap;
 
 use candle_core::Device;
 
+use super::GrpoError;
 use super::parallel::{AllReduce, InProcessAllReduce};
 use super::sample::Sample;
 use super::trainer::{GrpoTrainer, StepStats};
-use super::{GrpoError, GrpoSettings};
 
 /// The other workers of a data-parallel trainer, and rank 0's handle on the group.
 pub(crate) struct DataParallel {
@@ -87,7 +87,9 @@ impl DataParallel {
 
     /// One update over `samples`: rank 0 (`primary`) on this thread, every other worker on
     /// its own, each on its shard. A worker that fails still takes part in the reductions, so
-    /// no worker waits for ever; all then return the error and none applies the update.
+    /// no worker waits for ever; all then return the error and none applies the update. (A
+    /// worker that panicked would leave the others waiting in a collective: the update path
+    /// returns its errors as values, so a panic there is a bug, not an input.)
     pub(crate) fn train_step(
         &mut self,
         primary: &mut GrpoTrainer,
@@ -170,7 +172,7 @@ impl GrpoTrainer {
         if devices.len() < 2 {
             return Ok(self);
         }
-        if !same_device(&devices[0], self.policy().model().device()) {
+        if !devices[0].same_device(self.policy().model().device()) {
             return Err(GrpoError::Reduce(
                 "the first data-parallel device must be the trainer's own".into(),
             ));
@@ -183,8 +185,7 @@ impl GrpoTrainer {
     /// A trainer on `device` with this one's weights, optimiser state, step and settings.
     fn replica_on(&self, device: &Device) -> Result<GrpoTrainer, GrpoError> {
         let policy = self.policy().replica_on(device)?;
-        let settings: GrpoSettings = self.settings().clone();
-        let mut t = GrpoTrainer::new(std::sync::Arc::new(policy), settings)?;
+        let mut t = GrpoTrainer::new(std::sync::Arc::new(policy), self.settings().clone())?;
         let opt = self.optimizer();
         let to = |v: &[candle_core::Var]| {
             v.iter()
@@ -194,8 +195,4 @@ impl GrpoTrainer {
         t.restore(self.step(), opt.t, to(&opt.m)?, to(&opt.v)?)?;
         Ok(t)
     }
-}
-
-fn same_device(a: &Device, b: &Device) -> bool {
-    a.same_device(b)
 }
