@@ -102,20 +102,12 @@ fn n_workers_on_shards_make_the_update_of_one_worker_on_the_whole_batch() {
     }
     let want = weights(&one);
     assert!(whole.tokens > 0 && whole.dropped_zero_advantage_groups == 1);
-    let moved = want
-        .iter()
-        .zip(&before)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f64, f64::max);
+    let moved = max_diff(&want, &before);
     assert!(moved > 1e-4, "the updates move the weights ({moved})");
     for workers in [2, 3] {
         let results = run(workers, 2);
         for (rank, (w, stats)) in results.iter().enumerate() {
-            let diff = w
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f64, f64::max);
+            let diff = max_diff(w, &want);
             assert!(
                 diff < 1e-12,
                 "{workers} workers, worker {rank}: weights differ by {diff}"
