@@ -226,3 +226,100 @@ fn a_session_refuses_bad_input_and_recovers() {
     let g2 = s.continue_turn(&[1, 2, 7], &p).unwrap();
     assert_eq!(g2.tokens.len(), 4);
 }
+
+/// Every generation's log-probs are the model's uncached scores of its tokens after `ctx`.
+fn assert_scores_match(policy: &CandlePolicy, ctx: &[u32], g: &Generation) {
+    let mut full = ctx.to_vec();
+    full.extend(&g.tokens);
+    let scored = &policy.score(std::slice::from_ref(&full)).unwrap()[0];
+    for (i, lp) in g.logprobs.iter().enumerate() {
+        let want = scored.logprobs[ctx.len() + i - 1];
+        assert!((lp - want).abs() < 1e-4, "token {i}: {lp} vs scored {want}");
+    }
+}
+
+#[test]
+fn a_group_sharing_its_prompt_prefills_it_once_and_samples_as_the_model_scores() {
+    let policy = tiny();
+    let prompt: Vec<u32> = (0..40).map(|i| 60 + i).collect();
+    // Four members of a group start from one prompt; a fifth row shares its first 20 tokens.
+    let mut other = prompt[..20].to_vec();
+    other.extend((0..15).map(|i| 150 + i));
+    let contexts = vec![
+        prompt.clone(),
+        prompt.clone(),
+        prompt.clone(),
+        prompt.clone(),
+        other.clone(),
+    ];
+    let gens = Policy::generate(policy.as_ref(), &contexts, &params(1.0, 1.0, 12)).unwrap();
+    let stats = policy.rollout_stats();
+    // One member runs the prompt; the other three copy all of it but its last token (whose
+    // logits they need); the fifth copies the 20 tokens it shares.
+    assert_eq!(stats.shared_prefix_tokens, 3 * 39 + 20, "{stats:?}");
+    assert_eq!(stats.prefill_tokens, 40 + 3 + 15, "{stats:?}");
+    for (ctx, g) in contexts.iter().zip(&gens) {
+        assert_eq!(g.tokens.len(), 12);
+        assert_scores_match(&policy, ctx, g);
+    }
+    // Each member still draws from its own stream.
+    assert!(
+        gens[..4].windows(2).any(|w| w[0].tokens != w[1].tokens),
+        "the members sampled the same tokens"
+    );
+}
+
+#[test]
+fn short_common_prefixes_are_computed_not_copied() {
+    let policy = tiny();
+    // 15 tokens in common: fewer than copying is worth.
+    let a: Vec<u32> = (0..30).map(|i| 60 + i).collect();
+    let mut b = a[..15].to_vec();
+    b.extend((0..15).map(|i| 200 + i));
+    let gens = Policy::generate(
+        policy.as_ref(),
+        &[a.clone(), b.clone()],
+        &params(1.0, 1.0, 4),
+    )
+    .unwrap();
+    let stats = policy.rollout_stats();
+    assert_eq!(stats.shared_prefix_tokens, 0, "{stats:?}");
+    assert_eq!(stats.prefill_tokens, 60);
+    assert_scores_match(&policy, &a, &gens[0]);
+    assert_scores_match(&policy, &b, &gens[1]);
+}
+
+#[test]
+fn sessions_of_a_group_copy_their_prompt_and_go_on_from_their_own_caches() {
+    // Members that joined the batch at different times: the later ones copy from a running
+    // member's cache, which by then holds sampled tokens after the prompt too.
+    let policy = tiny();
+    let prompt: Vec<u32> = (0..48).map(|i| 20 + i).collect();
+    let obs = [5u32, 6, 7, 8];
+    let p = params(1.0, 1.0, 10);
+    let played: Vec<(Vec<u32>, Vec<Generation>)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..4)
+            .map(|_| {
+                let mut s = session(&policy);
+                let (prompt, p) = (prompt.clone(), p.clone());
+                sc.spawn(move || play(s.as_mut(), &prompt, 3, &obs, &p))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (ctx, gens) in &played {
+        let mut at = prompt.len();
+        for g in gens {
+            assert_scores_match(&policy, &ctx[..at], g);
+            at += g.tokens.len() + obs.len();
+        }
+    }
+    let stats = policy.rollout_stats();
+    // Whatever the threads' timing, every prompt token is either run or copied once per member.
+    let later_turns = 4 * 2 * (1 + obs.len()) as u64;
+    assert_eq!(
+        stats.prefill_tokens + stats.shared_prefix_tokens,
+        4 * prompt.len() as u64 + later_turns,
+        "{stats:?}"
+    );
+}

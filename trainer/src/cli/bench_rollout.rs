@@ -56,6 +56,11 @@ pub struct RolloutArgs {
     /// A named model shape instead of `--hidden`, `--layers` and `--vocab`.
     #[arg(long, value_enum)]
     pub shape: Option<ModelShape>,
+    /// Every episode starts from the same prompt, as the members of a GRPO group do (a
+    /// step's solvers of one bug, its injectors on one repository): the batch then prefills
+    /// the prompt once and the other episodes copy its keys and values.
+    #[arg(long)]
+    pub shared_prompt: bool,
     /// Nucleus of the sampling (1, a run's default, samples the full distribution).
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
@@ -69,6 +74,8 @@ struct Measure {
     /// cores other work also uses, where wall time mostly measures the share it got.
     tokens_per_cpu_s: f64,
     prefill_per_episode: f64,
+    /// Context tokens per episode copied from another episode's cache instead of computed.
+    shared_per_episode: f64,
 }
 
 pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
@@ -128,7 +135,7 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
         let cfg = policy.model().config();
         writeln!(
             out,
-            "rollout bench: {} layers, hidden {}, vocab {}, {} on {:?}; {} turns of {} tokens, prompt {}, tool output {}; medians of {} rounds",
+            "rollout bench: {} layers, hidden {}, vocab {}, {} on {:?}; {} turns of {} tokens, {} prompt {}, tool output {}; medians of {} rounds",
             cfg.num_hidden_layers,
             cfg.hidden_size,
             cfg.vocab_size,
@@ -136,20 +143,29 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
             device.location(),
             args.turns,
             args.turn_tokens,
+            if args.shared_prompt { "shared" } else { "own" },
             args.prompt_tokens,
             args.observation_tokens,
             args.rounds
         )?;
         writeln!(
             out,
-            "{:>8} {:>8} {:>12} {:>10} {:>14} {:>10} {:>16}",
-            "episodes", "mode", "tokens/s", "speedup", "tokens/cpu-s", "speedup", "prefill/episode"
+            "{:>8} {:>8} {:>12} {:>10} {:>14} {:>10} {:>16} {:>15}",
+            "episodes",
+            "mode",
+            "tokens/s",
+            "speedup",
+            "tokens/cpu-s",
+            "speedup",
+            "prefill/episode",
+            "copied/episode"
         )?;
     }
     for (n, session, runs) in &results {
         let tps = median(runs.iter().map(|m| m.tokens_per_s));
         let cpu_tps = median(runs.iter().map(|m| m.tokens_per_cpu_s));
         let prefill = median(runs.iter().map(|m| m.prefill_per_episode));
+        let copied = median(runs.iter().map(|m| m.shared_per_episode));
         let (speedup, cpu_speedup) = base
             .iter()
             .find(|b| b.0 == *session)
@@ -161,6 +177,7 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
                     "episodes": n,
                     "tokens_per_s": tps,
                     "prefill_tokens": prefill,
+                    "shared_prefix_tokens": copied,
                     "tokens_per_cpu_s": cpu_tps,
                     "session": session,
                 }),
@@ -169,14 +186,15 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
         } else {
             writeln!(
                 out,
-                "{:>8} {:>8} {:>12.1} {:>9.2}x {:>14.1} {:>9.2}x {:>16.0}",
+                "{:>8} {:>8} {:>12.1} {:>9.2}x {:>14.1} {:>9.2}x {:>16.0} {:>15.0}",
                 n,
                 if *session { "session" } else { "replay" },
                 tps,
                 speedup,
                 cpu_tps,
                 cpu_speedup,
-                prefill
+                prefill,
+                copied
             )?;
         }
     }
@@ -245,7 +263,14 @@ fn play(
                     let mut tokens = |k: usize| -> Vec<u32> {
                         (0..k).map(|_| (rng.next_u64() % vocab) as u32).collect()
                     };
-                    let mut context = tokens(args.prompt_tokens);
+                    let mut context = if args.shared_prompt {
+                        let mut group = Rng::seed(999);
+                        (0..args.prompt_tokens)
+                            .map(|_| (group.next_u64() % vocab) as u32)
+                            .collect()
+                    } else {
+                        tokens(args.prompt_tokens)
+                    };
                     let mut conv = session
                         .then(|| Policy::open_session(policy.clone()))
                         .flatten();
@@ -287,6 +312,8 @@ fn play(
         tokens_per_s: total as f64 / seconds,
         tokens_per_cpu_s: total as f64 / cpu,
         prefill_per_episode: (after.prefill_tokens - before.prefill_tokens) as f64 / n as f64,
+        shared_per_episode: (after.shared_prefix_tokens - before.shared_prefix_tokens) as f64
+            / n as f64,
     })
 }
 

@@ -43,6 +43,9 @@ pub struct RolloutStats {
     /// Caches dropped to stay within the budget, and the tokens their rebuilding recomputed.
     pub evictions: u64,
     pub reprefill_tokens: u64,
+    /// Context tokens whose keys and values were copied from another conversation of the
+    /// batch that began with the same tokens (a GRPO group's shared prompt), not computed.
+    pub shared_prefix_tokens: u64,
 }
 
 /// What generation needs of the policy.
@@ -283,6 +286,7 @@ impl Batcher {
                     st.stats.sampled_tokens += counts.sampled_tokens;
                     st.stats.decode_steps += counts.decode_steps;
                     st.stats.decode_rows += counts.decode_rows;
+                    st.stats.shared_prefix_tokens += counts.shared_prefix_tokens;
                     let (finished, running): (Vec<Job>, Vec<Job>) =
                         driver.running.drain(..).partition(|j| j.finish.is_some());
                     driver.running = running;
@@ -409,6 +413,46 @@ fn admit(
     }
 }
 
+/// Fewer shared tokens than this are run rather than copied: a few positions cost
+/// less to run than a cache to allocate.
+const MIN_SHARED_PREFIX: usize = 16;
+
+/// Another row of the batch whose cache begins with what row `i`, a conversation with nothing
+/// cached, is about to run, and how many of its tokens it can take from there (the longest
+/// such prefix, short of the last token, whose logits the row needs). The members of a GRPO
+/// group start from the same prompt: one prefills it and the others copy its keys and values,
+/// which are the same numbers, since a position's keys and values depend only on the tokens
+/// up to it. Donors are rows of the running batch only, so they hold keys and values of the
+/// weights this step runs with.
+fn prefix_donor(jobs: &[Job], i: usize) -> Option<(usize, usize)> {
+    let job = &jobs[i];
+    if !job.conv.fed.is_empty() || job.pending.len() <= MIN_SHARED_PREFIX {
+        return None;
+    }
+    let want = &job.pending[..job.pending.len() - 1];
+    jobs.iter()
+        .enumerate()
+        .filter(|(d, j)| {
+            *d != i
+                && j.conv
+                    .cache
+                    .as_ref()
+                    .is_some_and(|c| c.len() == j.conv.fed.len())
+        })
+        .map(|(d, j)| {
+            let n = j
+                .conv
+                .fed
+                .iter()
+                .zip(want)
+                .take_while(|(a, b)| a == b)
+                .count();
+            (d, n)
+        })
+        .filter(|&(_, n)| n >= MIN_SHARED_PREFIX)
+        .max_by_key(|&(d, n)| (n, std::cmp::Reverse(d)))
+}
+
 fn check_request(
     model: &Qwen2Model,
     context: &[u32],
@@ -447,7 +491,24 @@ fn step(view: &ModelView<'_>, jobs: &mut [Job]) -> Result<RolloutStats, ModelErr
     let model = view.model;
     let cfg = model.config();
     let mut counts = RolloutStats::default();
-    for job in jobs.iter_mut().filter(|j| !j.pending.is_empty()) {
+    for i in 0..jobs.len() {
+        if jobs[i].pending.is_empty() {
+            continue;
+        }
+        if let Some((d, shared)) = prefix_donor(jobs, i) {
+            let capacity = jobs[i].pending.len() + jobs[i].params.max_new_tokens;
+            let cache = jobs[d]
+                .conv
+                .cache
+                .as_ref()
+                .ok_or_else(|| ModelError::Input("a donor row has no cache".into()))?
+                .prefix_copy(shared, capacity)?;
+            let job = &mut jobs[i];
+            job.conv.fed = job.pending.drain(..shared).collect();
+            job.conv.cache = Some(cache);
+            counts.shared_prefix_tokens += shared as u64;
+        }
+        let job = &mut jobs[i];
         let pending = std::mem::take(&mut job.pending);
         let cache = match job.conv.cache.as_mut() {
             Some(c) => c,

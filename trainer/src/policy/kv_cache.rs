@@ -96,6 +96,33 @@ impl KvCache {
         Ok(())
     }
 
+    /// A new cache holding a copy of this one's first `len` positions, with room for
+    /// `capacity`: a conversation that starts with the same tokens as this one takes their
+    /// keys and values instead of computing them again (the buffers are written in place, so
+    /// they are copied, never shared).
+    pub fn prefix_copy(&self, len: usize, capacity: usize) -> Result<Self> {
+        if len > self.len || len > capacity {
+            bail!(
+                "kv cache: a prefix of {len} positions from a cache of {} into a capacity of {capacity}",
+                self.len
+            );
+        }
+        let copy = |buf: &Tensor| -> Result<Tensor> {
+            let (b, kvh, _, hd) = buf.dims4()?;
+            let new = Tensor::zeros((b, kvh, capacity, hd), buf.dtype(), buf.device())?;
+            if len > 0 {
+                new.slice_set(&buf.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            }
+            Ok(new)
+        };
+        Ok(Self {
+            k: self.k.iter().map(copy).collect::<Result<_>>()?,
+            v: self.v.iter().map(copy).collect::<Result<_>>()?,
+            len,
+            capacity,
+        })
+    }
+
     /// Forgets every position from `len` on (a conversation that went back on its tokens).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
