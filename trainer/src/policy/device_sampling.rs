@@ -52,10 +52,10 @@ pub fn sample_rows(logits: &Tensor, rows: &[RowDraw]) -> Result<Vec<(u32, f32)>>
     if dev.is_cpu() && rows.iter().all(|r| r.top_p >= 1.0 || r.temperature <= 0.0) {
         let z = z.contiguous()?;
         let (storage, layout) = z.storage_and_layout();
-        if let (Storage::Cpu(s), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
-            if let Some(picks) = sample_rows_cpu(&s.as_slice::<f32>()?[a..b], vocab, rows) {
-                return Ok(picks);
-            }
+        if let (Storage::Cpu(s), Some((a, b))) = (&*storage, layout.contiguous_offsets())
+            && let Some(picks) = sample_rows_cpu(&s.as_slice::<f32>()?[a..b], vocab, rows)
+        {
+            return Ok(picks);
         }
     }
     sample_rows_tensor(&z, rows)

@@ -257,7 +257,8 @@ mod avx512 {
     fn tile<const R: usize, const W: usize>(x: &[f32], w: &[f32], k: usize) -> [[f32; R]; W] {
         assert!(x.len() == R * k && w.len() == W * k);
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        let mut acc = [[_mm512_setzero_ps(); R]; W];
+        // By input row, then weight row.
+        let mut acc = [[_mm512_setzero_ps(); W]; R];
         let full = k / 16 * 16;
         let mut c = 0;
         while c < full {
@@ -267,10 +268,10 @@ mod avx512 {
                 for (a, ya) in y.iter_mut().enumerate() {
                     *ya = _mm512_loadu_ps(wp.add(a * k + c));
                 }
-                for r in 0..R {
+                for (r, by_w) in acc.iter_mut().enumerate() {
                     let xv = _mm512_loadu_ps(xp.add(r * k + c));
-                    for a in 0..W {
-                        acc[a][r] = _mm512_fmadd_ps(xv, y[a], acc[a][r]);
+                    for (s, ya) in by_w.iter_mut().zip(&y) {
+                        *s = _mm512_fmadd_ps(xv, *ya, *s);
                     }
                 }
             }
@@ -285,18 +286,18 @@ mod avx512 {
                 for (a, ya) in y.iter_mut().enumerate() {
                     *ya = _mm512_maskz_loadu_ps(m, wp.add(a * k + c));
                 }
-                for r in 0..R {
+                for (r, by_w) in acc.iter_mut().enumerate() {
                     let xv = _mm512_maskz_loadu_ps(m, xp.add(r * k + c));
-                    for a in 0..W {
-                        acc[a][r] = _mm512_fmadd_ps(xv, y[a], acc[a][r]);
+                    for (s, ya) in by_w.iter_mut().zip(&y) {
+                        *s = _mm512_fmadd_ps(xv, *ya, *s);
                     }
                 }
             }
         }
         let mut out = [[0f32; R]; W];
-        for (o, a) in out.iter_mut().zip(acc) {
-            for (v, s) in o.iter_mut().zip(a) {
-                *v = _mm512_reduce_add_ps(s);
+        for (r, by_w) in acc.iter().enumerate() {
+            for (o, s) in out.iter_mut().zip(by_w) {
+                o[r] = _mm512_reduce_add_ps(*s);
             }
         }
         out
@@ -329,6 +330,70 @@ mod tests {
             assert_eq!(fast.dims(), gemm.dims());
             let diff = super::super::cpu::max_abs_diff(&fast, &gemm);
             assert!(diff < 1e-3, "({n}, {k}, {o}): {diff}");
+        }
+    }
+
+    /// Every kernel this CPU can run, not only the one `block` picks, against an f64
+    /// reference: CI machines differ in their vector extensions.
+    #[test]
+    fn every_kernel_matches_an_f64_reference() {
+        type Kernel = Box<dyn Fn(&[f32], usize, usize, &[f32], &mut [f32])>;
+        let mut kernels: Vec<(&str, Kernel)> = vec![(
+            "portable",
+            Box::new(|xs, n, k, w, out| {
+                for (wrow, orow) in w.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
+                    for (xrow, y) in xs.chunks_exact(k).zip(orow.iter_mut()) {
+                        *y = dot(xrow, wrow);
+                    }
+                }
+            }),
+        )];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU has the features (checked above).
+                kernels.push((
+                    "avx2",
+                    Box::new(|xs, n, k, w, out| unsafe { avx2::block(xs, n, k, w, out) }),
+                ));
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has the feature (checked above).
+                kernels.push((
+                    "avx512",
+                    Box::new(|xs, n, k, w, out| unsafe { avx512::block(xs, n, k, w, out) }),
+                ));
+            }
+        }
+        let mut rng = crate::policy::Rng::seed(3);
+        for &(n, k, o) in &[
+            (1, 64, 5),
+            (8, 512, 7),
+            (3, 37, 4),
+            (9, 16, 3),
+            (16, 100, 6),
+            (5, 1, 2),
+        ] {
+            let xs: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
+            let w: Vec<f32> = (0..o * k).map(|_| rng.normal() as f32).collect();
+            for (name, kernel) in &kernels {
+                let mut out = vec![f32::NAN; o * n];
+                kernel(&xs, n, k, &w, &mut out);
+                for j in 0..o {
+                    for r in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|c| xs[r * k + c] as f64 * w[j * k + c] as f64)
+                            .sum();
+                        let got = out[j * n + r] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "{name} ({n}, {k}, {o}) [{j}, {r}]: {got} vs {want}"
+                        );
+                    }
+                }
+            }
         }
     }
 
