@@ -429,7 +429,6 @@ fn prefix_donor(jobs: &[Job], i: usize) -> Option<(usize, usize)> {
     if !job.conv.fed.is_empty() || job.pending.len() <= MIN_SHARED_PREFIX {
         return None;
     }
-    let want = &job.pending[..job.pending.len() - 1];
     jobs.iter()
         .enumerate()
         .filter(|(d, j)| {
@@ -439,16 +438,7 @@ fn prefix_donor(jobs: &[Job], i: usize) -> Option<(usize, usize)> {
                     .as_ref()
                     .is_some_and(|c| c.len() == j.conv.fed.len())
         })
-        .map(|(d, j)| {
-            let n = j
-                .conv
-                .fed
-                .iter()
-                .zip(want)
-                .take_while(|(a, b)| a == b)
-                .count();
-            (d, n)
-        })
+        .map(|(d, j)| (d, copyable(&j.conv.fed, &job.pending)))
         .filter(|&(_, n)| n >= MIN_SHARED_PREFIX)
         .max_by_key(|&(d, n)| (n, std::cmp::Reverse(d)))
 }
@@ -485,8 +475,9 @@ fn check_request(
     Ok(())
 }
 
-/// One scheduling step of the running batch: prefill the rows that joined or appended,
-/// draw a token for every row, then one batched decoding forward for the rows that go on.
+/// One scheduling step of the running batch: one forward prefilling the rows that joined or
+/// appended, a draw for every row with logits, then one batched decoding forward for the
+/// rows that go on.
 fn step(view: &ModelView<'_>, jobs: &mut [Job]) -> Result<RolloutStats, ModelError> {
     let model = view.model;
     let cfg = model.config();
@@ -508,47 +499,83 @@ fn step(view: &ModelView<'_>, jobs: &mut [Job]) -> Result<RolloutStats, ModelErr
             job.conv.cache = Some(cache);
             counts.shared_prefix_tokens += shared as u64;
         }
-        let job = &mut jobs[i];
-        let pending = std::mem::take(&mut job.pending);
-        let cache = match job.conv.cache.as_mut() {
-            Some(c) => c,
-            None => job.conv.cache.insert(KvCache::new(
-                cfg.num_hidden_layers,
-                1,
-                cfg.num_key_value_heads,
-                pending.len() + job.params.max_new_tokens,
-                cfg.head_dim,
-                model.dtype(),
-                model.device(),
-            )?),
-        };
-        let h = model.hidden_extend(&pending, cache)?;
-        job.logits = Some(model.logits(&h, false)?);
-        counts.prefill_tokens += pending.len() as u64;
-        job.conv.fed.extend(pending);
     }
-    let rows: Vec<Tensor> = jobs
-        .iter()
-        .map(|j| {
-            j.logits
-                .clone()
-                .ok_or_else(|| ModelError::Input("a running row has no logits".into()))
-        })
-        .collect::<Result<_, _>>()?;
-    if rows.is_empty() {
+    // One forward for every row with context to run, but a row that begins as another row of
+    // this forward does waits a step, then copies that row's keys and values.
+    let mut prefill = vec![false; jobs.len()];
+    for i in 0..jobs.len() {
+        let job = &jobs[i];
+        if job.pending.is_empty() {
+            continue;
+        }
+        let waits = job.conv.fed.is_empty()
+            && jobs.iter().zip(&prefill).any(|(other, &runs)| {
+                runs && other.conv.fed.is_empty()
+                    && copyable(&other.pending, &job.pending) >= MIN_SHARED_PREFIX
+            });
+        prefill[i] = !waits;
+    }
+    if prefill.iter().any(|&p| p) {
+        let mut runs: Vec<Vec<u32>> = Vec::new();
+        let mut caches: Vec<&mut KvCache> = Vec::new();
+        for (job, _) in jobs.iter_mut().zip(&prefill).filter(|(_, p)| **p) {
+            let pending = std::mem::take(&mut job.pending);
+            if job.conv.cache.is_none() {
+                job.conv.cache = Some(KvCache::new(
+                    cfg.num_hidden_layers,
+                    1,
+                    cfg.num_key_value_heads,
+                    pending.len() + job.params.max_new_tokens,
+                    cfg.head_dim,
+                    model.dtype(),
+                    model.device(),
+                )?);
+            }
+            let cache = job
+                .conv
+                .cache
+                .as_mut()
+                .ok_or_else(|| ModelError::Input("a prefilled row has no cache".into()))?;
+            caches.push(cache);
+            runs.push(pending);
+        }
+        let rows: Vec<&[u32]> = runs.iter().map(Vec::as_slice).collect();
+        let h = model.hidden_rows(&rows, &mut caches)?;
+        let logits = model.logits(&h, false)?;
+        drop(caches);
+        let ran = jobs.iter_mut().zip(&prefill).filter(|(_, p)| **p);
+        for (i, ((job, _), pending)) in ran.zip(runs).enumerate() {
+            job.logits = Some(logits.narrow(0, i, 1)?);
+            counts.prefill_tokens += pending.len() as u64;
+            job.conv.fed.extend(pending);
+        }
+    }
+    // Every row with logits draws; a row that waited draws at the next step.
+    let ready: Vec<usize> = (0..jobs.len())
+        .filter(|&i| jobs[i].logits.is_some())
+        .collect();
+    if ready.is_empty() {
         return Ok(counts);
     }
-    let draws: Vec<RowDraw> = jobs
-        .iter_mut()
-        .map(|j| RowDraw {
-            temperature: j.params.temperature,
-            top_p: j.params.top_p,
-            // 24 bits: exactly representable in f32 and strictly below 1.
-            uniform: (j.conv.rng.next_u64() >> 40) as f32 * (1.0 / (1u64 << 24) as f32),
+    let rows: Vec<Tensor> = ready
+        .iter()
+        .filter_map(|&i| jobs[i].logits.clone())
+        .collect();
+    let draws: Vec<RowDraw> = ready
+        .iter()
+        .map(|&i| {
+            let j = &mut jobs[i];
+            RowDraw {
+                temperature: j.params.temperature,
+                top_p: j.params.top_p,
+                // 24 bits: exactly representable in f32 and strictly below 1.
+                uniform: (j.conv.rng.next_u64() >> 40) as f32 * (1.0 / (1u64 << 24) as f32),
+            }
         })
         .collect();
     let picks = sample_rows(&Tensor::cat(&rows, 0)?, &draws)?;
-    for (job, (tok, lp)) in jobs.iter_mut().zip(picks) {
+    for (&i, (tok, lp)) in ready.iter().zip(picks) {
+        let job = &mut jobs[i];
         job.tokens.push(tok);
         job.logprobs.push(lp);
         job.logits = None;
@@ -561,7 +588,16 @@ fn step(view: &ModelView<'_>, jobs: &mut [Job]) -> Result<RolloutStats, ModelErr
             job.finish = Some(FinishReason::Length);
         }
     }
-    let mut going: Vec<&mut Job> = jobs.iter_mut().filter(|j| j.finish.is_none()).collect();
+    let mut drew = vec![false; jobs.len()];
+    for &i in &ready {
+        drew[i] = true;
+    }
+    let mut going: Vec<&mut Job> = jobs
+        .iter_mut()
+        .zip(&drew)
+        .filter(|(j, d)| **d && j.finish.is_none())
+        .map(|(j, _)| j)
+        .collect();
     if going.is_empty() {
         return Ok(counts);
     }
@@ -579,7 +615,8 @@ fn step(view: &ModelView<'_>, jobs: &mut [Job]) -> Result<RolloutStats, ModelErr
                 .ok_or_else(|| ModelError::Input("a running row has no cache".into()))?;
             caches.push(c);
         }
-        let h = model.hidden_decode(&ids, &mut caches)?;
+        let rows: Vec<&[u32]> = ids.iter().map(std::slice::from_ref).collect();
+        let h = model.hidden_rows(&rows, &mut caches)?;
         model.logits(&h, false)?
     };
     counts.decode_steps += 1;
@@ -589,4 +626,12 @@ fn step(view: &ModelView<'_>, jobs: &mut [Job]) -> Result<RolloutStats, ModelErr
         job.conv.fed.push(tok);
     }
     Ok(counts)
+}
+
+/// How many of the tokens `pending` that a conversation with nothing cached is about to run
+/// it could copy from a cache of `donor`: their common start, short of the last token
+/// (whose logits the conversation needs).
+fn copyable(donor: &[u32], pending: &[u32]) -> usize {
+    let want = &pending[..pending.len().saturating_sub(1)];
+    donor.iter().zip(want).take_while(|(x, y)| x == y).count()
 }

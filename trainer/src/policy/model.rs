@@ -400,88 +400,79 @@ impl Qwen2Model {
         Ok(ops::rms_norm(&x, &w.norm, cfg.rms_norm_eps, self.ops)?)
     }
 
-    /// Final hidden state `(1, d)` of the last of `ids` appended to a conversation whose
-    /// keys and values are in `cache` (batch 1): a prefill that continues where the cache
-    /// ends, so a turn's new tokens are the only ones computed.
-    pub(crate) fn hidden_extend(
+    /// Final hidden states `(n, d)` of the last of the tokens `rows[i]` appended to each of
+    /// `n` conversations, each with its own cache (batch 1, any length): projections and MLP
+    /// run on all the rows' tokens at once, attention on each row against its own cache. One
+    /// token per row is a decoding step; longer rows are prefills, and a step's prefills go
+    /// together, so the weights are read (and packed by the GEMM) once for all of them. This
+    /// is what lets conversations of different lengths, started at different times, run in
+    /// one batch.
+    pub(crate) fn hidden_rows(
         &self,
-        ids: &[u32],
-        cache: &mut KvCache,
-    ) -> Result<Tensor, ModelError> {
-        let t = ids.len();
-        let offset = cache.len();
-        self.check_extend(ids, offset + t)?;
-        cache.reserve(t)?;
-        let ids_t = Tensor::from_vec(ids.to_vec(), (1, t), &self.device)?;
-        let input = BatchInput {
-            ids: &ids_t,
-            positions: Arc::new((offset..offset + t).map(|p| p as u32).collect()),
-            mask: AttentionMask {
-                tq: t,
-                offset,
-                key_start: Arc::new(vec![0]),
-            },
-        };
-        let h = self.hidden(&input, Some(cache), false)?;
-        Ok(h.narrow(0, t - 1, 1)?)
-    }
-
-    /// Final hidden states `(n, d)` of one new token for each of `n` conversations, each with
-    /// its own cache (batch 1, any length): projections and MLP run on the `n` rows at once,
-    /// attention on each row against its own cache. This is what lets conversations of
-    /// different lengths, started at different times, decode in one batch.
-    pub(crate) fn hidden_decode(
-        &self,
-        ids: &[u32],
+        rows: &[&[u32]],
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor, ModelError> {
-        let n = ids.len();
-        if n == 0 || caches.len() != n {
+        let n = rows.len();
+        if n == 0 || caches.len() != n || rows.iter().any(|r| r.is_empty()) {
             return Err(ModelError::Input(format!(
-                "{n} tokens for {} caches",
+                "{n} rows (some empty?) for {} caches",
                 caches.len()
             )));
         }
-        for (id, c) in ids.iter().zip(caches.iter_mut()) {
-            self.check_extend(std::slice::from_ref(id), c.len() + 1)?;
-            c.reserve(1)?;
+        for (ids, c) in rows.iter().zip(caches.iter_mut()) {
+            self.check_extend(ids, c.len() + ids.len())?;
+            c.reserve(ids.len())?;
         }
         let w = self.weights(false);
         let cfg = &self.cfg;
         let (kvh, hd) = (cfg.num_key_value_heads, cfg.head_dim);
         let scale = 1.0 / (hd as f64).sqrt();
-        let positions = RopePositions::new(Arc::new(
-            caches.iter().map(|c| c.len() as u32).collect::<Vec<_>>(),
-        ));
-        let ids_t = Tensor::from_vec(ids.to_vec(), n, &self.device)?;
-        let mut x = w.embed.index_select(&ids_t, 0)?; // (n, d)
+        let total: usize = rows.iter().map(|r| r.len()).sum();
+        let positions: Vec<u32> = rows
+            .iter()
+            .zip(caches.iter())
+            .flat_map(|(ids, c)| (c.len()..c.len() + ids.len()).map(|p| p as u32))
+            .collect();
+        let positions = RopePositions::new(Arc::new(positions));
+        let ids_t = Tensor::from_vec(rows.concat(), total, &self.device)?;
+        let mut x = w.embed.index_select(&ids_t, 0)?; // (total, d)
         for (li, l) in w.layers.iter().enumerate() {
             let hn = ops::rms_norm(&x, &l.in_norm, cfg.rms_norm_eps, self.ops)?;
             let q = linear(&hn, &l.q_w, Some(&l.q_b), self.ops)?;
             let k = linear(&hn, &l.k_w, Some(&l.k_b), self.ops)?;
             let v = linear(&hn, &l.v_w, Some(&l.v_b), self.ops)?;
-            let q = ops::rope_to_heads(&q, n, &self.rope, &positions, self.ops)?; // (n, h, 1, hd)
-            let k = ops::rope_to_heads(&k, n, &self.rope, &positions, self.ops)?; // (n, kvh, 1, hd)
-            let v = v.reshape((n, 1, kvh, hd))?.transpose(1, 2)?.contiguous()?;
-            let mut rows = Vec::with_capacity(n);
-            for (i, c) in caches.iter_mut().enumerate() {
+            let q = ops::rope_to_heads(&q, 1, &self.rope, &positions, self.ops)?; // (1, h, total, hd)
+            let k = ops::rope_to_heads(&k, 1, &self.rope, &positions, self.ops)?; // (1, kvh, total, hd)
+            let v = v
+                .reshape((1, total, kvh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let mut outs = Vec::with_capacity(n);
+            let mut start = 0;
+            for (ids, c) in rows.iter().zip(caches.iter_mut()) {
+                let t = ids.len();
                 let offset = c.len();
-                let (ck, cv) = c.append(li, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
+                let (ck, cv) = c.append(
+                    li,
+                    &k.narrow(2, start, t)?.contiguous()?,
+                    &v.narrow(2, start, t)?.contiguous()?,
+                )?;
                 let mask = AttentionMask {
-                    tq: 1,
+                    tq: t,
                     offset,
                     key_start: Arc::new(vec![0]),
                 };
-                rows.push(ops::attention_heads(
-                    &q.narrow(0, i, 1)?,
+                outs.push(ops::attention_heads(
+                    &q.narrow(2, start, t)?.contiguous()?,
                     &ck,
                     &cv,
                     scale,
                     &mask,
                     self.ops,
                 )?);
+                start += t;
             }
-            let o = Tensor::cat(&rows, 0)?; // (n, h·hd)
+            let o = Tensor::cat(&outs, 0)?; // (total, h·hd)
             x = residual(&x, &o, &l.o_w, self.ops)?;
             let hn = ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps, self.ops)?;
             let a = ops::swiglu(
@@ -491,9 +482,20 @@ impl Qwen2Model {
             )?;
             x = residual(&x, &a, &l.down_w, self.ops)?;
         }
-        for c in caches.iter_mut() {
-            c.advance(1);
+        for (ids, c) in rows.iter().zip(caches.iter_mut()) {
+            c.advance(ids.len());
         }
+        let x = if total == n {
+            x
+        } else {
+            let mut last = Vec::with_capacity(n);
+            let mut end = 0u32;
+            for ids in rows {
+                end += ids.len() as u32;
+                last.push(end - 1);
+            }
+            x.index_select(&Tensor::from_vec(last, n, &self.device)?, 0)?
+        };
         Ok(ops::rms_norm(&x, &w.norm, cfg.rms_norm_eps, self.ops)?)
     }
 
