@@ -304,6 +304,33 @@ mod tests {
         kept.iter().map(|k| k / s).collect()
     }
 
+    /// The inverse CDF of `p` at `x` in vocabulary order, and whether `x` lies within 1e-5
+    /// of one of its steps (where an f32 draw may legitimately land on either side).
+    fn reference_draw(p: &[f64], x: f64) -> (Option<usize>, bool) {
+        let mut acc = 0.0;
+        let (mut want, mut near_edge) = (None, false);
+        for (i, pi) in p.iter().enumerate() {
+            let prev = acc;
+            acc += pi;
+            near_edge |= (acc - x).abs() < 1e-5 || (prev - x).abs() < 1e-5;
+            if want.is_none() && x < acc {
+                want = Some(i);
+            }
+        }
+        (want, near_edge)
+    }
+
+    /// log softmax(z)[id] in f64.
+    fn exact_logprob(z: &[f32], id: u32) -> f64 {
+        let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let lse = z
+            .iter()
+            .map(|&v| ((v - max) as f64).exp())
+            .sum::<f64>()
+            .ln();
+        (z[id as usize] - max) as f64 - lse
+    }
+
     fn logits(rng: &mut Rng, n: usize, vocab: usize, spread: f64) -> Vec<Vec<f32>> {
         (0..n)
             .map(|_| (0..vocab).map(|_| (spread * rng.normal()) as f32).collect())
@@ -341,35 +368,14 @@ mod tests {
                 let got = sample_rows(&lt, &rows).unwrap();
                 for r in 0..3 {
                     let p = reference(&z[r], t, top_p);
-                    // The reference inverse CDF; draws within 1e-5 of a CDF step may
-                    // legitimately land on either side in f32.
                     let x = u[r] as f64;
-                    let mut acc = 0.0;
-                    let mut want = None;
-                    let mut near_edge = false;
-                    for (i, pi) in p.iter().enumerate() {
-                        let prev = acc;
-                        acc += pi;
-                        if (acc - x).abs() < 1e-5 || (prev - x).abs() < 1e-5 {
-                            near_edge = true;
-                        }
-                        if want.is_none() && x < acc {
-                            want = Some(i);
-                        }
-                    }
+                    let (want, near_edge) = reference_draw(&p, x);
                     let (id, lp) = got[r];
                     assert!(p[id as usize] > 0.0, "drew {id}, outside the nucleus");
                     if !near_edge {
                         assert_eq!(Some(id as usize), want, "t {t} top_p {top_p} u {x}");
                     }
-                    let zr = &z[r];
-                    let max = zr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    let lse = zr
-                        .iter()
-                        .map(|&v| ((v - max) as f64).exp())
-                        .sum::<f64>()
-                        .ln();
-                    let want_lp = (zr[id as usize] - max) as f64 - lse;
+                    let want_lp = exact_logprob(&z[r], id);
                     assert!((lp as f64 - want_lp).abs() < 1e-5, "{lp} vs {want_lp}");
                 }
             }
@@ -412,16 +418,7 @@ mod tests {
                     } else {
                         let p = reference(&z[r], row.temperature, 1.0);
                         let x = row.uniform as f64;
-                        let mut acc = 0.0;
-                        let (mut want, mut near_edge) = (None, false);
-                        for (i, pi) in p.iter().enumerate() {
-                            let prev = acc;
-                            acc += pi;
-                            near_edge |= (acc - x).abs() < 1e-5 || (prev - x).abs() < 1e-5;
-                            if want.is_none() && x < acc {
-                                want = Some(i);
-                            }
-                        }
+                        let (want, near_edge) = reference_draw(&p, x);
                         if !near_edge {
                             assert_eq!(
                                 Some(id as usize),
@@ -432,14 +429,7 @@ mod tests {
                             assert_eq!(id, tid);
                         }
                     }
-                    let zr = &z[r];
-                    let max = zr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    let lse = zr
-                        .iter()
-                        .map(|&v| ((v - max) as f64).exp())
-                        .sum::<f64>()
-                        .ln();
-                    let want_lp = (zr[id as usize] - max) as f64 - lse;
+                    let want_lp = exact_logprob(&z[r], id);
                     assert!((lp as f64 - want_lp).abs() < 1e-5, "{lp} vs {want_lp}");
                     if id == tid {
                         assert!((lp - tlp).abs() < 1e-5, "{lp} vs tensor {tlp}");
