@@ -76,6 +76,9 @@ struct Measure {
     prefill_per_episode: f64,
     /// Context tokens per episode copied from another episode's cache instead of computed.
     shared_per_episode: f64,
+    /// Milliseconds per batched decoding forward (with its LM head), and per prefilled token.
+    decode_ms_per_step: f64,
+    prefill_ms_per_token: f64,
 }
 
 pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
@@ -150,7 +153,7 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
         )?;
         writeln!(
             out,
-            "{:>8} {:>8} {:>12} {:>10} {:>14} {:>10} {:>16} {:>15}",
+            "{:>8} {:>8} {:>12} {:>10} {:>14} {:>10} {:>16} {:>15} {:>10} {:>15}",
             "episodes",
             "mode",
             "tokens/s",
@@ -158,7 +161,9 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
             "tokens/cpu-s",
             "speedup",
             "prefill/episode",
-            "copied/episode"
+            "copied/episode",
+            "ms/decode",
+            "ms/prefill-tok"
         )?;
     }
     for (n, session, runs) in &results {
@@ -166,6 +171,8 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
         let cpu_tps = median(runs.iter().map(|m| m.tokens_per_cpu_s));
         let prefill = median(runs.iter().map(|m| m.prefill_per_episode));
         let copied = median(runs.iter().map(|m| m.shared_per_episode));
+        let decode_ms = median(runs.iter().map(|m| m.decode_ms_per_step));
+        let prefill_ms = median(runs.iter().map(|m| m.prefill_ms_per_token));
         let (speedup, cpu_speedup) = base
             .iter()
             .find(|b| b.0 == *session)
@@ -179,6 +186,8 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
                     "prefill_tokens": prefill,
                     "shared_prefix_tokens": copied,
                     "tokens_per_cpu_s": cpu_tps,
+                    "decode_ms_per_step": decode_ms,
+                    "prefill_ms_per_token": prefill_ms,
                     "session": session,
                 }),
             )?;
@@ -186,7 +195,7 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
         } else {
             writeln!(
                 out,
-                "{:>8} {:>8} {:>12.1} {:>9.2}x {:>14.1} {:>9.2}x {:>16.0} {:>15.0}",
+                "{:>8} {:>8} {:>12.1} {:>9.2}x {:>14.1} {:>9.2}x {:>16.0} {:>15.0} {:>10.2} {:>15.3}",
                 n,
                 if *session { "session" } else { "replay" },
                 tps,
@@ -194,7 +203,9 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
                 cpu_tps,
                 cpu_speedup,
                 prefill,
-                copied
+                copied,
+                decode_ms,
+                prefill_ms
             )?;
         }
     }
@@ -314,6 +325,12 @@ fn play(
         prefill_per_episode: (after.prefill_tokens - before.prefill_tokens) as f64 / n as f64,
         shared_per_episode: (after.shared_prefix_tokens - before.shared_prefix_tokens) as f64
             / n as f64,
+        decode_ms_per_step: (after.decode_micros - before.decode_micros) as f64
+            / 1000.0
+            / (after.decode_steps - before.decode_steps).max(1) as f64,
+        prefill_ms_per_token: (after.prefill_micros - before.prefill_micros) as f64
+            / 1000.0
+            / (after.prefill_tokens - before.prefill_tokens).max(1) as f64,
     })
 }
 

@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
+use std::time::Instant;
 
 use candle_core::Tensor;
 
@@ -46,6 +47,10 @@ pub struct RolloutStats {
     /// Context tokens whose keys and values were copied from another conversation of the
     /// batch that began with the same tokens (a GRPO group's shared prompt), not computed.
     pub shared_prefix_tokens: u64,
+    /// Wall time of the prefilling forwards and of the decoding forwards, in microseconds
+    /// (each forward with its LM head; sampling not included): where a rollout's time goes.
+    pub prefill_micros: u64,
+    pub decode_micros: u64,
 }
 
 /// What generation needs of the policy.
@@ -287,6 +292,8 @@ impl Batcher {
                     st.stats.decode_steps += counts.decode_steps;
                     st.stats.decode_rows += counts.decode_rows;
                     st.stats.shared_prefix_tokens += counts.shared_prefix_tokens;
+                    st.stats.prefill_micros += counts.prefill_micros;
+                    st.stats.decode_micros += counts.decode_micros;
                     let (finished, running): (Vec<Job>, Vec<Job>) =
                         driver.running.drain(..).partition(|j| j.finish.is_some());
                     driver.running = running;
@@ -540,8 +547,10 @@ fn step(view: &ModelView<'_>, jobs: &mut [Job]) -> Result<RolloutStats, ModelErr
             runs.push(pending);
         }
         let rows: Vec<&[u32]> = runs.iter().map(Vec::as_slice).collect();
+        let started = Instant::now();
         let h = model.hidden_rows(&rows, &mut caches)?;
         let logits = model.logits(&h, false)?;
+        counts.prefill_micros += started.elapsed().as_micros() as u64;
         drop(caches);
         let ran = jobs.iter_mut().zip(&prefill).filter(|(_, p)| **p);
         for (i, ((job, _), pending)) in ran.zip(runs).enumerate() {
@@ -616,8 +625,11 @@ fn step(view: &ModelView<'_>, jobs: &mut [Job]) -> Result<RolloutStats, ModelErr
             caches.push(c);
         }
         let rows: Vec<&[u32]> = ids.iter().map(std::slice::from_ref).collect();
+        let started = Instant::now();
         let h = model.hidden_rows(&rows, &mut caches)?;
-        model.logits(&h, false)?
+        let logits = model.logits(&h, false)?;
+        counts.decode_micros += started.elapsed().as_micros() as u64;
+        logits
     };
     counts.decode_steps += 1;
     counts.decode_rows += going.len() as u64;

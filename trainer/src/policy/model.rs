@@ -447,7 +447,7 @@ impl Qwen2Model {
                 .reshape((1, total, kvh, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
-            let mut outs = Vec::with_capacity(n);
+            let mut views = Vec::with_capacity(n);
             let mut start = 0;
             for (ids, c) in rows.iter().zip(caches.iter_mut()) {
                 let t = ids.len();
@@ -457,22 +457,45 @@ impl Qwen2Model {
                     &k.narrow(2, start, t)?.contiguous()?,
                     &v.narrow(2, start, t)?.contiguous()?,
                 )?;
-                let mask = AttentionMask {
-                    tq: t,
-                    offset,
-                    key_start: Arc::new(vec![0]),
-                };
-                outs.push(ops::attention_heads(
-                    &q.narrow(2, start, t)?.contiguous()?,
-                    &ck,
-                    &cv,
-                    scale,
-                    &mask,
-                    self.ops,
-                )?);
+                views.push((start, t, offset, ck, cv));
                 start += t;
             }
-            let o = Tensor::cat(&outs, 0)?; // (total, h·hd)
+            let segments: Vec<ops::Segment<'_>> = views
+                .iter()
+                .map(|(start, t, offset, ck, cv)| ops::Segment {
+                    q_batch: 0,
+                    q_start: *start,
+                    tq: *t,
+                    k: ck,
+                    v: cv,
+                    kv_batch: 0,
+                    offset: *offset,
+                    key_start: 0,
+                })
+                .collect();
+            // A decoding step's rows in one call; prompts row by row.
+            let o = match ops::attention_segments(&q, &segments, scale, self.ops)? {
+                Some(o) => o,
+                None => {
+                    let mut outs = Vec::with_capacity(n);
+                    for (start, t, offset, ck, cv) in &views {
+                        let mask = AttentionMask {
+                            tq: *t,
+                            offset: *offset,
+                            key_start: Arc::new(vec![0]),
+                        };
+                        outs.push(ops::attention_heads(
+                            &q.narrow(2, *start, *t)?.contiguous()?,
+                            ck,
+                            cv,
+                            scale,
+                            &mask,
+                            self.ops,
+                        )?);
+                    }
+                    Tensor::cat(&outs, 0)?
+                }
+            }; // (total, h·hd)
             x = residual(&x, &o, &l.o_w, self.ops)?;
             let hn = ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps, self.ops)?;
             let a = ops::swiglu(

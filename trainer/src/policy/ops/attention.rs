@@ -29,6 +29,7 @@ use rayon::prelude::*;
 
 use super::OpsMode;
 use super::attention_blocked;
+use super::attention_cached;
 use super::cpu::{
     Real, check_float, lane_dot, lane_max, lane_sum, multiversion, product, slice, with_slice,
 };
@@ -141,8 +142,10 @@ pub fn attention(
 }
 
 /// The same for head-major values `v (b, kv_heads, tk, hd)`, as a KV cache holds them
-/// (strided views, so candle's primitives; copying the cache at every decoding step would
-/// cost more than the fusion saves). Output `(b·tq, heads·hd)`.
+/// (strided views; copying the cache at every decoding step would cost more than the fusion
+/// saves). Output `(b·tq, heads·hd)`. A few query rows on the CPU outside a backward (a
+/// decoding step) read the cache in place (`attention_cached`); otherwise candle's
+/// primitives.
 pub fn attention_heads(
     q: &Tensor,
     k: &Tensor,
@@ -159,7 +162,26 @@ pub fn attention_heads(
             k.dims()
         );
     }
+    if mode.fused(q) && attention_cached::applies(q, k, v) {
+        return attention_cached::attention(q, k, v, scale, mask);
+    }
     composite(q, k, v, scale, mask, mode)
+}
+
+/// Several conversations' few new queries, each against its own cache, in one call (the
+/// rows of a decoding step): `q (b, heads, t, hd)` holds every segment's queries; `Some`
+/// output `(Σ tq, heads·hd)`, the segments' rows in order, where the CPU kernel applies
+/// (`attention_cached`), `None` where the caller attends segment by segment.
+pub(crate) fn attention_segments(
+    q: &Tensor,
+    segments: &[attention_cached::Segment<'_>],
+    scale: f64,
+    mode: OpsMode,
+) -> Result<Option<Tensor>> {
+    if !(mode.fused(q) && attention_cached::applies_to_segments(q, segments)) {
+        return Ok(None);
+    }
+    attention_cached::segments_attention(q, segments, scale).map(Some)
 }
 
 /// Candle's primitives on checked, head-major inputs; output `(b·tq, heads·hd)`.

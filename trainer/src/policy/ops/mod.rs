@@ -14,6 +14,7 @@
 
 mod attention;
 mod attention_blocked;
+mod attention_cached;
 pub(crate) mod cpu;
 mod linear;
 mod logprob;
@@ -24,7 +25,9 @@ pub(crate) mod small_matmul;
 mod softmax;
 mod swiglu;
 
+pub(crate) use attention::attention_segments;
 pub use attention::{KeyRanges, attention, attention_heads};
+pub(crate) use attention_cached::Segment;
 pub use linear::{linear, linear_residual};
 pub use logprob::{lm_head_logprobs, token_logprobs_entropy};
 pub use rms_norm::rms_norm;

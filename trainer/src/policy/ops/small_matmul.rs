@@ -37,7 +37,10 @@ pub(crate) fn linear_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let y = with_slice::<f32, _>(x, |xs| {
         with_slice::<f32, _>(w, |ws| {
             let mut y = vec![0f32; n * o];
-            let rows = rows_per_task(o, k);
+            // A few tasks per thread: with tasks of the usual 16k elements, the 32k-row LM
+            // head became a thousand tasks whose scheduling and scatter cost more than
+            // their imbalance saves.
+            let rows = rows_per_task(o, k).max(o.div_ceil(4 * rayon::current_num_threads()));
             let out = OutPtr(y.as_mut_ptr());
             ws.par_chunks(rows * k).enumerate().for_each(|(t, wblock)| {
                 // The task's products by weight row, `(rows, n)`, then into their columns of
@@ -74,7 +77,9 @@ impl OutPtr {
     }
 }
 
-fn block(xs: &[f32], n: usize, k: usize, wblock: &[f32], out: &mut [f32]) {
+/// Every row of `xs` (`n` rows of `k`) dotted with every row of `wblock`, on this thread:
+/// `out[j·n + r] = wblock[j] · xs[r]`.
+pub(crate) fn block(xs: &[f32], n: usize, k: usize, wblock: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -186,50 +191,63 @@ mod avx2 {
     }
 }
 
-/// The same with 16 lanes, on tiles of up to eight input rows by [`avx512::TILE`] weight
-/// rows: with 32 vector registers the tile's accumulators, its weight vectors and one input
-/// vector fit, so each input vector loaded serves `TILE` products and each weight vector up
-/// to eight (loads, not FMAs, bounded the one-weight-row version: 8 rows of a 32k-vocabulary
-/// head ran 20–25% faster with two weight rows per tile).
+/// The same with 16 lanes, on tiles of up to eight input rows by up to eight weight rows
+/// (`avx512::tile_rows`): with 32 vector registers the tile's accumulators, its weight
+/// vectors and one input vector fit, so each input vector loaded serves several products and
+/// each weight vector up to eight (loads, not FMAs, bounded the one-weight-row version: 8 rows
+/// of a 32k-vocabulary head ran 20–25% faster with two weight rows per tile).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    pub(super) const TILE: usize = 2;
+    /// Weight rows per tile for up to eight input rows, so that the tile's accumulators
+    /// (input rows × weight rows) fill the 16 lanes of [`hsum16`]: eight for one or two rows
+    /// (a single row's product, and an attention group's queries against the keys), four for
+    /// three or four, two beyond.
+    pub(super) fn tile_rows(n: usize) -> usize {
+        match n {
+            0..=2 => 8,
+            3..=4 => 4,
+            _ => 2,
+        }
+    }
 
     #[target_feature(enable = "avx512f")]
     pub(super) fn block(xs: &[f32], n: usize, k: usize, wblock: &[f32], out: &mut [f32]) {
         let wrows = wblock.len() / k;
+        let wide = tile_rows(n);
         let mut j = 0;
         while j < wrows {
-            let t = if wrows - j >= TILE { TILE } else { 1 };
+            let t = if wrows - j >= wide { wide } else { 1 };
             let w = &wblock[j * k..(j + t) * k];
             let mut i = 0;
             while i < n {
                 let r = (n - i).min(8);
                 let x = &xs[i * k..(i + r) * k];
-                if t == TILE {
-                    match r {
-                        8 => put(out, n, j, i, &tile::<8, TILE>(x, w, k)),
-                        7 => put(out, n, j, i, &tile::<7, TILE>(x, w, k)),
-                        6 => put(out, n, j, i, &tile::<6, TILE>(x, w, k)),
-                        5 => put(out, n, j, i, &tile::<5, TILE>(x, w, k)),
-                        4 => put(out, n, j, i, &tile::<4, TILE>(x, w, k)),
-                        3 => put(out, n, j, i, &tile::<3, TILE>(x, w, k)),
-                        2 => put(out, n, j, i, &tile::<2, TILE>(x, w, k)),
-                        _ => put(out, n, j, i, &tile::<1, TILE>(x, w, k)),
-                    }
-                } else {
-                    match r {
-                        8 => put(out, n, j, i, &tile::<8, 1>(x, w, k)),
-                        7 => put(out, n, j, i, &tile::<7, 1>(x, w, k)),
-                        6 => put(out, n, j, i, &tile::<6, 1>(x, w, k)),
-                        5 => put(out, n, j, i, &tile::<5, 1>(x, w, k)),
-                        4 => put(out, n, j, i, &tile::<4, 1>(x, w, k)),
-                        3 => put(out, n, j, i, &tile::<3, 1>(x, w, k)),
-                        2 => put(out, n, j, i, &tile::<2, 1>(x, w, k)),
-                        _ => put(out, n, j, i, &tile::<1, 1>(x, w, k)),
-                    }
+                // Every arm keeps R·W ≤ 16 (`tile_rows` gives W from n ≥ R).
+                match (t, r) {
+                    (8, 2) => put(out, n, j, i, &tile::<2, 8>(x, w, k)),
+                    (8, _) => put(out, n, j, i, &tile::<1, 8>(x, w, k)),
+                    (4, 4) => put(out, n, j, i, &tile::<4, 4>(x, w, k)),
+                    (4, 3) => put(out, n, j, i, &tile::<3, 4>(x, w, k)),
+                    (4, 2) => put(out, n, j, i, &tile::<2, 4>(x, w, k)),
+                    (4, _) => put(out, n, j, i, &tile::<1, 4>(x, w, k)),
+                    (2, 8) => put(out, n, j, i, &tile::<8, 2>(x, w, k)),
+                    (2, 7) => put(out, n, j, i, &tile::<7, 2>(x, w, k)),
+                    (2, 6) => put(out, n, j, i, &tile::<6, 2>(x, w, k)),
+                    (2, 5) => put(out, n, j, i, &tile::<5, 2>(x, w, k)),
+                    (2, 4) => put(out, n, j, i, &tile::<4, 2>(x, w, k)),
+                    (2, 3) => put(out, n, j, i, &tile::<3, 2>(x, w, k)),
+                    (2, 2) => put(out, n, j, i, &tile::<2, 2>(x, w, k)),
+                    (2, _) => put(out, n, j, i, &tile::<1, 2>(x, w, k)),
+                    (_, 8) => put(out, n, j, i, &tile::<8, 1>(x, w, k)),
+                    (_, 7) => put(out, n, j, i, &tile::<7, 1>(x, w, k)),
+                    (_, 6) => put(out, n, j, i, &tile::<6, 1>(x, w, k)),
+                    (_, 5) => put(out, n, j, i, &tile::<5, 1>(x, w, k)),
+                    (_, 4) => put(out, n, j, i, &tile::<4, 1>(x, w, k)),
+                    (_, 3) => put(out, n, j, i, &tile::<3, 1>(x, w, k)),
+                    (_, 2) => put(out, n, j, i, &tile::<2, 1>(x, w, k)),
+                    _ => put(out, n, j, i, &tile::<1, 1>(x, w, k)),
                 }
                 i += r;
             }
@@ -267,6 +285,11 @@ mod avx512 {
                 let mut y = [_mm512_setzero_ps(); W];
                 for (a, ya) in y.iter_mut().enumerate() {
                     *ya = _mm512_loadu_ps(wp.add(a * k + c));
+                    // The next tile's weights, one line per row and step, a tile ahead: the
+                    // weights stream from L3 or memory, and with eight rows the FMAs left the
+                    // hardware prefetcher too little ahead (a prefetch never faults, and the
+                    // address is only formed, with wrapping arithmetic, past the weights).
+                    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add((W + a) * k + c) as *const i8);
                 }
                 for (r, by_w) in acc.iter_mut().enumerate() {
                     let xv = _mm512_loadu_ps(xp.add(r * k + c));
@@ -294,13 +317,64 @@ mod avx512 {
                 }
             }
         }
-        let mut out = [[0f32; R]; W];
+        // The tile's horizontal sums in one tree (R·W ≤ 16 vectors into one): a reduction
+        // per accumulator took four shuffles and four adds each, on the ports the FMAs use,
+        // which with 64-value rows (attention scores) cost more than the products.
+        let mut v = [_mm512_setzero_ps(); 16];
         for (r, by_w) in acc.iter().enumerate() {
-            for (o, s) in out.iter_mut().zip(by_w) {
-                o[r] = _mm512_reduce_add_ps(*s);
+            for (a, s) in by_w.iter().enumerate() {
+                v[r * W + a] = *s;
+            }
+        }
+        let mut sums = [0f32; 16];
+        // SAFETY: `sums` holds 16 floats.
+        unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), hsum16(&v)) };
+        let mut out = [[0f32; R]; W];
+        for (r, row) in sums.chunks_exact(W).take(R).enumerate() {
+            for (o, &s) in out.iter_mut().zip(row) {
+                o[r] = s;
             }
         }
         out
+    }
+
+    /// Lane `i` of the result is the sum of the lanes of `v[i]`: 30 shuffles and 15 adds in
+    /// all. Each level pairs vectors and halves what is left to add per vector: 512-bit
+    /// halves, then 128-bit quarters (each vector then holds four inputs, one per quarter),
+    /// then within quarters; the inputs enter transposed (4 × 4) so that the sums come out in
+    /// order.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn hsum16(v: &[__m512; 16]) -> __m512 {
+        let u = |j: usize| v[(j % 4) * 4 + j / 4];
+        let mut c = [_mm512_setzero_ps(); 8];
+        for (i, ci) in c.iter_mut().enumerate() {
+            let (a, b) = (u(2 * i), u(2 * i + 1));
+            *ci = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(a, b),
+                _mm512_shuffle_f32x4::<0xEE>(a, b),
+            );
+        }
+        let mut e = [_mm512_setzero_ps(); 4];
+        for (i, ei) in e.iter_mut().enumerate() {
+            let (a, b) = (c[2 * i], c[2 * i + 1]);
+            *ei = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(a, b),
+                _mm512_shuffle_f32x4::<0xDD>(a, b),
+            );
+        }
+        let g0 = _mm512_add_ps(
+            _mm512_unpacklo_ps(e[0], e[1]),
+            _mm512_unpackhi_ps(e[0], e[1]),
+        );
+        let g1 = _mm512_add_ps(
+            _mm512_unpacklo_ps(e[2], e[3]),
+            _mm512_unpackhi_ps(e[2], e[3]),
+        );
+        let (g0, g1) = (_mm512_castps_pd(g0), _mm512_castps_pd(g1));
+        _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(g0, g1)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(g0, g1)),
+        )
     }
 }
 
@@ -375,6 +449,12 @@ mod tests {
             (9, 16, 3),
             (16, 100, 6),
             (5, 1, 2),
+            // Full tiles of eight and four weight rows (one to four input rows) and their tails.
+            (1, 64, 17),
+            (2, 48, 19),
+            (3, 40, 9),
+            (4, 33, 10),
+            (600, 64, 2),
         ] {
             let xs: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
             let w: Vec<f32> = (0..o * k).map(|_| rng.normal() as f32).collect();
