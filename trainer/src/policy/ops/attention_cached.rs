@@ -22,10 +22,11 @@ use super::cpu::{Real, lane_max, multiversion};
 use super::small_matmul;
 use super::softmax::AttentionMask;
 
-/// Query positions per call up to which this path applies: a decoding step's one, or a
-/// short append. Longer calls (prompts) go to the blocked products, which skip the keys a
-/// causal block cannot see instead of computing and discarding them.
-pub(crate) const MAX_QUERY_ROWS: usize = 16;
+/// Query positions per conversation up to which this path applies: a decoding step's one, or
+/// a turn's appended tool output. Longer calls (prompts) go to candle's products, which
+/// scale better; this path computes a call's scores against every key up to its last query
+/// and discards the masked ones, at most half of them (a call starting an empty cache).
+pub(crate) const MAX_QUERY_ROWS: usize = 128;
 
 /// Whether [`attention`] applies: f32 on the CPU outside any backward graph, few query
 /// rows, and keys and values whose head rows are contiguous.
@@ -346,6 +347,8 @@ mod tests {
             (1, 8, 4, 1, 600, 599, vec![0], 64),
             (2, 4, 2, 1, 37, 36, vec![0, 5], 64),
             (1, 6, 2, 16, 170, 154, vec![0], 64),
+            (1, 8, 4, 65, 400, 335, vec![0], 64),
+            (2, 4, 2, 128, 128, 0, vec![0, 3], 32),
             (3, 2, 1, 3, 20, 17, vec![0, 19, 18], 16),
             (1, 3, 3, 5, 9, 4, vec![0], 24),
             (2, 2, 2, 2, 40, 38, vec![0, 40], 32),
