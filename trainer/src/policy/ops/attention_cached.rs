@@ -31,18 +31,25 @@ pub(crate) const MAX_QUERY_ROWS: usize = 128;
 /// Whether [`attention`] applies: f32 on the CPU outside any backward graph, few query
 /// rows, and keys and values whose head rows are contiguous.
 pub(crate) fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    let rows_contiguous = |t: &Tensor| {
-        let l = t.layout();
-        let s = l.stride();
-        t.rank() == 4 && s[3] == 1 && t.dim(3).is_ok_and(|hd| s[2] == hd)
-    };
-    q.device().is_cpu()
-        && [q, k, v]
-            .iter()
-            .all(|t| t.dtype() == DType::F32 && !t.track_op())
-        && q.dim(2).is_ok_and(|tq| tq <= MAX_QUERY_ROWS)
-        && rows_contiguous(k)
-        && rows_contiguous(v)
+    queries_apply(q) && q.dim(2).is_ok_and(|tq| tq <= MAX_QUERY_ROWS) && cache_applies(k, v)
+}
+
+fn queries_apply(q: &Tensor) -> bool {
+    q.device().is_cpu() && q.dtype() == DType::F32 && !q.track_op()
+}
+
+/// Keys and values f32 on the CPU outside any graph, each head's positions rows of `hd`
+/// contiguous values (a cache buffer, or a view of its first positions).
+fn cache_applies(k: &Tensor, v: &Tensor) -> bool {
+    [k, v].iter().all(|t| {
+        let s = t.layout().stride();
+        t.device().is_cpu()
+            && t.dtype() == DType::F32
+            && !t.track_op()
+            && t.rank() == 4
+            && s[3] == 1
+            && t.dim(3).is_ok_and(|hd| s[2] == hd)
+    })
 }
 
 /// Where a head's rows of a key or value tensor start, by (batch row, head).
@@ -93,21 +100,10 @@ pub(crate) struct Segment<'a> {
 /// Whether [`segments_attention`] applies to these segments of `q`: [`applies`] to each
 /// (few query rows each).
 pub(crate) fn applies_to_segments(q: &Tensor, segments: &[Segment<'_>]) -> bool {
-    q.device().is_cpu()
-        && q.dtype() == DType::F32
-        && !q.track_op()
-        && segments.iter().all(|s| {
-            s.tq <= MAX_QUERY_ROWS
-                && [s.k, s.v].iter().all(|t| {
-                    let st = t.layout().stride();
-                    t.dtype() == DType::F32
-                        && !t.track_op()
-                        && t.device().is_cpu()
-                        && t.rank() == 4
-                        && st[3] == 1
-                        && t.dim(3).is_ok_and(|hd| st[2] == hd)
-                })
-        })
+    queries_apply(q)
+        && segments
+            .iter()
+            .all(|s| s.tq <= MAX_QUERY_ROWS && cache_applies(s.k, s.v))
 }
 
 /// `softmax(scale · q·kᵀ, masked) · v` for inputs [`applies`] accepted.
