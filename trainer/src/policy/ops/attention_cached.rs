@@ -4,9 +4,10 @@
 //! Through candle's primitives, each row of a decoding batch cost a dozen small ops per layer
 //! (the key transpose, two products, the softmax, the head transpose) and copies of the cache
 //! view, about 130 µs a row and layer at 600 cached tokens: at eight rows, half of the step.
-//! Here one task per (batch row, key/value head) reads the keys and values where the cache
-//! holds them (each head's positions are rows of `head_dim` contiguous values inside the
-//! preallocated buffer), dots the group's query rows with every key it may see
+//! Here a step's conversations ([`Segment`]s, each with its own cache) go in one call per
+//! layer, one task per (conversation, key/value head): it reads the keys and values where the
+//! cache holds them (each head's positions are rows of `head_dim` contiguous values inside
+//! the preallocated buffer), dots the group's query rows with every key it may see
 //! ([`small_matmul::block`]), takes the softmax of each query row over its visible keys and
 //! sums the value rows it weighs.
 //!
