@@ -88,6 +88,12 @@ fn a_conversation_samples_the_same_alone_or_in_a_shared_batch() {
         stats.decode_rows > stats.decode_steps,
         "the conversations never shared a decoding step: {stats:?}"
     );
+    // Conversations joined and appended while others were decoding: those decoding rows ran
+    // in the prefill's forward, not in a second forward of the step.
+    assert!(
+        stats.mixed_steps > 0,
+        "no decoding row rode along with a prefill: {stats:?}"
+    );
     for (a, b) in want.iter().zip(&got) {
         assert_eq!(
             a.tokens, b.tokens,
@@ -322,4 +328,47 @@ fn sessions_of_a_group_copy_their_prompt_and_go_on_from_their_own_caches() {
         4 * prompt.len() as u64 + later_turns,
         "{stats:?}"
     );
+}
+
+#[test]
+fn bf16_sampling_on_amx_scores_close_to_the_f32_forward() {
+    // Hidden 128: products of k = 128 and 352 (the MLP), several 16-row weight blocks.
+    let policy = Arc::new(CandlePolicy::tiny(11, 128, 2, DType::F32, &Device::Cpu).unwrap());
+    if !policy.set_sampling_bf16(true) {
+        eprintln!("no AMX on this CPU: bf16 sampling is not exercised here");
+        assert!(!policy.sampling_bf16());
+        return;
+    }
+    let mut s = session(&policy);
+    let prompt: Vec<u32> = (0..40).map(|i| 30 + i).collect();
+    let obs = [5u32, 6, 7, 8, 9];
+    let (ctx, gens) = play(s.as_mut(), &prompt, 3, &obs, &params(1.0, 1.0, 12));
+    // The sampled log-probs are the bf16 forward's: close to the f32 scores of the same
+    // tokens (bf16 inputs move a log-prob by a few hundredths at most here), never equal to
+    // all of them (the products did round), and finite.
+    let scored = &policy.score(std::slice::from_ref(&ctx)).unwrap()[0];
+    let mut at = prompt.len();
+    let mut differ = 0;
+    for g in &gens {
+        for (i, lp) in g.logprobs.iter().enumerate() {
+            let want = scored.logprobs[at + i - 1];
+            assert!(lp.is_finite());
+            assert!((lp - want).abs() < 0.05, "{lp} vs f32 {want}");
+            if (lp - want).abs() > 1e-6 {
+                differ += 1;
+            }
+        }
+        at += g.tokens.len() + obs.len();
+    }
+    assert!(differ > 0, "bf16 sampling gave exactly the f32 log-probs");
+    // An update (here: a new version) drops the bf16 copies; turning it off goes back to f32.
+    policy.set_version(policy.version() + 1);
+    assert!(!policy.set_sampling_bf16(false));
+    let mut s = session(&policy);
+    let (ctx, gens) = play(s.as_mut(), &prompt, 1, &obs, &params(1.0, 1.0, 6));
+    let scored = &policy.score(std::slice::from_ref(&ctx)).unwrap()[0];
+    for (i, lp) in gens[0].logprobs.iter().enumerate() {
+        let want = scored.logprobs[prompt.len() + i - 1];
+        assert!((lp - want).abs() < 1e-4, "f32 again: {lp} vs {want}");
+    }
 }

@@ -46,6 +46,11 @@ pub struct RolloutArgs {
     pub turn_tokens: usize,
     #[arg(long, default_value_t = 64)]
     pub observation_tokens: usize,
+    /// Episode `e`'s turns sample `(e mod 4) × stagger` tokens more than `--turn-tokens`, so
+    /// that the episodes' turns end, and their tool outputs are prefilled, at different steps
+    /// (as real episodes' do) instead of all at once.
+    #[arg(long, default_value_t = 0)]
+    pub stagger: usize,
     /// Model shape: hidden size (heads of 64), layers and vocabulary.
     #[arg(long, default_value_t = 512)]
     pub hidden: usize,
@@ -61,9 +66,20 @@ pub struct RolloutArgs {
     /// the prompt once and the other episodes copy its keys and values.
     #[arg(long)]
     pub shared_prompt: bool,
+    /// Precision of the sampling forwards' products on the CPU: `f32`, or `bf16` (inputs
+    /// rounded to bf16, sums in f32) on AMX tiles, which needs a CPU with AMX.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub sampling_precision: SamplingPrecision,
     /// Nucleus of the sampling (1, a run's default, samples the full distribution).
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
+}
+
+/// `--sampling-precision`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SamplingPrecision {
+    F32,
+    Bf16,
 }
 
 /// One measured configuration.
@@ -76,7 +92,8 @@ struct Measure {
     prefill_per_episode: f64,
     /// Context tokens per episode copied from another episode's cache instead of computed.
     shared_per_episode: f64,
-    /// Milliseconds per batched decoding forward (with its LM head), and per prefilled token.
+    /// Milliseconds per forward that only decoded (with its LM head), and per prefilled token
+    /// (the forwards that prefilled, with any decoding rows riding along, by their context).
     decode_ms_per_step: f64,
     prefill_ms_per_token: f64,
 }
@@ -98,6 +115,18 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
         DType::BF16
     };
     let policy = Arc::new(bench_policy(&args, dtype, &device)?);
+    if args.sampling_precision == SamplingPrecision::Bf16 {
+        if !device.is_cpu() {
+            anyhow::bail!(
+                "--sampling-precision bf16 is for the CPU (CUDA samples in bf16 already)"
+            );
+        }
+        if !policy.set_sampling_bf16(true) {
+            anyhow::bail!(
+                "--sampling-precision bf16 needs a CPU with AMX (bf16 tiles) and a kernel that grants them"
+            );
+        }
+    }
     let modes: &[bool] = if args.no_session {
         &[false]
     } else {
@@ -138,14 +167,20 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
         let cfg = policy.model().config();
         writeln!(
             out,
-            "rollout bench: {} layers, hidden {}, vocab {}, {} on {:?}; {} turns of {} tokens, {} prompt {}, tool output {}; medians of {} rounds",
+            "rollout bench: {} layers, hidden {}, vocab {}, {} on {:?}, sampling products {}; {} turns of {} tokens (+{} by episode), {} prompt {}, tool output {}; medians of {} rounds",
             cfg.num_hidden_layers,
             cfg.hidden_size,
             cfg.vocab_size,
             dtype.as_str(),
             device.location(),
+            if policy.sampling_bf16() {
+                "bf16 (AMX)"
+            } else {
+                "f32"
+            },
             args.turns,
             args.turn_tokens,
+            args.stagger,
             if args.shared_prompt { "shared" } else { "own" },
             args.prompt_tokens,
             args.observation_tokens,
@@ -268,7 +303,8 @@ fn play(
     let sampled: Vec<anyhow::Result<usize>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..n)
             .map(|e| {
-                let params = params.clone();
+                let mut params = params.clone();
+                params.max_new_tokens += (e % 4) * args.stagger;
                 s.spawn(move || -> anyhow::Result<usize> {
                     let mut rng = Rng::seed(1000 + e as u64);
                     let mut tokens = |k: usize| -> Vec<u32> {
@@ -327,7 +363,9 @@ fn play(
             / n as f64,
         decode_ms_per_step: (after.decode_micros - before.decode_micros) as f64
             / 1000.0
-            / (after.decode_steps - before.decode_steps).max(1) as f64,
+            / ((after.decode_steps - after.mixed_steps)
+                - (before.decode_steps - before.mixed_steps))
+                .max(1) as f64,
         prefill_ms_per_token: (after.prefill_micros - before.prefill_micros) as f64
             / 1000.0
             / (after.prefill_tokens - before.prefill_tokens).max(1) as f64,

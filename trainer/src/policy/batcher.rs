@@ -2,10 +2,10 @@
 //!
 //! Every caller of [`Batcher::run`] (an episode's turn, or a whole `generate` batch) queues
 //! its requests and waits. One waiting caller at a time drives: it admits everything queued
-//! into the running batch, prefills what each conversation added since its last turn (its
-//! cache holds the rest), samples one token for every running row at once on the device, and
-//! runs one batched decoding forward; rows leave the batch as soon as they stop and new ones
-//! join at the next step. A driver whose own requests are done hands the running batch to
+//! into the running batch, samples one token for every row with logits at once on the device,
+//! and runs one forward over the batch: what each conversation added since its last turn (its
+//! cache holds the rest) and the token each other row just drew. Rows leave the batch as soon
+//! as they stop and new ones join at the next step. A driver whose own requests are done hands the running batch to
 //! another waiting caller. Driving from the callers' threads (rather than a dedicated thread)
 //! keeps the model borrowed, never owned, and runs the work from outside the rayon pool as
 //! the rest of the policy does.
@@ -38,17 +38,20 @@ pub struct RolloutStats {
     pub prefill_tokens: u64,
     /// Tokens sampled.
     pub sampled_tokens: u64,
-    /// Batched decoding forwards, and the rows they carried in all.
+    /// Forwards that carried decoding rows, and the decoding rows they carried in all.
     pub decode_steps: u64,
     pub decode_rows: u64,
+    /// Of those, the forwards that also prefilled context (decoding rows riding along).
+    pub mixed_steps: u64,
     /// Caches dropped to stay within the budget, and the tokens their rebuilding recomputed.
     pub evictions: u64,
     pub reprefill_tokens: u64,
     /// Context tokens whose keys and values were copied from another conversation of the
     /// batch that began with the same tokens (a GRPO group's shared prompt), not computed.
     pub shared_prefix_tokens: u64,
-    /// Wall time of the prefilling forwards and of the decoding forwards, in microseconds
-    /// (each forward with its LM head; sampling not included): where a rollout's time goes.
+    /// Wall time of the forwards that prefilled context (with any decoding rows riding along)
+    /// and of the forwards that only decoded, in microseconds (each forward with its LM head;
+    /// sampling not included): where a rollout's time goes.
     pub prefill_micros: u64,
     pub decode_micros: u64,
 }
@@ -59,6 +62,9 @@ pub(crate) struct ModelView<'a> {
     pub codec: &'a dyn TokenCodec,
     pub eos: &'a [u32],
     pub weights_lock: &'a RwLock<()>,
+    /// Products of the forwards may take bf16 inputs (`CandlePolicy::set_sampling_bf16`):
+    /// the policy's bf16 weight copies and its weights' version.
+    pub bf16_products: Option<(std::sync::Arc<super::ops::amx::Bf16Weights>, u64)>,
 }
 
 /// A conversation between its turns.
@@ -291,6 +297,7 @@ impl Batcher {
                     st.stats.sampled_tokens += counts.sampled_tokens;
                     st.stats.decode_steps += counts.decode_steps;
                     st.stats.decode_rows += counts.decode_rows;
+                    st.stats.mixed_steps += counts.mixed_steps;
                     st.stats.shared_prefix_tokens += counts.shared_prefix_tokens;
                     st.stats.prefill_micros += counts.prefill_micros;
                     st.stats.decode_micros += counts.decode_micros;
@@ -482,9 +489,12 @@ fn check_request(
     Ok(())
 }
 
-/// One scheduling step of the running batch: one forward prefilling the rows that joined or
-/// appended, a draw for every row with logits, then one batched decoding forward for the
-/// rows that go on.
+/// One scheduling step of the running batch: a draw for every row with logits, then one
+/// forward carrying both the context of the rows that joined or appended (prefill) and the
+/// token each other row just drew (decoding). One forward rather than a prefill forward and
+/// a decoding forward: a small batch's forward is bound by reading the weights, and the
+/// decoding rows ride along with the prefill for the cost of their few products (the mixed
+/// batches of vLLM's chunked prefill). A row that prefilled draws at the next step.
 fn step(view: &ModelView<'_>, jobs: &mut [Job]) -> Result<RolloutStats, ModelError> {
     let model = view.model;
     let cfg = model.config();
@@ -507,8 +517,48 @@ fn step(view: &ModelView<'_>, jobs: &mut [Job]) -> Result<RolloutStats, ModelErr
             counts.shared_prefix_tokens += shared as u64;
         }
     }
-    // One forward for every row with context to run, but a row that begins as another row of
-    // this forward does waits a step, then copies that row's keys and values.
+    // Every row with logits draws.
+    let ready: Vec<usize> = (0..jobs.len())
+        .filter(|&i| jobs[i].logits.is_some())
+        .collect();
+    let mut decodes = vec![false; jobs.len()];
+    if !ready.is_empty() {
+        let rows: Vec<Tensor> = ready
+            .iter()
+            .filter_map(|&i| jobs[i].logits.clone())
+            .collect();
+        let draws: Vec<RowDraw> = ready
+            .iter()
+            .map(|&i| {
+                let j = &mut jobs[i];
+                RowDraw {
+                    temperature: j.params.temperature,
+                    top_p: j.params.top_p,
+                    // 24 bits: exactly representable in f32 and strictly below 1.
+                    uniform: (j.conv.rng.next_u64() >> 40) as f32 * (1.0 / (1u64 << 24) as f32),
+                }
+            })
+            .collect();
+        let picks = sample_rows(&Tensor::cat(&rows, 0)?, &draws)?;
+        for (&i, (tok, lp)) in ready.iter().zip(picks) {
+            let job = &mut jobs[i];
+            job.tokens.push(tok);
+            job.logprobs.push(lp);
+            job.logits = None;
+            counts.sampled_tokens += 1;
+            if view.eos.contains(&tok)
+                || stop_hit(view.codec, &job.tokens, &job.params.stop, job.max_stop)
+            {
+                job.finish = Some(FinishReason::Stop);
+            } else if job.tokens.len() >= job.params.max_new_tokens {
+                job.finish = Some(FinishReason::Length);
+            } else {
+                decodes[i] = true;
+            }
+        }
+    }
+    // The rows with context to run, but a row that begins as another row of this forward
+    // does waits a step, then copies that row's keys and values.
     let mut prefill = vec![false; jobs.len()];
     for i in 0..jobs.len() {
         let job = &jobs[i];
@@ -522,10 +572,17 @@ fn step(view: &ModelView<'_>, jobs: &mut [Job]) -> Result<RolloutStats, ModelErr
             });
         prefill[i] = !waits;
     }
-    if prefill.iter().any(|&p| p) {
-        let mut runs: Vec<Vec<u32>> = Vec::new();
-        let mut caches: Vec<&mut KvCache> = Vec::new();
-        for (job, _) in jobs.iter_mut().zip(&prefill).filter(|(_, p)| **p) {
+    let prefilling = prefill.iter().filter(|&&p| p).count();
+    let decoding = decodes.iter().filter(|&&d| d).count();
+    if prefilling + decoding == 0 {
+        return Ok(counts);
+    }
+    // In the batch's order, each row's tokens: its context, or the token it just drew.
+    let mut runs: Vec<Vec<u32>> = Vec::with_capacity(prefilling + decoding);
+    let mut caches: Vec<&mut KvCache> = Vec::with_capacity(prefilling + decoding);
+    let mut order: Vec<usize> = Vec::with_capacity(prefilling + decoding);
+    for (i, job) in jobs.iter_mut().enumerate() {
+        let run = if prefill[i] {
             let pending = std::mem::take(&mut job.pending);
             if job.conv.cache.is_none() {
                 job.conv.cache = Some(KvCache::new(
@@ -538,104 +595,48 @@ fn step(view: &ModelView<'_>, jobs: &mut [Job]) -> Result<RolloutStats, ModelErr
                     model.device(),
                 )?);
             }
-            let cache = job
-                .conv
-                .cache
-                .as_mut()
-                .ok_or_else(|| ModelError::Input("a prefilled row has no cache".into()))?;
-            caches.push(cache);
-            runs.push(pending);
-        }
-        let rows: Vec<&[u32]> = runs.iter().map(Vec::as_slice).collect();
-        let started = Instant::now();
+            pending
+        } else if decodes[i] {
+            vec![job.tokens.last().copied().unwrap_or(0)]
+        } else {
+            continue;
+        };
+        let cache = job
+            .conv
+            .cache
+            .as_mut()
+            .ok_or_else(|| ModelError::Input("a running row has no cache".into()))?;
+        caches.push(cache);
+        runs.push(run);
+        order.push(i);
+    }
+    let rows: Vec<&[u32]> = runs.iter().map(Vec::as_slice).collect();
+    let started = Instant::now();
+    let logits = super::ops::amx::with_bf16_products(view.bf16_products.clone(), || {
         let h = model.hidden_rows(&rows, &mut caches)?;
-        let logits = model.logits(&h, false)?;
-        counts.prefill_micros += started.elapsed().as_micros() as u64;
-        drop(caches);
-        let ran = jobs.iter_mut().zip(&prefill).filter(|(_, p)| **p);
-        for (i, ((job, _), pending)) in ran.zip(runs).enumerate() {
-            job.logits = Some(logits.narrow(0, i, 1)?);
-            counts.prefill_tokens += pending.len() as u64;
-            job.conv.fed.extend(pending);
+        model.logits(&h, false)
+    })?;
+    let micros = started.elapsed().as_micros() as u64;
+    drop(caches);
+    if prefilling > 0 {
+        counts.prefill_micros += micros;
+    } else {
+        counts.decode_micros += micros;
+    }
+    if decoding > 0 {
+        counts.decode_steps += 1;
+        counts.decode_rows += decoding as u64;
+        if prefilling > 0 {
+            counts.mixed_steps += 1;
         }
     }
-    // Every row with logits draws; a row that waited draws at the next step.
-    let ready: Vec<usize> = (0..jobs.len())
-        .filter(|&i| jobs[i].logits.is_some())
-        .collect();
-    if ready.is_empty() {
-        return Ok(counts);
-    }
-    let rows: Vec<Tensor> = ready
-        .iter()
-        .filter_map(|&i| jobs[i].logits.clone())
-        .collect();
-    let draws: Vec<RowDraw> = ready
-        .iter()
-        .map(|&i| {
-            let j = &mut jobs[i];
-            RowDraw {
-                temperature: j.params.temperature,
-                top_p: j.params.top_p,
-                // 24 bits: exactly representable in f32 and strictly below 1.
-                uniform: (j.conv.rng.next_u64() >> 40) as f32 * (1.0 / (1u64 << 24) as f32),
-            }
-        })
-        .collect();
-    let picks = sample_rows(&Tensor::cat(&rows, 0)?, &draws)?;
-    for (&i, (tok, lp)) in ready.iter().zip(picks) {
+    for (r, (i, run)) in order.into_iter().zip(runs).enumerate() {
         let job = &mut jobs[i];
-        job.tokens.push(tok);
-        job.logprobs.push(lp);
-        job.logits = None;
-        counts.sampled_tokens += 1;
-        if view.eos.contains(&tok)
-            || stop_hit(view.codec, &job.tokens, &job.params.stop, job.max_stop)
-        {
-            job.finish = Some(FinishReason::Stop);
-        } else if job.tokens.len() >= job.params.max_new_tokens {
-            job.finish = Some(FinishReason::Length);
+        job.logits = Some(logits.narrow(0, r, 1)?);
+        if prefill[i] {
+            counts.prefill_tokens += run.len() as u64;
         }
-    }
-    let mut drew = vec![false; jobs.len()];
-    for &i in &ready {
-        drew[i] = true;
-    }
-    let mut going: Vec<&mut Job> = jobs
-        .iter_mut()
-        .zip(&drew)
-        .filter(|(j, d)| **d && j.finish.is_none())
-        .map(|(j, _)| j)
-        .collect();
-    if going.is_empty() {
-        return Ok(counts);
-    }
-    let ids: Vec<u32> = going
-        .iter()
-        .map(|j| j.tokens.last().copied().unwrap_or(0))
-        .collect();
-    let logits = {
-        let mut caches: Vec<&mut KvCache> = Vec::with_capacity(going.len());
-        for j in going.iter_mut() {
-            let c = j
-                .conv
-                .cache
-                .as_mut()
-                .ok_or_else(|| ModelError::Input("a running row has no cache".into()))?;
-            caches.push(c);
-        }
-        let rows: Vec<&[u32]> = ids.iter().map(std::slice::from_ref).collect();
-        let started = Instant::now();
-        let h = model.hidden_rows(&rows, &mut caches)?;
-        let logits = model.logits(&h, false)?;
-        counts.decode_micros += started.elapsed().as_micros() as u64;
-        logits
-    };
-    counts.decode_steps += 1;
-    counts.decode_rows += going.len() as u64;
-    for (i, (job, tok)) in going.into_iter().zip(ids).enumerate() {
-        job.logits = Some(logits.narrow(0, i, 1)?);
-        job.conv.fed.push(tok);
+        job.conv.fed.extend(run);
     }
     Ok(counts)
 }

@@ -109,6 +109,10 @@ pub struct CandlePolicy {
     weights_lock: RwLock<()>,
     source_dir: Option<PathBuf>,
     batcher: batcher::Batcher,
+    /// Whether sampling's products may take bf16 inputs on AMX tiles (CPU only), and the
+    /// bf16 copies of the weights they read (dropped whenever the weights change).
+    sampling_bf16: std::sync::atomic::AtomicBool,
+    bf16_weights: Arc<ops::amx::Bf16Weights>,
 }
 
 impl std::fmt::Debug for CandlePolicy {
@@ -131,6 +135,8 @@ impl CandlePolicy {
             weights_lock: RwLock::new(()),
             source_dir: None,
             batcher: batcher::Batcher::default(),
+            sampling_bf16: std::sync::atomic::AtomicBool::new(false),
+            bf16_weights: Arc::default(),
         }
     }
 
@@ -262,6 +268,8 @@ impl CandlePolicy {
     }
 
     pub fn set_version(&self, v: u64) {
+        // A new version may come with new weights (a checkpoint loaded into this policy).
+        self.bf16_weights.clear();
         self.version.store(v, Ordering::SeqCst);
     }
 
@@ -287,6 +295,26 @@ impl CandlePolicy {
         self.batcher.set_kv_budget_bytes(bytes);
     }
 
+    /// Lets sampling on the CPU multiply in bf16 (inputs rounded to bf16, sums in f32) on the
+    /// AMX tiles of CPUs that have them, as a GPU samples in bf16; scoring and training keep
+    /// their precision. Returns whether it takes effect: false without AMX (the products
+    /// then stay f32) or when `on` is false. See `ops/amx.rs`.
+    pub fn set_sampling_bf16(&self, on: bool) -> bool {
+        let effective = on && ops::amx::available();
+        self.sampling_bf16
+            .store(effective, std::sync::atomic::Ordering::Relaxed);
+        if !effective {
+            self.bf16_weights.clear();
+        }
+        effective
+    }
+
+    /// Whether sampling multiplies in bf16 (see [`CandlePolicy::set_sampling_bf16`]).
+    pub fn sampling_bf16(&self) -> bool {
+        self.sampling_bf16
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// A new conversation's random stream: drawn from the policy's, so the checkpointed
     /// state fixes every later conversation's samples.
     fn next_stream(&self) -> Rng {
@@ -300,13 +328,18 @@ impl CandlePolicy {
             codec: self.codec.as_ref(),
             eos: &self.eos,
             weights_lock: &self.weights_lock,
+            bf16_products: self
+                .sampling_bf16()
+                .then(|| (self.bf16_weights.clone(), self.version())),
         }
     }
 
     /// Runs `f` while no generation reads the weights (the optimiser's in-place update).
     pub(crate) fn with_weights_locked<R>(&self, f: impl FnOnce() -> R) -> R {
         let _guard = self.weights_lock.write().unwrap_or_else(|p| p.into_inner());
-        f()
+        let r = f();
+        self.bf16_weights.clear();
+        r
     }
 
     /// log π(token | prefix) and the entropy of π(· | prefix) for every token after the first

@@ -648,8 +648,12 @@ pub(crate) fn train_positions(b: usize, t: usize) -> Vec<u32> {
     (0..b).flat_map(|_| 0..t as u32).collect()
 }
 
-/// `r + x · wᵀ`: the decoding kernel for a few rows, else [`ops::linear_residual`].
+/// `r + x · wᵀ`: bf16 tiles where sampling allows them ([`ops::amx`]), the decoding kernel
+/// for a few rows, else [`ops::linear_residual`].
 fn residual(r: &Tensor, x: &Tensor, w: &Tensor, mode: OpsMode) -> candle_core::Result<Tensor> {
+    if ops::amx::applies(x, w) {
+        return r + ops::amx::linear_nt(x, w)?;
+    }
     if ops::small_matmul::applies(x, w) {
         return r + ops::small_matmul::linear_nt(x, w)?;
     }
@@ -665,8 +669,13 @@ fn linear(
     bias: Option<&Tensor>,
     mode: OpsMode,
 ) -> candle_core::Result<Tensor> {
-    if ops::small_matmul::applies(x, w) {
-        let y = ops::small_matmul::linear_nt(x, w)?;
+    let bf16 = ops::amx::applies(x, w);
+    if bf16 || ops::small_matmul::applies(x, w) {
+        let y = if bf16 {
+            ops::amx::linear_nt(x, w)?
+        } else {
+            ops::small_matmul::linear_nt(x, w)?
+        };
         return match bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

@@ -12,6 +12,7 @@
 //!
 //! Tests check both forms against each other and against PyTorch (`tests/policy_*`).
 
+pub(crate) mod amx;
 mod attention;
 mod attention_blocked;
 mod attention_cached;

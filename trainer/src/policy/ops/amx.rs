@@ -1,0 +1,680 @@
+//! `x · wᵀ` with bf16 inputs and f32 sums on Intel AMX tiles, for sampling on the CPU when
+//! the policy allows bf16 products (`CandlePolicy::set_sampling_bf16`).
+//!
+//! Sampling on the CPU is two kinds of work: decoding steps, bound by streaming every weight
+//! once per step, and the prefill of prompts and tool outputs, arithmetic that batching
+//! cannot share. f32 FMAs do that arithmetic at about 400 GFLOP/s on a 2-core Xeon; its AMX
+//! tiles multiply bf16 at about 5.8 TFLOP/s (both measured on the development machine), so a
+//! prefilled token and the extra rows of a batched decoding step become nearly free, which is
+//! what makes 8 concurrent episodes cost little more than one. The result is what a GPU's
+//! bf16 sampling computes: inputs rounded to bf16, sums in f32. The trainer's own forward
+//! recomputes the behaviour log-probs in its precision before an update (point 5 of the
+//! design), so the difference shows up only in the truncated importance weights.
+//!
+//! The weights stay f32 in memory. Each task converts 16 weight rows at a time to bf16 into
+//! a buffer the tiles load: the policy keeps one copy of its weights, an optimiser update
+//! needs no refresh, and a decoding step still streams the f32 weights once, as the f32
+//! kernel does. The input rows, few or a prefill's hundreds, are packed once per call in
+//! the tiles' pair-interleaved layout.
+//!
+//! AMX has no stable intrinsics in Rust; the instructions are written as inline assembly
+//! (the assembler knows them), on tile registers the compiler never allocates.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::{DType, Result, Tensor};
+use rayon::prelude::*;
+
+use super::cpu::with_slice;
+
+thread_local! {
+    /// Where products on this thread may take bf16 inputs (set around a sampling forward):
+    /// the policy's bf16 weight copies and the weights' version.
+    static BF16_PRODUCTS: RefCell<Option<(Arc<Bf16Weights>, u64)>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with bf16 products allowed (`Some`: the policy's copies and its weights' version)
+/// or not (`None`) on this thread, restoring the previous setting after, also when `f`
+/// unwinds.
+pub(crate) fn with_bf16_products<R>(
+    on: Option<(Arc<Bf16Weights>, u64)>,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore(Option<(Arc<Bf16Weights>, u64)>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let before = self.0.take();
+            BF16_PRODUCTS.with(|c| *c.borrow_mut() = before);
+        }
+    }
+    let _restore = Restore(BF16_PRODUCTS.with(|c| c.replace(on)));
+    f()
+}
+
+/// A policy's weights as bf16, made on first use after each update (by the weights' version)
+/// and kept: a decoding step then streams half the bytes of the f32 weights, and the tiles
+/// load them as they lie. Keyed by the address and length of each weight's f32 data, which
+/// the optimiser updates in place; a new version drops every copy.
+#[derive(Default)]
+pub(crate) struct Bf16Weights {
+    copies: Mutex<(u64, CopyMap)>,
+}
+
+/// bf16 copies by the address and length of the f32 weight they were made from.
+type CopyMap = HashMap<(usize, usize), Arc<Vec<u16>>>;
+
+impl std::fmt::Debug for Bf16Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bf16Weights").finish_non_exhaustive()
+    }
+}
+
+impl Bf16Weights {
+    /// The bf16 copy of `ws` (`o` rows of `k`), `o` padded to a multiple of 16 rows and `k`
+    /// to a multiple of 32 values with zeros.
+    fn get(&self, version: u64, ws: &[f32], o: usize, k: usize) -> Arc<Vec<u16>> {
+        let key = (ws.as_ptr() as usize, ws.len());
+        let mut g = self.copies.lock().unwrap_or_else(|p| p.into_inner());
+        if g.0 != version {
+            *g = (version, HashMap::new());
+        }
+        g.1.entry(key)
+            .or_insert_with(|| Arc::new(convert_weights(ws, o, k)))
+            .clone()
+    }
+
+    /// Drops every copy (the weights changed: an update, a checkpoint loaded).
+    pub(crate) fn clear(&self) {
+        let mut g = self.copies.lock().unwrap_or_else(|p| p.into_inner());
+        g.1.clear();
+    }
+
+    /// Bytes held by the copies.
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
+        let g = self.copies.lock().unwrap_or_else(|p| p.into_inner());
+        g.1.values().map(|c| c.len() * 2).sum()
+    }
+}
+
+/// `ws` (`o` rows of `k`) as bf16 rows of `kp` values, `o` padded to 16 rows.
+fn convert_weights(ws: &[f32], o: usize, k: usize) -> Vec<u16> {
+    let kp = k.div_ceil(KC) * KC;
+    let mut out = vec![0u16; o.div_ceil(TR) * TR * kp];
+    out.par_chunks_mut(TR * kp)
+        .zip(ws.par_chunks(TR * k))
+        .for_each(|(dst, src)| convert_block(src, k, kp, dst));
+    out
+}
+
+/// Whether this CPU and kernel let the process use AMX bf16 tiles. Linux hands a process the
+/// (8 KiB) tile state only on request, once, for all its threads.
+pub(crate) fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(detect)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    // CPUID leaf 7: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE.
+    #[allow(unused_unsafe)]
+    // SAFETY: CPUID leaf 7 exists on every x86-64 CPU that runs this (it reads registers).
+    let leaf = unsafe { std::arch::x86_64::__cpuid_count(7, 0) };
+    if leaf.edx & (1 << 22) == 0 || leaf.edx & (1 << 24) == 0 {
+        return false;
+    }
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with these arguments only asks the kernel for permission to use the
+    // tile state; it reads and writes no memory of ours.
+    let granted = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    if granted != 0 {
+        tracing::info!("the CPU has AMX but the kernel did not grant its tile state");
+    }
+    granted == 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// Whether [`linear_nt`] applies: bf16 products allowed on this thread, AMX available, and a
+/// CPU f32 product outside any backward graph.
+pub(crate) fn applies(x: &Tensor, w: &Tensor) -> bool {
+    BF16_PRODUCTS.with(|c| c.borrow().is_some())
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && x.rank() == 2
+        && w.rank() == 2
+        && !x.track_op()
+        && !w.track_op()
+        && available()
+}
+
+/// Values of k per tile step: 16 pairs of bf16.
+const KC: usize = 32;
+/// Rows of a tile: weight rows per block, and input rows per column group.
+const TR: usize = 16;
+
+/// f32 → bf16, rounding to nearest even (the conversion of PyTorch and of the GPU kernels).
+#[inline(always)]
+pub(crate) fn bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    // A NaN stays a (quiet) NaN; a select rather than a branch, so the loops vectorise.
+    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+    (if nan { (b >> 16) | 0x40 } else { rounded }) as u16
+}
+
+/// The value a bf16 bit pattern stands for.
+#[cfg(test)]
+fn bf16_value(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// `xs` (`n` rows of `k`) as the B operands of the tile products: for each group `g` of 16
+/// input rows and each step `c` of 32 values of k, a 16 × 64-byte tile (at `(g·steps + c)`
+/// tiles) whose row `p` holds, for each input row `r` of the group, its values `32c + 2p` and
+/// `32c + 2p + 1`. Past `k` and past `n`, zeros. Groups are packed in parallel.
+pub(crate) fn pack_inputs(xs: &[f32], n: usize, k: usize) -> Vec<u16> {
+    let steps = k.div_ceil(KC);
+    let groups = n.div_ceil(TR);
+    let mut b = vec![0u16; groups * steps * TR * KC];
+    b.par_chunks_mut(steps * TR * KC)
+        .zip(xs[..n * k].par_chunks(TR * k))
+        .for_each(|(tiles, rows)| pack_group(rows, k, tiles));
+    b
+}
+
+/// One group's rows (up to 16 of `k`) into its tiles.
+fn pack_group(rows: &[f32], k: usize, tiles: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the feature the function is compiled for (checked above).
+        unsafe { pack_group_avx512(rows, k, tiles) };
+        return;
+    }
+    pack_group_any(rows, k, tiles);
+}
+
+#[inline(always)]
+fn pack_group_any(rows: &[f32], k: usize, tiles: &mut [u16]) {
+    for (r, x) in rows.chunks_exact(k).enumerate() {
+        for (c, chunk) in x.chunks(KC).enumerate() {
+            let tile = &mut tiles[c * TR * KC..(c + 1) * TR * KC];
+            for (p, pair) in chunk.chunks(2).enumerate() {
+                for (e, &v) in pair.iter().enumerate() {
+                    tile[p * KC + 2 * r + e] = bf16_bits(v);
+                }
+            }
+        }
+    }
+}
+
+/// The same loop, compiled for AVX-512 (the baseline build converted four values at a time).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn pack_group_avx512(rows: &[f32], k: usize, tiles: &mut [u16]) {
+    pack_group_any(rows, k, tiles);
+}
+
+/// Weight rows `rows` (each `k` long) as bf16 into `a` (16 rows of `kp`), zeros past `k` and
+/// past the last row.
+fn convert_block(rows: &[f32], k: usize, kp: usize, a: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the feature the function is compiled for (checked above).
+        unsafe { convert_block_avx512(rows, k, kp, a) };
+        return;
+    }
+    convert_block_any(rows, k, kp, a);
+}
+
+#[inline(always)]
+fn convert_block_any(rows: &[f32], k: usize, kp: usize, a: &mut [u16]) {
+    a.fill(0);
+    for (src, dst) in rows.chunks_exact(k).zip(a.chunks_exact_mut(kp)) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = bf16_bits(s);
+        }
+    }
+}
+
+/// The same loop, vectorised by the compiler for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn convert_block_avx512(rows: &[f32], k: usize, kp: usize, a: &mut [u16]) {
+    convert_block_any(rows, k, kp, a);
+}
+
+/// `x (n, k) · wᵀ` for `w (o, k)`: `(n, o)`, inputs rounded to bf16, sums in f32. The caller
+/// checks [`applies`] (AMX available).
+pub(crate) fn linear_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, k) = x.dims2()?;
+    let (o, k2) = w.dims2()?;
+    if k != k2 {
+        candle_core::bail!("linear: x has {k} columns, the weight {k2}");
+    }
+    if n == 0 || o == 0 || k == 0 {
+        return Tensor::zeros((n, o), DType::F32, x.device());
+    }
+    let Some((copies, version)) = BF16_PRODUCTS.with(|c| c.borrow().clone()) else {
+        candle_core::bail!("bf16 products outside a sampling forward");
+    };
+    if !available() {
+        candle_core::bail!("bf16 products asked for on a CPU without AMX");
+    }
+    let kp = k.div_ceil(KC) * KC;
+    let mut y = vec![0f32; n * o];
+    let out = OutPtr(y.as_mut_ptr());
+    with_slice::<f32, _>(x, |xs| {
+        with_slice::<f32, _>(w, |ws| {
+            let wb = copies.get(version, ws, o, k);
+            let blocks = o.div_ceil(TR);
+            // A few tasks per thread, each a run of 16-row blocks.
+            let per_task = blocks.div_ceil(4 * rayon::current_num_threads()).max(1);
+            // The inputs in chunks of rows whose packed tiles stay in L2 while every weight
+            // block passes them (a prefill's thousands of rows would not).
+            for (ci, chunk) in xs.chunks(CHUNK_ROWS * k).enumerate() {
+                let rows = chunk.len() / k;
+                let b = pack_inputs(chunk, rows, k);
+                wb.par_chunks(per_task * TR * kp)
+                    .enumerate()
+                    .for_each(|(t, wtask)| {
+                        let j0 = t * per_task * TR;
+                        // SAFETY: available() granted the tile state (checked above); `wtask`
+                        // holds whole 16-row blocks of `kp` values; the task writes only
+                        // rows ci·CHUNK_ROWS.. of the chunk and the columns j0.. its blocks
+                        // cover, which no other task writes.
+                        unsafe { task(&b, rows, kp, wtask, out, o, j0, ci * CHUNK_ROWS) };
+                    });
+            }
+            Ok(())
+        })
+    })?;
+    Tensor::from_vec(y, (n, o), x.device())
+}
+
+/// Input rows per pass over the weights: 256 rows of 1408 values pack into 720 KiB of tiles.
+const CHUNK_ROWS: usize = 256;
+
+/// The output of [`linear_nt`], written by its tasks at disjoint indices.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the tasks sharing it write disjoint elements, and the vector outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// The tile configuration `ldtilecfg` reads (palette 1): every tile 16 rows of 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+/// One task's bf16 weight blocks `wtask` (16 rows of `kp` each, its first row is weight row
+/// `j0`) against the packed inputs `b`: writes `y[r·o + j]`, weight row `j` dotted with input
+/// row `r`, for its rows below `o`. Tiles: tmm0–3 accumulate up to four groups of 16 input
+/// rows, tmm4/tmm5 hold 16 weight rows × 32 values (alternating by step), tmm6/tmm7 the
+/// groups' inputs (alternating by group): a tile load never waits for the product that read
+/// the register before it, so loads and products overlap.
+///
+/// # Safety
+/// The process must hold the AMX tile state ([`available`]); `y` must point at `n · o`
+/// floats of which no other thread writes the columns this task covers.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn task(
+    b: &[u16],
+    n: usize,
+    kp: usize,
+    wtask: &[u16],
+    y: OutPtr,
+    o: usize,
+    j0: usize,
+    r0: usize,
+) {
+    use std::arch::asm;
+
+    /// `tdpbf16ps` of accumulator `acc` with weight tile `a` (loaded by the caller) and the
+    /// input tile at `ptr`, loaded into `bt`.
+    macro_rules! product {
+        ($acc:literal, $a:literal, $bt:literal, $ptr:expr) => {
+            asm!(
+                concat!("tileloadd tmm", $bt, ", [{0} + {1}*1]"),
+                concat!("tdpbf16ps tmm", $acc, ", tmm", $a, ", tmm", $bt),
+                in(reg) $ptr, in(reg) 64usize, options(nostack, readonly)
+            )
+        };
+    }
+
+    let steps = kp / KC;
+    let groups = n.div_ceil(TR);
+    let mut cfg = TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb: [0; 16],
+        rows: [0; 16],
+    };
+    cfg.colsb[..8].fill(64);
+    cfg.rows[..8].fill(TR as u8);
+    let mut c = [0f32; TR * TR];
+    let mut c2 = [0f32; TR * TR];
+    let a_stride = kp * 2;
+    // SAFETY (every asm block below): the tile loads read 16 rows of 64 bytes at the given
+    // stride, inside `wtask` (a block of 16 rows of kp values, the step's 32 values at offset
+    // 32·s) and inside `b` (tile (s, g) at offset (g·steps + s)·512 values, rows of 64
+    // bytes); the stores write 16 rows of 64 bytes into `c` or `c2` (256 floats each). The
+    // compiler does not allocate tile registers, and the configuration is loaded before any
+    // tile is used.
+    unsafe {
+        asm!("ldtilecfg [{}]", in(reg) &cfg as *const TileConfig, options(nostack, readonly));
+    }
+    for (blk, a) in wtask.chunks_exact(TR * kp).enumerate() {
+        let jb = j0 + blk * TR;
+        if jb >= o {
+            break;
+        }
+        let nrows = (o - jb).min(TR);
+        let mut g0 = 0;
+        while g0 < groups {
+            let gs = (groups - g0).min(4);
+            let bp = |s: usize, g: usize| b.as_ptr().wrapping_add(((g0 + g) * steps + s) * TR * KC);
+            let ap = |s: usize| a.as_ptr().wrapping_add(s * KC);
+            unsafe {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+            }
+            if gs == 1 {
+                // One group (a decoding step): two accumulators over even and odd steps, so
+                // that consecutive products do not wait for each other.
+                let mut s = 0;
+                while s < steps {
+                    unsafe {
+                        asm!("tileloadd tmm4, [{0} + {1}*1]", in(reg) ap(s), in(reg) a_stride, options(nostack, readonly));
+                        product!("0", "4", "6", bp(s, 0));
+                        if s + 1 < steps {
+                            asm!("tileloadd tmm5, [{0} + {1}*1]", in(reg) ap(s + 1), in(reg) a_stride, options(nostack, readonly));
+                            product!("1", "5", "7", bp(s + 1, 0));
+                        }
+                    }
+                    s += 2;
+                }
+            } else {
+                for s in 0..steps {
+                    unsafe {
+                        if s % 2 == 0 {
+                            asm!("tileloadd tmm4, [{0} + {1}*1]", in(reg) ap(s), in(reg) a_stride, options(nostack, readonly));
+                            product!("0", "4", "6", bp(s, 0));
+                            product!("1", "4", "7", bp(s, 1));
+                            if gs > 2 {
+                                product!("2", "4", "6", bp(s, 2));
+                            }
+                            if gs > 3 {
+                                product!("3", "4", "7", bp(s, 3));
+                            }
+                        } else {
+                            asm!("tileloadd tmm5, [{0} + {1}*1]", in(reg) ap(s), in(reg) a_stride, options(nostack, readonly));
+                            product!("0", "5", "6", bp(s, 0));
+                            product!("1", "5", "7", bp(s, 1));
+                            if gs > 2 {
+                                product!("2", "5", "6", bp(s, 2));
+                            }
+                            if gs > 3 {
+                                product!("3", "5", "7", bp(s, 3));
+                            }
+                        }
+                    }
+                }
+            }
+            for g in 0..gs {
+                let cp = c.as_mut_ptr();
+                unsafe {
+                    match g {
+                        0 => {
+                            asm!("tilestored [{0} + {1}*1], tmm0", in(reg) cp, in(reg) 64usize, options(nostack));
+                            if gs == 1 {
+                                asm!("tilestored [{0} + {1}*1], tmm1", in(reg) c2.as_mut_ptr(), in(reg) 64usize, options(nostack));
+                            }
+                        }
+                        1 => {
+                            asm!("tilestored [{0} + {1}*1], tmm1", in(reg) cp, in(reg) 64usize, options(nostack))
+                        }
+                        2 => {
+                            asm!("tilestored [{0} + {1}*1], tmm2", in(reg) cp, in(reg) 64usize, options(nostack))
+                        }
+                        _ => {
+                            asm!("tilestored [{0} + {1}*1], tmm3", in(reg) cp, in(reg) 64usize, options(nostack))
+                        }
+                    }
+                }
+                if gs == 1 {
+                    for (v, w) in c.iter_mut().zip(&c2) {
+                        *v += w;
+                    }
+                }
+                // Tile element (m, r): weight row jb + m, input row (g0 + g)·16 + r; written
+                // by input row, 16 consecutive columns of y at a time.
+                let col0 = (g0 + g) * TR;
+                let cols = (n - col0).min(TR);
+                for r in 0..cols {
+                    let row = (r0 + col0 + r) * o + jb;
+                    for m in 0..nrows {
+                        // SAFETY: row + m < (col0 + r + 1)·o ≤ n·o, in this task's columns
+                        // (the caller's contract).
+                        unsafe { *y.at(row + m) = c[m * TR + r] };
+                    }
+                }
+            }
+            g0 += gs;
+        }
+    }
+    unsafe {
+        asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn task(_: &[u16], _: usize, _: usize, _: &[u16], _: OutPtr, _: usize, _: usize, _: usize) {
+    unreachable!("AMX is x86-64 only, and available() says no elsewhere")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn rounds_to_nearest_even_as_pytorch_does() {
+        // 1 + 2^-8 is halfway between bf16 1 and 1 + 2^-7: to even (1). 1 + 3·2^-8 is halfway
+        // between 1 + 2^-7 and 1 + 2^-6: to even (1 + 2^-6).
+        assert_eq!(bf16_value(bf16_bits(1.0 + 2f32.powi(-8))), 1.0);
+        assert_eq!(
+            bf16_value(bf16_bits(1.0 + 3.0 * 2f32.powi(-8))),
+            1.0 + 2f32.powi(-6)
+        );
+        assert_eq!(
+            bf16_value(bf16_bits(1.0 + 2f32.powi(-8) + 2f32.powi(-20))),
+            1.0 + 2f32.powi(-7)
+        );
+        assert_eq!(bf16_value(bf16_bits(-2.5)), -2.5);
+        assert_eq!(bf16_value(bf16_bits(f32::INFINITY)), f32::INFINITY);
+        assert!(bf16_value(bf16_bits(f32::NAN)).is_nan());
+        // The largest finite f32 rounds up to infinity, as in PyTorch.
+        assert_eq!(bf16_value(bf16_bits(f32::MAX)), f32::INFINITY);
+    }
+
+    #[test]
+    fn packs_pairs_of_each_input_row_by_step_and_group() {
+        let (n, k) = (18, 40);
+        let xs: Vec<f32> = (0..n * k).map(|i| i as f32).collect();
+        let b = pack_inputs(&xs, n, k);
+        let (steps, groups) = (2, 2);
+        assert_eq!(b.len(), steps * groups * TR * KC);
+        for row in 0..n {
+            for i in 0..k {
+                let (g, r, c, p, e) = (row / TR, row % TR, i / KC, (i % KC) / 2, i % 2);
+                let at = ((g * steps + c) * TR + p) * KC + 2 * r + e;
+                assert_eq!(
+                    bf16_value(b[at]),
+                    bf16_value(bf16_bits((row * k + i) as f32))
+                );
+            }
+        }
+        // Past k (step 1 holds values 32..40 only) and past n (group 1 rows 2..16): zeros.
+        let nonzero = b.iter().filter(|&&v| v != 0).count();
+        assert_eq!(
+            nonzero,
+            n * k - 1,
+            "only x[0][0] = 0 is a zero inside the inputs"
+        );
+    }
+
+    /// `x · wᵀ` in f64 from the bf16-rounded inputs: what the tiles compute, up to f32 sums.
+    fn reference(xs: &[f32], ws: &[f32], n: usize, o: usize, k: usize) -> Vec<f64> {
+        let r = |v: f32| bf16_value(bf16_bits(v)) as f64;
+        let mut y = vec![0f64; n * o];
+        for i in 0..n {
+            for j in 0..o {
+                y[i * o + j] = (0..k).map(|c| r(xs[i * k + c]) * r(ws[j * k + c])).sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn tile_products_match_the_bf16_reference() {
+        if !available() {
+            eprintln!("no AMX on this CPU: the tile kernel is not exercised here");
+            return;
+        }
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            ((seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+        };
+        // Rows and columns off the tile sizes, several column groups (more than four: two
+        // passes), k off the 32-value step, more rows than a chunk.
+        for &(n, o, k) in &[
+            (1, 1, 32),
+            (1, 33, 64),
+            (3, 17, 70),
+            (8, 100, 512),
+            (17, 40, 96),
+            (70, 20, 64),
+            (300, 35, 64),
+        ] {
+            let xs: Vec<f32> = (0..n * k).map(|_| next()).collect();
+            let ws: Vec<f32> = (0..o * k).map(|_| next()).collect();
+            let x = Tensor::from_vec(xs.clone(), (n, k), &Device::Cpu).unwrap();
+            let w = Tensor::from_vec(ws.clone(), (o, k), &Device::Cpu).unwrap();
+            let copies = Arc::new(Bf16Weights::default());
+            let got: Vec<f32> = with_bf16_products(Some((copies, 0)), || linear_nt(&x, &w))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let want = reference(&xs, &ws, n, o, k);
+            let exact: Vec<f64> = (0..n * o)
+                .map(|t| {
+                    let (i, j) = (t / o, t % o);
+                    (0..k)
+                        .map(|c| xs[i * k + c] as f64 * ws[j * k + c] as f64)
+                        .sum()
+                })
+                .collect();
+            let mut worst_bf16 = 0f64;
+            for (t, ((&g, &w), &e)) in got.iter().zip(&want).zip(&exact).enumerate() {
+                // f32 sums of k products of bf16 inputs: a few ulps of the sum's magnitude.
+                let err = (g as f64 - w).abs();
+                assert!(
+                    err < 1e-5 * (k as f64).sqrt() + 1e-6,
+                    "({n},{o},{k}) [{t}] {g} vs {w}"
+                );
+                worst_bf16 = worst_bf16.max((g as f64 - e).abs());
+            }
+            // And it is the bf16 product, not the f32 one: inputs rounded to 8 bits of mantissa
+            // move a sum of k unit-scale products by about 2^-9·sqrt(k).
+            if k >= 64 {
+                assert!(
+                    worst_bf16 > 1e-4,
+                    "({n},{o},{k}) no bf16 rounding seen: {worst_bf16}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_new_version_of_the_weights_is_converted_again() {
+        if !available() {
+            eprintln!("no AMX on this CPU: the tile kernel is not exercised here");
+            return;
+        }
+        let x = Tensor::ones((1, 32), DType::F32, &Device::Cpu).unwrap();
+        let var = candle_core::Var::ones((2, 32), DType::F32, &Device::Cpu).unwrap();
+        let w = var.as_tensor().clone();
+        let copies = Arc::new(Bf16Weights::default());
+        let run = |version: u64| {
+            with_bf16_products(Some((copies.clone(), version)), || linear_nt(&x, &w))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(run(0), vec![32.0, 32.0]);
+        assert_eq!(copies.bytes(), 16 * 32 * 2, "one weight, padded to 16 rows");
+        // The optimiser updates the weights in place (same buffer); the copy of version 0
+        // would still give 32.
+        var.set(&Tensor::full(2f32, (2, 32), &Device::Cpu).unwrap())
+            .unwrap();
+        assert_eq!(run(0), vec![32.0, 32.0], "same version: the copy is reused");
+        assert_eq!(run(1), vec![64.0, 64.0]);
+    }
+
+    #[test]
+    fn the_setting_is_per_thread_and_restored() {
+        let x = Tensor::zeros((2, 32), DType::F32, &Device::Cpu).unwrap();
+        let w = Tensor::zeros((4, 32), DType::F32, &Device::Cpu).unwrap();
+        assert!(!applies(&x, &w));
+        let on = || Some((Arc::new(Bf16Weights::default()), 0));
+        let inside = with_bf16_products(on(), || {
+            let here = applies(&x, &w);
+            let other = std::thread::scope(|s| s.spawn(|| applies(&x, &w)).join().unwrap());
+            (here, other)
+        });
+        assert_eq!(inside, (available(), false));
+        assert!(!applies(&x, &w));
+        let _ = std::panic::catch_unwind(|| with_bf16_products(on(), || panic!("unwinds")));
+        assert!(!applies(&x, &w));
+    }
+}
