@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::with_slice;
+use super::cpu::{OutPtr, with_slice};
 
 thread_local! {
     /// Where products on this thread may take bf16 inputs (set around a sampling forward):
@@ -307,19 +307,6 @@ pub(crate) fn linear_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// Input rows per pass over the weights: 256 rows of 1408 values pack into 720 KiB of tiles.
 const CHUNK_ROWS: usize = 256;
-
-/// The output of [`linear_nt`], written by its tasks at disjoint indices.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: the tasks sharing it write disjoint elements, and the vector outlives them.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
 
 /// The tile configuration `ldtilecfg` reads (palette 1): every tile 16 rows of 64 bytes.
 #[repr(C, align(64))]

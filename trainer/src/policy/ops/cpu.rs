@@ -65,6 +65,23 @@ pub(crate) fn with_slice<T: WithDType, R>(
     }
 }
 
+/// An output buffer that parallel tasks write at disjoint indices (each task its own rows or
+/// columns of a product), where slices cannot express the split.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr(pub(crate) *mut f32);
+// SAFETY: the tasks sharing it write disjoint elements, and the buffer outlives them (the
+// users' contract).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Through a method, so that closures capture the whole (Sync) wrapper.
+    pub(crate) fn at(self, i: usize) -> *mut f32 {
+        // SAFETY (of the callers' writes): in bounds and disjoint, by each user's contract.
+        self.0.wrapping_add(i)
+    }
+}
+
 /// The dtype-dispatch of the kernels: f32 and f64 only.
 pub(crate) fn check_float(dtype: DType, op: &str) -> Result<()> {
     match dtype {

@@ -10,7 +10,7 @@
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{rows_per_task, with_slice};
+use super::cpu::{OutPtr, rows_per_task, with_slice};
 
 /// Up to this many rows take this path; more rows amortise GEMM's packing. A turn's appended
 /// tool output (tens of tokens) is such a product too: with 16 here, a rollout's 65-token
@@ -63,21 +63,6 @@ pub(crate) fn linear_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         })
     })?;
     Tensor::from_vec(y, (n, o), x.device())
-}
-
-/// The output of [`linear_nt`], written by its tasks at disjoint indices.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: the tasks sharing it write disjoint elements, and the vector outlives them.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// Through a method, so that closures capture the whole (Sync) wrapper.
-    fn at(self, i: usize) -> *mut f32 {
-        // SAFETY (of the callers' writes): see `linear_nt`.
-        self.0.wrapping_add(i)
-    }
 }
 
 /// Every row of `xs` (`n` rows of `k`) dotted with every row of `wblock`, on this thread:
