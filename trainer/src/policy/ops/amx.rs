@@ -148,7 +148,8 @@ fn detect() -> bool {
 }
 
 /// Whether [`linear_nt`] applies: bf16 products allowed on this thread, AMX available, and a
-/// CPU f32 product outside any backward graph.
+/// CPU f32 product outside any backward graph whose weight lies contiguous (its bf16 copy is
+/// found by the weight's address: a strided weight would be copied to a new one every call).
 pub(crate) fn applies(x: &Tensor, w: &Tensor) -> bool {
     BF16_PRODUCTS.with(|c| c.borrow().is_some())
         && x.device().is_cpu()
@@ -156,6 +157,7 @@ pub(crate) fn applies(x: &Tensor, w: &Tensor) -> bool {
         && w.dtype() == DType::F32
         && x.rank() == 2
         && w.rank() == 2
+        && w.is_contiguous()
         && !x.track_op()
         && !w.track_op()
         && available()
@@ -660,6 +662,12 @@ mod tests {
             (here, other)
         });
         assert_eq!(inside, (available(), false));
+        // A strided weight (a transposed view) keeps the f32 path.
+        let wt = Tensor::zeros((32, 4), DType::F32, &Device::Cpu)
+            .unwrap()
+            .t()
+            .unwrap();
+        assert!(!with_bf16_products(on(), || applies(&x, &wt)));
         assert!(!applies(&x, &w));
         let _ = std::panic::catch_unwind(|| with_bf16_products(on(), || panic!("unwinds")));
         assert!(!applies(&x, &w));
