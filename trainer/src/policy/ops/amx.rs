@@ -415,28 +415,26 @@ unsafe fn task(
                     s += 2;
                 }
             } else {
+                // One step: the weight tile into `a`, then each group's product with it.
+                macro_rules! groups_step {
+                    ($a:literal, $s:expr) => {
+                        asm!(concat!("tileloadd tmm", $a, ", [{0} + {1}*1]"), in(reg) ap($s), in(reg) a_stride, options(nostack, readonly));
+                        product!("0", $a, "6", bp($s, 0));
+                        product!("1", $a, "7", bp($s, 1));
+                        if gs > 2 {
+                            product!("2", $a, "6", bp($s, 2));
+                        }
+                        if gs > 3 {
+                            product!("3", $a, "7", bp($s, 3));
+                        }
+                    };
+                }
                 for s in 0..steps {
                     unsafe {
                         if s % 2 == 0 {
-                            asm!("tileloadd tmm4, [{0} + {1}*1]", in(reg) ap(s), in(reg) a_stride, options(nostack, readonly));
-                            product!("0", "4", "6", bp(s, 0));
-                            product!("1", "4", "7", bp(s, 1));
-                            if gs > 2 {
-                                product!("2", "4", "6", bp(s, 2));
-                            }
-                            if gs > 3 {
-                                product!("3", "4", "7", bp(s, 3));
-                            }
+                            groups_step!("4", s);
                         } else {
-                            asm!("tileloadd tmm5, [{0} + {1}*1]", in(reg) ap(s), in(reg) a_stride, options(nostack, readonly));
-                            product!("0", "5", "6", bp(s, 0));
-                            product!("1", "5", "7", bp(s, 1));
-                            if gs > 2 {
-                                product!("2", "5", "6", bp(s, 2));
-                            }
-                            if gs > 3 {
-                                product!("3", "5", "7", bp(s, 3));
-                            }
+                            groups_step!("5", s);
                         }
                     }
                 }
