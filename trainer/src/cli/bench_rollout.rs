@@ -67,7 +67,7 @@ pub struct RolloutArgs {
     #[arg(long)]
     pub shared_prompt: bool,
     /// Precision of the sampling forwards' products on the CPU: `f32`, or `bf16` (inputs
-    /// rounded to bf16, sums in f32) on AMX tiles, which needs a CPU with AMX.
+    /// rounded to bf16, sums in f32) on AMX tiles or AVX-512, which the CPU must have.
     #[arg(long, value_enum, default_value = "f32")]
     pub sampling_precision: SamplingPrecision,
     /// Nucleus of the sampling (1, a run's default, samples the full distribution).
@@ -123,7 +123,7 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
         }
         if !policy.set_sampling_bf16(true) {
             anyhow::bail!(
-                "--sampling-precision bf16 needs a CPU with AMX (bf16 tiles) and a kernel that grants them"
+                "--sampling-precision bf16 needs a CPU with AMX (and a kernel that grants its tiles) or AVX-512"
             );
         }
     }
@@ -173,10 +173,13 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
             cfg.vocab_size,
             dtype.as_str(),
             device.location(),
-            if policy.sampling_bf16() {
-                "bf16 (AMX)"
-            } else {
-                "f32"
+            match (
+                policy.sampling_bf16(),
+                CandlePolicy::bf16_products_backend()
+            ) {
+                (true, Some("AMX")) => "bf16 (AMX)",
+                (true, _) => "bf16 (AVX-512)",
+                _ => "f32",
             },
             args.turns,
             args.turn_tokens,

@@ -109,7 +109,7 @@ pub struct CandlePolicy {
     weights_lock: RwLock<()>,
     source_dir: Option<PathBuf>,
     batcher: batcher::Batcher,
-    /// Whether sampling's products may take bf16 inputs on AMX tiles (CPU only), and the
+    /// Whether sampling's products may take bf16 inputs (CPU only, AMX or AVX-512), and the
     /// bf16 copies of the weights they read (dropped whenever the weights change).
     sampling_bf16: std::sync::atomic::AtomicBool,
     bf16_weights: Arc<ops::amx::Bf16Weights>,
@@ -296,9 +296,10 @@ impl CandlePolicy {
     }
 
     /// Lets sampling on the CPU multiply in bf16 (inputs rounded to bf16, sums in f32) on the
-    /// AMX tiles of CPUs that have them, as a GPU samples in bf16; scoring and training keep
-    /// their precision. Returns whether it takes effect: false without AMX (the products
-    /// then stay f32) or when `on` is false. See `ops/amx.rs`.
+    /// AMX tiles of CPUs that have them, or for decoding steps from bf16 weights with AVX-512, as a GPU samples in
+    /// bf16; scoring and training keep their precision. Returns whether it takes effect:
+    /// false on a CPU with neither (the products then stay f32) or when `on` is false. See
+    /// `ops/amx.rs` and `ops/bf16_few_rows.rs`.
     pub fn set_sampling_bf16(&self, on: bool) -> bool {
         let effective = on && ops::amx::available();
         self.sampling_bf16
@@ -307,6 +308,15 @@ impl CandlePolicy {
             self.bf16_weights.clear();
         }
         effective
+    }
+
+    /// What multiplies bf16 on this CPU for [`CandlePolicy::set_sampling_bf16`]: `"AMX"`,
+    /// `"AVX-512"`, or `None` where neither is available.
+    pub fn bf16_products_backend() -> Option<&'static str> {
+        ops::amx::backend().map(|b| match b {
+            ops::amx::Backend::Amx => "AMX",
+            ops::amx::Backend::Avx512 => "AVX-512",
+        })
     }
 
     /// Whether sampling multiplies in bf16 (see [`CandlePolicy::set_sampling_bf16`]).

@@ -1,5 +1,8 @@
 //! `x · wᵀ` with bf16 inputs and f32 sums on Intel AMX tiles, for sampling on the CPU when
-//! the policy allows bf16 products (`CandlePolicy::set_sampling_bf16`).
+//! the policy allows bf16 products (`CandlePolicy::set_sampling_bf16`); where the CPU has no
+//! AMX but AVX-512, decoding steps take bf16 weights there instead ([`super::bf16_few_rows`]).
+//! This module holds what both share: the per-thread setting, the weights' bf16 copies, the
+//! choice of backend.
 //!
 //! Sampling on the CPU is two kinds of work: decoding steps, bound by streaming every weight
 //! once per step, and the prefill of prompts and tool outputs, arithmetic that batching
@@ -11,11 +14,10 @@
 //! recomputes the behaviour log-probs in its precision before an update (point 5 of the
 //! design), so the difference shows up only in the truncated importance weights.
 //!
-//! The weights stay f32 in memory. Each task converts 16 weight rows at a time to bf16 into
-//! a buffer the tiles load: the policy keeps one copy of its weights, an optimiser update
-//! needs no refresh, and a decoding step still streams the f32 weights once, as the f32
-//! kernel does. The input rows, few or a prefill's hundreds, are packed once per call in
-//! the tiles' pair-interleaved layout.
+//! The policy keeps a bf16 copy of each weight ([`Bf16Weights`]), made on first use and
+//! dropped whenever the weights change: a decoding step then streams half the bytes. The
+//! input rows, few or a prefill's hundreds, are packed once per call in the tiles'
+//! pair-interleaved layout.
 //!
 //! AMX has no stable intrinsics in Rust; the instructions are written as inline assembly
 //! (the assembler knows them), on tile registers the compiler never allocates.
@@ -109,11 +111,34 @@ fn convert_weights(ws: &[f32], o: usize, k: usize) -> Vec<u16> {
     out
 }
 
-/// Whether this CPU and kernel let the process use AMX bf16 tiles. Linux hands a process the
-/// (8 KiB) tile state only on request, once, for all its threads.
+/// What multiplies bf16 on this CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Backend {
+    /// AMX tiles (Sapphire Rapids and later, where the kernel exposes them).
+    Amx,
+    /// bf16 weights widened to f32 on AVX-512, for decoding steps ([`super::bf16_few_rows`]):
+    /// where AMX is missing or hidden.
+    Avx512,
+}
+
+/// The fastest bf16 products this CPU and kernel allow, if any. Linux hands a process the
+/// (8 KiB) AMX tile state only on request, once, for all its threads.
+pub(crate) fn backend() -> Option<Backend> {
+    static BACKEND: OnceLock<Option<Backend>> = OnceLock::new();
+    *BACKEND.get_or_init(|| {
+        if detect() {
+            Some(Backend::Amx)
+        } else if super::bf16_few_rows::available() {
+            Some(Backend::Avx512)
+        } else {
+            None
+        }
+    })
+}
+
+/// Whether bf16 products can run here at all.
 pub(crate) fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(detect)
+    backend().is_some()
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -147,7 +172,7 @@ fn detect() -> bool {
     false
 }
 
-/// Whether [`linear_nt`] applies: bf16 products allowed on this thread, AMX available, and a
+/// Whether [`linear_nt`] applies: bf16 products allowed on this thread and on this CPU, and a
 /// CPU f32 product outside any backward graph whose weight lies contiguous (its bf16 copy is
 /// found by the weight's address: a strided weight would be copied to a new one every call).
 pub(crate) fn applies(x: &Tensor, w: &Tensor) -> bool {
@@ -160,7 +185,11 @@ pub(crate) fn applies(x: &Tensor, w: &Tensor) -> bool {
         && w.is_contiguous()
         && !x.track_op()
         && !w.track_op()
-        && available()
+        && match backend() {
+            Some(Backend::Amx) => true,
+            Some(Backend::Avx512) => x.dim(0).is_ok_and(|n| n <= super::bf16_few_rows::MAX_ROWS),
+            None => false,
+        }
 }
 
 /// Values of k per tile step: 16 pairs of bf16.
@@ -230,9 +259,9 @@ fn pack_group_avx512(rows: &[f32], k: usize, tiles: &mut [u16]) {
     pack_group_any(rows, k, tiles);
 }
 
-/// Weight rows `rows` (each `k` long) as bf16 into `a` (16 rows of `kp`), zeros past `k` and
-/// past the last row.
-fn convert_block(rows: &[f32], k: usize, kp: usize, a: &mut [u16]) {
+/// Weight or input rows `rows` (each `k` long) as bf16 into `a` (rows of `kp`), zeros past
+/// `k` and past the last row.
+pub(crate) fn convert_block(rows: &[f32], k: usize, kp: usize, a: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has the feature the function is compiled for (checked above).
@@ -259,9 +288,17 @@ fn convert_block_avx512(rows: &[f32], k: usize, kp: usize, a: &mut [u16]) {
     convert_block_any(rows, k, kp, a);
 }
 
-/// `x (n, k) · wᵀ` for `w (o, k)`: `(n, o)`, inputs rounded to bf16, sums in f32. The caller
-/// checks [`applies`] (AMX available).
+/// `x (n, k) · wᵀ` for `w (o, k)`: `(n, o)`, inputs rounded to bf16, sums in f32, on this
+/// CPU's [`backend`]. The caller checks [`applies`].
 pub(crate) fn linear_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    match backend() {
+        Some(b) => linear_nt_on(b, x, w),
+        None => candle_core::bail!("bf16 products asked for on a CPU without AMX or AVX-512"),
+    }
+}
+
+/// [`linear_nt`] on the given backend, which the caller knows this CPU has.
+pub(crate) fn linear_nt_on(on: Backend, x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (n, k) = x.dims2()?;
     let (o, k2) = w.dims2()?;
     if k != k2 {
@@ -273,15 +310,19 @@ pub(crate) fn linear_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let Some((copies, version)) = BF16_PRODUCTS.with(|c| c.borrow().clone()) else {
         candle_core::bail!("bf16 products outside a sampling forward");
     };
-    if !available() {
-        candle_core::bail!("bf16 products asked for on a CPU without AMX");
-    }
     let kp = k.div_ceil(KC) * KC;
     let mut y = vec![0f32; n * o];
     let out = OutPtr(y.as_mut_ptr());
     with_slice::<f32, _>(x, |xs| {
         with_slice::<f32, _>(w, |ws| {
             let wb = copies.get(version, ws, o, k);
+            if on == Backend::Avx512 {
+                super::bf16_few_rows::linear(xs, n, k, &wb, o, &mut y);
+                return Ok(());
+            }
+            if backend() != Some(Backend::Amx) {
+                candle_core::bail!("AMX products asked for on a CPU without AMX");
+            }
             let blocks = o.div_ceil(TR);
             // A few tasks per thread, each a run of 16-row blocks.
             let per_task = blocks.div_ceil(4 * rayon::current_num_threads()).max(1);
@@ -557,8 +598,16 @@ mod tests {
 
     #[test]
     fn tile_products_match_the_bf16_reference() {
-        if !available() {
-            eprintln!("no AMX on this CPU: the tile kernel is not exercised here");
+        // Every backend this CPU has: an AMX machine checks the AVX-512 kernel too.
+        let mut backends = Vec::new();
+        if backend() == Some(Backend::Amx) {
+            backends.push(Backend::Amx);
+        }
+        if super::super::bf16_few_rows::available() {
+            backends.push(Backend::Avx512);
+        }
+        if backends.is_empty() {
+            eprintln!("no AMX or AVX-512 on this CPU: the bf16 kernels are not exercised");
             return;
         }
         let mut seed = 0x9e3779b97f4a7c15u64;
@@ -569,22 +618,30 @@ mod tests {
             ((seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
         };
         // Rows and columns off the tile sizes, several column groups (more than four: two
-        // passes), k off the 32-value step, more rows than a chunk.
-        for &(n, o, k) in &[
+        // passes), k off the 32-value step, more rows than a chunk (AMX: 256 rows;
+        // AVX-512: 24 KiB of input rows, 6 rows of 1024), every register tile shape.
+        let shapes = [
             (1, 1, 32),
             (1, 33, 64),
+            (2, 19, 40),
             (3, 17, 70),
+            (5, 16, 32),
             (8, 100, 512),
             (17, 40, 96),
+            (30, 50, 1024),
             (70, 20, 64),
             (300, 35, 64),
-        ] {
+        ];
+        for (&(n, o, k), &b) in shapes
+            .iter()
+            .flat_map(|s| backends.iter().map(move |b| (s, b)))
+        {
             let xs: Vec<f32> = (0..n * k).map(|_| next()).collect();
             let ws: Vec<f32> = (0..o * k).map(|_| next()).collect();
             let x = Tensor::from_vec(xs.clone(), (n, k), &Device::Cpu).unwrap();
             let w = Tensor::from_vec(ws.clone(), (o, k), &Device::Cpu).unwrap();
             let copies = Arc::new(Bf16Weights::default());
-            let got: Vec<f32> = with_bf16_products(Some((copies, 0)), || linear_nt(&x, &w))
+            let got: Vec<f32> = with_bf16_products(Some((copies, 0)), || linear_nt_on(b, &x, &w))
                 .unwrap()
                 .flatten_all()
                 .unwrap()
@@ -605,7 +662,7 @@ mod tests {
                 let err = (g as f64 - w).abs();
                 assert!(
                     err < 1e-5 * (k as f64).sqrt() + 1e-6,
-                    "({n},{o},{k}) [{t}] {g} vs {w}"
+                    "{b:?} ({n},{o},{k}) [{t}] {g} vs {w}"
                 );
                 worst_bf16 = worst_bf16.max((g as f64 - e).abs());
             }
@@ -614,7 +671,7 @@ mod tests {
             if k >= 64 {
                 assert!(
                     worst_bf16 > 1e-4,
-                    "({n},{o},{k}) no bf16 rounding seen: {worst_bf16}"
+                    "{b:?} ({n},{o},{k}) no bf16 rounding seen: {worst_bf16}"
                 );
             }
         }
@@ -623,7 +680,7 @@ mod tests {
     #[test]
     fn a_new_version_of_the_weights_is_converted_again() {
         if !available() {
-            eprintln!("no AMX on this CPU: the tile kernel is not exercised here");
+            eprintln!("no AMX or AVX-512 on this CPU: the bf16 kernels are not exercised");
             return;
         }
         let x = Tensor::ones((1, 32), DType::F32, &Device::Cpu).unwrap();

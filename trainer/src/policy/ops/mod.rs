@@ -16,6 +16,7 @@ pub(crate) mod amx;
 mod attention;
 mod attention_blocked;
 mod attention_cached;
+mod bf16_few_rows;
 pub(crate) mod cpu;
 mod linear;
 mod logprob;
