@@ -331,11 +331,11 @@ fn sessions_of_a_group_copy_their_prompt_and_go_on_from_their_own_caches() {
 }
 
 #[test]
-fn bf16_sampling_on_amx_scores_close_to_the_f32_forward() {
+fn bf16_sampling_scores_close_to_the_f32_forward() {
     // Hidden 128: products of k = 128 and 352 (the MLP), several 16-row weight blocks.
     let policy = Arc::new(CandlePolicy::tiny(11, 128, 2, DType::F32, &Device::Cpu).unwrap());
     if !policy.set_sampling_bf16(true) {
-        eprintln!("no AMX on this CPU: bf16 sampling is not exercised here");
+        eprintln!("no AMX or AVX-512 on this CPU: bf16 sampling is not exercised here");
         assert!(!policy.sampling_bf16());
         return;
     }
@@ -343,6 +343,8 @@ fn bf16_sampling_on_amx_scores_close_to_the_f32_forward() {
     let prompt: Vec<u32> = (0..40).map(|i| 30 + i).collect();
     let obs = [5u32, 6, 7, 8, 9];
     let (ctx, gens) = play(s.as_mut(), &prompt, 3, &obs, &params(1.0, 1.0, 12));
+    // With AMX every forward multiplies in bf16; with AVX-512 only the decoding steps (up to
+    // 16 rows), so the tokens after the first of each turn.
     // The sampled log-probs are the bf16 forward's: close to the f32 scores of the same
     // tokens (bf16 inputs move a log-prob by a few hundredths at most here), never equal to
     // all of them (the products did round), and finite.
@@ -371,4 +373,15 @@ fn bf16_sampling_on_amx_scores_close_to_the_f32_forward() {
         let want = scored.logprobs[prompt.len() + i - 1];
         assert!((lp - want).abs() < 1e-4, "f32 again: {lp} vs {want}");
     }
+}
+
+#[test]
+fn the_spec_dtype_picks_the_sampling_precision_on_the_cpu() {
+    use selfplay_crds::run::ModelDtype;
+    let policy = CandlePolicy::tiny(11, 64, 1, DType::F32, &Device::Cpu).unwrap();
+    let here = CandlePolicy::bf16_products_backend().is_some();
+    assert_eq!(policy.sample_in_spec_precision(ModelDtype::Bf16), here);
+    assert_eq!(policy.sampling_bf16(), here);
+    assert!(!policy.sample_in_spec_precision(ModelDtype::F32));
+    assert!(!policy.sampling_bf16(), "model.dtype f32 samples in f32");
 }

@@ -224,6 +224,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         None => CandlePolicy::from_source(&run.run.spec.model, &device, args.seed)
             .context("building the run's model")?,
     };
+    policy.sample_in_spec_precision(run.run.spec.model.dtype);
     // The markup training used for this model (a byte-level model loaded from a directory,
     // e.g. `trainer sft`'s output, was trained in ChatML).
     let chat = policy.chat_markup();

@@ -319,6 +319,32 @@ impl CandlePolicy {
         })
     }
 
+    /// The sampling precision a run's `model.dtype` asks for. On the CPU, where training
+    /// computes in f32 whatever the dtype ([`compute_dtype`]), `bf16` samples with bf16
+    /// products where the CPU has them ([`CandlePolicy::set_sampling_bf16`]), as the same spec
+    /// samples in bf16 on a GPU, and `f32` samples in f32; elsewhere the compute dtype decides
+    /// already. Returns whether sampling multiplies in bf16 on the CPU.
+    pub fn sample_in_spec_precision(&self, dtype: selfplay_crds::run::ModelDtype) -> bool {
+        if !self.model.device().is_cpu() {
+            return false;
+        }
+        let asked = dtype == selfplay_crds::run::ModelDtype::Bf16;
+        let on = self.set_sampling_bf16(asked);
+        match (asked, Self::bf16_products_backend()) {
+            (true, Some(backend)) => {
+                tracing::info!(
+                    backend,
+                    "model.dtype bf16: sampling with bf16 products on the CPU"
+                )
+            }
+            (true, None) => tracing::info!(
+                "model.dtype bf16: this CPU has neither AMX nor AVX-512, sampling in f32"
+            ),
+            (false, _) => {}
+        }
+        on
+    }
+
     /// Whether sampling multiplies in bf16 (see [`CandlePolicy::set_sampling_bf16`]).
     pub fn sampling_bf16(&self) -> bool {
         self.sampling_bf16

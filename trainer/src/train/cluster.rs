@@ -249,6 +249,7 @@ pub async fn run_cluster(opts: ClusterOptions, broker: BrokerClient) -> anyhow::
     };
     // One data-parallel worker per GPU of the pod (`grpo::data_parallel`).
     let grpo = grpo.with_data_parallel(&devices)?;
+    grpo.policy().sample_in_spec_precision(spec.model.dtype);
     let markup = if grpo.policy().chat_markup() {
         ChatMarkup::chatml()
     } else {

@@ -510,6 +510,7 @@ fn build_trainer(
             device,
         )?
         .with_data_parallel(&devices)?;
+        grpo.policy().sample_in_spec_precision(spec.model.dtype);
         eprintln!(
             "resuming from {} (step {step}, policy v{})",
             dir.display(),
@@ -518,6 +519,7 @@ fn build_trainer(
         return Ok((grpo, state));
     }
     let policy = CandlePolicy::from_source(&spec.model, device, spec.training.seed)?;
+    policy.sample_in_spec_precision(spec.model.dtype);
     Ok((
         GrpoTrainer::new(Arc::new(policy), settings)?.with_data_parallel(&devices)?,
         LoopState::default(),
