@@ -317,8 +317,7 @@ pub(crate) fn linear_nt_on(on: Backend, x: &Tensor, w: &Tensor) -> Result<Tensor
         with_slice::<f32, _>(w, |ws| {
             let wb = copies.get(version, ws, o, k);
             if on == Backend::Avx512 {
-                super::bf16_few_rows::linear(xs, n, k, &wb, o, &mut y);
-                return Ok(());
+                return super::bf16_few_rows::linear(xs, n, k, &wb, o, &mut y);
             }
             if backend() != Some(Backend::Amx) {
                 candle_core::bail!("AMX products asked for on a CPU without AMX");

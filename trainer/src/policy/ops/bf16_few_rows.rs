@@ -62,10 +62,26 @@ fn tile_shape(n: usize) -> (usize, usize) {
 /// `y[r·o + j] = x[r] · w[j]` for `xs` (`n` rows of `k` f32) and `wb`, the bf16 copy of `w`
 /// (`o` rows padded to a multiple of 16, each of `kp` values, `kp` the multiple of 32 at or
 /// above `k`, zeros past `k`). `y` holds `n · o` values. The caller checks [`available`].
-pub(crate) fn linear(xs: &[f32], n: usize, k: usize, wb: &[u16], o: usize, y: &mut [f32]) {
+pub(crate) fn linear(
+    xs: &[f32],
+    n: usize,
+    k: usize,
+    wb: &[u16],
+    o: usize,
+    y: &mut [f32],
+) -> candle_core::Result<()> {
     let kp = k.div_ceil(ROW_MULTIPLE) * ROW_MULTIPLE;
-    if n == 0 || o == 0 || kp == 0 || y.len() < n * o || wb.len() < o.div_ceil(BLOCK) * BLOCK * kp {
-        return;
+    let blocks = o.div_ceil(BLOCK);
+    if xs.len() < n * k || y.len() < n * o || wb.len() < blocks * BLOCK * kp {
+        candle_core::bail!(
+            "bf16 product: {} inputs, {} weights, {} outputs for ({n}, {k}) · ({o}, {k})ᵀ",
+            xs.len(),
+            wb.len(),
+            y.len()
+        );
+    }
+    if n == 0 || o == 0 || kp == 0 {
+        return Ok(());
     }
     let (rr, _) = tile_shape(n);
     // Zero rows up to a whole tile: their sums are computed and never written.
@@ -76,7 +92,6 @@ pub(crate) fn linear(xs: &[f32], n: usize, k: usize, wb: &[u16], o: usize, y: &m
             *d = f32::from_bits((bf16_bits(v) as u32) << 16);
         }
     }
-    let blocks = o.div_ceil(BLOCK);
     let per_task = blocks.div_ceil(4 * rayon::current_num_threads()).max(1);
     let out = OutPtr(y.as_mut_ptr());
     let xb = &xb;
@@ -101,6 +116,7 @@ pub(crate) fn linear(xs: &[f32], n: usize, k: usize, wb: &[u16], o: usize, y: &m
             #[cfg(not(target_arch = "x86_64"))]
             let _ = (wtask, dims, out);
         });
+    Ok(())
 }
 
 /// A task's place in the product.
