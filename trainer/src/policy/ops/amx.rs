@@ -259,9 +259,9 @@ fn pack_group_avx512(rows: &[f32], k: usize, tiles: &mut [u16]) {
     pack_group_any(rows, k, tiles);
 }
 
-/// Weight or input rows `rows` (each `k` long) as bf16 into `a` (rows of `kp`), zeros past
-/// `k` and past the last row.
-pub(crate) fn convert_block(rows: &[f32], k: usize, kp: usize, a: &mut [u16]) {
+/// Weight rows `rows` (each `k` long) as bf16 into `a` (16 rows of `kp`), zeros past `k` and
+/// past the last row.
+fn convert_block(rows: &[f32], k: usize, kp: usize, a: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has the feature the function is compiled for (checked above).
