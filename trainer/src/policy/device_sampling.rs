@@ -14,10 +14,15 @@
 //!   triangular matrix: quadratic in its length.
 //! * The log-prob is that of the unmodified distribution (before temperature and top-p),
 //!   as the GRPO ratio needs (`shared/reference/method.md`, "Work in tokens end to end").
-//! * On the CPU, when no row asks for a nucleus (top-p 1, a run's default, or greedy), the
-//!   same draw runs as one vectorised pass per row over the logits where they already are
-//!   ([`sample_rows_cpu`]): the tensor ops above cost a decoding step of 8 rows about as much
-//!   as its transformer layers on a 32k vocabulary.
+//! * On the CPU the same draw runs as a few passes per row over the logits where they
+//!   already are ([`sample_rows_cpu`]), nucleus included: the tensor ops above cost a
+//!   decoding step of 8 rows about as much as its transformer layers on a 32k vocabulary
+//!   without a nucleus, and three times as much with one (34 bisection steps of three
+//!   full-vocabulary ops each). The CPU pass finds the nucleus by a selection instead of a
+//!   sort or a bisection ([`nucleus_floor`]): one pass sums the tempered weights into
+//!   buckets by their top bits (a positive f32's bits order as its value), the buckets from
+//!   the top give the one where the mass reaches `top_p`, and only that bucket's weights are
+//!   sorted. The kept set is the same as the tensor ops' (ties at the boundary all kept).
 
 use candle_core::{D, DType, Device, Result, Storage, Tensor, bail};
 use rayon::prelude::*;
@@ -49,7 +54,7 @@ pub fn sample_rows(logits: &Tensor, rows: &[RowDraw]) -> Result<Vec<(u32, f32)>>
     }
     let dev = logits.device();
     let z = logits.to_dtype(DType::F32)?;
-    if dev.is_cpu() && rows.iter().all(|r| r.top_p >= 1.0 || r.temperature <= 0.0) {
+    if dev.is_cpu() {
         let z = z.contiguous()?;
         let (storage, layout) = z.storage_and_layout();
         if let (Storage::Cpu(s), Some((a, b))) = (&*storage, layout.contiguous_offsets())
@@ -85,9 +90,9 @@ fn sample_rows_tensor(z: &Tensor, rows: &[RowDraw]) -> Result<Vec<(u32, f32)>> {
     Ok(ids.into_iter().zip(logprobs).collect())
 }
 
-/// The draw of [`sample_rows`] for rows without a nucleus, on the host's copy of the logits
-/// `z (n, vocab)`: the same first maximum, the same inverse CDF in vocabulary order and the
-/// same log-prob of the unmodified softmax, with sums in f64. `None` when a row holds a
+/// The draw of [`sample_rows`] on the host's copy of the logits `z (n, vocab)`: the same
+/// first maximum, the same nucleus, the same inverse CDF in vocabulary order and the same
+/// log-prob of the unmodified softmax, with sums in f64. `None` when a row holds a
 /// non-finite logit (the tensor path then decides what that gives).
 pub(crate) fn sample_rows_cpu(
     z: &[f32],
@@ -112,14 +117,74 @@ fn sample_row(row: &[f32], r: &RowDraw) -> Option<(u32, f32)> {
     let id = if r.temperature <= 0.0 {
         first_max
     } else {
-        let tempered = if r.temperature == 1.0 {
+        let mut tempered = if r.temperature == 1.0 {
             total
         } else {
             exp_into(row, max, 1.0 / r.temperature, &mut w)
         };
+        if r.top_p < 1.0 {
+            let floor = nucleus_floor(&w, f64::from(r.top_p));
+            tempered = zero_below(&mut w, floor);
+        }
         inverse_cdf_host(&w, f64::from(r.uniform.clamp(0.0, 1.0)) * tempered).unwrap_or(first_max)
     };
     Some((id as u32, ((row[id] - max) as f64 - lse) as f32))
+}
+
+/// The smallest weight of the nucleus of `w` (non-negative tempered weights, the top one
+/// 1): the weights at or above it are the smallest most-likely set whose mass reaches
+/// `top_p` of the whole, with every weight equal to the last one taken (ties) kept too.
+fn nucleus_floor(w: &[f32], top_p: f64) -> f32 {
+    // Buckets by sign, exponent and the top 3 mantissa bits: a bucket spans at most 12.5 %
+    // of its values, and the weights lie in [0, 1], so the keys stop at 1.0's (0x3F8).
+    const SHIFT: u32 = 20;
+    const BUCKETS: usize = (0x3F80_0000 >> SHIFT) + 1;
+    let key = |v: f32| ((v.to_bits() >> SHIFT) as usize).min(BUCKETS - 1);
+    let mut mass = [0f64; BUCKETS];
+    for &v in w {
+        mass[key(v)] += f64::from(v);
+    }
+    let target = top_p * mass.iter().sum::<f64>();
+    let mut above = 0f64;
+    let mut b = BUCKETS - 1;
+    while b > 0 && above + mass[b] < target {
+        above += mass[b];
+        b -= 1;
+    }
+    let mut edge: Vec<f32> = w.iter().copied().filter(|&v| key(v) == b).collect();
+    edge.sort_unstable_by(|x, y| y.total_cmp(x));
+    let mut floor = edge.last().copied().unwrap_or(0.0);
+    for v in edge {
+        above += f64::from(v);
+        if above >= target {
+            floor = v;
+            break;
+        }
+    }
+    floor
+}
+
+multiversion! {
+    /// Zeroes the weights below `floor`; returns the sum of those left.
+    fn zero_below<T: Real>(w: &mut [T], floor: T) -> f64 {
+        const L: usize = 16;
+        let mut acc = [T::zero(); L];
+        let mut chunks = w.chunks_exact_mut(L);
+        for c in &mut chunks {
+            for l in 0..L {
+                c[l] = if c[l] >= floor { c[l] } else { T::zero() };
+                acc[l] += c[l];
+            }
+        }
+        let mut total = 0f64;
+        for v in chunks.into_remainder() {
+            if *v < floor {
+                *v = T::zero();
+            }
+            total += v.f64();
+        }
+        total + acc.iter().map(|a| a.f64()).sum::<f64>()
+    }
 }
 
 /// The first index whose cumulative weight exceeds `target`: whole blocks are skipped by
@@ -365,18 +430,23 @@ mod tests {
                         uniform,
                     })
                     .collect();
-                let got = sample_rows(&lt, &rows).unwrap();
-                for r in 0..3 {
-                    let p = reference(&z[r], t, top_p);
-                    let x = u[r] as f64;
-                    let (want, near_edge) = reference_draw(&p, x);
-                    let (id, lp) = got[r];
-                    assert!(p[id as usize] > 0.0, "drew {id}, outside the nucleus");
-                    if !near_edge {
-                        assert_eq!(Some(id as usize), want, "t {t} top_p {top_p} u {x}");
+                // The CPU pass (what `sample_rows` takes here) and the tensor ops (CUDA's).
+                for got in [
+                    sample_rows(&lt, &rows).unwrap(),
+                    sample_rows_tensor(&lt, &rows).unwrap(),
+                ] {
+                    for r in 0..3 {
+                        let p = reference(&z[r], t, top_p);
+                        let x = u[r] as f64;
+                        let (want, near_edge) = reference_draw(&p, x);
+                        let (id, lp) = got[r];
+                        assert!(p[id as usize] > 0.0, "drew {id}, outside the nucleus");
+                        if !near_edge {
+                            assert_eq!(Some(id as usize), want, "t {t} top_p {top_p} u {x}");
+                        }
+                        let want_lp = exact_logprob(&z[r], id);
+                        assert!((lp as f64 - want_lp).abs() < 1e-5, "{lp} vs {want_lp}");
                     }
-                    let want_lp = exact_logprob(&z[r], id);
-                    assert!((lp as f64 - want_lp).abs() < 1e-5, "{lp} vs {want_lp}");
                 }
             }
         }
@@ -384,23 +454,27 @@ mod tests {
 
     /// The CPU pass and the tensor ops draw the same ids (but where `u` is within 1e-5 of a
     /// step of the exact f64 inverse CDF) with the same log-probs, for tempered, untempered
-    /// and greedy rows and vocabularies that fill no block evenly.
+    /// and greedy rows, with and without a nucleus, and vocabularies that fill no block evenly.
     #[test]
     fn the_cpu_pass_draws_as_the_tensor_ops_and_the_exact_distribution() {
         let mut rng = Rng::seed(12);
-        for &(vocab, spread) in &[(1000usize, 2.0), (37, 1.0), (4099, 4.0)] {
-            let temps = [1.0f32, 0.7, 0.0, 1.6];
+        for &(vocab, spread) in &[(1000usize, 2.0), (37, 1.0), (4099, 4.0), (32000, 0.5)] {
+            let settings = [(1.0f32, 1.0f32), (0.7, 1.0), (0.0, 1.0), (1.6, 1.0)]
+                .into_iter()
+                .chain([(1.0, 0.9), (0.7, 0.5), (1.6, 0.95), (1.0, 0.05)]);
+            let (temps, top_ps): (Vec<f32>, Vec<f32>) = settings.unzip();
             let z = logits(&mut rng, temps.len(), vocab, spread);
             let flat: Vec<f32> = z.concat();
             let lt = Tensor::from_vec(flat.clone(), (temps.len(), vocab), &Device::Cpu).unwrap();
             for step in 0..40 {
                 let rows: Vec<RowDraw> = temps
                     .iter()
+                    .zip(&top_ps)
                     .enumerate()
-                    .map(|(r, &temperature)| RowDraw {
+                    .map(|(r, (&temperature, &top_p))| RowDraw {
                         temperature,
-                        top_p: 1.0,
-                        uniform: ((step * 4 + r) as f32 + 0.5) / 160.0,
+                        top_p,
+                        uniform: ((step * 8 + r) as f32 + 0.5) / 320.0,
                     })
                     .collect();
                 let cpu = sample_rows_cpu(&flat, vocab, &rows).expect("finite logits");
@@ -416,15 +490,17 @@ mod tests {
                     if row.temperature <= 0.0 {
                         assert_eq!(id, tid, "greedy: the first maximum");
                     } else {
-                        let p = reference(&z[r], row.temperature, 1.0);
+                        let p = reference(&z[r], row.temperature, row.top_p);
                         let x = row.uniform as f64;
                         let (want, near_edge) = reference_draw(&p, x);
+                        assert!(p[id as usize] > 0.0, "drew {id}, outside the nucleus");
                         if !near_edge {
                             assert_eq!(
                                 Some(id as usize),
                                 want,
-                                "vocab {vocab} t {} u {x}",
-                                row.temperature
+                                "vocab {vocab} t {} top_p {} u {x}",
+                                row.temperature,
+                                row.top_p
                             );
                             assert_eq!(id, tid);
                         }
@@ -435,6 +511,55 @@ mod tests {
                         assert!((lp - tlp).abs() < 1e-5, "{lp} vs tensor {tlp}");
                     }
                 }
+            }
+        }
+    }
+
+    /// The floor keeps the smallest most-likely set reaching `top_p` (a full sort's), all
+    /// ties of its last weight, and at least the top weight: for spreads that put thousands
+    /// of weights in one bucket and for heavy ties.
+    #[test]
+    fn the_nucleus_floor_is_the_full_sort_boundary() {
+        let mut rng = Rng::seed(13);
+        for &(vocab, spread, levels) in &[
+            (32000usize, 0.05, 0usize),
+            (32000, 3.0, 0),
+            (1000, 1.0, 7),
+            (5, 1.0, 0),
+            (1, 1.0, 0),
+        ] {
+            let mut z: Vec<f32> = (0..vocab).map(|_| (spread * rng.normal()) as f32).collect();
+            if levels > 0 {
+                // Few distinct values: every boundary is a tie.
+                for v in &mut z {
+                    *v = (*v * levels as f32).round() / levels as f32;
+                }
+            }
+            let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let w: Vec<f32> = z.iter().map(|&x| (x - max).exp()).collect();
+            let total: f64 = w.iter().map(|&v| f64::from(v)).sum();
+            let mut sorted = w.clone();
+            sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+            for top_p in [1e-6, 0.05, 0.3, 0.5, 0.9, 0.95, 0.999] {
+                let floor = nucleus_floor(&w, top_p);
+                let mut acc = 0f64;
+                let want = sorted
+                    .iter()
+                    .copied()
+                    .find(|&v| {
+                        acc += f64::from(v);
+                        acc >= top_p * total
+                    })
+                    .unwrap_or(sorted[vocab - 1]);
+                assert_eq!(floor, want, "vocab {vocab} spread {spread} top_p {top_p}");
+                let mut kept = w.clone();
+                let mass = zero_below(&mut kept, floor);
+                assert!(mass >= top_p * total * (1.0 - 1e-6), "{mass} of {total}");
+                assert!(kept.iter().all(|&v| v == 0.0 || v >= floor));
+                assert_eq!(
+                    kept.iter().filter(|&&v| v > 0.0).count(),
+                    w.iter().filter(|&&v| v >= floor).count()
+                );
             }
         }
     }

@@ -219,12 +219,13 @@ mod avx512 {
             for (a, v) in wv.iter_mut().enumerate() {
                 // SAFETY: c + 16 <= kp, inside weight row a. A bf16 value is the top half
                 // of the f32 with the same bits: widen, shift. The prefetch is of the next
-                // tile's row, a tile ahead of the stream (it never faults; the address is
-                // formed with wrapping arithmetic past the weights).
+                // tile's row, a tile ahead of the stream, into L2 as in the f32 kernel
+                // (`small_matmul`) (it never faults; the address is formed with wrapping
+                // arithmetic past the weights).
                 unsafe {
                     let h = _mm256_loadu_si256(w.add(a * kp + c) as *const __m256i);
                     *v = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
-                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((W + a) * kp + c) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add((W + a) * kp + c) as *const i8);
                 }
             }
             for (r, sums) in acc.iter_mut().enumerate() {
