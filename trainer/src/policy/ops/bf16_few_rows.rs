@@ -10,7 +10,10 @@
 //! quarter of the FMA's rate on the development machine (1.6 against 6.2 G instructions/s a
 //! core), half the products per second: prefills (many rows, bound by arithmetic) therefore
 //! stay with the f32 products on such CPUs, and only products of up to [`MAX_ROWS`] rows
-//! come here.
+//! come here. On an AMD EPYC (Zen 4) `vdpbf16ps` issues at the FMA's rate (3.6 G/s each),
+//! twice the products; a `vdpbf16ps` version of this kernel, tried there (2026-12-06), made
+//! the 1-row step slower (2.05 against 1.72 ms) and the 8-row step no faster (4.78 against
+//! 4.80): that step is not bound by its products, so the one kernel stays.
 //!
 //! The loops follow the f32 few-row kernel ([`super::small_matmul`]): tiles of up to eight
 //! input rows by up to eight weight rows keep their sums in registers, each weight vector
