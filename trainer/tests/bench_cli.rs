@@ -106,6 +106,72 @@ fn memory_bench_json_has_the_fields_the_gpu_check_reads() {
     }
 }
 
+/// The rollout bench's JSON, and what a common prompt start does to it: with 24 of 40 prompt
+/// tokens common, one of two episodes copies them from the other instead of prefilling them
+/// (12 an episode); with own prompts nothing is copied. A common start longer than the prompt
+/// is refused, naming the flag.
+#[test]
+fn rollout_bench_copies_a_common_prompt_start() {
+    let run = |common: &str| {
+        let out = trainer(&[
+            "bench",
+            "rollout",
+            "--episodes",
+            "1,2",
+            "--rounds",
+            "1",
+            "--turns",
+            "1",
+            "--prompt-tokens",
+            "40",
+            "--turn-tokens",
+            "3",
+            "--observation-tokens",
+            "5",
+            "--hidden",
+            "64",
+            "--layers",
+            "1",
+            "--vocab",
+            "300",
+            "--no-session",
+            "--common-prefix",
+            common,
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        json_lines(&out)
+    };
+    for (common, copied) in [("24", 12.0), ("0", 0.0)] {
+        let rows = run(common);
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        for r in &rows {
+            assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+            let want = if r["episodes"] == 2 { copied } else { 0.0 };
+            assert_eq!(
+                r["shared_prefix_tokens"].as_f64(),
+                Some(want),
+                "{common}: {r}"
+            );
+        }
+    }
+    let out = trainer(&[
+        "bench",
+        "rollout",
+        "--prompt-tokens",
+        "8",
+        "--common-prefix",
+        "9",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--common-prefix 9"), "{err}");
+}
+
 /// A build without CUDA asked for CUDA says so, for every benchmark.
 #[test]
 #[cfg_attr(feature = "cuda", ignore = "needs a build without CUDA")]

@@ -66,6 +66,11 @@ pub struct RolloutArgs {
     /// the prompt once and the other episodes copy its keys and values.
     #[arg(long)]
     pub shared_prompt: bool,
+    /// The first N prompt tokens are the same in every episode and the rest its own, as
+    /// prompts rendered from one role's template are (its instructions and tool list, then
+    /// the episode's task): the batch copies the common part as it does a shared prompt.
+    #[arg(long, default_value_t = 0, conflicts_with = "shared_prompt")]
+    pub common_prefix: usize,
     /// Precision of the sampling forwards' products on the CPU: `f32`, or `bf16` (inputs
     /// rounded to bf16, sums in f32) on AMX tiles or AVX-512, which the CPU must have.
     #[arg(long, value_enum, default_value = "f32")]
@@ -104,6 +109,13 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
     }
     if args.rounds == 0 || args.turns == 0 || args.turn_tokens == 0 || args.prompt_tokens == 0 {
         anyhow::bail!("--rounds, --turns, --turn-tokens and --prompt-tokens must be positive");
+    }
+    if args.common_prefix > args.prompt_tokens {
+        anyhow::bail!(
+            "--common-prefix {} is longer than --prompt-tokens {}",
+            args.common_prefix,
+            args.prompt_tokens
+        );
     }
     if args.hidden < 64 || !args.hidden.is_multiple_of(64) || args.vocab < 2 {
         anyhow::bail!("--hidden must be a multiple of 64 and --vocab at least 2");
@@ -167,7 +179,7 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
         let cfg = policy.model().config();
         writeln!(
             out,
-            "rollout bench: {} layers, hidden {}, vocab {}, {} on {:?}, sampling products {}; {} turns of {} tokens (+{} by episode), {} prompt {}, tool output {}; medians of {} rounds",
+            "rollout bench: {} layers, hidden {}, vocab {}, {} on {:?}, sampling products {}; {} turns of {} tokens (+{} by episode), {}, tool output {}; medians of {} rounds",
             cfg.num_hidden_layers,
             cfg.hidden_size,
             cfg.vocab_size,
@@ -184,8 +196,17 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
             args.turns,
             args.turn_tokens,
             args.stagger,
-            if args.shared_prompt { "shared" } else { "own" },
-            args.prompt_tokens,
+            if args.shared_prompt {
+                format!("shared prompt {}", args.prompt_tokens)
+            } else if args.common_prefix > 0 {
+                format!(
+                    "prompt {} common + {} own",
+                    args.common_prefix,
+                    args.prompt_tokens - args.common_prefix
+                )
+            } else {
+                format!("own prompt {}", args.prompt_tokens)
+            },
             args.observation_tokens,
             args.rounds
         )?;
@@ -313,14 +334,16 @@ fn play(
                     let mut tokens = |k: usize| -> Vec<u32> {
                         (0..k).map(|_| (rng.next_u64() % vocab) as u32).collect()
                     };
-                    let mut context = if args.shared_prompt {
-                        let mut group = Rng::seed(999);
-                        (0..args.prompt_tokens)
-                            .map(|_| (group.next_u64() % vocab) as u32)
-                            .collect()
+                    let common = if args.shared_prompt {
+                        args.prompt_tokens
                     } else {
-                        tokens(args.prompt_tokens)
+                        args.common_prefix
                     };
+                    let mut group = Rng::seed(999);
+                    let mut context: Vec<u32> = (0..common)
+                        .map(|_| (group.next_u64() % vocab) as u32)
+                        .collect();
+                    context.extend(tokens(args.prompt_tokens - common));
                     let mut conv = session
                         .then(|| Policy::open_session(policy.clone()))
                         .flatten();
