@@ -39,6 +39,8 @@ pub(crate) fn linear_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
     let y = with_slice::<f32, _>(x, |xs| {
         with_slice::<f32, _>(w, |ws| {
+            let xs = Aligned::copy(&xs[..n * k]);
+            let xs = xs.as_slice();
             let mut y = vec![0f32; n * o];
             // A few tasks per thread: with tasks of the usual 16k elements, the 32k-row LM
             // head became a thousand tasks whose scheduling and scatter cost more than
@@ -49,7 +51,7 @@ pub(crate) fn linear_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
                 // The task's products by weight row, `(rows, n)`, then into their columns of
                 // `y (n, o)`: the caller's layout, without a transposing copy of the whole.
                 let mut local = vec![0f32; wblock.len() / k * n];
-                block(xs, n, k, wblock, &mut local);
+                block_on(xs, n, k, wblock, &mut local, STREAM_AHEAD);
                 let j0 = t * rows;
                 for (jj, products) in local.chunks_exact(n).enumerate() {
                     for (r, &v) in products.iter().enumerate() {
@@ -65,14 +67,59 @@ pub(crate) fn linear_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(y, (n, o), x.device())
 }
 
+/// How far ahead of the product the weights are prefetched when they stream from L3 or
+/// memory, in values (16 KiB): at least one tile ahead, more when the tile is short. With
+/// eight input rows a tile of two weight rows of 512 values takes about 100 ns of FMAs, less
+/// than a line's trip from memory, so a prefetch one tile ahead came too late. Measured on
+/// the 2-core Xeon with a C replica of the 8-row tile over 112 MB of weights (2 threads):
+/// 2.24–2.45 ms one tile ahead, 2.04–2.12 at 16 KiB, 2.03–2.16 at 64 KiB; the 1-row product
+/// (1.9 ms, bound by the stream) did not move.
+const STREAM_AHEAD: usize = 4096;
+
+/// `n` rows of `k` values in a buffer of their own that starts on a cache line. The
+/// activations a product reads come from the allocator 16 bytes past a line, so each 64-byte
+/// load of an input row straddled two lines: with eight input rows, eight of a tile step's
+/// ten loads. The C replica above: 2.31–2.42 ms with the inputs misaligned, 2.09–2.25 with
+/// them on a line (weights as the allocator left them, in both).
+struct Aligned {
+    buf: Vec<f32>,
+    start: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn copy(xs: &[f32]) -> Self {
+        const LINE: usize = 64 / std::mem::size_of::<f32>();
+        let mut buf = vec![0f32; xs.len() + LINE];
+        // Values from the buffer's start to the next line (an f32 buffer is 4-byte aligned).
+        let start = (buf.as_ptr() as usize).wrapping_neg() % 64 / std::mem::size_of::<f32>();
+        buf[start..start + xs.len()].copy_from_slice(xs);
+        Self {
+            buf,
+            start,
+            len: xs.len(),
+        }
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}
+
 /// Every row of `xs` (`n` rows of `k`) dotted with every row of `wblock`, on this thread:
 /// `out[j·n + r] = wblock[j] · xs[r]`.
 pub(crate) fn block(xs: &[f32], n: usize, k: usize, wblock: &[f32], out: &mut [f32]) {
+    block_on(xs, n, k, wblock, out, 0);
+}
+
+/// [`block`], prefetching the weights `ahead` values ahead of the tile that reads them (at
+/// least one tile; 0: one tile, for a `wblock` that does not continue past itself).
+fn block_on(xs: &[f32], n: usize, k: usize, wblock: &[f32], out: &mut [f32], ahead: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has the feature the function is compiled for (checked above).
-            unsafe { avx512::block(xs, n, k, wblock, out) };
+            unsafe { avx512::block(xs, n, k, wblock, out, ahead) };
             return;
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -201,7 +248,14 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub(super) fn block(xs: &[f32], n: usize, k: usize, wblock: &[f32], out: &mut [f32]) {
+    pub(super) fn block(
+        xs: &[f32],
+        n: usize,
+        k: usize,
+        wblock: &[f32],
+        out: &mut [f32],
+        ahead: usize,
+    ) {
         let wrows = wblock.len() / k;
         let wide = tile_rows(n);
         let mut j = 0;
@@ -214,28 +268,28 @@ mod avx512 {
                 let x = &xs[i * k..(i + r) * k];
                 // Every arm keeps R·W ≤ 16 (`tile_rows` gives W from n ≥ R).
                 match (t, r) {
-                    (8, 2) => put(out, n, j, i, &tile::<2, 8>(x, w, k)),
-                    (8, _) => put(out, n, j, i, &tile::<1, 8>(x, w, k)),
-                    (4, 4) => put(out, n, j, i, &tile::<4, 4>(x, w, k)),
-                    (4, 3) => put(out, n, j, i, &tile::<3, 4>(x, w, k)),
-                    (4, 2) => put(out, n, j, i, &tile::<2, 4>(x, w, k)),
-                    (4, _) => put(out, n, j, i, &tile::<1, 4>(x, w, k)),
-                    (2, 8) => put(out, n, j, i, &tile::<8, 2>(x, w, k)),
-                    (2, 7) => put(out, n, j, i, &tile::<7, 2>(x, w, k)),
-                    (2, 6) => put(out, n, j, i, &tile::<6, 2>(x, w, k)),
-                    (2, 5) => put(out, n, j, i, &tile::<5, 2>(x, w, k)),
-                    (2, 4) => put(out, n, j, i, &tile::<4, 2>(x, w, k)),
-                    (2, 3) => put(out, n, j, i, &tile::<3, 2>(x, w, k)),
-                    (2, 2) => put(out, n, j, i, &tile::<2, 2>(x, w, k)),
-                    (2, _) => put(out, n, j, i, &tile::<1, 2>(x, w, k)),
-                    (_, 8) => put(out, n, j, i, &tile::<8, 1>(x, w, k)),
-                    (_, 7) => put(out, n, j, i, &tile::<7, 1>(x, w, k)),
-                    (_, 6) => put(out, n, j, i, &tile::<6, 1>(x, w, k)),
-                    (_, 5) => put(out, n, j, i, &tile::<5, 1>(x, w, k)),
-                    (_, 4) => put(out, n, j, i, &tile::<4, 1>(x, w, k)),
-                    (_, 3) => put(out, n, j, i, &tile::<3, 1>(x, w, k)),
-                    (_, 2) => put(out, n, j, i, &tile::<2, 1>(x, w, k)),
-                    _ => put(out, n, j, i, &tile::<1, 1>(x, w, k)),
+                    (8, 2) => put(out, n, j, i, &tile::<2, 8>(x, w, k, ahead)),
+                    (8, _) => put(out, n, j, i, &tile::<1, 8>(x, w, k, ahead)),
+                    (4, 4) => put(out, n, j, i, &tile::<4, 4>(x, w, k, ahead)),
+                    (4, 3) => put(out, n, j, i, &tile::<3, 4>(x, w, k, ahead)),
+                    (4, 2) => put(out, n, j, i, &tile::<2, 4>(x, w, k, ahead)),
+                    (4, _) => put(out, n, j, i, &tile::<1, 4>(x, w, k, ahead)),
+                    (2, 8) => put(out, n, j, i, &tile::<8, 2>(x, w, k, ahead)),
+                    (2, 7) => put(out, n, j, i, &tile::<7, 2>(x, w, k, ahead)),
+                    (2, 6) => put(out, n, j, i, &tile::<6, 2>(x, w, k, ahead)),
+                    (2, 5) => put(out, n, j, i, &tile::<5, 2>(x, w, k, ahead)),
+                    (2, 4) => put(out, n, j, i, &tile::<4, 2>(x, w, k, ahead)),
+                    (2, 3) => put(out, n, j, i, &tile::<3, 2>(x, w, k, ahead)),
+                    (2, 2) => put(out, n, j, i, &tile::<2, 2>(x, w, k, ahead)),
+                    (2, _) => put(out, n, j, i, &tile::<1, 2>(x, w, k, ahead)),
+                    (_, 8) => put(out, n, j, i, &tile::<8, 1>(x, w, k, ahead)),
+                    (_, 7) => put(out, n, j, i, &tile::<7, 1>(x, w, k, ahead)),
+                    (_, 6) => put(out, n, j, i, &tile::<6, 1>(x, w, k, ahead)),
+                    (_, 5) => put(out, n, j, i, &tile::<5, 1>(x, w, k, ahead)),
+                    (_, 4) => put(out, n, j, i, &tile::<4, 1>(x, w, k, ahead)),
+                    (_, 3) => put(out, n, j, i, &tile::<3, 1>(x, w, k, ahead)),
+                    (_, 2) => put(out, n, j, i, &tile::<2, 1>(x, w, k, ahead)),
+                    _ => put(out, n, j, i, &tile::<1, 1>(x, w, k, ahead)),
                 }
                 i += r;
             }
@@ -260,9 +314,17 @@ mod avx512 {
     /// `x` holds `R` rows of `k` values, `w` `W` rows; every row of `x` dotted with every row
     /// of `w`, by weight row.
     #[target_feature(enable = "avx512f")]
-    fn tile<const R: usize, const W: usize>(x: &[f32], w: &[f32], k: usize) -> [[f32; R]; W] {
+    fn tile<const R: usize, const W: usize>(
+        x: &[f32],
+        w: &[f32],
+        k: usize,
+        ahead: usize,
+    ) -> [[f32; R]; W] {
         assert!(x.len() == R * k && w.len() == W * k);
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        // Row a's value c is prefetched from `ahead` values on: the tile's W rows are one
+        // contiguous run, so the lines ahead of it are each prefetched once.
+        let ahead = ahead.max(W * k);
         // By input row, then weight row.
         let mut acc = [[_mm512_setzero_ps(); W]; R];
         let full = k / 16 * 16;
@@ -273,15 +335,15 @@ mod avx512 {
                 let mut y = [_mm512_setzero_ps(); W];
                 for (a, ya) in y.iter_mut().enumerate() {
                     *ya = _mm512_loadu_ps(wp.add(a * k + c));
-                    // The next tile's weights, one line per row and step, a tile ahead: the
-                    // weights stream from L3 or memory, and with eight rows the FMAs left the
+                    // The weights ahead, one line per row and step ([`super::STREAM_AHEAD`]):
+                    // they stream from L3 or memory, and with eight rows the FMAs left the
                     // hardware prefetcher too little ahead (a prefetch never faults, and the
                     // address is only formed, with wrapping arithmetic, past the weights).
                     // Into L2, not L1: on a Zen 4, L1 prefetches took the line-fill buffers
                     // the demand loads need, and a C replica over 112 MB of weights ran the
                     // 8-row product in 7.6–8.5 ms with them, 4.5–5.7 with these, and the
                     // 1-row one in 4.6–4.9 against 3.5–3.7 (none: 3.6–4.1).
-                    _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add((W + a) * k + c) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(a * k + c + ahead) as *const i8);
                 }
                 for (r, by_w) in acc.iter_mut().enumerate() {
                     let xv = _mm512_loadu_ps(xp.add(r * k + c));
@@ -399,6 +461,60 @@ mod tests {
         }
     }
 
+    #[test]
+    fn aligned_copies_start_on_a_cache_line_and_hold_the_values() {
+        let src: Vec<f32> = (0..4099).map(|i| i as f32 * 0.5 - 7.0).collect();
+        for (from, len) in [(0, 0), (0, 1), (1, 16), (3, 512), (5, 4094), (7, 3000)] {
+            let a = Aligned::copy(&src[from..from + len]);
+            assert_eq!(a.as_slice(), &src[from..from + len]);
+            assert_eq!(
+                a.as_slice().as_ptr() as usize % 64,
+                0,
+                "from {from}, {len} values"
+            );
+        }
+    }
+
+    /// The prefetch distance and the aligned copy of the inputs change where values are read
+    /// from, never which lanes sum them: the products are bit for bit those of the plain
+    /// kernel on the caller's (misaligned) rows.
+    #[test]
+    fn streaming_and_aligned_inputs_leave_the_products_bit_exact() {
+        let (k, o) = (512, 67);
+        let xs: Vec<f32> = (0..9 * k + 3)
+            .map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0)
+            .collect();
+        let ws: Vec<f32> = (0..o * k)
+            .map(|i| ((i * 104729) % 997) as f32 / 500.0 - 1.0)
+            .collect();
+        for n in [1, 2, 3, 5, 8] {
+            // Three values in: rows that start 12 bytes past wherever the allocator put them.
+            let x = &xs[3..3 + n * k];
+            let mut plain = vec![0f32; o * n];
+            block(x, n, k, &ws, &mut plain);
+            let mut streamed = vec![0f32; o * n];
+            block_on(x, n, k, &ws, &mut streamed, STREAM_AHEAD);
+            assert_eq!(plain, streamed, "{n} rows");
+            let xt = Tensor::from_slice(x, (n, k), &Device::Cpu).unwrap();
+            let wt = Tensor::from_slice(&ws, (o, k), &Device::Cpu).unwrap();
+            let y: Vec<f32> = linear_nt(&xt, &wt)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for j in 0..o {
+                for r in 0..n {
+                    assert_eq!(
+                        y[r * o + j].to_bits(),
+                        plain[j * n + r].to_bits(),
+                        "{n} rows"
+                    );
+                }
+            }
+        }
+    }
+
     /// Every kernel this CPU can run, not only the one `block` picks, against an f64
     /// reference: CI machines differ in their vector extensions.
     #[test]
@@ -429,7 +545,7 @@ mod tests {
                 // SAFETY: the CPU has the feature (checked above).
                 kernels.push((
                     "avx512",
-                    Box::new(|xs, n, k, w, out| unsafe { avx512::block(xs, n, k, w, out) }),
+                    Box::new(|xs, n, k, w, out| unsafe { avx512::block(xs, n, k, w, out, 0) }),
                 ));
             }
         }
