@@ -252,11 +252,66 @@ fn pack_group_any(rows: &[f32], k: usize, tiles: &mut [u16]) {
     }
 }
 
-/// The same loop, compiled for AVX-512 (the baseline build converted four values at a time).
+/// The same packing with AVX-512: each row's 32 values of a step are rounded to bf16 as
+/// [`bf16_bits`] does and narrowed into one vector of 16 pairs, then the group's 16 such
+/// vectors are transposed as a 16 × 16 matrix of 32-bit pairs, which is the tile. The
+/// compiled scalar loop wrote one 2-byte value at a time, 64 bytes apart: 40 % of a
+/// prefill's product time in a profile (2048 rows × 512 → 1408: 5.5 ms a product before).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 fn pack_group_avx512(rows: &[f32], k: usize, tiles: &mut [u16]) {
-    pack_group_any(rows, k, tiles);
+    use std::arch::x86_64::*;
+    let n = rows.len() / k;
+    let steps = k.div_ceil(KC);
+    assert!(n <= TR && rows.len() == n * k && tiles.len() >= steps * TR * KC);
+    let round = |v: __m512| -> __m512i {
+        let b = _mm512_castps_si512(v);
+        let hi = _mm512_srli_epi32::<16>(b);
+        let lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+            b,
+            _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)),
+        ));
+        // A NaN keeps its top bits and is made quiet, as in `bf16_bits`.
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)))
+    };
+    for c in 0..steps {
+        let left = (k - c * KC).min(KC);
+        let lo_mask: __mmask16 = if left >= 16 {
+            0xffff
+        } else {
+            (1u16 << left) - 1
+        };
+        let hi_mask: __mmask16 = if left >= 32 {
+            0xffff
+        } else if left > 16 {
+            (1u16 << (left - 16)) - 1
+        } else {
+            0
+        };
+        let mut r = [_mm512_setzero_si512(); TR];
+        for (i, ri) in r.iter_mut().enumerate().take(n) {
+            let at = i * k + c * KC;
+            // SAFETY: the masks limit the loads to the values below k of row i (inside `rows`).
+            let (lo, hi) = unsafe {
+                (
+                    _mm512_maskz_loadu_ps(lo_mask, rows.as_ptr().add(at)),
+                    _mm512_maskz_loadu_ps(hi_mask, rows.as_ptr().wrapping_add(at + 16)),
+                )
+            };
+            let lo = _mm512_cvtepi32_epi16(round(lo));
+            let hi = _mm512_cvtepi32_epi16(round(hi));
+            // Row i's values 32c.. in order: as 32-bit lanes, its pairs.
+            *ri = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+        }
+        // Tile row p: pair p of each of the group's rows.
+        let tile = &mut tiles[c * TR * KC..(c + 1) * TR * KC];
+        for (p, v) in transpose16(&r).iter().enumerate() {
+            // SAFETY: tile row p is 32 values (64 bytes) inside `tile`.
+            unsafe { _mm512_storeu_si512(tile.as_mut_ptr().add(p * KC).cast(), *v) };
+        }
+    }
 }
 
 /// Weight rows `rows` (each `k` long) as bf16 into `a` (16 rows of `kp`), zeros past `k` and
@@ -361,15 +416,27 @@ struct TileConfig {
 }
 
 /// One task's bf16 weight blocks `wtask` (16 rows of `kp` each, its first row is weight row
-/// `j0`) against the packed inputs `b`: writes `y[r·o + j]`, weight row `j` dotted with input
-/// row `r`, for its rows below `o`. Tiles: tmm0–3 accumulate up to four groups of 16 input
-/// rows, tmm4/tmm5 hold 16 weight rows × 32 values (alternating by step), tmm6/tmm7 the
-/// groups' inputs (alternating by group): a tile load never waits for the product that read
-/// the register before it, so loads and products overlap.
+/// `j0`) against the packed inputs `b`: writes `y[(r0 + r)·o + j]`, weight row `j` dotted with
+/// input row `r`, for its rows below `o`.
+///
+/// A decoding step (one group of up to 16 input rows) is bound by streaming the weights: per
+/// block, two accumulators over even and odd steps (tmm0/tmm1, weights in tmm4/tmm5, inputs
+/// in tmm6/tmm7), so that consecutive products do not wait for each other and a tile load
+/// never waits for the product that read its register.
+///
+/// More groups (a prefill) are bound by the tile loads, not the products. There the task
+/// walks pairs of its weight blocks and, for each, pairs of input groups: four accumulators
+/// (tmm0–3) from two weight tiles (tmm4/tmm5) and two input tiles (tmm6/tmm7) per step, one
+/// load per product (four groups per weight block took five loads per four products).
+/// Measured on the 2-core Xeon, 2048 rows × 512 → 1408 (with the vector packing): 3.8–4.0
+/// ms either way round (group pairs outside, or block pairs); the T1 hint on the weight
+/// loads, to keep the inputs in L1, made it slower (4.6 ms). About 400 G products/s, a
+/// sixth of what the tiles can do: what bounds it now is not found.
 ///
 /// # Safety
-/// The process must hold the AMX tile state ([`available`]); `y` must point at `n · o`
-/// floats of which no other thread writes the columns this task covers.
+/// The process must hold the AMX tile state ([`available`]), and the CPU AVX-512 (every AMX
+/// CPU has it); `y` must point at the output, whose rows `r0..r0 + n` of `o` floats this task
+/// writes in the columns it covers, which no other thread writes.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn task(
@@ -384,20 +451,10 @@ unsafe fn task(
 ) {
     use std::arch::asm;
 
-    /// `tdpbf16ps` of accumulator `acc` with weight tile `a` (loaded by the caller) and the
-    /// input tile at `ptr`, loaded into `bt`.
-    macro_rules! product {
-        ($acc:literal, $a:literal, $bt:literal, $ptr:expr) => {
-            asm!(
-                concat!("tileloadd tmm", $bt, ", [{0} + {1}*1]"),
-                concat!("tdpbf16ps tmm", $acc, ", tmm", $a, ", tmm", $bt),
-                in(reg) $ptr, in(reg) 64usize, options(nostack, readonly)
-            )
-        };
-    }
-
     let steps = kp / KC;
     let groups = n.div_ceil(TR);
+    // The blocks that hold weight rows below `o` (the copy pads `o` to 16 rows).
+    let blocks = (wtask.len() / (TR * kp)).min(o.saturating_sub(j0).div_ceil(TR));
     let mut cfg = TileConfig {
         palette: 1,
         start_row: 0,
@@ -407,122 +464,199 @@ unsafe fn task(
     };
     cfg.colsb[..8].fill(64);
     cfg.rows[..8].fill(TR as u8);
-    let mut c = [0f32; TR * TR];
-    let mut c2 = [0f32; TR * TR];
+    let mut c = [[0f32; TR * TR]; 4];
     let a_stride = kp * 2;
+    let ap = |blk: usize, s: usize| wtask.as_ptr().wrapping_add(blk * TR * kp + s * KC);
+    let bp = |g: usize, s: usize| b.as_ptr().wrapping_add((g * steps + s) * TR * KC);
+    // Accumulator tile `c` of weight block `blk` × input group `g` into `y`.
+    let write = |c: &[f32; TR * TR], blk: usize, g: usize| {
+        let jb = j0 + blk * TR;
+        let col0 = g * TR;
+        // SAFETY: rows r0 + col0.. (below r0 + n) and columns jb..jb + min(16, o − jb) of
+        // `y`, this task's (the caller's contract); the CPU has AVX-512 (this function's).
+        unsafe { write_tile(c, y, o, r0 + col0, (n - col0).min(TR), jb, (o - jb).min(TR)) };
+    };
     // SAFETY (every asm block below): the tile loads read 16 rows of 64 bytes at the given
-    // stride, inside `wtask` (a block of 16 rows of kp values, the step's 32 values at offset
-    // 32·s) and inside `b` (tile (s, g) at offset (g·steps + s)·512 values, rows of 64
-    // bytes); the stores write 16 rows of 64 bytes into `c` or `c2` (256 floats each). The
-    // compiler does not allocate tile registers, and the configuration is loaded before any
-    // tile is used.
+    // stride, inside `wtask` (block `blk < blocks`: 16 rows of kp values, the step's 32
+    // values at offset 32·s) and inside `b` (tile (g, s), g < groups, at offset
+    // (g·steps + s)·512 values, rows of 64 bytes); the stores write 16 rows of 64 bytes into
+    // one of `c` (256 floats each). The compiler does not allocate tile registers, and the
+    // configuration is loaded before any tile is used.
     unsafe {
         asm!("ldtilecfg [{}]", in(reg) &cfg as *const TileConfig, options(nostack, readonly));
     }
-    for (blk, a) in wtask.chunks_exact(TR * kp).enumerate() {
-        let jb = j0 + blk * TR;
-        if jb >= o {
-            break;
-        }
-        let nrows = (o - jb).min(TR);
-        let mut g0 = 0;
-        while g0 < groups {
-            let gs = (groups - g0).min(4);
-            let bp = |s: usize, g: usize| b.as_ptr().wrapping_add(((g0 + g) * steps + s) * TR * KC);
-            let ap = |s: usize| a.as_ptr().wrapping_add(s * KC);
+    macro_rules! load {
+        ($t:literal, $ptr:expr, $stride:expr) => {
+            asm!(concat!("tileloadd tmm", $t, ", [{0} + {1}*1]"), in(reg) $ptr, in(reg) $stride, options(nostack, readonly))
+        };
+    }
+    macro_rules! dot {
+        ($acc:literal, $a:literal, $b:literal) => {
+            asm!(
+                concat!("tdpbf16ps tmm", $acc, ", tmm", $a, ", tmm", $b),
+                options(nostack, nomem)
+            )
+        };
+    }
+    macro_rules! store {
+        ($t:literal, $ptr:expr) => {
+            asm!(concat!("tilestored [{0} + {1}*1], tmm", $t), in(reg) $ptr, in(reg) 64usize, options(nostack))
+        };
+    }
+    if groups == 1 {
+        for blk in 0..blocks {
             unsafe {
-                asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    options(nostack, nomem)
-                );
-            }
-            if gs == 1 {
-                // One group (a decoding step): two accumulators over even and odd steps, so
-                // that consecutive products do not wait for each other.
+                asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
                 let mut s = 0;
                 while s < steps {
-                    unsafe {
-                        asm!("tileloadd tmm4, [{0} + {1}*1]", in(reg) ap(s), in(reg) a_stride, options(nostack, readonly));
-                        product!("0", "4", "6", bp(s, 0));
-                        if s + 1 < steps {
-                            asm!("tileloadd tmm5, [{0} + {1}*1]", in(reg) ap(s + 1), in(reg) a_stride, options(nostack, readonly));
-                            product!("1", "5", "7", bp(s + 1, 0));
-                        }
+                    load!("4", ap(blk, s), a_stride);
+                    load!("6", bp(0, s), 64usize);
+                    dot!("0", "4", "6");
+                    if s + 1 < steps {
+                        load!("5", ap(blk, s + 1), a_stride);
+                        load!("7", bp(0, s + 1), 64usize);
+                        dot!("1", "5", "7");
                     }
                     s += 2;
                 }
-            } else {
-                // One step: the weight tile into `a`, then each group's product with it.
-                macro_rules! groups_step {
-                    ($a:literal, $s:expr) => {
-                        asm!(concat!("tileloadd tmm", $a, ", [{0} + {1}*1]"), in(reg) ap($s), in(reg) a_stride, options(nostack, readonly));
-                        product!("0", $a, "6", bp($s, 0));
-                        product!("1", $a, "7", bp($s, 1));
-                        if gs > 2 {
-                            product!("2", $a, "6", bp($s, 2));
-                        }
-                        if gs > 3 {
-                            product!("3", $a, "7", bp($s, 3));
-                        }
-                    };
-                }
-                for s in 0..steps {
-                    unsafe {
-                        if s % 2 == 0 {
-                            groups_step!("4", s);
-                        } else {
-                            groups_step!("5", s);
-                        }
-                    }
-                }
+                store!("0", c[0].as_mut_ptr());
+                store!("1", c[1].as_mut_ptr());
             }
-            for g in 0..gs {
-                let cp = c.as_mut_ptr();
+            let [c0, c1, ..] = &mut c;
+            for (v, w) in c0.iter_mut().zip(c1.iter()) {
+                *v += w;
+            }
+            write(&c[0], blk, 0);
+        }
+    } else {
+        let mut blk = 0;
+        while blk < blocks {
+            let two_blocks = blk + 1 < blocks;
+            let mut g = 0;
+            while g < groups {
+                let two_groups = g + 1 < groups;
                 unsafe {
-                    match g {
-                        0 => {
-                            asm!("tilestored [{0} + {1}*1], tmm0", in(reg) cp, in(reg) 64usize, options(nostack));
-                            if gs == 1 {
-                                asm!("tilestored [{0} + {1}*1], tmm1", in(reg) c2.as_mut_ptr(), in(reg) 64usize, options(nostack));
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        options(nostack, nomem)
+                    );
+                    for s in 0..steps {
+                        load!("4", ap(blk, s), a_stride);
+                        load!("6", bp(g, s), 64usize);
+                        dot!("0", "4", "6");
+                        if two_blocks {
+                            load!("5", ap(blk + 1, s), a_stride);
+                            dot!("2", "5", "6");
+                        }
+                        if two_groups {
+                            load!("7", bp(g + 1, s), 64usize);
+                            dot!("1", "4", "7");
+                            if two_blocks {
+                                dot!("3", "5", "7");
                             }
                         }
-                        1 => {
-                            asm!("tilestored [{0} + {1}*1], tmm1", in(reg) cp, in(reg) 64usize, options(nostack))
-                        }
-                        2 => {
-                            asm!("tilestored [{0} + {1}*1], tmm2", in(reg) cp, in(reg) 64usize, options(nostack))
-                        }
-                        _ => {
-                            asm!("tilestored [{0} + {1}*1], tmm3", in(reg) cp, in(reg) 64usize, options(nostack))
-                        }
+                    }
+                    store!("0", c[0].as_mut_ptr());
+                    if two_groups {
+                        store!("1", c[1].as_mut_ptr());
+                    }
+                    if two_blocks {
+                        store!("2", c[2].as_mut_ptr());
+                    }
+                    if two_groups && two_blocks {
+                        store!("3", c[3].as_mut_ptr());
                     }
                 }
-                if gs == 1 {
-                    for (v, w) in c.iter_mut().zip(&c2) {
-                        *v += w;
-                    }
+                write(&c[0], blk, g);
+                if two_groups {
+                    write(&c[1], blk, g + 1);
                 }
-                // Tile element (m, r): weight row jb + m, input row (g0 + g)·16 + r; written
-                // by input row, 16 consecutive columns of y at a time.
-                let col0 = (g0 + g) * TR;
-                let cols = (n - col0).min(TR);
-                for r in 0..cols {
-                    let row = (r0 + col0 + r) * o + jb;
-                    for m in 0..nrows {
-                        // SAFETY: row + m < (col0 + r + 1)·o ≤ n·o, in this task's columns
-                        // (the caller's contract).
-                        unsafe { *y.at(row + m) = c[m * TR + r] };
-                    }
+                if two_blocks {
+                    write(&c[2], blk + 1, g);
                 }
+                if two_groups && two_blocks {
+                    write(&c[3], blk + 1, g + 1);
+                }
+                g += 2;
             }
-            g0 += gs;
+            blk += 2;
         }
     }
     unsafe {
         asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
+/// A 16 × 16 matrix of 32-bit lanes transposed: lane `p` of `r[i]` to lane `i` of row `p`.
+/// Within 128-bit lanes (pairs of rows, then quads), then across them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: &[std::arch::x86_64::__m512i; TR]) -> [std::arch::x86_64::__m512i; TR] {
+    use std::arch::x86_64::*;
+    let mut t = [_mm512_setzero_si512(); TR];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    let mut u = [_mm512_setzero_si512(); TR];
+    for i in 0..4 {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    // u[4i + j], 128-bit lane l: rows 4i..4i + 4 of column 4l + j.
+    let mut out = [_mm512_setzero_si512(); TR];
+    for j in 0..4 {
+        let v0 = _mm512_shuffle_i32x4::<0x88>(u[j], u[4 + j]);
+        let v1 = _mm512_shuffle_i32x4::<0xdd>(u[j], u[4 + j]);
+        let w0 = _mm512_shuffle_i32x4::<0x88>(u[8 + j], u[12 + j]);
+        let w1 = _mm512_shuffle_i32x4::<0xdd>(u[8 + j], u[12 + j]);
+        out[j] = _mm512_shuffle_i32x4::<0x88>(v0, w0);
+        out[4 + j] = _mm512_shuffle_i32x4::<0x88>(v1, w1);
+        out[8 + j] = _mm512_shuffle_i32x4::<0xdd>(v0, w0);
+        out[12 + j] = _mm512_shuffle_i32x4::<0xdd>(v1, w1);
+    }
+    out
+}
+
+/// Tile `c` (element `(m, r)`: weight row `jb + m`, input row `row0 + r`) into `y`, by input
+/// row: its first `cols` rows, `nrows` columns each from `jb` on, one masked store a row
+/// (the scalar loop it replaces wrote 256 floats one by one, 64 bytes apart in `c`).
+///
+/// # Safety
+/// The CPU has AVX-512; `y` holds rows `row0..row0 + cols` of `o` floats, and columns
+/// `jb..jb + nrows ≤ o` of them are the caller's to write.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn write_tile(
+    c: &[f32; TR * TR],
+    y: OutPtr,
+    o: usize,
+    row0: usize,
+    cols: usize,
+    jb: usize,
+    nrows: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut rows = [_mm512_setzero_si512(); TR];
+    for (m, v) in rows.iter_mut().enumerate() {
+        // SAFETY: row m of the tile is 16 floats inside `c`.
+        *v = unsafe { _mm512_loadu_si512(c.as_ptr().add(m * TR).cast()) };
+    }
+    let by_input = transpose16(&rows);
+    let mask: __mmask16 = if nrows >= TR {
+        0xffff
+    } else {
+        (1u16 << nrows) - 1
+    };
+    for (r, v) in by_input.iter().enumerate().take(cols) {
+        // SAFETY: the mask limits the store to columns jb..jb + nrows of row row0 + r (the
+        // caller's contract).
+        unsafe { _mm512_mask_storeu_ps(y.at((row0 + r) * o + jb), mask, _mm512_castsi512_ps(*v)) };
     }
 }
 
@@ -555,6 +689,52 @@ mod tests {
         assert!(bf16_value(bf16_bits(f32::NAN)).is_nan());
         // The largest finite f32 rounds up to infinity, as in PyTorch.
         assert_eq!(bf16_value(bf16_bits(f32::MAX)), f32::INFINITY);
+    }
+
+    /// The AVX-512 packing against the scalar loop it replaces, bit for bit: every group
+    /// size, k on and off the 32-value step, and the values whose rounding is special
+    /// (halfway cases, NaN, infinities, the largest f32, subnormals, signed zeros).
+    #[test]
+    fn vector_packing_matches_the_scalar_loop() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512bw") {
+            let special = [
+                1.0 + 2f32.powi(-8),
+                1.0 + 3.0 * 2f32.powi(-8),
+                f32::NAN,
+                -f32::NAN,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::MAX,
+                f32::MIN_POSITIVE / 3.0,
+                -0.0,
+                0.0,
+            ];
+            let mut seed = 17u64;
+            for k in [1usize, 5, 16, 17, 31, 32, 33, 64, 100, 512] {
+                for n in 1..=16 {
+                    let rows: Vec<f32> = (0..n * k)
+                        .map(|i| {
+                            seed = seed
+                                .wrapping_mul(6364136223846793005)
+                                .wrapping_add(1442695040888963407);
+                            if i % 7 == 3 {
+                                special[(seed >> 33) as usize % special.len()]
+                            } else {
+                                ((seed >> 11) as f64 / (1u64 << 53) as f64 * 8.0 - 4.0) as f32
+                            }
+                        })
+                        .collect();
+                    let len = k.div_ceil(KC) * TR * KC;
+                    let mut want = vec![0u16; len];
+                    pack_group_any(&rows, k, &mut want);
+                    let mut got = vec![0u16; len];
+                    // SAFETY: the CPU has AVX-512 F and BW (checked above).
+                    unsafe { pack_group_avx512(&rows, k, &mut got) };
+                    assert_eq!(got, want, "{n} rows of {k}");
+                }
+            }
+        }
     }
 
     #[test]
@@ -616,9 +796,9 @@ mod tests {
             seed ^= seed << 17;
             ((seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
         };
-        // Rows and columns off the tile sizes, several column groups (more than four: two
-        // passes), k off the 32-value step, more rows than a chunk (AMX: 256 rows;
-        // AVX-512: 24 KiB of input rows, 6 rows of 1024), every register tile shape.
+        // Rows and columns off the tile sizes, several column groups, k off the 32-value
+        // step, more rows than a chunk (AMX: 256 rows; AVX-512: 24 KiB of input rows, 6 rows
+        // of 1024), every register tile shape.
         let shapes = [
             (1, 1, 32),
             (1, 33, 64),
@@ -630,6 +810,9 @@ mod tests {
             (30, 50, 1024),
             (70, 20, 64),
             (300, 35, 64),
+            // Tasks of several weight blocks (an odd number) against an odd number of groups:
+            // every corner of the 2 × 2 prefill kernel.
+            (33, 16 * 17 + 5, 64),
         ];
         for (&(n, o, k), &b) in shapes
             .iter()
