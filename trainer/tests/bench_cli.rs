@@ -109,7 +109,10 @@ fn memory_bench_json_has_the_fields_the_gpu_check_reads() {
 /// The rollout bench's JSON, and what a common prompt start does to it: with 24 of 40 prompt
 /// tokens common, one of two episodes copies them from the other instead of prefilling them
 /// (12 an episode); with own prompts nothing is copied. A common start longer than the prompt
-/// is refused, naming the flag.
+/// is refused, naming the flag. A row copies only from a row still running, so each turn is
+/// long (400 tokens, some milliseconds of this tiny model) for the second episode's thread to
+/// start while the first runs: with 3-token turns, the first episode's whole turn was once
+/// over before the second arrived on a loaded machine, and nothing was copied.
 #[test]
 fn rollout_bench_copies_a_common_prompt_start() {
     let run = |common: &str| {
@@ -125,7 +128,7 @@ fn rollout_bench_copies_a_common_prompt_start() {
             "--prompt-tokens",
             "40",
             "--turn-tokens",
-            "3",
+            "400",
             "--observation-tokens",
             "5",
             "--hidden",

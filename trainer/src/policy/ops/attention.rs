@@ -33,7 +33,7 @@ use super::attention_cached;
 use super::cpu::{
     Real, check_float, lane_dot, lane_max, lane_sum, multiversion, product, slice, with_slice,
 };
-use super::softmax::{AttentionMask, masked_softmax};
+use super::softmax::AttentionMask;
 
 /// Query rows per block: small enough that a causal block skips most of what it cannot see
 /// and that a block's scores stay small, large enough for the products to run at GEMM speed.
@@ -144,8 +144,8 @@ pub fn attention(
 /// The same for head-major values `v (b, kv_heads, tk, hd)`, as a KV cache holds them
 /// (strided views; copying the cache at every decoding step would cost more than the fusion
 /// saves). Output `(b·tq, heads·hd)`. A few query rows on the CPU outside a backward (a
-/// decoding step) read the cache in place (`attention_cached`); otherwise candle's
-/// primitives.
+/// decoding step) read the cache in place (`attention_cached`); otherwise [`attention`] on
+/// a token-major copy of the values.
 pub fn attention_heads(
     q: &Tensor,
     k: &Tensor,
@@ -165,7 +165,16 @@ pub fn attention_heads(
     if mode.fused(q) && attention_cached::applies(q, k, v) {
         return attention_cached::attention(q, k, v, scale, mask);
     }
-    composite(q, k, v, scale, mask, mode)
+    // More query rows (a prompt, a long tool output) or another device: the blocked
+    // attention, in memory linear in the length, on the values made token-major (one copy
+    // of the cache view, also linear). Candle's primitives here held every head's scores at
+    // once: `heads · tq · tk` floats per layer, 8 GiB for one 16k-token prompt of 8 heads.
+    let (b, kvh, tk, hd) = v.dims4()?;
+    let v = v
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b * tk, kvh * hd))?;
+    attention(q, k, &v, scale, &KeyRanges::new(mask.clone()), mode)
 }
 
 /// Several conversations' few new queries, each against its own cache, in one call (the
@@ -182,28 +191,6 @@ pub(crate) fn attention_segments(
         return Ok(None);
     }
     attention_cached::segments_attention(q, segments, scale).map(Some)
-}
-
-/// Candle's primitives on checked, head-major inputs; output `(b·tq, heads·hd)`.
-fn composite(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    mask: &AttentionMask,
-    mode: OpsMode,
-) -> Result<Tensor> {
-    let (b, h, tq, hd) = q.dims4()?;
-    let kvh = k.dim(1)?;
-    // Query heads sharing a key/value head are stacked along the rows: no repeat_kv copy.
-    let qg = q.reshape((b, kvh, (h / kvh) * tq, hd))?;
-    let scores = qg.matmul(&k.t()?)?;
-    let p = masked_softmax(&scores, scale, mask, mode)?;
-    p.matmul(v)?
-        .reshape((b, h, tq, hd))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b * tq, h * hd))
 }
 
 fn check(q: &Tensor, k: &Tensor, mask: &AttentionMask) -> Result<()> {
@@ -718,6 +705,85 @@ mod tests {
             out.push(grads.get(x).expect("a gradient").clone());
         }
         out
+    }
+
+    /// Every head's scores at once through candle's primitives, head-major values; output
+    /// `(b·tq, heads·hd)`. What [`attention_heads`] did for prompts before it took the
+    /// blocked attention; kept as the unblocked reference.
+    fn composite(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        mask: &AttentionMask,
+        mode: OpsMode,
+    ) -> Result<Tensor> {
+        let (b, h, tq, hd) = q.dims4()?;
+        let kvh = k.dim(1)?;
+        // Query heads sharing a key/value head are stacked along the rows: no repeat_kv.
+        let qg = q.reshape((b, kvh, (h / kvh) * tq, hd))?;
+        let scores = qg.matmul(&k.t()?)?;
+        let p = super::super::softmax::masked_softmax(&scores, scale, mask, mode)?;
+        p.matmul(v)?
+            .reshape((b, h, tq, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * tq, h * hd))
+    }
+
+    /// Prompts and long appends (more query rows than the cached kernel takes) against
+    /// cache views (strided: the buffer has room for more positions): the blocked attention
+    /// on the CPU (fused) and through candle's primitives (the CUDA path) give what every
+    /// score at once gives, with left padding, grouped heads and queries that continue a
+    /// cache.
+    #[test]
+    fn long_queries_on_a_cache_view_match_every_score_at_once() {
+        let dev = Device::Cpu;
+        let cases = [
+            // (b, heads, kv heads, tq, tk, offset, key_start, hd)
+            (1, 8, 4, 300, 300, 0, vec![0], 64),
+            (2, 4, 2, 200, 350, 150, vec![0, 7], 32),
+            (1, 6, 2, 129, 140, 11, vec![0], 16),
+        ];
+        for (b, h, kvh, tq, tk, offset, key_start, hd) in cases {
+            let mut rng = crate::policy::Rng::seed(tq as u64);
+            let mut normal =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.normal() as f32).collect() };
+            let q = Tensor::from_vec(normal(b * h * tq * hd), (b, h, tq, hd), &dev).unwrap();
+            let cap = tk + 5;
+            let view = |data: Vec<f32>| {
+                Tensor::from_vec(data, (b, kvh, cap, hd), &dev)
+                    .and_then(|t| t.narrow(2, 0, tk))
+                    .unwrap()
+            };
+            let k = view(normal(b * kvh * cap * hd));
+            let v = view(normal(b * kvh * cap * hd));
+            assert!(!k.is_contiguous());
+            let mask = AttentionMask {
+                tq,
+                offset,
+                key_start: Arc::new(key_start),
+            };
+            let f64s = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+            let want = composite(
+                &f64s(&q),
+                &f64s(&k),
+                &f64s(&v),
+                0.125,
+                &mask,
+                OpsMode::Composite,
+            )
+            .unwrap();
+            for mode in [OpsMode::Auto, OpsMode::Composite] {
+                let got = attention_heads(&q, &k, &v, 0.125, &mask, mode).unwrap();
+                assert_eq!(got.dims(), [b * tq, h * hd]);
+                let diff = max_abs_diff(&f64s(&got), &want);
+                assert!(
+                    diff < 1e-5,
+                    "{mode:?} ({b}, {h}, {kvh}, {tq}, {tk}, {offset}): {diff}"
+                );
+            }
+        }
     }
 
     /// The reference: all scores at once through candle's primitives (`masked_softmax`).
