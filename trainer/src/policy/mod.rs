@@ -311,11 +311,12 @@ impl CandlePolicy {
     }
 
     /// What multiplies bf16 on this CPU for [`CandlePolicy::set_sampling_bf16`]: `"AMX"`,
-    /// `"AVX-512"`, or `None` where neither is available.
+    /// `"AVX512-BF16"` (`vdpbf16ps`, AMD), `"AVX-512"`, or `None` where none is available.
     pub fn bf16_products_backend() -> Option<&'static str> {
         ops::amx::backend().map(|b| match b {
             ops::amx::Backend::Amx => "AMX",
             ops::amx::Backend::Avx512 => "AVX-512",
+            ops::amx::Backend::Avx512Bf16 => "AVX512-BF16",
         })
     }
 

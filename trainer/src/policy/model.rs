@@ -652,10 +652,10 @@ pub(crate) fn train_positions(b: usize, t: usize) -> Vec<u32> {
 /// for a few rows, else [`ops::linear_residual`].
 fn residual(r: &Tensor, x: &Tensor, w: &Tensor, mode: OpsMode) -> candle_core::Result<Tensor> {
     if ops::amx::applies(x, w) {
-        return r + ops::amx::linear_nt(x, w)?;
+        return ops::add_to_product(&ops::amx::linear_nt(x, w)?, r);
     }
     if ops::small_matmul::applies(x, w) {
-        return r + ops::small_matmul::linear_nt(x, w)?;
+        return ops::add_to_product(&ops::small_matmul::linear_nt(x, w)?, r);
     }
     ops::linear_residual(r, x, w, mode)
 }
@@ -677,7 +677,7 @@ fn linear(
             ops::small_matmul::linear_nt(x, w)?
         };
         return match bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => ops::add_to_product(&y, b),
             None => Ok(y),
         };
     }

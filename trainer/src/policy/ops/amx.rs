@@ -1,8 +1,9 @@
 //! `x · wᵀ` with bf16 inputs and f32 sums on Intel AMX tiles, for sampling on the CPU when
-//! the policy allows bf16 products (`CandlePolicy::set_sampling_bf16`); where the CPU has no
-//! AMX but AVX-512, decoding steps take bf16 weights there instead ([`super::bf16_few_rows`]).
-//! This module holds what both share: the per-thread setting, the weights' bf16 copies, the
-//! choice of backend.
+//! the policy allows bf16 products (`CandlePolicy::set_sampling_bf16`). Where the CPU has no
+//! AMX, an AMD CPU with AVX512-BF16 (Zen 4 and later) takes every product to `vdpbf16ps`
+//! ([`super::bf16_dot`]), and other CPUs with AVX-512 take decoding steps' products to bf16
+//! weights widened to f32 ([`super::bf16_few_rows`]). This module holds what they share: the
+//! per-thread setting, the weights' bf16 copies, the choice of backend.
 //!
 //! Sampling on the CPU is two kinds of work: decoding steps, bound by streaming every weight
 //! once per step, and the prefill of prompts and tool outputs, arithmetic that batching
@@ -64,8 +65,9 @@ pub(crate) struct Bf16Weights {
     copies: Mutex<(u64, CopyMap)>,
 }
 
-/// bf16 copies by the address and length of the f32 weight they were made from.
-type CopyMap = HashMap<(usize, usize), Arc<Vec<u16>>>;
+/// bf16 copies by the address and length of the f32 weight they were made from, and whether
+/// in pairs of columns ([`super::bf16_dot`]) or in rows.
+type CopyMap = HashMap<(usize, usize, bool), Arc<Vec<u16>>>;
 
 impl std::fmt::Debug for Bf16Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -74,16 +76,24 @@ impl std::fmt::Debug for Bf16Weights {
 }
 
 impl Bf16Weights {
-    /// The bf16 copy of `ws` (`o` rows of `k`), `o` padded to a multiple of 16 rows and `k`
-    /// to a multiple of 32 values with zeros.
-    fn get(&self, version: u64, ws: &[f32], o: usize, k: usize) -> Arc<Vec<u16>> {
-        let key = (ws.as_ptr() as usize, ws.len());
+    /// The bf16 copy of `ws` (`o` rows of `k`) in the layout of the backend `on`: for AMX and
+    /// the widening kernel, `o` padded to a multiple of 16 rows and `k` to a multiple of 32
+    /// values with zeros; for `vdpbf16ps`, [`super::bf16_dot::convert_weights`]'s.
+    fn get(&self, version: u64, ws: &[f32], o: usize, k: usize, on: Backend) -> Arc<Vec<u16>> {
+        let pairs = on == Backend::Avx512Bf16;
+        let key = (ws.as_ptr() as usize, ws.len(), pairs);
         let mut g = self.copies.lock().unwrap_or_else(|p| p.into_inner());
         if g.0 != version {
             *g = (version, HashMap::new());
         }
         g.1.entry(key)
-            .or_insert_with(|| Arc::new(convert_weights(ws, o, k)))
+            .or_insert_with(|| {
+                Arc::new(if pairs {
+                    super::bf16_dot::convert_weights(ws, o, k)
+                } else {
+                    convert_weights(ws, o, k)
+                })
+            })
             .clone()
     }
 
@@ -119,6 +129,8 @@ pub(crate) enum Backend {
     /// bf16 weights widened to f32 on AVX-512, for decoding steps ([`super::bf16_few_rows`]):
     /// where AMX is missing or hidden.
     Avx512,
+    /// `vdpbf16ps` for every row count, on AMD CPUs with AVX512-BF16 ([`super::bf16_dot`]).
+    Avx512Bf16,
 }
 
 /// The fastest bf16 products this CPU and kernel allow, if any. Linux hands a process the
@@ -128,6 +140,8 @@ pub(crate) fn backend() -> Option<Backend> {
     *BACKEND.get_or_init(|| {
         if detect() {
             Some(Backend::Amx)
+        } else if super::bf16_dot::available() {
+            Some(Backend::Avx512Bf16)
         } else if super::bf16_few_rows::available() {
             Some(Backend::Avx512)
         } else {
@@ -186,7 +200,7 @@ pub(crate) fn applies(x: &Tensor, w: &Tensor) -> bool {
         && !x.track_op()
         && !w.track_op()
         && match backend() {
-            Some(Backend::Amx) => true,
+            Some(Backend::Amx | Backend::Avx512Bf16) => true,
             Some(Backend::Avx512) => x.dim(0).is_ok_and(|n| n <= super::bf16_few_rows::MAX_ROWS),
             None => false,
         }
@@ -370,7 +384,10 @@ pub(crate) fn linear_nt_on(on: Backend, x: &Tensor, w: &Tensor) -> Result<Tensor
     let out = OutPtr(y.as_mut_ptr());
     with_slice::<f32, _>(x, |xs| {
         with_slice::<f32, _>(w, |ws| {
-            let wb = copies.get(version, ws, o, k);
+            let wb = copies.get(version, ws, o, k, on);
+            if on == Backend::Avx512Bf16 {
+                return super::bf16_dot::linear(xs, n, k, &wb, o, &mut y);
+            }
             if on == Backend::Avx512 {
                 return super::bf16_few_rows::linear(xs, n, k, &wb, o, &mut y);
             }
@@ -782,6 +799,9 @@ mod tests {
         if backend() == Some(Backend::Amx) {
             backends.push(Backend::Amx);
         }
+        if super::super::bf16_dot::available() {
+            backends.push(Backend::Avx512Bf16);
+        }
         if super::super::bf16_few_rows::available() {
             backends.push(Backend::Avx512);
         }
@@ -813,6 +833,11 @@ mod tests {
             // Tasks of several weight blocks (an odd number) against an odd number of groups:
             // every corner of the 2 × 2 prefill kernel.
             (33, 16 * 17 + 5, 64),
+            // An odd k (a half pair) and tasks ending in fewer blocks than a tile's.
+            (9, 16 * 13 + 3, 33),
+            (3, 16 * 11 + 9, 45),
+            (1, 16 * 29 + 1, 64),
+            (2, 16 * 21, 31),
         ];
         for (&(n, o, k), &b) in shapes
             .iter()

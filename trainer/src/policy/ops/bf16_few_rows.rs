@@ -1,6 +1,7 @@
 //! `x · wᵀ` for the few rows of a decoding step, from bf16 weights, on AVX-512: the bf16
 //! sampling of CPUs whose AMX tiles are missing or hidden (virtual machines often hide AMX;
-//! older Xeons and Zen 4 never had it).
+//! older Xeons never had it) and that are not AMD's Zen 4 or later, which take
+//! [`super::bf16_dot`] instead.
 //!
 //! A decoding step is bound by streaming every weight once; bf16 copies halve those bytes.
 //! Each weight vector is widened to f32 in registers (a bf16 value is the top half of the
@@ -11,9 +12,9 @@
 //! core), half the products per second: prefills (many rows, bound by arithmetic) therefore
 //! stay with the f32 products on such CPUs, and only products of up to [`MAX_ROWS`] rows
 //! come here. On an AMD EPYC (Zen 4) `vdpbf16ps` issues at the FMA's rate (3.6 G/s each),
-//! twice the products; a `vdpbf16ps` version of this kernel, tried there (2026-12-06), made
-//! the 1-row step slower (2.05 against 1.72 ms) and the 8-row step no faster (4.78 against
-//! 4.80): that step is not bound by its products, so the one kernel stays.
+//! twice the products; a `vdpbf16ps` version of this kernel's layout, tried there, gained
+//! nothing (each tile ends with sixteen horizontal sums), but one that keeps 16 output
+//! columns in a vector's lanes halved the 8-row step's products: [`super::bf16_dot`].
 //!
 //! The loops follow the f32 few-row kernel ([`super::small_matmul`]): tiles of up to eight
 //! input rows by up to eight weight rows keep their sums in registers, each weight vector
