@@ -335,7 +335,9 @@ fn bf16_sampling_scores_close_to_the_f32_forward() {
     // Hidden 128: products of k = 128 and 352 (the MLP), several 16-row weight blocks.
     let policy = Arc::new(CandlePolicy::tiny(11, 128, 2, DType::F32, &Device::Cpu).unwrap());
     if !policy.set_sampling_bf16(true) {
-        eprintln!("no AMX or AVX-512 on this CPU: bf16 sampling is not exercised here");
+        eprintln!(
+            "no AMX, AVX512-BF16 or AVX-512 on this CPU: bf16 sampling is not exercised here"
+        );
         assert!(!policy.sampling_bf16());
         return;
     }
@@ -343,8 +345,8 @@ fn bf16_sampling_scores_close_to_the_f32_forward() {
     let prompt: Vec<u32> = (0..40).map(|i| 30 + i).collect();
     let obs = [5u32, 6, 7, 8, 9];
     let (ctx, gens) = play(s.as_mut(), &prompt, 3, &obs, &params(1.0, 1.0, 12));
-    // With AMX every forward multiplies in bf16; with AVX-512 only the decoding steps (up to
-    // 16 rows), so the tokens after the first of each turn.
+    // With AMX or AVX512-BF16 (AMD) every forward multiplies in bf16; with AVX-512 only the
+    // decoding steps (up to 16 rows), so the tokens after the first of each turn.
     // The sampled log-probs are the bf16 forward's: close to the f32 scores of the same
     // tokens (bf16 inputs move a log-prob by a few hundredths at most here), never equal to
     // all of them (the products did round), and finite.

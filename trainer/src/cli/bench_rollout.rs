@@ -189,9 +189,8 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<ExitCode> {
                 policy.sampling_bf16(),
                 CandlePolicy::bf16_products_backend()
             ) {
-                (true, Some("AMX")) => "bf16 (AMX)",
-                (true, _) => "bf16 (AVX-512)",
-                _ => "f32",
+                (true, Some(backend)) => format!("bf16 ({backend})"),
+                _ => "f32".to_string(),
             },
             args.turns,
             args.turn_tokens,

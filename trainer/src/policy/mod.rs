@@ -109,7 +109,7 @@ pub struct CandlePolicy {
     weights_lock: RwLock<()>,
     source_dir: Option<PathBuf>,
     batcher: batcher::Batcher,
-    /// Whether sampling's products may take bf16 inputs (CPU only, AMX or AVX-512), and the
+    /// Whether sampling's products may take bf16 inputs (CPU only: AMX, AVX512-BF16 or AVX-512), and the
     /// bf16 copies of the weights they read (dropped whenever the weights change).
     sampling_bf16: std::sync::atomic::AtomicBool,
     bf16_weights: Arc<ops::amx::Bf16Weights>,
