@@ -154,6 +154,12 @@ fn rollout_bench_copies_a_common_prompt_start() {
         assert_eq!(rows.len(), 2, "{rows:?}");
         for r in &rows {
             assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+            // The ceiling of the base row is its own speedup, 1; the other's is finite.
+            let ceiling = r["speedup_ceiling"].as_f64().unwrap_or(f64::NAN);
+            assert!(ceiling.is_finite() && ceiling > 0.0, "{r}");
+            if r["episodes"] == 1 {
+                assert!((ceiling - 1.0).abs() < 1e-9, "{r}");
+            }
             let want = if r["episodes"] == 2 { copied } else { 0.0 };
             assert_eq!(
                 r["shared_prefix_tokens"].as_f64(),

@@ -5,7 +5,8 @@
 //!
 //! [`SingleWorker`] is the identity (one device). [`InProcessAllReduce`] joins threads of one
 //! process (one worker per simulated device on the CPU); it is what the CPU tests of the
-//! reduction logic run. An NCCL implementation for several GPUs is not written yet.
+//! reduction logic run. Between CUDA devices the `cuda` build uses NCCL (`nccl.rs`), which has
+//! not yet run on a machine with several GPUs.
 
 use std::sync::{Arc, Barrier, Mutex};
 
