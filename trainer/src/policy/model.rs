@@ -484,10 +484,13 @@ impl Qwen2Model {
                             offset: *offset,
                             key_start: Arc::new(vec![0]),
                         };
+                        // A cache narrower than the queries (bf16 under f32 sampling) is
+                        // read widened: these are prompts, whose own keys are most of it.
+                        let widened = |c: &Tensor| c.to_dtype(q.dtype());
                         outs.push(ops::attention_heads(
                             &q.narrow(2, *start, *t)?.contiguous()?,
-                            ck,
-                            cv,
+                            &widened(ck)?,
+                            &widened(cv)?,
                             scale,
                             &mask,
                             self.ops,

@@ -11,6 +11,13 @@
 //! ([`small_matmul::block`]), takes the softmax of each query row over its visible keys and
 //! sums the value rows it weighs.
 //!
+//! Caches may hold bf16 keys and values (a policy sampling with bf16 products keeps them so,
+//! `policy/batcher.rs`): a decoding step's rows each read their whole cache, which the
+//! weights streaming through the last-level cache every step have evicted, so the attention
+//! of eight rows at a few hundred cached tokens is bound by the memory's rate, and half the
+//! bytes is about half the time. Their rows are widened to f32 a chunk of [`WIDEN_KEYS`]
+//! positions at a time into a buffer that stays in L1, and the sums are the f32 ones.
+//!
 //! Same maths and shapes as [`super::attention_heads`]: `q (b, heads, tq, hd)`, `k` and `v`
 //! `(b, kv_heads, tk, hd)`, output `(b·tq, heads·hd)`, the query heads `kv·groups ..
 //! (kv+1)·groups` sharing key/value head `kv`, row `t` at position `offset + t` seeing the
@@ -39,23 +46,37 @@ fn queries_apply(q: &Tensor) -> bool {
     q.device().is_cpu() && q.dtype() == DType::F32 && !q.track_op()
 }
 
-/// Keys and values f32 on the CPU outside any graph, each head's positions rows of `hd`
-/// contiguous values (a cache buffer, or a view of its first positions).
+/// Keys and values f32 or bf16 (both the same) on the CPU outside any graph, each head's
+/// positions rows of `hd` contiguous values (a cache buffer, or a view of its first
+/// positions).
 fn cache_applies(k: &Tensor, v: &Tensor) -> bool {
-    [k, v].iter().all(|t| {
-        let s = t.layout().stride();
-        t.device().is_cpu()
-            && t.dtype() == DType::F32
-            && !t.track_op()
-            && t.rank() == 4
-            && s[3] == 1
-            && t.dim(3).is_ok_and(|hd| s[2] == hd)
-    })
+    k.dtype() == v.dtype()
+        && [k, v].iter().all(|t| {
+            let s = t.layout().stride();
+            t.device().is_cpu()
+                && matches!(t.dtype(), DType::F32 | DType::BF16)
+                && !t.track_op()
+                && t.rank() == 4
+                && s[3] == 1
+                && t.dim(3).is_ok_and(|hd| s[2] == hd)
+        })
+}
+
+/// Positions of a bf16 cache widened at a time: 64 rows of 64 values are 16 KiB of f32, which
+/// stay in L1 while the group's queries use them.
+pub(crate) const WIDEN_KEYS: usize = 64;
+
+/// A head's cached rows, as the cache holds them.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    F32(&'a [f32]),
+    /// bf16 bit patterns.
+    Bf16(&'a [u16]),
 }
 
 /// Where a head's rows of a key or value tensor start, by (batch row, head).
 struct HeadRows<'a> {
-    data: &'a [f32],
+    data: Rows<'a>,
     start: usize,
     batch_stride: usize,
     head_stride: usize,
@@ -64,8 +85,14 @@ struct HeadRows<'a> {
 impl<'a> HeadRows<'a> {
     fn new(storage: &'a CpuStorage, layout: &Layout) -> Result<Self> {
         let s = layout.stride();
+        let data = match storage {
+            CpuStorage::BF16(v) => Rows::Bf16(half::slice::HalfFloatSliceExt::reinterpret_cast(
+                v.as_slice(),
+            )),
+            other => Rows::F32(other.as_slice::<f32>()?),
+        };
         Ok(Self {
-            data: storage.as_slice::<f32>()?,
+            data,
             start: layout.start_offset(),
             batch_stride: s[0],
             head_stride: s[1],
@@ -73,10 +100,14 @@ impl<'a> HeadRows<'a> {
     }
 
     /// The first `rows` rows of `hd` values of head `h` of batch row `b`.
-    fn rows(&self, b: usize, h: usize, rows: usize, hd: usize) -> Result<&'a [f32]> {
+    fn rows(&self, b: usize, h: usize, rows: usize, hd: usize) -> Result<Rows<'a>> {
         let a = self.start + b * self.batch_stride + h * self.head_stride;
-        match self.data.get(a..a + rows * hd) {
-            Some(s) => Ok(s),
+        let got = match self.data {
+            Rows::F32(d) => d.get(a..a + rows * hd).map(Rows::F32),
+            Rows::Bf16(d) => d.get(a..a + rows * hd).map(Rows::Bf16),
+        };
+        match got {
+            Some(r) => Ok(r),
             None => bail!("cached attention: head rows outside the key/value storage"),
         }
     }
@@ -216,18 +247,57 @@ pub(crate) fn segments_attention(
             // come out by query row, each row's keys contiguous for the softmax, and the
             // kernel's tiles (eight keys by two queries) stay full.
             let mut scores = vec![0f32; n * seen];
-            small_matmul::block(krows, seen, hd, &qrows, &mut scores);
-            for (r, (o, row)) in out
-                .chunks_exact_mut(hd)
-                .zip(scores.chunks_exact_mut(seen))
-                .enumerate()
-            {
-                let last = s.offset + r % s.tq;
-                if s.key_start > last {
-                    continue; // sees no key: zeros, as the other paths give
+            // Which keys row r sees: key_start ..= its position (none when it is before the
+            // first key that is not padding: zeros, as the other paths give).
+            let last = |r: usize| s.offset + r % s.tq;
+            match (krows, vrows) {
+                (Rows::F32(krows), Rows::F32(vrows)) => {
+                    small_matmul::block(krows, seen, hd, &qrows, &mut scores);
+                    for (r, (o, row)) in out
+                        .chunks_exact_mut(hd)
+                        .zip(scores.chunks_exact_mut(seen))
+                        .enumerate()
+                    {
+                        if s.key_start > last(r) {
+                            continue;
+                        }
+                        let row = &mut row[s.key_start..last(r) + 1];
+                        attend_row(row, scale as f32, &vrows[s.key_start * hd..], o);
+                    }
                 }
-                let row = &mut row[s.key_start..last + 1];
-                attend_row(row, scale as f32, &vrows[s.key_start * hd..], o);
+                (Rows::Bf16(krows), Rows::Bf16(vrows)) => {
+                    let mut wide = vec![0f32; WIDEN_KEYS * hd];
+                    let mut part = vec![0f32; n * WIDEN_KEYS];
+                    for c0 in (0..seen).step_by(WIDEN_KEYS) {
+                        let cn = WIDEN_KEYS.min(seen - c0);
+                        widen(&krows[c0 * hd..(c0 + cn) * hd], &mut wide[..cn * hd]);
+                        small_matmul::block(&wide[..cn * hd], cn, hd, &qrows, &mut part[..n * cn]);
+                        for (row, p) in scores.chunks_exact_mut(seen).zip(part.chunks_exact(cn)) {
+                            row[c0..c0 + cn].copy_from_slice(p);
+                        }
+                    }
+                    for (r, row) in scores.chunks_exact_mut(seen).enumerate() {
+                        if s.key_start <= last(r) {
+                            softmax_in_place(&mut row[s.key_start..last(r) + 1], scale as f32);
+                        }
+                    }
+                    for c0 in (s.key_start..seen).step_by(WIDEN_KEYS) {
+                        let cn = WIDEN_KEYS.min(seen - c0);
+                        widen(&vrows[c0 * hd..(c0 + cn) * hd], &mut wide[..cn * hd]);
+                        for (r, (o, row)) in out
+                            .chunks_exact_mut(hd)
+                            .zip(scores.chunks_exact(seen))
+                            .enumerate()
+                        {
+                            if s.key_start > last(r) || c0 > last(r) {
+                                continue;
+                            }
+                            let end = (last(r) + 1).min(c0 + cn);
+                            add_weighted_rows(&row[c0..end], &wide[..(end - c0) * hd], o);
+                        }
+                    }
+                }
+                _ => bail!("cached attention: keys and values of different dtypes"),
             }
             Ok(out)
         })
@@ -274,6 +344,72 @@ multiversion! {
             }
         }
     }
+}
+
+multiversion! {
+    /// A query row's softmax of its scaled scores over the keys it sees, in place.
+    fn softmax_in_place<T: Real>(scores: &mut [T], scale: T) {
+        for s in scores.iter_mut() {
+            *s *= scale;
+        }
+        let max = lane_max(scores);
+        let inv = T::one() / lane_exp_in_place(scores, max);
+        for s in scores.iter_mut() {
+            *s *= inv;
+        }
+    }
+}
+
+multiversion! {
+    /// `o += Σ_j w[j] · vrows[j]` (rows of `o.len()` values), the output row in registers
+    /// for the head sizes Qwen2 uses.
+    fn add_weighted_rows<T: Real>(w: &[T], vrows: &[T], o: &mut [T]) {
+        match o.len() {
+            64 => add_weighted::<T, 64>(w, vrows, o),
+            128 => add_weighted::<T, 128>(w, vrows, o),
+            hd => {
+                for (&p, vrow) in w.iter().zip(vrows.chunks_exact(hd)) {
+                    for (x, &vv) in o.iter_mut().zip(vrow) {
+                        *x += p * vv;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn add_weighted<T: Real, const D: usize>(w: &[T], vrows: &[T], o: &mut [T]) {
+    let mut acc = [T::zero(); D];
+    acc.copy_from_slice(&o[..D]);
+    for (&wj, vrow) in w.iter().zip(vrows.chunks_exact(D)) {
+        for d in 0..D {
+            acc[d] += wj * vrow[d];
+        }
+    }
+    o[..D].copy_from_slice(&acc);
+}
+
+/// bf16 bit patterns to f32 (exact: a bf16 value is the top half of its f32).
+fn widen(src: &[u16], dst: &mut [f32]) {
+    #[inline(always)]
+    fn imp(src: &[u16], dst: &mut [f32]) {
+        for (d, &b) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits(u32::from(b) << 16);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        fn v4(src: &[u16], dst: &mut [f32]) {
+            imp(src, dst)
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the feature `v4` is compiled for.
+            return unsafe { v4(src, dst) };
+        }
+    }
+    imp(src, dst)
 }
 
 /// `x ← e^(x − shift)` and Σ of the results, in lanes.
@@ -381,6 +517,58 @@ mod tests {
             // The fused entry point takes this path for these inputs.
             let auto = attention_heads(&q, &k, &v, scale, &mask, OpsMode::Auto).unwrap();
             assert_eq!(max_abs_diff(&auto, &fast), 0.0, "{what}");
+        }
+    }
+
+    /// bf16 caches (as a policy sampling in bf16 keeps them) give what f32 caches holding the
+    /// same rounded values give: every case above, several chunks of widened positions and
+    /// partial ones, rows that see no key, appends of up to 128 rows; and keys and values of
+    /// different dtypes are refused.
+    #[test]
+    fn bf16_caches_attend_as_f32_caches_of_their_values() {
+        let dev = Device::Cpu;
+        let cases = [
+            // (b, heads, kv heads, tq, tk, offset, key_start, hd)
+            (1, 8, 4, 1, 600, 599, vec![0], 64),
+            (2, 4, 2, 1, 37, 36, vec![0, 5], 64),
+            (1, 6, 2, 16, 170, 154, vec![0], 64),
+            (1, 8, 4, 65, 400, 335, vec![70], 64),
+            (2, 4, 2, 128, 128, 0, vec![0, 3], 32),
+            (1, 4, 2, 128, 257, 129, vec![0], 128),
+            (3, 2, 1, 3, 20, 17, vec![0, 19, 18], 16),
+            (1, 3, 3, 5, 9, 4, vec![0], 24),
+            (2, 2, 2, 2, 140, 138, vec![0, 140], 32),
+        ];
+        for (b, h, kvh, tq, tk, offset, key_start, hd) in cases {
+            let mut rng = crate::policy::Rng::seed(tk as u64 + 3);
+            let q: Vec<f32> = (0..b * h * tq * hd).map(|_| rng.normal() as f32).collect();
+            let q = Tensor::from_vec(q, (b, h, tq, hd), &dev).unwrap();
+            // Buffers with room for more positions, so the views are strided as a cache's.
+            let bf16_view = |seed: u64| {
+                let full = cache_view(b, kvh, tk + 7, hd, seed).contiguous().unwrap();
+                full.to_dtype(DType::BF16)
+                    .unwrap()
+                    .narrow(2, 0, tk)
+                    .unwrap()
+            };
+            let (k, v) = (bf16_view(1), bf16_view(2));
+            assert!(!k.is_contiguous() && applies(&q, &k, &v));
+            let rounded = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let mask = AttentionMask {
+                tq,
+                offset,
+                key_start: Arc::new(key_start.clone()),
+            };
+            let scale = 1.0 / (hd as f64).sqrt();
+            let got = attention(&q, &k, &v, scale, &mask).unwrap();
+            let want = attention(&q, &rounded(&k), &rounded(&v), scale, &mask).unwrap();
+            let what = format!(
+                "b {b}, heads {h}/{kvh}, tq {tq}, tk {tk}, key_start {key_start:?}, hd {hd}"
+            );
+            assert_eq!(got.dims(), want.dims(), "{what}");
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff < 1e-5, "differs by {diff} ({what})");
+            assert!(!applies(&q, &k, &rounded(&v)), "{what}");
         }
     }
 
