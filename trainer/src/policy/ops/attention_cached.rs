@@ -538,6 +538,8 @@ mod tests {
             (3, 2, 1, 3, 20, 17, vec![0, 19, 18], 16),
             (1, 3, 3, 5, 9, 4, vec![0], 24),
             (2, 2, 2, 2, 140, 138, vec![0, 140], 32),
+            // Qwen2.5-0.5B's heads: 14 queries over 2 key/value heads.
+            (2, 14, 2, 1, 300, 299, vec![0, 0], 64),
         ];
         for (b, h, kvh, tq, tk, offset, key_start, hd) in cases {
             let mut rng = crate::policy::Rng::seed(tk as u64 + 3);
