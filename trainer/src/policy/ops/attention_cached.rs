@@ -322,26 +322,11 @@ multiversion! {
     /// the sum of their value rows (`vrows`, from the first of those keys) so weighted, into
     /// `o`.
     fn attend_row<T: Real>(scores: &mut [T], scale: T, vrows: &[T], o: &mut [T]) {
-        for s in scores.iter_mut() {
-            *s *= scale;
-        }
-        let max = lane_max(scores);
-        let sum = lane_exp_in_place(scores, max);
-        let inv = T::one() / sum;
-        // The output row in registers across the keys when its size is known here (the
-        // heads of 64 and 128 values Qwen2 uses); through memory otherwise.
-        match o.len() {
-            64 => weighted_rows::<T, 64>(scores, inv, vrows, o),
-            128 => weighted_rows::<T, 128>(scores, inv, vrows, o),
-            hd => {
-                o.fill(T::zero());
-                for (&w, vrow) in scores.iter().zip(vrows.chunks_exact(hd)) {
-                    let p = w * inv;
-                    for (x, &vv) in o.iter_mut().zip(vrow) {
-                        *x += p * vv;
-                    }
-                }
-            }
+        let inv = exp_row(scores, scale);
+        o.fill(T::zero());
+        add_weighted_into(scores, vrows, o);
+        for x in o.iter_mut() {
+            *x *= inv;
         }
     }
 }
@@ -349,29 +334,41 @@ multiversion! {
 multiversion! {
     /// A query row's softmax of its scaled scores over the keys it sees, in place.
     fn softmax_in_place<T: Real>(scores: &mut [T], scale: T) {
-        for s in scores.iter_mut() {
-            *s *= scale;
-        }
-        let max = lane_max(scores);
-        let inv = T::one() / lane_exp_in_place(scores, max);
+        let inv = exp_row(scores, scale);
         for s in scores.iter_mut() {
             *s *= inv;
         }
     }
 }
 
+/// `x ← e^(scale·x − max)` over a row of scores, returning 1 / Σ of the results.
+#[inline(always)]
+fn exp_row<T: Real>(scores: &mut [T], scale: T) -> T {
+    for s in scores.iter_mut() {
+        *s *= scale;
+    }
+    let max = lane_max(scores);
+    T::one() / lane_exp_in_place(scores, max)
+}
+
 multiversion! {
-    /// `o += Σ_j w[j] · vrows[j]` (rows of `o.len()` values), the output row in registers
-    /// for the head sizes Qwen2 uses.
+    /// [`add_weighted_into`] on its own (a chunk of a bf16 cache's widened value rows).
     fn add_weighted_rows<T: Real>(w: &[T], vrows: &[T], o: &mut [T]) {
-        match o.len() {
-            64 => add_weighted::<T, 64>(w, vrows, o),
-            128 => add_weighted::<T, 128>(w, vrows, o),
-            hd => {
-                for (&p, vrow) in w.iter().zip(vrows.chunks_exact(hd)) {
-                    for (x, &vv) in o.iter_mut().zip(vrow) {
-                        *x += p * vv;
-                    }
+        add_weighted_into(w, vrows, o)
+    }
+}
+
+/// `o += Σ_j w[j] · vrows[j]` (rows of `o.len()` values), the output row in registers across
+/// the keys for the head sizes Qwen2 uses (64 and 128), through memory otherwise.
+#[inline(always)]
+fn add_weighted_into<T: Real>(w: &[T], vrows: &[T], o: &mut [T]) {
+    match o.len() {
+        64 => add_weighted::<T, 64>(w, vrows, o),
+        128 => add_weighted::<T, 128>(w, vrows, o),
+        hd => {
+            for (&p, vrow) in w.iter().zip(vrows.chunks_exact(hd)) {
+                for (x, &vv) in o.iter_mut().zip(vrow) {
+                    *x += p * vv;
                 }
             }
         }
@@ -430,20 +427,6 @@ fn lane_exp_in_place<T: Real>(x: &mut [T], shift: T) -> T {
         tail += *v;
     }
     acc.into_iter().fold(tail, |a, b| a + b)
-}
-
-/// `o = inv · Σ_j w[j] · vrows[j]` for rows of `D` values.
-#[inline(always)]
-fn weighted_rows<T: Real, const D: usize>(w: &[T], inv: T, vrows: &[T], o: &mut [T]) {
-    let mut acc = [T::zero(); D];
-    for (&wj, vrow) in w.iter().zip(vrows.chunks_exact(D)) {
-        for d in 0..D {
-            acc[d] += wj * vrow[d];
-        }
-    }
-    for (x, a) in o.iter_mut().zip(acc) {
-        *x = a * inv;
-    }
 }
 
 #[cfg(test)]
