@@ -86,8 +86,8 @@ struct Job {
     max_stop: usize,
     /// Context tokens to run before the next draw.
     pending: Vec<u32>,
-    /// `(1, vocab)` logits of the next draw.
-    logits: Option<Tensor>,
+    /// Logits of the next draw: row `.1` of a step's `(rows, vocab)` logits.
+    logits: Option<(Tensor, usize)>,
     tokens: Vec<u32>,
     logprobs: Vec<f32>,
     finish: Option<FinishReason>,
@@ -535,10 +535,11 @@ fn step(view: &ModelView<'_>, jobs: &mut [Job]) -> Result<RolloutStats, ModelErr
         .collect();
     let mut decodes = vec![false; jobs.len()];
     if !ready.is_empty() {
-        let rows: Vec<Tensor> = ready
+        let rows: Vec<&(Tensor, usize)> = ready
             .iter()
-            .filter_map(|&i| jobs[i].logits.clone())
+            .filter_map(|&i| jobs[i].logits.as_ref())
             .collect();
+        let logits = draw_logits(&rows)?;
         let draws: Vec<RowDraw> = ready
             .iter()
             .map(|&i| {
@@ -551,7 +552,7 @@ fn step(view: &ModelView<'_>, jobs: &mut [Job]) -> Result<RolloutStats, ModelErr
                 }
             })
             .collect();
-        let picks = sample_rows(&Tensor::cat(&rows, 0)?, &draws)?;
+        let picks = sample_rows(&logits, &draws)?;
         for (&i, (tok, lp)) in ready.iter().zip(picks) {
             let job = &mut jobs[i];
             job.tokens.push(tok);
@@ -644,7 +645,7 @@ fn step(view: &ModelView<'_>, jobs: &mut [Job]) -> Result<RolloutStats, ModelErr
     }
     for (r, (i, run)) in order.into_iter().zip(runs).enumerate() {
         let job = &mut jobs[i];
-        job.logits = Some(logits.narrow(0, r, 1)?);
+        job.logits = Some((logits.clone(), r));
         if prefill[i] {
             counts.prefill_tokens += run.len() as u64;
         }
@@ -653,10 +654,90 @@ fn step(view: &ModelView<'_>, jobs: &mut [Job]) -> Result<RolloutStats, ModelErr
     Ok(counts)
 }
 
+/// The `(rows, vocab)` logits the rows that draw, each row `.1` of a step's logits, draw from.
+/// Usually every row of the last forward draws, in its order: its logits as they are, rather
+/// than a copy of each row (a megabyte a step for 8 rows of a 32k vocabulary).
+fn draw_logits(rows: &[&(Tensor, usize)]) -> candle_core::Result<Tensor> {
+    let whole = rows.first().map(|(t, _)| t).filter(|t| {
+        t.dim(0).ok() == Some(rows.len())
+            && rows
+                .iter()
+                .enumerate()
+                .all(|(k, (u, r))| *r == k && u.id() == t.id())
+    });
+    match whole {
+        Some(t) => Ok(t.clone()),
+        None => Tensor::cat(
+            &rows
+                .iter()
+                .map(|(t, r)| t.narrow(0, *r, 1))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            0,
+        ),
+    }
+}
+
 /// How many of the tokens `pending` that a conversation with nothing cached is about to run
 /// it could copy from a cache of `donor`: their common start, short of the last token
 /// (whose logits the conversation needs).
 fn copyable(donor: &[u32], pending: &[u32]) -> usize {
     let want = &pending[..pending.len().saturating_sub(1)];
     donor.iter().zip(want).take_while(|(x, y)| x == y).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::draw_logits;
+
+    fn step_logits(rows: usize, base: f32) -> Tensor {
+        let v: Vec<f32> = (0..rows * 3).map(|i| base + i as f32).collect();
+        Tensor::from_vec(v, (rows, 3), &Device::Cpu).unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<Vec<f32>> {
+        t.to_vec2::<f32>().unwrap()
+    }
+
+    /// Every row of one step's logits, in order: the step's tensor itself, not a copy. Any
+    /// other selection (a subset, another order, rows of two steps) gathers the rows asked
+    /// for, in the order asked.
+    #[test]
+    fn draws_read_a_whole_step_in_place_and_gather_anything_else() {
+        let a = step_logits(3, 0.0);
+        let b = step_logits(2, 100.0);
+        let all: Vec<(Tensor, usize)> = (0..3).map(|r| (a.clone(), r)).collect();
+        let got = draw_logits(&all.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(got.id(), a.id());
+
+        let pick = |sel: &[(&Tensor, usize)]| {
+            let owned: Vec<(Tensor, usize)> = sel.iter().map(|(t, r)| ((*t).clone(), *r)).collect();
+            let got = draw_logits(&owned.iter().collect::<Vec<_>>()).unwrap();
+            assert_ne!(got.id(), a.id());
+            values(&got)
+        };
+        let (ra, rb) = (values(&a), values(&b));
+        assert_eq!(
+            pick(&[(&a, 0), (&a, 2)]),
+            vec![ra[0].clone(), ra[2].clone()]
+        );
+        assert_eq!(
+            pick(&[(&a, 1), (&a, 0), (&a, 2)]),
+            vec![ra[1].clone(), ra[0].clone(), ra[2].clone()]
+        );
+        assert_eq!(
+            pick(&[(&a, 0), (&b, 1), (&a, 2)]),
+            vec![ra[0].clone(), rb[1].clone(), ra[2].clone()]
+        );
+        // As many rows as the first step has, but not all of them its own.
+        assert_eq!(
+            pick(&[(&a, 0), (&a, 1), (&b, 0)]),
+            vec![ra[0].clone(), ra[1].clone(), rb[0].clone()]
+        );
+        // The other step whole: that step's tensor.
+        let whole_b: Vec<(Tensor, usize)> = (0..2).map(|r| (b.clone(), r)).collect();
+        let got = draw_logits(&whole_b.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(got.id(), b.id());
+    }
 }

@@ -107,29 +107,46 @@ pub(crate) fn sample_rows_cpu(
 
 fn sample_row(row: &[f32], r: &RowDraw) -> Option<(u32, f32)> {
     let max = row_max(row);
-    let first_max = row.iter().position(|&x| x == max)?;
-    let mut w = vec![0f32; row.len()];
-    let total = exp_into(row, max, 1.0, &mut w);
+    // The log-sum-exp and, for a draw without a nucleus, the first level of the inverse CDF:
+    // one pass that keeps a sum per block instead of every weight (a vocabulary's worth of
+    // weights written and read again per row was most of an 8-row step's draw).
+    let mut sums = Vec::with_capacity(row.len().div_ceil(CDF_BLOCK));
+    let total = block_exp_sums(row, max, 1.0, &mut sums);
     if !(max.is_finite() && total.is_finite()) {
         return None;
     }
+    let first_max = || row.iter().position(|&x| x == max);
     let lse = total.ln();
     let id = if r.temperature <= 0.0 {
-        first_max
+        first_max()?
     } else {
-        let mut tempered = if r.temperature == 1.0 {
-            total
-        } else {
-            exp_into(row, max, 1.0 / r.temperature, &mut w)
-        };
-        if r.top_p < 1.0 {
+        let u = f64::from(r.uniform.clamp(0.0, 1.0));
+        let scale = 1.0 / r.temperature;
+        let drawn = if r.top_p < 1.0 {
+            let mut w = vec![0f32; row.len()];
+            exp_into(row, max, scale, &mut w);
             let floor = nucleus_floor(&w, f64::from(r.top_p));
-            tempered = zero_below(&mut w, floor);
+            let kept = zero_below(&mut w, floor);
+            inverse_cdf_host(&w, u * kept)
+        } else {
+            let tempered = if r.temperature == 1.0 {
+                total
+            } else {
+                sums.clear();
+                block_exp_sums(row, max, scale, &mut sums)
+            };
+            inverse_cdf_blocks(row, max, scale, &sums, u * tempered)
+        };
+        match drawn {
+            Some(i) => i,
+            None => first_max()?,
         }
-        inverse_cdf_host(&w, f64::from(r.uniform.clamp(0.0, 1.0)) * tempered).unwrap_or(first_max)
     };
     Some((id as u32, ((row[id] - max) as f64 - lse) as f32))
 }
+
+/// Values per block of the two-level inverse CDF.
+const CDF_BLOCK: usize = 256;
 
 /// The smallest weight of the nucleus of `w` (non-negative tempered weights, the top one
 /// 1): the weights at or above it are the smallest most-likely set whose mass reaches
@@ -190,9 +207,8 @@ multiversion! {
 /// The first index whose cumulative weight exceeds `target`: whole blocks are skipped by
 /// their sums, then one block is scanned. `None` when rounding ran past the end.
 fn inverse_cdf_host(w: &[f32], target: f64) -> Option<usize> {
-    const BLOCK: usize = 256;
     let mut acc = 0f64;
-    for (b, block) in w.chunks(BLOCK).enumerate() {
+    for (b, block) in w.chunks(CDF_BLOCK).enumerate() {
         let s = f64::from(block_sum(block));
         if acc + s <= target {
             acc += s;
@@ -201,7 +217,34 @@ fn inverse_cdf_host(w: &[f32], target: f64) -> Option<usize> {
         for (i, &v) in block.iter().enumerate() {
             acc += f64::from(v);
             if acc > target {
-                return Some(b * BLOCK + i);
+                return Some(b * CDF_BLOCK + i);
+            }
+        }
+    }
+    None
+}
+
+/// [`inverse_cdf_host`] on the weights `e^((x − shift)·scale)` of `row` without holding them:
+/// whole blocks are skipped by their sums (`sums`, from [`block_exp_sums`] with the same
+/// shift and scale), and only the block where the target lies has its weights computed again
+/// (the same operations, so the same values).
+fn inverse_cdf_blocks(
+    row: &[f32],
+    shift: f32,
+    scale: f32,
+    sums: &[f64],
+    target: f64,
+) -> Option<usize> {
+    let mut acc = 0f64;
+    for (b, (block, &s)) in row.chunks(CDF_BLOCK).zip(sums).enumerate() {
+        if acc + s <= target {
+            acc += s;
+            continue;
+        }
+        for (i, &v) in block.iter().enumerate() {
+            acc += f64::from(((v - shift) * scale).fast_exp());
+            if acc > target {
+                return Some(b * CDF_BLOCK + i);
             }
         }
     }
@@ -217,6 +260,31 @@ multiversion! {
 multiversion! {
     fn block_sum<T: Real>(x: &[T]) -> T {
         lane_sum(x)
+    }
+}
+
+multiversion! {
+    /// Pushes to `sums` the sum of `e^((x − shift)·scale)` over each block of [`CDF_BLOCK`]
+    /// values of `x` (in 16 lanes, then in f64); returns the sum of all.
+    fn block_exp_sums<T: Real>(x: &[T], shift: T, scale: T, sums: &mut Vec<f64>) -> f64 {
+        const L: usize = 16;
+        let mut total = 0f64;
+        for block in x.chunks(CDF_BLOCK) {
+            let mut acc = [T::zero(); L];
+            let mut lanes = block.chunks_exact(L);
+            for c in &mut lanes {
+                for l in 0..L {
+                    acc[l] += ((c[l] - shift) * scale).fast_exp();
+                }
+            }
+            let mut s = acc.iter().map(|a| a.f64()).sum::<f64>();
+            for &v in lanes.remainder() {
+                s += ((v - shift) * scale).fast_exp().f64();
+            }
+            sums.push(s);
+            total += s;
+        }
+        total
     }
 }
 

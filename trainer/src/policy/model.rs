@@ -447,6 +447,10 @@ impl Qwen2Model {
                 .reshape((1, total, kvh, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
+            // In the caches' dtype once for all rows (a bf16 cache rounds what it stores),
+            // not row by row.
+            let cached = caches.first().map_or(k.dtype(), |c| c.dtype());
+            let (k, v) = (k.to_dtype(cached)?, v.to_dtype(cached)?);
             let mut views = Vec::with_capacity(n);
             let mut start = 0;
             for (ids, c) in rows.iter().zip(caches.iter_mut()) {

@@ -270,6 +270,11 @@ pub(crate) fn segments_attention(
                     let mut part = vec![0f32; n * WIDEN_KEYS];
                     for c0 in (0..seen).step_by(WIDEN_KEYS) {
                         let cn = WIDEN_KEYS.min(seen - c0);
+                        // This chunk's value rows are read after the softmax: asked for now,
+                        // they come from memory while the keys' scores are computed, instead
+                        // of one stream at a time (8 rows' attention on the rollout bench
+                        // about 10 % faster; asking for all of them at once gained nothing).
+                        prefetch_l2(&vrows[c0 * hd..(c0 + cn) * hd]);
                         widen(&krows[c0 * hd..(c0 + cn) * hd], &mut wide[..cn * hd]);
                         small_matmul::block(&wide[..cn * hd], cn, hd, &qrows, &mut part[..n * cn]);
                         for (row, p) in scores.chunks_exact_mut(seen).zip(part.chunks_exact(cn)) {
@@ -385,6 +390,24 @@ fn add_weighted<T: Real, const D: usize>(w: &[T], vrows: &[T], o: &mut [T]) {
         }
     }
     o[..D].copy_from_slice(&acc);
+}
+
+/// Asks for the cache lines of `data` (bf16 bit patterns) into L2: a hint, no effect on what
+/// is computed.
+#[inline]
+fn prefetch_l2(data: &[u16]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in data.chunks(32) {
+        #[allow(unused_unsafe)]
+        // SAFETY: a prefetch never faults, and the address lies inside `data`.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                line.as_ptr().cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }
 
 /// bf16 bit patterns to f32 (exact: a bf16 value is the top half of its f32).
