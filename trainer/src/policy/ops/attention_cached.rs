@@ -227,13 +227,24 @@ pub(crate) fn segments_attention(
         .collect();
     let blocks: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map(|&(i, kv)| -> Result<Vec<f32>> {
+        .enumerate()
+        .map(|(t, &(i, kv))| -> Result<Vec<f32>> {
             let (s, p) = (&segments[i], &plans[i]);
             let g = h / p.kvh;
             // Keys past the last query's position are never seen.
             let seen = s.offset + s.tq;
             let krows = p.keys.rows(s.kv_batch, kv, seen, hd)?;
             let vrows = p.values.rows(s.kv_batch, kv, seen, hd)?;
+            // rayon runs a thread's tasks in order, so the next task is most often this
+            // thread's next: its first chunk of keys comes from memory while this one runs
+            // (8 rows' steps about 5 % faster on the rollout bench; two chunks gained nothing).
+            if let Some(&(ni, nkv)) = tasks.get(t + 1) {
+                let ns = &segments[ni];
+                let first = (ns.offset + ns.tq).min(WIDEN_KEYS);
+                if let Ok(Rows::Bf16(keys)) = plans[ni].keys.rows(ns.kv_batch, nkv, first, hd) {
+                    prefetch_l2(keys);
+                }
+            }
             let n = g * s.tq;
             let mut out = vec![0f32; n * hd];
             // The group's query rows, by head then position (contiguous in `q` only when the
